@@ -1,0 +1,29 @@
+# talkstream: two commands on a fresh machine — `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make/installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
+	# the CPU wheel first (local on these machines), then a range that it satisfies: no CUDA download
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[test,encoders]"
+	@mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PYTHON) -m talkstream.cli demo --out out/demo.mp4
+
+test: install
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup
+
+bench: install
+	$(PYTHON) benchmarks/world_speed.py
+
+clean:
+	rm -rf .make out .pytest_cache

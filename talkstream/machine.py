@@ -1,0 +1,31 @@
+"""A description of the machine a measurement ran on (every benchmark JSON carries one)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def describe() -> dict:
+    info = dict(python=platform.python_version(), platform=platform.platform(), processor=platform.processor(),
+                cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else None)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else None
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            info["gpu"] = dict(name=p.name, memory_gib=round(p.total_memory / 2**30, 1),
+                               multiprocessors=p.multi_processor_count, count=torch.cuda.device_count(),
+                               cuda=torch.version.cuda)
+    except ImportError:
+        pass
+    return info

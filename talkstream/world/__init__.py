@@ -1,0 +1,1 @@
+"""The synthetic talking-avatar world: speech, visemes, identities, renderer, behaviour, data sets."""
