@@ -1,0 +1,1 @@
+"""Flow matching: targets, schedules, samplers and guidance (pure functions)."""

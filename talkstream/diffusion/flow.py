@@ -1,0 +1,61 @@
+"""Rectified flow (flow matching) as Wan2.1 uses it. Pure functions.
+
+Noise level sigma in [0, 1]; timestep t = 1000 * sigma. ``x_sigma = (1 - sigma) x0 + sigma * noise`` and the
+model predicts the velocity ``v = noise - x0`` (so ``dx/dsigma = v``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
+    """Timestep shift (SD3 / Wan): sigma' = shift * sigma / (1 + (shift - 1) * sigma). shift > 1 favours noise."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """sigma broadcast from the left: [B] or [B, F] for x0 [B, C, F, H, W]."""
+    s = _expand(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return x_t - _expand(sigma, x_t) * v
+
+
+def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    if sigma.ndim == 2:  # [B, F] per-frame levels -> [B, 1, F, 1, 1]
+        return sigma[:, None, :, None, None]
+    return sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma
+
+
+def sample_training_sigmas(n: int, generator: torch.Generator | None = None, shift: float = 1.0,
+                           logit_normal: bool = True, device=None) -> torch.Tensor:
+    """Training noise levels: logit-normal (as in SD3) or uniform, then shifted."""
+    u = torch.randn(n, generator=generator, device=device) if logit_normal else None
+    s = torch.sigmoid(u) if logit_normal else torch.rand(n, generator=generator, device=device)
+    return shift_sigma(s, shift).float().to(device)
+
+
+def sigmas_from_timesteps(timesteps: list[float] | torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """A timestep list like [1000, 750, 500, 250] -> sigmas (shifted), with a final 0 appended."""
+    t = torch.as_tensor(timesteps, dtype=torch.float64)
+    if t.ndim != 1 or len(t) == 0 or (t <= 0).any() or (t > NUM_TRAIN_TIMESTEPS).any() or (t[1:] >= t[:-1]).any():
+        raise ValueError(f"timesteps must be a decreasing list in (0, {NUM_TRAIN_TIMESTEPS}], got {t.tolist()}")
+    return torch.cat([shift_sigma(t / NUM_TRAIN_TIMESTEPS, shift), torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def euler_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``steps`` evenly spaced noise levels from 1 to 0 (shifted), steps + 1 values."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).float()

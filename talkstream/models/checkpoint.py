@@ -1,0 +1,270 @@
+"""Checkpoints: safetensors with the config inside, sharding, and loading other projects' Wan2.1 files.
+
+Formats read into ``WanDiT`` (whose parameter names are the original Wan2.1 ones):
+
+* original Wan2.1 DiT checkpoints (``blocks.0.self_attn.q.weight``, ...) - identity mapping;
+* diffusers ``WanTransformer3DModel`` state dicts (``blocks.0.attn1.to_q.weight``, ...);
+* Self-Forcing / CausVid training files: ``{"generator": sd, "generator_ema": sd}`` with ``model.``
+  (and FSDP / compile) prefixes;
+* any of these sharded: a ``*.safetensors.index.json`` with a ``weight_map``, or a folder of shards.
+
+Our additions (audio adapter) are absent from those files; they stay at their zero-initialised
+output, so a loaded Wan model computes exactly what Wan computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import DiTConfig, TinyDecoderConfig, VAEConfig
+
+MAX_SHARD_BYTES = 15 * 2**20  # every file we commit stays under 16 MiB
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# diffusers -> original Wan2.1 names (regex, replacement); applied in order
+_DIFFUSERS_TO_WAN = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # diffusers' norm2 is the cross-attention norm
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+_WAN_TO_DIFFUSERS = [
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
+    (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
+    (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
+    (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
+    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
+    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^head\.modulation$", "scale_shift_table"),
+]
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "model.", "generator.", "generator_ema.")
+
+
+def _rename(key: str, rules) -> str:
+    for pat, rep in rules:
+        new, n = re.subn(pat, rep, key)
+        if n:
+            return new
+    return key
+
+
+def diffusers_to_wan(sd: dict) -> dict:
+    return {_rename(k, _DIFFUSERS_TO_WAN): v for k, v in sd.items()}
+
+
+def wan_to_diffusers(sd: dict) -> dict:
+    return {_rename(k, _WAN_TO_DIFFUSERS): v for k, v in sd.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key.replace("._fsdp_wrapped_module", "").replace("._checkpoint_wrapped_module", "")
+
+
+def detect_format(keys) -> str:
+    keys = list(keys)
+    if any(".attn1." in k or k.startswith("condition_embedder.") for k in keys):
+        return "diffusers"
+    if any(".self_attn." in k for k in keys):
+        return "wan"
+    raise CheckpointError(f"not a Wan DiT state dict (first keys: {keys[:4]})")
+
+
+# -- reading files -------------------------------------------------------------------------------------
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def read_state_dict(path: str | os.PathLike, ema: bool = True) -> tuple[dict, dict]:
+    """A state dict (and our metadata, if any) from a file, an index json or a folder of shards."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            return read_state_dict(index[0], ema)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no .safetensors files in this folder")
+        return _merge([_read_safetensors(f) for f in files], path)
+    if path.name.endswith(".index.json"):
+        try:
+            wmap = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a shard index ({e})") from None
+        files = sorted(set(wmap.values()))
+        return _merge([_read_safetensors(path.parent / f) for f in files], path)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+            raise CheckpointError(f"{path}: not a readable torch checkpoint: {e}") from None
+        if isinstance(obj, dict) and ("generator" in obj or "generator_ema" in obj):
+            obj = obj["generator_ema" if ema and "generator_ema" in obj else "generator"]
+        elif isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        return {k: v for k, v in obj.items() if torch.is_tensor(v)}, {}
+    return _read_safetensors(path)
+
+
+def _merge(parts: list[tuple[dict, dict]], where: Path) -> tuple[dict, dict]:
+    sd, meta = {}, {}
+    for s, m in parts:
+        dup = sd.keys() & s.keys()
+        if dup:
+            raise CheckpointError(f"{where}: tensors appear in two shards: {sorted(dup)[:3]}")
+        sd.update(s)
+        meta = meta or m
+    return sd, meta
+
+
+def normalize_dit_state_dict(sd: dict) -> dict:
+    """Any supported layout -> our (original Wan2.1) parameter names."""
+    sd = {_strip_wrappers(k): v for k, v in sd.items()}
+    return diffusers_to_wan(sd) if detect_format(sd) == "diffusers" else sd
+
+
+def load_dit_weights(model: torch.nn.Module, sd: dict, strict_additions: bool = False) -> dict:
+    """Load a (normalised) state dict into ``model`` with clear errors. Returns what was missing/extra."""
+    from .dit import _is_addition
+
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and (strict_additions or not _is_addition(k))]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        cfg = getattr(model, "cfg", None)
+        lines = [f"checkpoint does not fit the {getattr(cfg, 'name', 'model')} config"]
+        if mismatched:
+            lines.append("shape mismatch: " + "; ".join(f"{k} {a} in file vs {b} in model" for k, a, b in mismatched[:4])
+                         + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
+        if missing:
+            lines.append(f"missing {len(missing)}: {missing[:4]}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)}: {unexpected[:4]}")
+        raise CheckpointError("; ".join(lines))
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return dict(missing_additions=[k for k in own if k not in sd])
+
+
+# -- our own files -------------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, kind: str, config, extra: dict | None = None,
+                    dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write ``model`` to ``path`` (.safetensors), sharded into ``path-00001-of-0000N.safetensors`` plus an
+    index when larger than ``max_shard_bytes``. The config and ``extra`` travel in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
+    meta = {"talkstream": json.dumps(dict(kind=kind, config=config.to_dict(), extra=extra or {}))}
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    if len(shards) == 1:
+        tmp = path.with_suffix(".tmp")
+        save_file(shards[0], str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return [path]
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(path.parent / name), metadata=meta)
+    index = path.parent / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": meta, "weight_map": {k: n for n, s in zip(names, shards) for k in s}},
+                                indent=1))
+    return [path.parent / n for n in names] + [index]
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None):
+    """Build and load a model saved by ``save_checkpoint`` (the config comes from the file)."""
+    from .dit import WanDiT
+    from .vae import CausalVAE, TinyDecoder
+
+    path = Path(path)
+    if not path.exists() and path.suffix == ".safetensors":
+        stem = path.name[: -len(".safetensors")]
+        idx = path.parent / f"{stem}.safetensors.index.json"
+        if idx.exists():
+            path = idx
+    sd, meta = read_state_dict(path)
+    if path.name.endswith(".index.json") and not meta:
+        meta = json.loads(path.read_text()).get("metadata", {})
+    if "talkstream" not in meta:
+        raise CheckpointError(f"{path}: not a talkstream checkpoint (no config in its metadata); "
+                              "use normalize_dit_state_dict + load_dit_weights for Wan files")
+    info = json.loads(meta["talkstream"])
+    kind, cfgd = info["kind"], info["config"]
+    if kind == "dit":
+        model = WanDiT(DiTConfig.from_dict(cfgd))
+        load_dit_weights(model, sd, strict_additions=True)
+    elif kind == "vae":
+        model = CausalVAE(VAEConfig.from_dict(cfgd))
+        _load_strict(model, sd, path)
+    elif kind == "tiny_decoder":
+        model = TinyDecoder(TinyDecoderConfig(**cfgd))
+        _load_strict(model, sd, path)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
+    model.checkpoint_info = info.get("extra", {})
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_strict(model: torch.nn.Module, sd: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit its own config: {str(e)[:400]}") from None

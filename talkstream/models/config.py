@@ -1,0 +1,140 @@
+"""Typed model configurations, one per size.
+
+``wan1.3b`` and ``wan14b`` mirror Wan2.1-T2V's shapes exactly (so their checkpoints load); ``tiny``
+runs on a CPU in tests; ``small`` is the size we train and ship.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    name: str
+    dim: int
+    num_layers: int
+    num_heads: int
+    ffn_dim: int
+    in_dim: int = 16  # latent channels
+    out_dim: int = 16
+    text_dim: int = 4096  # umT5 for Wan; 384 (MiniLM) for our own sizes
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_max_len: int = 1024
+    # our additions (absent from Wan checkpoints; zero-initialised so a loaded Wan model is unchanged)
+    audio_dim: int = 384  # Whisper tiny.en encoder features
+    audio_tokens_per_frame: int = 16  # audio tokens each latent frame attends to (its window, see encoders)
+    audio_layers: tuple[int, ...] | None = None  # blocks with an audio adapter (None: every block)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def validate(self) -> "DiTConfig":
+        if self.dim % self.num_heads:
+            raise ValueError(f"{self.name}: dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"{self.name}: head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "DiTConfig":
+        d = dict(d)
+        d["patch_size"] = tuple(d["patch_size"])
+        if d.get("audio_layers") is not None:
+            d["audio_layers"] = tuple(d["audio_layers"])
+        known = {f.name for f in dataclasses.fields(DiTConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DiT config fields: {sorted(unknown)}")
+        return DiTConfig(**d).validate()
+
+
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    "tiny": DiTConfig("tiny", dim=64, num_layers=2, num_heads=4, ffn_dim=128, in_dim=8, out_dim=8, text_dim=384,
+                      freq_dim=64, audio_tokens_per_frame=8),
+    "small": DiTConfig("small", dim=384, num_layers=8, num_heads=6, ffn_dim=1536, in_dim=16, out_dim=16,
+                       text_dim=384, freq_dim=256),
+    "wan1.3b": DiTConfig("wan1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
+    "wan14b": DiTConfig("wan14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
+}
+
+
+def dit_config(name: str) -> DiTConfig:
+    try:
+        return DIT_CONFIGS[name].validate()
+    except KeyError:
+        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(DIT_CONFIGS)}") from None
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    name: str
+    latent_dim: int = 16
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4)  # one spatial 2x downsampling between consecutive stages
+    temporal_down: tuple[bool, ...] = (False, True, True)  # 2x in time at those transitions (4x in all)
+    num_res_blocks: int = 1
+    image_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if len(self.temporal_down) != len(self.channel_mult) - 1:
+            raise ValueError(f"VAE {self.name}: temporal_down needs one entry per stage transition "
+                             f"({len(self.channel_mult) - 1}), got {len(self.temporal_down)}")
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_down)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "VAEConfig":
+        d = dict(d)
+        d["channel_mult"] = tuple(d["channel_mult"])
+        d["temporal_down"] = tuple(d["temporal_down"])
+        return VAEConfig(**d)
+
+
+VAE_CONFIGS: dict[str, VAEConfig] = {
+    "tiny": VAEConfig("tiny", latent_dim=8, base_channels=16, channel_mult=(1, 2, 2, 2)),  # 8x spatial
+    "small": VAEConfig("small", latent_dim=16, base_channels=32, channel_mult=(1, 2, 4, 4)),  # 8x spatial
+    "small16": VAEConfig("small16", latent_dim=16, base_channels=32, channel_mult=(1, 2, 4, 4, 4),
+                         temporal_down=(False, False, True, True)),  # 16x spatial
+}
+
+
+@dataclass(frozen=True)
+class TinyDecoderConfig:
+    latent_dim: int = 16
+    channels: int = 64
+    spatial_factor: int = 8
+    temporal_factor: int = 4
+    blocks_per_stage: int = 1
+    image_channels: int = 3
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def vae_config(name: str) -> VAEConfig:
+    try:
+        return VAE_CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown VAE size {name!r}; choose one of {sorted(VAE_CONFIGS)}") from None
+
+
+__all__ = ["DiTConfig", "DIT_CONFIGS", "dit_config", "VAEConfig", "VAE_CONFIGS", "vae_config", "TinyDecoderConfig"]
