@@ -20,7 +20,7 @@ demo: install
 	$(PYTHON) -m talkstream.cli demo --out out/demo.mp4
 
 test: install
-	$(PYTHON) -m pytest -q -n 2 --dist loadgroup
+	$(PYTHON) -m pytest -q -n 2 -p no:benchmark
 
 bench: install
 	$(PYTHON) benchmarks/world_speed.py

@@ -122,19 +122,30 @@ class Block(nn.Module):
         self.audio_attn = AudioAdapter(d, cfg.num_heads, cfg.eps) if audio else None
 
     def forward(self, x, e0, context, context_mask, audio, attend, layer: int, n_sink: int):
-        """x [B, F, S, D] (sinks first), e0 [B, F, 6, D]."""
-        B, Fr, S, D = x.shape
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation[None].float() + e0.float()).chunk(6, dim=2)
+        """x [B, F, S, D] (sinks first), e0 [B, F, 6, D]; ``attend`` runs self-attention for the mode."""
+        mods = (self.modulation[None].float() + e0.float()).chunk(6, dim=2)
+        q, k, v = self.pre_attention(x, mods[0], mods[1])
+        return self.post_attention(x, attend(layer, q, k, v), mods, context, context_mask, audio, n_sink)
+
+    def pre_attention(self, x, shift, scale):
         h = (self.norm1(x).float() * (1 + scale) + shift).type_as(x)
-        q, k, v = self.self_attn.qkv(h)
-        y = self.self_attn.o(attend(layer, q, k, v).flatten(-2))
-        x = (x.float() + y.float() * gate).type_as(x)
+        return self.self_attn.qkv(h)
+
+    def post_attention(self, x, y, mods, context, context_mask, audio, n_sink: int):
+        B, Fr, S, D = x.shape
+        _, _, gate, c_shift, c_scale, c_gate = mods
+        x = (x.float() + self.self_attn.o(y.flatten(-2)).float() * gate).type_as(x)
         if context is not None:
             x = x + self.cross_attn(self.norm3(x).flatten(1, 2), context, context_mask).view(B, Fr, S, D)
         if audio is not None and self.audio_attn is not None and Fr > n_sink:
             x = torch.cat([x[:, :n_sink], x[:, n_sink:] + self.audio_attn(x[:, n_sink:], audio)], dim=1)
         h = (self.norm2(x).float() * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+    def compile_parts(self, **kwargs) -> None:
+        """torch.compile the dense parts around attention (attention itself stays on SDPA)."""
+        self.pre_attention = torch.compile(self.pre_attention, **kwargs)
+        self.post_attention = torch.compile(self.post_attention, **kwargs)
 
 
 class Head(nn.Module):
@@ -339,7 +350,7 @@ class WanDiT(nn.Module):
             tokens = torch.cat([ref_tokens, tokens], dim=1)
             t = torch.cat([t.new_zeros(B, n_sink), t], dim=1)
         visible = full_mask(n_sink, Fr) if chunk is None else block_causal_mask(n_sink, Fr, chunk, window)
-        attend = _GroupAttention(visible.to("cpu"), grid, self.cfg.head_dim, x.device)
+        attend = _GroupAttention(visible, grid, self.cfg.head_dim, x.device)
         out = self._run(tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr),
                         attend, n_sink)
         return self.unpatchify(out, grid).to(x.dtype)

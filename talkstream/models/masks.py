@@ -14,7 +14,7 @@ import torch
 
 def full_mask(n_sink: int, n_frames: int) -> torch.Tensor:
     n = n_sink + n_frames
-    return torch.ones(n, n, dtype=torch.bool)
+    return torch.ones(n, n, dtype=torch.bool, device="cpu")
 
 
 def block_causal_mask(n_sink: int, n_frames: int, chunk: int, window: int | None = None) -> torch.Tensor:
@@ -23,7 +23,7 @@ def block_causal_mask(n_sink: int, n_frames: int, chunk: int, window: int | None
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     n = n_sink + n_frames
-    m = torch.zeros(n, n, dtype=torch.bool)
+    m = torch.zeros(n, n, dtype=torch.bool, device="cpu")
     m[:n_sink, :n_sink] = True
     m[n_sink:, :n_sink] = True
     for start in range(0, n_frames, chunk):
