@@ -69,3 +69,15 @@ def test_multi_condition_cfg():
     with pytest.raises(ValueError):
         guided_velocity([u, a], [1.0, 2.0])
     assert math.isfinite(float(guided_velocity([u], [])))
+
+
+def test_condition_dropout_rates_and_null():
+    from talkstream.diffusion.samplers import apply_dropout, drop_conditions
+
+    d = drop_conditions(torch.Generator().manual_seed(0), 20000, p_audio=0.2, p_text=0.1, p_ref=0.05, p_all=0.05)
+    assert abs(d["audio"].float().mean() - (1 - 0.8 * 0.95)) < 0.015
+    assert abs(d["ref"].float().mean() - (1 - 0.95 * 0.95)) < 0.015
+    assert (d["audio"] & d["text"] & d["ref"]).float().mean() >= 0.045
+    cond = torch.ones(4, 3, 2)
+    out = apply_dropout(torch.tensor([True, False, True, False]), cond)
+    assert out[0].abs().sum() == 0 and torch.equal(out[1], cond[1]) and apply_dropout(torch.ones(1).bool(), None) is None

@@ -56,3 +56,24 @@ def guided_velocity(predictions: Sequence[torch.Tensor], scales: Sequence[float]
     for prev, cur, s in zip(predictions[:-1], predictions[1:], scales):
         v = v + s * (cur - prev)
     return v
+
+
+def drop_conditions(generator: torch.Generator | None, batch: int, p_audio: float = 0.1, p_text: float = 0.1,
+                    p_ref: float = 0.05, p_all: float = 0.05, device=None) -> dict[str, torch.Tensor]:
+    """Per-sample classifier-free-guidance dropout: which samples lose their audio / text / reference.
+
+    Each condition drops independently with its own probability, and all drop together with ``p_all``
+    (so the fully unconditional prediction is learned too). Returns boolean masks [batch] (True: drop).
+    """
+    u = torch.rand(4, batch, generator=generator, device=device)
+    everything = u[3] < p_all
+    return dict(audio=(u[0] < p_audio) | everything, text=(u[1] < p_text) | everything,
+                ref=(u[2] < p_ref) | everything)
+
+
+def apply_dropout(drop: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor | None:
+    """Replace the dropped samples' condition by the null condition (zeros)."""
+    if cond is None:
+        return None
+    keep = (~drop).to(cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
+    return cond * keep
