@@ -1,0 +1,1 @@
+"""Evaluation: world-truth probes, metrics on generated clips, real-face metrics, the speed harness."""
