@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
 	# the CPU wheel first (local on these machines), then a range that it satisfies: no CUDA download
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,encoders]"
+	$(PIP) install -q -e ".[test,encoders,faces]"
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)

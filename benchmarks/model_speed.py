@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from talkstream.diffusion.flow import add_noise, sigmas_from_timesteps, x0_from_velocity  # noqa: E402
+from talkstream.diffusion.flow import sigmas_from_timesteps  # noqa: E402
 from talkstream.machine import describe  # noqa: E402
 from talkstream.models.config import dit_config  # noqa: E402
 from talkstream.models.dit import WanDiT  # noqa: E402
+from talkstream.stream.chunk import denoise_chunk  # noqa: E402
 
 CASES = {
     "cpu": [dict(config="tiny", height=64, width=64, chunk=3, window=9, steps=4, text_len=16, chunks=4),
@@ -67,21 +68,13 @@ def bench_case(config: str, height: int, width: int, chunk: int, window: int, st
                                    torch.linspace(1000, 1000 / steps, steps).tolist()).to(device)
 
     def generate_chunk(cache, step_times=None):
-        x = rnd(1, cfg.in_dim, chunk, h, w)
-        x0 = x
-        for i in range(steps):
-            if step_times is not None:
-                _sync(device)
-                t0 = time.perf_counter()
-            v = model.forward_chunk(x, sigmas[i] * 1000, cache, ctx, audio)
-            x0 = x0_from_velocity(x, v, sigmas[i])
-            if sigmas[i + 1] > 0:
-                x = add_noise(x0, rnd(*x.shape), sigmas[i + 1])
-            if step_times is not None:
-                _sync(device)
-                step_times.append(time.perf_counter() - t0)
-        model.forward_chunk(x0, 0.0, cache, ctx, audio, commit=True)
-        return x0
+        if step_times is not None:  # time one denoising step on its own (read-only, no commit)
+            _sync(device)
+            t0 = time.perf_counter()
+            model.forward_chunk(rnd(1, cfg.in_dim, chunk, h, w), 500.0, cache, ctx, audio)
+            _sync(device)
+            step_times.append(time.perf_counter() - t0)
+        return denoise_chunk(model, cache, rnd(1, cfg.in_dim, chunk, h, w), sigmas, ctx, audio, generator=g)
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -103,9 +96,10 @@ def bench_case(config: str, height: int, width: int, chunk: int, window: int, st
             generate_chunk(cache)
         chunk_times, step_times = [], []
         for _ in range(chunks):
+            generate_chunk(cache, step_times)
             _sync(device)
             t0 = time.perf_counter()
-            generate_chunk(cache, step_times)
+            generate_chunk(cache)
             _sync(device)
             chunk_times.append(time.perf_counter() - t0)
     chunk_s = statistics.median(chunk_times)

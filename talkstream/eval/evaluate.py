@@ -1,0 +1,196 @@
+"""Evaluate one clip (``talkstream eval``) and a fixed held-out suite (``talkstream eval suite``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..media import MediaError, read_audio, read_video
+from ..world.behaviour import FPS, make_clip
+from ..world.render import render_states
+from . import metrics
+from .probes import FrameProbe, load_frame_probe
+
+MAX_LENGTH_MISMATCH = 0.2  # seconds between video and audio before the pair is refused
+
+
+class NotMeasurable(ValueError):
+    """The inputs cannot be measured (no audio, mismatched lengths, unreadable files...)."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any image file -> RGB uint8 [H, W, 3] (alpha dropped over white, CMYK / palette converted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotMeasurable(f"{path}: no such image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise NotMeasurable(f"{path}: not a readable image ({e})") from None
+
+
+def evaluate_clip(frames: np.ndarray, audio: np.ndarray | None, reference: np.ndarray | None,
+                  mouth_truth: np.ndarray | None = None, probe: FrameProbe | None = None,
+                  fps: float = FPS) -> metrics.ClipReport:
+    """Every metric that the inputs allow; what they do not allow is reported as 'not measurable'."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 3:
+        raise NotMeasurable(f"need at least 3 RGB frames, got shape {frames.shape}")
+    probe = probe or load_frame_probe()
+    read = probe.read(frames)
+    values: dict = dict(frames=len(frames), seconds=len(frames) / fps)
+    series: dict = dict(mouth_read=read["states"][:, metrics.F["jaw_open"]])
+    if audio is not None:
+        values.update({k: v for k, v in metrics.lip_sync_energy(series["mouth_read"], audio, fps).items()})
+        series["audio_envelope"] = metrics.audio_envelope(audio, len(frames), fps)
+    else:
+        values["lip_sync"] = "not measurable: no audio"
+    if mouth_truth is not None:
+        truth = metrics.lip_sync_truth(series["mouth_read"], mouth_truth)
+        values.update(truth)  # the viseme truth's offset overrides the energy's
+        series["mouth_truth"] = mouth_truth[: len(frames)]
+    if reference is not None:
+        ref_id = probe.read(reference[None])["identity"][0]
+        drift = metrics.identity_drift(read["identity"], ref_id, fps)
+        series["identity_distance"] = drift.pop("distance_per_frame")
+        values.update(drift)
+    else:
+        values["identity"] = "not measurable: no reference image"
+    stab = metrics.stability(frames)
+    series["flicker"] = stab.pop("flicker_per_frame")
+    values.update(stab)
+    values.update(metrics.motion(read["states"], fps))
+    series["yaw"] = read["states"][:, metrics.F["yaw"]]
+    report = metrics.ClipReport(values, series)
+    values["flags"] = report.flags()
+    return report
+
+
+def evaluate_files(video: str | Path, audio: str | Path | None = None, ref: str | Path | None = None,
+                   truth: str | Path | None = None) -> metrics.ClipReport:
+    try:
+        v = read_video(video)
+    except MediaError as e:
+        raise NotMeasurable(str(e)) from None
+    frames = v.frames
+    if abs(v.fps - FPS) > 0.01:
+        idx = np.minimum(np.round(np.arange(int(len(frames) * FPS / v.fps)) * v.fps / FPS).astype(int),
+                         len(frames) - 1)
+        frames = frames[idx]
+    if audio is not None:
+        try:
+            sound = read_audio(audio)
+        except MediaError as e:
+            raise NotMeasurable(str(e)) from None
+    else:
+        sound = v.audio
+    if sound is not None:
+        gap = abs(len(sound) / 16000 - len(frames) / FPS)
+        if gap > MAX_LENGTH_MISMATCH:
+            raise NotMeasurable(f"mismatched lengths: video {len(frames) / FPS:.2f} s, audio "
+                                f"{len(sound) / 16000:.2f} s")
+    reference = read_image(ref) if ref is not None else None
+    mouth_truth = None
+    if truth is not None:
+        try:
+            meta = json.loads(Path(truth).read_text())
+            mouth_truth = metrics.mouth_truth_from_segments(meta["segments"], len(frames))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise NotMeasurable(f"{truth}: not a world truth json ({e})") from None
+    return evaluate_clip(frames, sound, reference, mouth_truth)
+
+
+def plot_report(report: metrics.ClipReport, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report.series
+    t = np.arange(len(s["mouth_read"])) / FPS
+    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
+    axes[0].plot(t, s["mouth_read"], label="mouth open (read back)")
+    if "mouth_truth" in s:
+        axes[0].plot(t[: len(s["mouth_truth"])], s["mouth_truth"], label="mouth open (viseme truth)", alpha=0.7)
+    if "audio_envelope" in s:
+        env = s["audio_envelope"]
+        axes[0].plot(t, env / (env.max() + 1e-9), label="audio loudness (scaled)", alpha=0.5)
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[0].set_ylabel("lip sync")
+    if "identity_distance" in s:
+        axes[1].plot(t, s["identity_distance"])
+        axes[1].axhline(metrics.IDENTITY_LIMIT, color="r", ls="--", lw=0.8)
+    axes[1].set_ylabel("identity distance")
+    axes[2].plot(t[1:-1], s["flicker"])
+    axes[2].axhline(metrics.FLICKER_LIMIT, color="r", ls="--", lw=0.8)
+    axes[2].set_ylabel("flicker")
+    axes[3].plot(t, s["yaw"])
+    axes[3].set_ylabel("yaw (deg)")
+    axes[3].set_xlabel("seconds")
+    v = report.values
+    fig.suptitle(f"{title}  flags: {', '.join(v['flags']) or 'none'}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def json_values(report: metrics.ClipReport) -> dict:
+    def clean(x):
+        if isinstance(x, (np.floating, np.integer)):
+            return x.item()
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(report.values)
+
+
+# -- the held-out suite ------------------------------------------------------------------------------------
+SUITE_SEEDS = tuple(range(900_000, 900_008))  # identities and sentences never used for training (seeds < 900k)
+Generator = Callable[[np.ndarray, np.ndarray, float], np.ndarray]  # (reference frame, audio, seconds) -> frames
+
+
+def world_truth_generator(seed: int, size: int) -> np.ndarray:
+    clip = make_clip(seed, 8.0)
+    return np.stack(list(render_states(clip.identity, clip.states, size)))
+
+
+def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, seconds: float = 8.0, size: int = 256,
+              seeds: tuple[int, ...] = SUITE_SEEDS, probe: FrameProbe | None = None) -> dict:
+    """For each held-out seed: the world clip's first frame is the reference, its audio drives the model,
+    and ``generate(reference, clip)`` returns frames. ``generate=None`` evaluates the ground-truth renders
+    (the row every model is compared to)."""
+    probe = probe or load_frame_probe()
+    rows = []
+    for seed in seeds:
+        clip = make_clip(seed, seconds)
+        truth_frames = np.stack(list(render_states(clip.identity, clip.states, size)))
+        frames = truth_frames if generate is None else generate(truth_frames[0], clip)
+        truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+        rep = evaluate_clip(frames, clip.audio, truth_frames[0], truth, probe)
+        v = rep.values
+        rows.append(dict(seed=seed, mouth_error=v["mouth_error"], best_offset=v["best_offset"],
+                         sync_confidence=v["sync_confidence"], identity_distance=v["identity_distance_mean"],
+                         drift_per_minute=v["drift_per_minute"], flicker=v["flicker"], flags=v["flags"]))
+    keys = ("mouth_error", "sync_confidence", "identity_distance", "drift_per_minute", "flicker")
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    measured = [r for r in rows if r["best_offset"] != "not measurable"]
+    summary["offset_zero_fraction"] = float(np.mean([r["best_offset"] == 0 for r in measured])) if measured else None
+    summary["offset_measured_clips"] = len(measured)
+    summary["flagged_clips"] = sum(bool(r["flags"]) for r in rows)
+    return dict(rows=rows, summary=summary)

@@ -1,0 +1,1 @@
+"""Streaming inference: chunk-wise autoregressive generation with a bounded KV cache."""

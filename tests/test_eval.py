@@ -1,0 +1,140 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from talkstream.eval import metrics
+from talkstream.eval.evaluate import NotMeasurable, evaluate_clip, evaluate_files, read_image, run_suite
+from talkstream.eval.probes import (evaluate_behaviour_probe, evaluate_frame_probe, load_behaviour_probe,
+                                    load_frame_probe)
+from talkstream.media import read_video, write_audio, write_video
+from talkstream.world.behaviour import make_clip
+from talkstream.world.render import render_states
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return load_frame_probe()
+
+
+@pytest.fixture(scope="module")
+def clip_and_frames(tmp_path_factory):
+    clip = make_clip(900_003, 8.0)
+    frames = np.stack(list(render_states(clip.identity, clip.states)))
+    path = tmp_path_factory.mktemp("clip") / "truth.mp4"
+    write_video(path, frames, 25, clip.audio)
+    truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+    return clip, read_video(path).frames, frames[0], truth, path
+
+
+def test_probe_accuracy_on_held_out_renders(probe):
+    acc = evaluate_frame_probe(probe, n=300, n_identities=100, seed=4242)
+    assert acc.mouth_open_mae <= 0.05
+    assert acc.blink_f1 >= 0.9
+    assert acc.identity_nn_accuracy >= 0.95
+    assert acc.yaw_mae_deg < 2.0 and acc.pitch_mae_deg < 2.0
+
+
+def test_behaviour_probe_accuracy():
+    assert evaluate_behaviour_probe(load_behaviour_probe(), n_clips=10, seed=98_000) >= 0.8
+
+
+def test_ground_truth_clip_scores_best(clip_and_frames, probe):
+    clip, frames, ref, truth, _ = clip_and_frames
+    good = evaluate_clip(frames, clip.audio, ref, truth, probe).values
+    assert good["flags"] == [] and good["best_offset"] == 0
+    assert good["mouth_error"] < 0.05
+    shifted_truth = np.concatenate([np.zeros(5, np.float32), truth])[: len(truth)]
+    shifted_audio = np.concatenate([np.zeros(5 * 640, np.float32), clip.audio])[: len(clip.audio)]
+    bad = evaluate_clip(frames, shifted_audio, ref, shifted_truth, probe).values
+    assert bad["best_offset"] == 5  # audio delayed by 5 frames is found at +5
+    assert bad["mouth_error"] > good["mouth_error"]
+    energy_only = evaluate_clip(frames, shifted_audio, ref, None, probe).values
+    assert energy_only["best_offset"] in (4, 5, 6)
+
+
+def test_corruptions_are_flagged(clip_and_frames, probe):
+    clip, frames, ref, truth, _ = clip_and_frames
+    frozen = frames.copy()
+    frozen[60:90] = frozen[60]
+    black = frames.copy()
+    black[100:103] = 0
+    flicker = frames.astype(np.int16)
+    flicker[::2] += 25
+    other = make_clip(900_004, 8.0)
+    swapped = np.stack(list(render_states(other.identity, clip.states)))
+    cases = {"frozen": frozen, "black frames": black, "flickering": np.clip(flicker, 0, 255).astype(np.uint8),
+             "identity mismatch": swapped}
+    for flag, f in cases.items():
+        v = evaluate_clip(f, clip.audio, ref, truth, probe).values
+        assert flag in v["flags"], (flag, v["flags"])
+    blank = frames.copy()
+    blank[10:12] = 128
+    assert metrics.stability(blank)["blank_frames"] == [10, 11]
+
+
+def test_frechet_distance_and_motion(clip_and_frames, probe):
+    clip, frames, *_ = clip_and_frames
+    feats = probe.read(frames)["features"]
+    rng = np.random.default_rng(0)
+    assert metrics.frechet_distance(feats[::2], feats[1::2]) < metrics.frechet_distance(
+        feats, feats + rng.normal(0, 1.0, feats.shape))
+    looped = np.tile(clip.states[:50], (4, 1))
+    assert metrics.motion(looped)["repetition"] > 0.9 > metrics.motion(clip.states)["repetition"]
+
+
+def test_bad_inputs_are_clear(tmp_path, clip_and_frames):
+    clip, frames, ref, truth, path = clip_and_frames
+    (tmp_path / "x.mp4").write_text("not a video")
+    with pytest.raises(NotMeasurable, match="not a readable"):
+        evaluate_files(tmp_path / "x.mp4")
+    write_audio(tmp_path / "short.wav", clip.audio[:16000])
+    with pytest.raises(NotMeasurable, match="mismatched lengths"):
+        evaluate_files(path, tmp_path / "short.wav")
+    (tmp_path / "ref.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(NotMeasurable, match="not a readable image"):
+        read_image(tmp_path / "ref.png")
+    write_video(tmp_path / "silent.mp4", frames[:30], 25)
+    v = evaluate_files(tmp_path / "silent.mp4").values
+    assert v["lip_sync"].startswith("not measurable") and v["identity"].startswith("not measurable")
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(NotMeasurable, match="world truth"):
+        evaluate_files(path, truth=tmp_path / "t.json")
+
+
+def test_eval_cli_writes_json_and_png(tmp_path, clip_and_frames):
+    from PIL import Image
+
+    clip, frames, ref, truth, path = clip_and_frames
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    meta = tmp_path / "truth.json"
+    meta.write_text(json.dumps({"segments": [s.to_dict() for s in clip.segments]}))
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "talkstream.cli", "eval", "--video", str(path), "--ref",
+                        str(tmp_path / "ref.png"), "--truth", str(meta), "--out", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    v = json.loads(out.read_text())
+    assert v["best_offset"] == 0 and v["flags"] == [] and out.with_suffix(".png").stat().st_size > 10_000
+    r = subprocess.run([sys.executable, "-m", "talkstream.cli", "eval", "--video", str(tmp_path / "nope.mp4")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_suite_on_ground_truth(probe):
+    res = run_suite(seeds=(900_000, 900_001), seconds=4.0, probe=probe)
+    assert len(res["rows"]) == 2 and res["summary"]["offset_zero_fraction"] == 1.0
+    assert res["summary"]["offset_measured_clips"] >= 1
+    assert res["summary"]["flagged_clips"] == 0
+
+
+def test_bench_harness_measures_a_stream():
+    from talkstream.eval.speed import dit_source, measure_stream, world_source
+
+    r = measure_stream(world_source(2.0, 64, chunk_frames=10))
+    assert r["frames"] == 50 and r["chunks"] == 5 and r["steady_fps"] > 0 and r["ttff_s"] > 0
+    assert set(r["chunk_latency_ms"]) == {"p50", "p95", "p99"} and r["rss_mib"]["max"] > 0
+    d = measure_stream(dit_source("tiny", 32, 32, chunks=3))
+    assert d["frames"] == (1 + 4 * 2) + 2 * 12 and "machine" in d  # the clip's first latent decodes to one frame
