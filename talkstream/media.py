@@ -71,6 +71,12 @@ def _as_mono_float(audio: np.ndarray) -> np.ndarray:
     return np.clip(a.astype(np.float32), -1.0, 1.0)
 
 
+def _encode(container, stream, frame) -> None:
+    """Encode one frame (None flushes) and mux its packets."""
+    for packet in stream.encode(frame):
+        container.mux(packet)
+
+
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float = 25,
                 audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
                 preset: str = "veryfast") -> Path:
@@ -83,7 +89,6 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarr
             astream = None
             if audio is not None:
                 audio = _as_mono_float(audio)
-            n = 0
             for frame in frames:
                 frame = np.ascontiguousarray(frame)
                 if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
@@ -99,20 +104,15 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarr
                         astream.layout = "mono"
                 if frame.shape[0] % 2 or frame.shape[1] % 2:
                     frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
-                for packet in vstream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-                n += 1
+                _encode(container, vstream, av.VideoFrame.from_ndarray(frame, format="rgb24"))
             if vstream is None:
                 raise MediaError("no frames to write")
-            for packet in vstream.encode(None):
-                container.mux(packet)
+            _encode(container, vstream, None)
             if astream is not None and len(audio):
                 af = av.AudioFrame.from_ndarray(audio[None, :], format="fltp", layout="mono")
                 af.sample_rate, af.pts = sample_rate, 0
-                for packet in astream.encode(af):
-                    container.mux(packet)
-                for packet in astream.encode(None):
-                    container.mux(packet)
+                _encode(container, astream, af)
+                _encode(container, astream, None)
         finally:
             container.close()
     return path
@@ -174,10 +174,8 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = S
             stream.layout = "mono"
             frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
             frame.sample_rate, frame.pts = sample_rate, 0
-            for packet in stream.encode(frame):
-                container.mux(packet)
-            for packet in stream.encode(None):
-                container.mux(packet)
+            _encode(container, stream, frame)
+            _encode(container, stream, None)
         finally:
             container.close()
     return path

@@ -32,45 +32,40 @@ class CheckpointError(ValueError):
     pass
 
 
-# diffusers -> original Wan2.1 names (regex, replacement); applied in order
-_DIFFUSERS_TO_WAN = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
-    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
-    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # diffusers' norm2 is the cross-attention norm
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^scale_shift_table$", "head.modulation"),
+# original Wan2.1 name <-> diffusers name; {n} is a block index, {x} one of q/k/v
+_NAME_PAIRS = [
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("blocks.{n}.self_attn.o.", "blocks.{n}.attn1.to_out.0."),
+    ("blocks.{n}.self_attn.{x}.", "blocks.{n}.attn1.to_{x}."),
+    ("blocks.{n}.self_attn.norm_{x}.", "blocks.{n}.attn1.norm_{x}."),
+    ("blocks.{n}.cross_attn.o.", "blocks.{n}.attn2.to_out.0."),
+    ("blocks.{n}.cross_attn.{x}.", "blocks.{n}.attn2.to_{x}."),
+    ("blocks.{n}.cross_attn.norm_{x}.", "blocks.{n}.attn2.norm_{x}."),
+    ("blocks.{n}.norm3.", "blocks.{n}.norm2."),  # diffusers' norm2 is Wan's cross-attention norm3
+    ("blocks.{n}.ffn.0.", "blocks.{n}.ffn.net.0.proj."),
+    ("blocks.{n}.ffn.2.", "blocks.{n}.ffn.net.2."),
+    ("blocks.{n}.modulation", "blocks.{n}.scale_shift_table"),
+    ("head.head.", "proj_out."),
+    ("head.modulation", "scale_shift_table"),
 ]
-_WAN_TO_DIFFUSERS = [
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
-    (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
-    (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
-    (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
-    (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
-    (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
-    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
-    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
-    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
-    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^head\.modulation$", "scale_shift_table"),
-]
+
+
+def _rule(src: str, dst: str) -> tuple[str, str]:
+    """A name template -> (regex, replacement), capturing {n} and {x} in order."""
+    groups = re.findall(r"\{[nx]\}", src)
+    pat = re.escape(src).replace(r"\{n\}", r"(\d+)").replace(r"\{x\}", "([qkv])")
+    rep = dst
+    for i, g in enumerate(groups, 1):
+        rep = rep.replace(g, f"\\{i}", 1)
+    return "^" + pat + ("$" if not src.endswith(".") else ""), rep
+
+
+_DIFFUSERS_TO_WAN = [_rule(d, w) for w, d in _NAME_PAIRS]
+_WAN_TO_DIFFUSERS = [_rule(w, d) for w, d in _NAME_PAIRS]
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "model.", "generator.", "generator_ema.")
 
 
