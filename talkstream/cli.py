@@ -123,6 +123,24 @@ def _bench(args) -> None:
         args.out.write_text(json.dumps(res, indent=2))
 
 
+def _train(args) -> None:
+    import yaml
+
+    from .train.config import TrainConfig
+    from .train.stages import run_stage
+
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    cfg = TrainConfig.load(args.config, {"stage": args.stage, **overrides})
+    print(json.dumps(run_stage(cfg), indent=2, default=str))
+
+
+def _pack(args) -> None:
+    from .train.data import make_pack
+
+    out = make_pack(args.out, args.clips, args.seconds, args.seed, audio=not args.no_audio, text=not args.no_audio)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", type=Path)
     b.set_defaults(func=_bench)
+
+    t = sub.add_parser("train", help="train a stage: vae | decoder | teacher | causal | pack (make a world pack)")
+    t.add_argument("stage", choices=["vae", "decoder", "teacher", "causal", "pack"])
+    t.add_argument("--config", type=Path, help="YAML training config (configs/*.yaml)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--out", type=Path, help="pack: output .npz")
+    t.add_argument("--clips", type=int, default=300)
+    t.add_argument("--seconds", type=float, default=3.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-audio", action="store_true", help="pack: states only (enough for the VAE)")
+    t.set_defaults(func=lambda a: _pack(a) if a.stage == "pack" else _train(a))
 
     d = sub.add_parser("demo", help="the main job on the embedded default")
     d.add_argument("--out", type=Path, default=Path("out/demo.mp4"))

@@ -1,0 +1,1 @@
+"""Training: data packs from the world, the training runner, and the stages (VAE, tiny decoder, teacher, causal)."""

@@ -1,0 +1,63 @@
+"""Typed training configurations, one per stage, loadable from YAML (``configs/*.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    stage: str  # vae | decoder | teacher | causal
+    data: str  # a world pack (.npz) written by `talkstream train pack`
+    out: str = "runs/run"
+    model: str = "small"  # DiT or VAE size name
+    steps: int = 1000
+    batch: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema: float = 0.999  # 0 disables
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 20
+    ckpt_every: int = 500
+    size: int = 256  # frame size
+    frames: int = 17  # video frames per sample (1 + 4m)
+    workers: int = 8  # rendering processes
+    # VAE
+    kl_weight: float = 1e-6
+    ms_ssim_weight: float = 0.2
+    vae: str = ""  # a trained VAE checkpoint (decoder / teacher / causal stages)
+    # DiT
+    init: str = ""  # initialise from this DiT checkpoint (causal from teacher)
+    timestep_shift: float = 3.0
+    chunk: int = 3  # latent frames per chunk (causal)
+    window: int | None = None
+    p_drop_audio: float = 0.1
+    p_drop_text: float = 0.1
+    p_drop_ref: float = 0.05
+    p_drop_all: float = 0.05
+    history_corruption: float = 0.3  # probability that a causal sample's context frames get noised
+    history_max_sigma: float = 0.3
+    look_back: int = 2  # audio window widening, video frames
+    look_ahead: int = 2
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def load(path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        d = yaml.safe_load(Path(path).read_text()) or {}
+        d.update(overrides or {})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
+        return TrainConfig(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,121 @@
+"""World packs: everything a training run needs except the pixels, small enough to carry to a GPU machine.
+
+A pack holds, per clip, the per-frame world truth (which the renderer turns back into frames on any
+machine with skia, in parallel), the identity, behaviour labels, the caption of every frame and,
+optionally, the Whisper encoder features of the clip's speech (computed here, where espeak-ng and
+CTranslate2 live). Captions are stored once as a table of MiniLM token embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context, shared_memory
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..world.behaviour import make_clip
+from ..world.identity import Identity
+from ..world.render import FrameState, Renderer
+
+
+@dataclass
+class WorldPack:
+    states: np.ndarray  # [N, T, 15] float32
+    behaviour: np.ndarray  # [N, T] int8
+    identities: list[Identity]
+    caption_ids: np.ndarray  # [N, T] int16 index into captions
+    captions: list[str]
+    caption_emb: np.ndarray | None  # [n_captions, L, 384] float16
+    caption_mask: np.ndarray | None  # [n_captions, L] bool
+    audio_features: np.ndarray | None  # [N, 2T, 384] float16 (Whisper, 50 Hz)
+    seeds: np.ndarray
+
+    @property
+    def n_clips(self) -> int:
+        return len(self.states)
+
+    @property
+    def n_frames(self) -> int:
+        return self.states.shape[1]
+
+
+def make_pack(out: str | Path, clips: int, seconds: float, seed: int = 0, audio: bool = True,
+              text: bool = True, progress: bool = True) -> Path:
+    """Plan ``clips`` world clips (seeds seed..seed+clips-1) and write their pack."""
+    from ..models.encoders import TextEncoder, WhisperFeatures
+
+    whisper = WhisperFeatures() if audio else None
+    caption_index: dict[str, int] = {}
+    states, behaviour, ids, cap_ids, feats = [], [], [], [], []
+    for i in tqdm(range(clips), desc="pack", disable=not progress):
+        clip = make_clip(seed + i, seconds)
+        states.append(clip.states)
+        behaviour.append(clip.behaviour)
+        ids.append(clip.identity.to_json())
+        cap_ids.append([caption_index.setdefault(c, len(caption_index)) for c in clip.captions_per_frame()])
+        if whisper is not None:
+            f = whisper.encode(clip.audio)[: 2 * clip.n_frames]
+            feats.append(f.astype(np.float16))
+    captions = sorted(caption_index, key=caption_index.get)
+    arrays = dict(states=np.stack(states), behaviour=np.stack(behaviour), identities=np.array(ids),
+                  caption_ids=np.array(cap_ids, np.int16), captions=np.array(captions),
+                  seeds=np.arange(seed, seed + clips))
+    if feats:
+        arrays["audio_features"] = np.stack(feats)
+    if text:
+        emb, mask = TextEncoder().encode(captions)
+        arrays["caption_emb"] = emb.numpy().astype(np.float16)
+        arrays["caption_mask"] = mask.numpy()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out)
+    return out
+
+
+def load_pack(path: str | Path) -> WorldPack:
+    with np.load(path, allow_pickle=False) as z:
+        get = (lambda k: z[k] if k in z.files else None)
+        return WorldPack(states=z["states"], behaviour=z["behaviour"],
+                         identities=[Identity.from_dict(json.loads(s)) for s in z["identities"]],
+                         caption_ids=z["caption_ids"], captions=[str(c) for c in z["captions"]],
+                         caption_emb=get("caption_emb"), caption_mask=get("caption_mask"),
+                         audio_features=get("audio_features"), seeds=z["seeds"])
+
+
+def _render_clips(args) -> None:
+    shm_name, shape, size, jobs = args
+    shm = shared_memory.SharedMemory(name=shm_name)
+    try:
+        frames = np.ndarray(shape, np.uint8, buffer=shm.buf)
+        for i, identity_json, states in jobs:
+            r = Renderer(Identity.from_dict(json.loads(identity_json)), size)
+            for t, row in enumerate(states):
+                frames[i, t] = r.render(FrameState.from_array(row))
+    finally:
+        shm.close()
+
+
+def render_pack(pack: WorldPack, size: int = 256, workers: int = 1, clips: slice | None = None) -> np.ndarray:
+    """All frames of (a slice of) the pack, [N, T, size, size, 3] uint8, rendered over ``workers`` processes."""
+    idx = list(range(pack.n_clips))[clips or slice(None)]
+    shape = (len(idx), pack.n_frames, size, size, 3)
+    shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
+    try:
+        jobs = [(k, pack.identities[i].to_json(), pack.states[i]) for k, i in enumerate(idx)]
+        parts = [(shm.name, shape, size, jobs[w::max(1, workers)]) for w in range(max(1, workers))]
+        if workers <= 1:
+            _render_clips(parts[0])
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+                list(pool.map(_render_clips, parts))
+        return np.ndarray(shape, np.uint8, buffer=shm.buf).copy()
+    finally:
+        shm.close()
+        shm.unlink()

@@ -1,0 +1,282 @@
+"""The training stages: VAE -> tiny decoder (distilled from the VAE decoder) -> bidirectional teacher ->
+causal model (diffusion forcing, block-causal, initialised from the teacher, with history corruption)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..diffusion.flow import add_noise, sample_training_sigmas, velocity_target
+from ..diffusion.samplers import apply_dropout, drop_conditions
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.config import TinyDecoderConfig, dit_config, vae_config
+from ..models.dit import WanDiT
+from ..models.encoders import audio_windows
+from ..models.losses import kl_divergence, psnr, reconstruction_loss
+from ..models.vae import CausalVAE, TinyDecoder
+from .config import TrainConfig
+from .data import load_pack, render_pack
+from .runner import Runner
+
+HELD_OUT_FRACTION = 0.05
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _split(n: int) -> tuple[slice, slice]:
+    k = max(1, int(round(n * HELD_OUT_FRACTION)))
+    return slice(0, n - k), slice(n - k, n)
+
+
+class FrameBank:
+    """Rendered pack frames kept in host memory; samples [B, 3, F, H, W] windows in [-1, 1] on the device."""
+
+    def __init__(self, frames: np.ndarray, n_frames: int, device: str) -> None:
+        self.frames = torch.from_numpy(frames)  # [N, T, H, W, 3] uint8
+        self.n, self.T = frames.shape[:2]
+        self.F, self.device = n_frames, device
+
+    def sample(self, gen: torch.Generator, batch: int) -> torch.Tensor:
+        i = torch.randint(self.n, (batch,), generator=gen)
+        a = torch.randint(self.T - self.F + 1, (batch,), generator=gen)
+        x = torch.stack([self.frames[ii, aa:aa + self.F] for ii, aa in zip(i.tolist(), a.tolist())])
+        return to_video(x.to(self.device, non_blocking=True))
+
+
+def to_video(frames_uint8: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, W, 3] uint8 -> [B, 3, T, H, W] float in [-1, 1]."""
+    return frames_uint8.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+# -- VAE -----------------------------------------------------------------------------------------------
+def train_vae(cfg: TrainConfig, log=print) -> dict:
+    device = _device()
+    pack = load_pack(cfg.data)
+    tr, ho = _split(pack.n_clips)
+    t0 = time.perf_counter()
+    frames = render_pack(pack, cfg.size, cfg.workers)
+    log(f"rendered {frames.shape[0] * frames.shape[1]} frames in {time.perf_counter() - t0:.1f}s")
+    bank, held = FrameBank(frames[tr], cfg.frames, device), frames[ho]
+    vae = CausalVAE(vae_config(cfg.model))
+
+    def loss_fn(model, batch):
+        x = batch["x"]
+        mean, logvar = model.encode_moments(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        y = model.decode(z, normalized=False)
+        rec = reconstruction_loss(y.float(), x, ms_ssim_weight=cfg.ms_ssim_weight)
+        kl = kl_divergence(mean.float(), logvar.float())
+        return rec + cfg.kl_weight * kl, dict(rec=rec.detach(), kl=kl.detach())
+
+    runner = Runner(cfg, vae, loss_fn, lambda g: dict(x=bank.sample(g, cfg.batch)), device)
+    last = runner.train()
+    model = runner.final_model()
+    with torch.no_grad():  # latent statistics, so the DiT sees ~unit-variance latents
+        zs = torch.cat([model.encode(bank.sample(runner.gen, cfg.batch), normalize=False) for _ in range(8)])
+        model.latent_mean.copy_(zs.mean((0, 2, 3, 4)))
+        model.latent_std.copy_(zs.std((0, 2, 3, 4)))
+    metrics = evaluate_vae(model, held, cfg.frames, device)
+    metrics["train"] = last
+    save_checkpoint(Path(cfg.out) / "vae.safetensors", model.cpu(), "vae", model.cfg,
+                    extra=dict(metrics=metrics, config=cfg.to_dict()), dtype=torch.bfloat16)
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
+                 decoder: TinyDecoder | None = None) -> dict:
+    """PSNR of reconstructions of held-out clips (first ``n_frames`` of each), and decode timing."""
+    vae = vae.to(device).eval()
+    x = to_video(torch.from_numpy(held[:, :n_frames]).to(device))
+    ps, ps_tiny, t_vae, t_tiny = [], [], 0.0, 0.0
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        z = vae.encode(xi)
+        _sync(device)
+        t = time.perf_counter()
+        y = vae.decode(z)
+        _sync(device)
+        t_vae += time.perf_counter() - t
+        ps.append(float(psnr(y.clamp(-1, 1), xi)))
+        if decoder is not None:
+            decoder = decoder.to(device).eval()
+            _sync(device)
+            t = time.perf_counter()
+            yt = decoder(z)
+            _sync(device)
+            t_tiny += time.perf_counter() - t
+            ps_tiny.append(float(psnr(yt.clamp(-1, 1), xi)))
+    out = dict(held_out_clips=len(x), frames=n_frames, size=int(x.shape[-1]), psnr_db=float(np.mean(ps)),
+               vae_decode_ms_per_clip=1000 * t_vae / len(x))
+    if decoder is not None:
+        out.update(tiny_psnr_db=float(np.mean(ps_tiny)), tiny_decode_ms_per_clip=1000 * t_tiny / len(x),
+                   tiny_speedup=t_vae / max(t_tiny, 1e-9))
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# -- tiny decoder ------------------------------------------------------------------------------------------
+def train_decoder(cfg: TrainConfig, log=print) -> dict:
+    device = _device()
+    vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
+    pack = load_pack(cfg.data)
+    tr, ho = _split(pack.n_clips)
+    frames = render_pack(pack, cfg.size, cfg.workers)
+    bank, held = FrameBank(frames[tr], cfg.frames, device), frames[ho]
+    dec = TinyDecoder(TinyDecoderConfig(latent_dim=vae.cfg.latent_dim, spatial_factor=vae.cfg.spatial_factor,
+                                        temporal_factor=vae.cfg.temporal_factor, channels=int(cfg.extra.get(
+                                            "channels", 64))))
+    dec.latent_mean.copy_(vae.latent_mean.cpu())
+    dec.latent_std.copy_(vae.latent_std.cpu())
+
+    def sample(g):
+        x = bank.sample(g, cfg.batch)
+        with torch.no_grad():
+            z = vae.encode(x)
+            target = vae.decode(z).clamp(-1, 1)
+        return dict(x=x, z=z, target=target)
+
+    def loss_fn(model, b):
+        y = model(b["z"]).float()
+        distill = reconstruction_loss(y, b["target"], ms_ssim_weight=0.0)
+        truth = reconstruction_loss(y, b["x"], ms_ssim_weight=cfg.ms_ssim_weight)
+        return distill + truth, dict(distill=distill.detach(), truth=truth.detach())
+
+    runner = Runner(cfg, dec, loss_fn, sample, device)
+    last = runner.train()
+    model = runner.final_model()
+    metrics = evaluate_vae(vae, held, cfg.frames, device, decoder=model)
+    metrics["train"] = last
+    save_checkpoint(Path(cfg.out) / "tiny_decoder.safetensors", model.cpu(), "tiny_decoder", model.cfg,
+                    extra=dict(metrics=metrics, config=cfg.to_dict()), dtype=torch.bfloat16)
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+# -- DiT: teacher and causal -------------------------------------------------------------------------------
+class LatentBank:
+    """VAE latents of every pack clip with their audio windows, captions and reference latents, on the device."""
+
+    def __init__(self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice) -> None:
+        pack = load_pack(cfg.data)
+        if pack.audio_features is None or pack.caption_emb is None:
+            raise ValueError(f"{cfg.data}: the DiT stages need a pack with audio features and caption embeddings")
+        frames = render_pack(pack, cfg.size, cfg.workers, clips)
+        idx = list(range(pack.n_clips))[clips]
+        T = 1 + 4 * ((pack.n_frames - 1) // 4)
+        self.L = 1 + (T - 1) // 4
+        lat, refs = [], []
+        g = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for k in range(len(idx)):
+                x = to_video(torch.from_numpy(frames[k:k + 1, :T]).to(device))
+                lat.append(vae.encode(x.to(torch.float32)).to(torch.bfloat16))
+                pick = torch.randint(T, (4,), generator=g)
+                refs.append(vae.encode(x[:, :, pick].transpose(1, 2).reshape(4, 3, 1, *x.shape[-2:]))
+                            .to(torch.bfloat16))
+        self.latents = torch.cat(lat)  # [N, C, L, h, w]
+        self.refs = torch.stack(refs)  # [N, 4, C, 1, h, w]
+        self.audio = torch.stack([audio_windows(torch.from_numpy(pack.audio_features[i].astype(np.float32)), self.L,
+                                                look_back=cfg.look_back, look_ahead=cfg.look_ahead)
+                                  for i in idx]).to(device, torch.bfloat16)  # [N, L, Na, A]
+        self.caption_of_latent = torch.from_numpy(
+            pack.caption_ids[idx][:, np.minimum(np.arange(self.L) * 4, pack.n_frames - 1)].astype(np.int64))
+        self.caption_emb = torch.from_numpy(pack.caption_emb.astype(np.float32)).to(device, torch.bfloat16)
+        self.caption_mask = torch.from_numpy(pack.caption_mask).to(device)
+        self.n = len(idx)
+        self.device = device
+
+    def sample(self, gen: torch.Generator, batch: int, n_latent: int) -> dict:
+        i = torch.randint(self.n, (batch,), generator=gen)
+        a = torch.randint(self.L - n_latent + 1, (batch,), generator=gen)
+        r = torch.randint(4, (batch,), generator=gen)
+        x0 = torch.stack([self.latents[ii, :, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
+        audio = torch.stack([self.audio[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
+        cap = self.caption_of_latent[i, a + n_latent // 2].to(self.device)
+        return dict(x0=x0.float(), audio=audio, ref=self.refs[i.to(self.device), r.to(self.device)],
+                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap])
+
+
+def _dit_loss(cfg: TrainConfig, causal: bool):
+    def loss_fn(model, b):
+        x0 = b["x0"]
+        B, _, Fr = x0.shape[:3]
+        drop = drop_conditions(None, B, cfg.p_drop_audio, cfg.p_drop_text, cfg.p_drop_ref, cfg.p_drop_all,
+                               device=x0.device)
+        audio = apply_dropout(drop["audio"], b["audio"])
+        text = apply_dropout(drop["text"], b["text"])
+        ref = apply_dropout(drop["ref"], b["ref"])
+        noise = torch.randn_like(x0)
+        weight = torch.ones(B, Fr, device=x0.device)
+        if not causal:
+            sigma = sample_training_sigmas(B, shift=cfg.timestep_shift, device=x0.device)[:, None].expand(B, Fr)
+        else:  # diffusion forcing: an independent noise level per chunk
+            n_chunks = -(-Fr // cfg.chunk)
+            sig_c = sample_training_sigmas(B * n_chunks, shift=cfg.timestep_shift, device=x0.device)
+            sigma = sig_c.view(B, n_chunks).repeat_interleave(cfg.chunk, dim=1)[:, :Fr].contiguous()
+            # streaming-style samples: clean context chunks before a target chunk, as the KV cache holds them
+            streaming = torch.rand(B, device=x0.device) < 0.5
+            first = torch.randint(1, n_chunks, (B,), device=x0.device) * cfg.chunk
+            ctx = (torch.arange(Fr, device=x0.device)[None] < first[:, None]) & streaming[:, None]
+            sigma = torch.where(ctx, torch.zeros_like(sigma), sigma)
+            weight = (~ctx).float()
+            # history corruption: some clean contexts get a little noise but keep the clean timestep label
+            corrupt = (torch.rand(B, device=x0.device) < cfg.history_corruption)[:, None] & ctx
+            hc = torch.rand(B, 1, device=x0.device) * cfg.history_max_sigma
+            x_ctx = add_noise(x0, torch.randn_like(x0), torch.where(corrupt, hc.expand(B, Fr), 0.0))
+        xt = add_noise(x0, noise, sigma)
+        if causal:
+            xt = torch.where(ctx[:, None, :, None, None], x_ctx, xt)
+        v = model(xt, sigma * 1000, text, audio, ref, chunk=cfg.chunk if causal else None, window=cfg.window,
+                  context_mask=b["text_mask"])
+        err = (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+        loss = (err * weight).sum() / weight.sum().clamp_min(1)
+        return loss, dict(mse=loss.detach())
+
+    return loss_fn
+
+
+def train_dit(cfg: TrainConfig, log=print) -> dict:
+    causal = cfg.stage == "causal"
+    device = _device()
+    vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
+    pack_n = load_pack(cfg.data).n_clips
+    tr, _ = _split(pack_n)
+    t0 = time.perf_counter()
+    bank = LatentBank(cfg, vae, device, tr)
+    log(f"latents for {bank.n} clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
+    dcfg = dit_config(cfg.model)
+    model = WanDiT(dcfg)
+    if cfg.init:
+        init = load_checkpoint(cfg.init)
+        model.load_state_dict(init.state_dict())
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    n_latent = 1 + (cfg.frames - 1) // 4
+    runner = Runner(cfg, model, _dit_loss(cfg, causal), lambda g: bank.sample(g, cfg.batch, n_latent), device)
+    last = runner.train()
+    final = runner.final_model()
+    name = "causal.safetensors" if causal else "teacher.safetensors"
+    extra = dict(stage=cfg.stage, train=last, config=cfg.to_dict(), look_back=cfg.look_back,
+                 look_ahead=cfg.look_ahead, chunk=cfg.chunk if causal else None)
+    save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", dcfg, extra=extra, dtype=torch.bfloat16)
+    return dict(train=last)
+
+
+STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=train_dit)
+
+
+def run_stage(cfg: TrainConfig, log=print) -> dict:
+    if cfg.stage not in STAGES:
+        raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {sorted(STAGES)}")
+    return STAGES[cfg.stage](cfg, log)
