@@ -16,6 +16,7 @@ class TrainConfig:
     out: str = "runs/run"
     model: str = "small"  # DiT or VAE size name
     steps: int = 1000
+    time_budget: float = 0.0  # seconds of training after which the run stops and exports (0: no limit)
     batch: int = 8
     lr: float = 2e-4
     weight_decay: float = 0.01

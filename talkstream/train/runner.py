@@ -94,6 +94,11 @@ class Runner:
         last = {}
         use_bf16 = c.bf16 and self.device.startswith("cuda")
         while self.step < c.steps:
+            if c.time_budget and time.perf_counter() - t0 > c.time_budget:
+                if self.rank == 0:
+                    print(f"time budget of {c.time_budget:.0f}s reached at step {self.step}")
+                self.save_state()
+                break
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step)
             batch = self.sample_batch(self.gen)
