@@ -32,7 +32,15 @@ def _ssim_parts(x: torch.Tensor, y: torch.Tensor, win: torch.Tensor, data_range:
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Multi-scale SSIM of images [N, C, H, W] (as many scales as the size allows, at most 5), per image."""
+    """Multi-scale SSIM of images [N, C, H, W] (as many scales as the size allows, at most 5), per image.
+
+    Always computed in float32, also inside an autocast region: its variances are differences of
+    nearly equal numbers, which bf16 cannot represent."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _ms_ssim(x.float(), y.float(), data_range)
+
+
+def _ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
     win = _gauss(device=x.device)
     scales = 1
     while scales < len(_MS_WEIGHTS) and min(x.shape[-2:]) // 2**scales >= win.shape[0]:
