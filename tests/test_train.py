@@ -62,5 +62,11 @@ def test_bad_config_is_clear(tmp_path):
     (tmp_path / "c.yaml").write_text("stage: vae\ndata: x\nbogus: 1\n")
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.load(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("stage: vae\ndata: x\nlr: 5e-4\nsteps: '7'\n")
+    cfg = TrainConfig.load(tmp_path / "d.yaml")
+    assert cfg.lr == 5e-4 and cfg.steps == 7
+    (tmp_path / "e.yaml").write_text("stage: vae\ndata: x\nlr: fast\n")
+    with pytest.raises(ValueError, match="lr must be a number"):
+        TrainConfig.load(tmp_path / "e.yaml")
     with pytest.raises(ValueError, match="unknown stage"):
         run_stage(TrainConfig(stage="nope", data="x"))

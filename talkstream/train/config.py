@@ -58,6 +58,13 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
+        types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+        for k, v in d.items():  # YAML reads 5e-4 as a string: coerce by the field's type
+            if isinstance(v, str) and types[k] in ("float", "int"):
+                try:
+                    d[k] = (float if types[k] == "float" else int)(v)
+                except ValueError:
+                    raise ValueError(f"{path}: {k} must be a number, got {v!r}") from None
         return TrainConfig(**d)
 
     def to_dict(self) -> dict:
