@@ -64,6 +64,8 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
     log(f"rendered {frames.shape[0] * frames.shape[1]} frames in {time.perf_counter() - t0:.1f}s")
     bank, held = FrameBank(frames[tr], cfg.frames, device), frames[ho]
     vae = CausalVAE(vae_config(cfg.model))
+    if cfg.init:  # continue from an exported checkpoint (weights only: optimizer state starts fresh)
+        vae.load_state_dict(load_checkpoint(cfg.init, dtype=torch.float32).state_dict())
 
     def loss_fn(model, batch):
         x = batch["x"]
@@ -137,6 +139,8 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
     dec = TinyDecoder(TinyDecoderConfig(latent_dim=vae.cfg.latent_dim, spatial_factor=vae.cfg.spatial_factor,
                                         temporal_factor=vae.cfg.temporal_factor, channels=int(cfg.extra.get(
                                             "channels", 64))))
+    if cfg.init:
+        dec.load_state_dict(load_checkpoint(cfg.init, dtype=torch.float32).state_dict())
     dec.latent_mean.copy_(vae.latent_mean.cpu())
     dec.latent_std.copy_(vae.latent_std.cpu())
 
