@@ -65,7 +65,7 @@ class Runner:
             self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["opt"])
         self.step = st["step"]
-        self.gen.set_state(st["gen"])
+        self.gen.set_state(st["gen"].cpu())
         if self.rank == 0:
             print(f"resumed {self.out} at step {self.step}")
 
