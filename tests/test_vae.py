@@ -62,6 +62,14 @@ def test_tiny_decoder_chunked_equals_whole_and_is_small():
     assert sum(p.numel() for p in TinyDecoder(TinyDecoderConfig()).parameters()) < 5e6
 
 
+def test_ms_ssim_is_float32_under_autocast():
+    x = torch.rand(2, 3, 64, 64)
+    y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ms_ssim(x, y)
+    assert inside.dtype == torch.float32 and torch.allclose(inside, ms_ssim(x, y))
+
+
 def test_losses():
     x = torch.rand(2, 3, 3, 64, 64) * 2 - 1
     assert reconstruction_loss(x, x) < 1e-5
