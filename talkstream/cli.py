@@ -88,10 +88,13 @@ def _eval_real(args) -> None:
 def _eval_suite(args) -> None:
     from .eval.evaluate import run_suite
 
+    from .eval.evaluate import checkpoint_generator
+
+    gen = None
     if args.model != "world":
-        raise ValueError("eval suite runs the ground-truth world renders (--model world) for now: generating "
-                         "from a trained checkpoint needs the streaming engine (the streaming issue)")
-    res = run_suite(generate=None, seconds=args.seconds)
+        vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
+        gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps)
+    res = run_suite(generate=gen, seconds=args.seconds, size=args.size)
     print(f"{'seed':>8} {'mouth err':>10} {'offset':>7} {'sync conf':>10} {'id dist':>8} {'drift/min':>10} "
           f"{'flicker':>8}  flags")
     for r in res["rows"]:
@@ -171,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref", type=Path, help="reference image")
     e.add_argument("--truth", type=Path, help="world clip json (viseme truth for exact lip sync)")
     e.add_argument("--real", action="store_true", help="real-face metrics (dlib landmarks and descriptors)")
-    e.add_argument("--model", default="world", help="for 'suite': what generates the clips")
+    e.add_argument("--model", default="world",
+                   help="for 'suite': 'world' (ground-truth renders) or a DiT checkpoint (.safetensors)")
+    e.add_argument("--vae", type=Path, help="for 'suite' with a checkpoint: the VAE (default: the shipped one)")
+    e.add_argument("--size", type=int, default=256)
+    e.add_argument("--steps", type=int, default=30, help="sampling steps for a bidirectional teacher")
+    e.add_argument("--device", default="cpu")
     e.add_argument("--seconds", type=float, default=8.0)
     e.add_argument("--out", type=Path)
     e.set_defaults(func=_eval_dispatch)

@@ -138,3 +138,25 @@ def test_bench_harness_measures_a_stream():
     assert set(r["chunk_latency_ms"]) == {"p50", "p95", "p99"} and r["rss_mib"]["max"] > 0
     d = measure_stream(dit_source("tiny", 32, 32, chunks=3))
     assert d["frames"] == (1 + 4 * 2) + 2 * 12 and "machine" in d  # the clip's first latent decodes to one frame
+
+
+def test_suite_runs_a_checkpoint(tmp_path, probe):
+    """Plumbing of `eval suite --model CKPT` with random tiny checkpoints (teacher and causal)."""
+    import torch
+
+    from talkstream.eval.evaluate import checkpoint_generator
+    from talkstream.models.checkpoint import save_checkpoint
+    from talkstream.models.config import dit_config, vae_config
+    from talkstream.models.dit import WanDiT
+    from talkstream.models.vae import CausalVAE
+
+    torch.manual_seed(0)
+    vae = CausalVAE(vae_config("tiny"))
+    save_checkpoint(tmp_path / "vae.safetensors", vae, "vae", vae.cfg)
+    dit = WanDiT(dit_config("tiny"))
+    save_checkpoint(tmp_path / "teacher.safetensors", dit, "dit", dit.cfg)
+    save_checkpoint(tmp_path / "causal.safetensors", dit, "dit", dit.cfg, extra={"chunk": 3})
+    for name in ("teacher", "causal"):
+        gen = checkpoint_generator(tmp_path / f"{name}.safetensors", tmp_path / "vae.safetensors", size=64, steps=3)
+        res = run_suite(generate=gen, seeds=(900_005,), seconds=1.2, size=64, probe=probe)
+        assert len(res["rows"]) == 1 and np.isfinite(res["summary"]["mouth_error"])

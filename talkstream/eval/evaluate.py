@@ -170,6 +170,25 @@ def world_truth_generator(seed: int, size: int) -> np.ndarray:
     return np.stack(list(render_states(clip.identity, clip.states, size)))
 
 
+def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
+                         steps: int = 30, audio_guidance: float = 2.0):
+    """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
+    first spoken segment, the reference frame -> generated frames (see ``stream.offline``)."""
+    from ..models.encoders import TextEncoder, WhisperFeatures
+    from ..stream.offline import OfflineGenerator
+
+    gen = OfflineGenerator.from_files(dit_path, vae_path, device=device, size=size, steps=steps,
+                                      audio_guidance=audio_guidance)
+    whisper, text = WhisperFeatures(), TextEncoder()
+
+    def generate(reference: np.ndarray, clip) -> np.ndarray:
+        caption = next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
+        emb, mask = text.encode([caption])
+        return gen.generate(reference, whisper.encode(clip.audio), clip.n_frames, emb, mask)
+
+    return generate
+
+
 def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, seconds: float = 8.0, size: int = 256,
               seeds: tuple[int, ...] = SUITE_SEEDS, probe: FrameProbe | None = None) -> dict:
     """For each held-out seed: the world clip's first frame is the reference, its audio drives the model,
