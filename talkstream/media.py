@@ -77,6 +77,14 @@ def _encode(container, stream, frame) -> None:
         container.mux(packet)
 
 
+def _encode_mono(container, stream, samples: np.ndarray, fmt: str, sample_rate: int) -> None:
+    """Encode a whole mono signal ([samples] in ``fmt``: 'fltp' float or 's16') and flush the stream."""
+    frame = av.AudioFrame.from_ndarray(samples[None, :], format=fmt, layout="mono")
+    frame.sample_rate, frame.pts = sample_rate, 0
+    _encode(container, stream, frame)
+    _encode(container, stream, None)
+
+
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float = 25,
                 audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
                 preset: str = "veryfast") -> Path:
@@ -109,10 +117,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarr
                 raise MediaError("no frames to write")
             _encode(container, vstream, None)
             if astream is not None and len(audio):
-                af = av.AudioFrame.from_ndarray(audio[None, :], format="fltp", layout="mono")
-                af.sample_rate, af.pts = sample_rate, 0
-                _encode(container, astream, af)
-                _encode(container, astream, None)
+                _encode_mono(container, astream, audio, "fltp", sample_rate)
         finally:
             container.close()
     return path
@@ -172,10 +177,7 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = S
         try:
             stream = container.add_stream(codec, rate=sample_rate)
             stream.layout = "mono"
-            frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
-            frame.sample_rate, frame.pts = sample_rate, 0
-            _encode(container, stream, frame)
-            _encode(container, stream, None)
+            _encode_mono(container, stream, pcm, "s16", sample_rate)
         finally:
             container.close()
     return path
