@@ -2,6 +2,7 @@
 # Run training stages on a lent GPU machine (no registry access there): installs the carried skia wheel,
 # points the loader at the carried GL/X libraries, runs the given stages, and copies results to $OUT.
 #   bash scripts/device_train.sh STAGE[:KEY=VAL,KEY=VAL] ...
+# Weight shards come back as files, everything else (logs, metrics, small weights) in $OUT/bundle.tar.
 # Carry: data (the packs), .whl (skia-python for the device's Python), .carry/lib (libEGL & co.).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -21,4 +22,7 @@ for spec in "$@"; do
   cp -f $run/log.jsonl "$OUT/${stage}_log.jsonl" 2>/dev/null
   cp -f $run/loss.png "$OUT/${stage}_loss.png" 2>/dev/null
 done
+# at most 8 files come back: keep the weight shards as they are, bundle everything else into one tar
+(cd "$OUT" && small=$(find . -maxdepth 1 -type f ! -name '*-of-*.safetensors' ! -name bundle.tar -printf '%P ') \
+  && [ -n "$small" ] && tar -cf bundle.tar $small && rm -f $small)
 ls -la "$OUT"

@@ -80,3 +80,27 @@ def test_losses():
     assert (ms_ssim(frames, noisy.transpose(1, 2).flatten(0, 1)) < 0.9).all()
     assert kl_divergence(torch.zeros(3), torch.zeros(3)) == 0
     assert psnr(x, x + 0.02) > 39
+
+
+def test_temporal_receptive_field_is_bounded():
+    """With per-frame convolutions outside the latent rate, a latent reaches only receptive_latents() of output."""
+    cfg = vae_config("tiny")
+    v = CausalVAE(cfg).eval()
+    z = torch.randn(1, cfg.latent_dim, 8, 4, 4)
+    z2 = z.clone()
+    z2[:, :, 1] += 1.0
+    with torch.no_grad():
+        d = (v.decode(z2) - v.decode(z)).abs().amax(dim=(0, 1, 3, 4))  # per output frame
+    tf, r = cfg.temporal_factor, cfg.receptive_latents()
+    touched = (d > 0).nonzero().flatten()
+    assert touched.min() == 1 and touched.max() == tf * (r - 1) + tf  # latent 1 -> frames 1..4, then r-1 latents on
+    assert d[0] == 0
+
+
+@pytest.mark.parametrize("k,stride,pad", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (2, 2, 0)])
+def test_conv3d_as_2d_equals_conv3d(k, stride, pad):
+    from talkstream.models.vae import conv3d_as_2d
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 9, 8, 8, generator=g), torch.randn(7, 5, k, 3, 3, generator=g), torch.randn(7)
+    ref = torch.nn.functional.conv3d(x, w, b, stride=(stride, 1, 1), padding=(0, pad, pad))
+    torch.testing.assert_close(conv3d_as_2d(x, w, b, stride, pad), ref, atol=1e-4, rtol=1e-4)

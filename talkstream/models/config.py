@@ -84,11 +84,20 @@ class VAEConfig:
     temporal_down: tuple[bool, ...] = (False, True, True)  # 2x in time at those transitions (4x in all)
     num_res_blocks: int = 1
     image_channels: int = 3
+    # causal temporal kernel of the latent-rate convolutions (encoder mid/out, decoder in/mid); with
+    # temporal_everywhere=False every other convolution works per frame, so the whole model sees only a few
+    # latents of the past and short training clips cover its steady state (Wan-VAE: True, kernel 3)
+    temporal_kernel: int = 2
+    temporal_everywhere: bool = False
 
     def __post_init__(self) -> None:
         if len(self.temporal_down) != len(self.channel_mult) - 1:
             raise ValueError(f"VAE {self.name}: temporal_down needs one entry per stage transition "
                              f"({len(self.channel_mult) - 1}), got {len(self.temporal_down)}")
+
+    def receptive_latents(self) -> int:
+        """How many latents (this one included) one decoded latent depends on, through the latent-rate convs."""
+        return 1 + 3 * (self.temporal_kernel - 1)
 
     @property
     def spatial_factor(self) -> int:
@@ -106,12 +115,16 @@ class VAEConfig:
         d = dict(d)
         d["channel_mult"] = tuple(d["channel_mult"])
         d["temporal_down"] = tuple(d["temporal_down"])
+        d.setdefault("temporal_kernel", 3)  # checkpoints from before these fields: Wan-style everywhere
+        d.setdefault("temporal_everywhere", True)
         return VAEConfig(**d)
 
 
 VAE_CONFIGS: dict[str, VAEConfig] = {
     "tiny": VAEConfig("tiny", latent_dim=8, base_channels=16, channel_mult=(1, 2, 2, 2)),  # 8x spatial
-    "small": VAEConfig("small", latent_dim=16, base_channels=32, channel_mult=(1, 2, 4, 4)),  # 8x spatial
+    "small": VAEConfig("small", latent_dim=16, base_channels=48, channel_mult=(1, 2, 4, 4)),  # 8x spatial
+    "wanlike": VAEConfig("wanlike", latent_dim=16, base_channels=32, channel_mult=(1, 2, 4, 4),
+                         temporal_kernel=3, temporal_everywhere=True),
     "small16": VAEConfig("small16", latent_dim=16, base_channels=32, channel_mult=(1, 2, 4, 4, 4),
                          temporal_down=(False, False, True, True)),  # 16x spatial
 }

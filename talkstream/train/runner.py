@@ -37,6 +37,9 @@ class Runner:
         self.cfg, self.loss_fn, self.sample_batch = cfg, loss_fn, sample_batch
         self.rank, self.world = _ddp()
         self.device = device
+        if device.startswith("cuda"):  # fixed shapes every step: let cuDNN pick its fastest kernels; TF32 matmuls
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.seed + self.rank)
         self.model = model.to(device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema > 0 else None
@@ -77,11 +80,12 @@ class Runner:
                         opt=self.opt.state_dict(), step=self.step, gen=self.gen.get_state()), tmp)
         os.replace(tmp, self.state_file)
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
+        """Warm-up, then cosine to 10% over the steps or over the time budget, whichever runs out first."""
         c = self.cfg
         if step < c.warmup:
             return c.lr * (step + 1) / c.warmup
-        p = (step - c.warmup) / max(1, c.steps - c.warmup)
+        p = max((step - c.warmup) / max(1, c.steps - c.warmup), time_fraction)
         return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
     # -- loop ---------------------------------------------------------------------------------------
@@ -99,8 +103,9 @@ class Runner:
                     print(f"time budget of {c.time_budget:.0f}s reached at step {self.step}")
                 self.save_state()
                 break
+            spent = (time.perf_counter() - t0) / c.time_budget if c.time_budget else 0.0
             for g in self.opt.param_groups:
-                g["lr"] = self.lr_at(self.step)
+                g["lr"] = self.lr_at(self.step, spent)
             batch = self.sample_batch(self.gen)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 loss, info = self.loss_fn(self.train_model, batch)
@@ -117,7 +122,7 @@ class Runner:
             self.step += 1
             bar.update()
             if self.step % c.log_every == 0 or self.step == c.steps:
-                last = dict(step=self.step, loss=float(loss.detach()), grad_norm=float(gn), lr=self.lr_at(self.step),
+                last = dict(step=self.step, loss=float(loss.detach()), grad_norm=float(gn), lr=self.opt.param_groups[0]["lr"],
                             seconds=round(time.perf_counter() - t0, 1), **{k: float(v) for k, v in info.items()})
                 if self.rank == 0:
                     with open(log_file, "a") as f:
