@@ -22,7 +22,5 @@ for spec in "$@"; do
   cp -f $run/log.jsonl "$OUT/${stage}_log.jsonl" 2>/dev/null
   cp -f $run/loss.png "$OUT/${stage}_loss.png" 2>/dev/null
 done
-# at most 8 files come back: keep the weight shards as they are, bundle everything else into one tar
-(cd "$OUT" && small=$(find . -maxdepth 1 -type f ! -name '*-of-*.safetensors' ! -name bundle.tar -printf '%P ') \
-  && [ -n "$small" ] && tar -cf bundle.tar $small && rm -f $small)
+[ "${BUNDLE:-1}" = 1 ] && bash "$(dirname "$0")/device_bundle.sh"
 ls -la "$OUT"

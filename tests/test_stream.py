@@ -1,0 +1,175 @@
+"""Streaming engine: streamed == offline, chunked decode == whole decode, anchor modes, bounded memory."""
+
+import numpy as np
+import pytest
+import torch
+
+from talkstream.diffusion.flow import euler_sigmas
+from talkstream.models.config import dit_config, vae_config
+from talkstream.models.dit import WanDiT
+from talkstream.models.encoders import audio_windows
+from talkstream.models.vae import CausalVAE
+from talkstream.stream.chunk import denoise_chunk
+from talkstream.stream.engine import AudioFeed, StreamConfig, StreamEngine
+
+A = 384
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    dit = WanDiT(dit_config("tiny")).eval()
+    with torch.no_grad():  # head and audio adapter are zero-initialised: give them weight so outputs matter
+        for n, p in dit.named_parameters():
+            if "audio" in n or not p.any():
+                p.normal_(0, 0.05)
+    vae = CausalVAE(vae_config("tiny")).eval()
+    return dit, vae
+
+
+def _ref(seed=1):
+    return torch.randn(1, 8, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _features(seconds=3.0, seed=2):
+    return np.random.default_rng(seed).standard_normal((int(50 * seconds), A)).astype(np.float32)
+
+
+def _run(dit, vae, cfg, feats, step=None, n_chunks=None):
+    """Stream; ``step``: feed the features that many at a time, as they would arrive live."""
+    eng = StreamEngine(dit, vae, cfg, async_decode=True)
+    eng.start(_ref())
+    feed = AudioFeed(0, 0)
+    pos = [0]
+
+    def audio_for(first, k):
+        while not feed.ready(first, k):
+            if pos[0] >= len(feats):
+                feed.close()
+                if feed.received // 2 <= feed.offset_frame or first * 4 - 3 >= len(feats) // 2:
+                    raise StopIteration
+                break
+            n = step or len(feats)
+            feed.push(feats[pos[0]:pos[0] + n])
+            pos[0] += n
+        if first * 4 - 3 >= len(feats) // 2:
+            raise StopIteration
+        return feed.windows(first, k)
+
+    lat = []
+    orig = eng.next_chunk
+
+    def spy(audio):
+        c = orig(audio)
+        lat.append(c.latents)
+        return c
+
+    eng.next_chunk = spy
+    frames = list(eng.frames(audio_for, n_chunks=n_chunks))
+    return eng, torch.cat(lat, 2), frames, feed
+
+
+def test_streamed_equals_offline_and_chunked_decode(models):
+    dit, vae = models
+    cfg = StreamConfig(chunk=2, window=4, steps=3)
+    feats = _features(3.0)
+    _, lat_live, frames_live, feed = _run(dit, vae, cfg, feats, step=7)
+    _, lat_all, frames_all, _ = _run(dit, vae, cfg, feats)
+    torch.testing.assert_close(lat_live, lat_all, atol=1e-5, rtol=1e-5)
+    # an independent offline loop over the whole audio: same cache, same chunk steps
+    n_lat = lat_all.shape[2]
+    g = torch.Generator().manual_seed(cfg.seed)
+    cache = dit.new_cache(window=cfg.window)
+    dit.prefill_sinks(_ref(), cache)
+    aw = audio_windows(torch.from_numpy(feats), n_lat)[None]
+    ref = []
+    for a in range(0, n_lat, cfg.chunk):
+        noise = torch.randn(1, 8, cfg.chunk, 4, 4, generator=g)
+        ref.append(denoise_chunk(dit, cache, noise, euler_sigmas(3, cfg.timestep_shift), None, aw[:, a:a + cfg.chunk],
+                                 generator=g, sampler="euler"))
+    torch.testing.assert_close(lat_all, torch.cat(ref, 2)[:, :, :n_lat], atol=1e-5, rtol=1e-5)
+    # frames: chunk-by-chunk (async) decode == decoding all latents at once; indices are consecutive
+    idx = [i for i, _ in frames_all]
+    assert idx == list(range(len(idx))) and len(idx) == 1 + 4 * (n_lat - 1)
+    with torch.no_grad():
+        whole = ((vae.decode(lat_all)[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    got = np.stack([f for _, f in frames_all])
+    assert np.abs(got.astype(int) - whole.astype(int)).max() <= 1
+    assert all((a[1] == b[1]).all() for a, b in zip(frames_live, frames_all))
+    assert len(feed.buf) < 2 * 4 * 4 + 16  # fed features are dropped once no window needs them
+
+
+def test_audio_changes_the_stream(models):
+    dit, vae = models
+    cfg = StreamConfig(chunk=2, window=4, steps=2)
+    _, a, _, _ = _run(dit, vae, cfg, _features(1.0, seed=2))
+    _, b, _, _ = _run(dit, vae, cfg, _features(1.0, seed=3))
+    assert (a - b).abs().max() > 1e-3
+
+
+def _sink_keys(dit, latents):
+    cache = dit.new_cache(window=4)
+    dit.prefill_sinks(latents, cache)
+    return cache.sink_k[0]
+
+
+def test_anchor_reference_and_anchor_heavy(models):
+    dit, vae = models
+    eng, *_ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=2), _features(1.0), n_chunks=2)
+    assert eng.cache.n_sink == 1
+    torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, _ref()))
+    eng, *_ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="anchor_heavy", anchor_copies=3),
+                   _features(1.0), n_chunks=2)
+    assert eng.cache.n_sink == 3
+    torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, _ref().repeat(1, 1, 3, 1, 1)))
+
+
+def test_anchor_rolling_sink_replaces_reference_by_first_generated_frame(models):
+    dit, vae = models
+    eng, lat, *_ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="rolling_sink"),
+                        _features(2.0), n_chunks=3)
+    assert eng.cache.n_sink == 1
+    torch.testing.assert_close(eng.sinks, lat[:, :, :1])
+    torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, lat[:, :, :1]))
+    assert (eng.cache.sink_k[0] - _sink_keys(dit, _ref())).abs().max() > 1e-3
+
+
+def test_anchor_memory_bank_and_refinement(models):
+    dit, vae = models
+    cfg = StreamConfig(chunk=2, steps=2, anchor="memory_bank", long_term_every=2, long_term_size=3, short_term=2)
+    eng, lat, *_ = _run(dit, vae, cfg, _features(6.0), n_chunks=8)
+    assert len(eng.long_term) == 3 and eng.cache.n_sink == 4  # reference + 3 long-term latents
+    torch.testing.assert_close(eng.sinks[:, :, :1], _ref())
+    torch.testing.assert_close(eng.sinks[:, :, 1:], torch.cat([lat[:, :, 2 * c * 2 - 1:2 * c * 2] for c in (2, 3, 4)], 2))
+    assert eng.cache.n_context == 2  # short-term memory: the latest latents
+    eng_r, lat_r, *_ = _run(dit, vae, StreamConfig(**{**cfg.__dict__, "refine_every": 2}), _features(6.0), n_chunks=2)
+    eng_n, lat_n, *_ = _run(dit, vae, cfg, _features(6.0), n_chunks=2)
+    assert eng_r.refinements == 1 and eng_n.refinements == 0
+    torch.testing.assert_close(lat_r, lat_n)  # refinement repairs memory, not what was already emitted
+    assert (eng_r.cache.k[0] - eng_n.cache.k[0]).abs().max() > 1e-4  # ... and the window now holds the repair
+
+
+def test_memory_and_positions_bounded_over_a_long_stream(models):
+    dit, vae = models
+    eng = StreamEngine(dit, vae, StreamConfig(chunk=2, short_term=2, steps=1, anchor="memory_bank", long_term_every=3,
+                                              refine_every=5))
+    eng.start(_ref())
+    feed = AudioFeed(0, 0)
+    sizes, buffered = [], []
+    for i in range(40):
+        feed.push(_features(0.32, seed=i))  # 8 video frames of features per 2-latent chunk
+        eng.next_chunk(feed.windows(eng.next_latent, 2))
+        sizes.append(eng.cache.nbytes())
+        buffered.append(len(feed.buf))
+        assert eng.cache.n_context <= 2 and eng.cache.n_sink <= 4
+    assert len(set(sizes[10:])) == 1 and max(buffered) <= 32
+    assert eng.cache.next_frame == 80 and eng.refinements == 8
+
+
+def test_stream_config_errors():
+    with pytest.raises(ValueError, match="anchor"):
+        StreamConfig(anchor="magic")
+    with pytest.raises(ValueError, match="sampler"):
+        StreamConfig(sampler="dpm")
+    with pytest.raises(ValueError, match="features"):
+        AudioFeed(0, 0).push(np.zeros((3, 5)))
