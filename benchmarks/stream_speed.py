@@ -114,12 +114,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", default="cpu", choices=sorted(CASES))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dit", default=None, help="only the cases of this DiT (e.g. embedded, wan1.3b)")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     results = []
     out = Path(a.out or Path(__file__).parent / "results" / f"stream_speed_{a.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for case in CASES[a.cases]:
+    for case in [c for c in CASES[a.cases] if a.dit in (None, c["dit"])]:
         try:
             r = bench(**case, device=a.device, dtype=dtype)
         except FileNotFoundError as e:

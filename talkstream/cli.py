@@ -31,20 +31,33 @@ def _world_show(args) -> None:
     print(f"wrote {args.out} ({clip.n_frames} frames at {clip.fps} fps, {args.size}x{args.size}, with audio)")
 
 
-def _demo(args) -> None:
-    from .media import write_video
-    from .world.behaviour import make_clip
-    from .world.render import render_states
+DEMO_SENTENCE = "Hello! I am a talkstream avatar. I listen, I think, and then I answer you in real time."
 
-    print("talkstream demo: no trained model ships yet, so this renders a clip of the synthetic world "
-          "(procedural avatar driven by espeak-ng speech) with its audio.")
-    clip = make_clip(args.seed, args.seconds)
-    t = time.perf_counter()
-    write_video(args.out, render_states(clip.identity, clip.states, args.size), clip.fps, clip.audio)
-    dt = time.perf_counter() - t
-    for seg in clip.segments:
-        print(f"  {seg.start:5.2f}-{seg.end:5.2f}s {seg.caption}" + (f': "{seg.text}"' if seg.text else ""))
-    print(f"wrote {args.out}: {clip.n_frames} frames, {clip.n_frames / clip.fps:.1f} s, rendered+encoded in {dt:.2f} s")
+
+def _generate(args) -> None:
+    from .stream.avatar import Avatar
+
+    opts = dict(anchor=args.anchor, steps=args.steps, audio_guidance=args.audio_guidance, seed=args.seed)
+    if args.sampler:
+        opts["sampler"] = args.sampler
+    avatar = Avatar.from_pretrained(args.weights, device=args.device, decoder=args.decoder, size=args.size, **opts)
+    res = avatar.generate(args.image, audio=args.audio, say=args.say, prompt=args.prompt, out=args.out,
+                          progress=not args.quiet)
+    print(json.dumps(dict(out=str(res.out), frames=res.frames, seconds=round(res.seconds, 2),
+                          ttff_s=round(res.ttff, 3), fps=round(res.fps, 2),
+                          real_time_factor=round(res.fps / 25.0, 3), device=args.device)))
+
+
+def _demo(args) -> None:
+    from .stream.avatar import WEIGHTS
+
+    if not (WEIGHTS / "causal.safetensors.index.json").exists():
+        raise RuntimeError(f"the embedded causal model is missing from {WEIGHTS}")
+    print("talkstream demo: the embedded causal model animates the bundled reference image, speaking a sentence "
+          "synthesised by espeak-ng (see talkstream/weights/MODEL_CARD.md for what this early model can do).")
+    args.image = Path(__file__).parent / "assets" / "reference.png"
+    args.audio, args.say = None, args.say or DEMO_SENTENCE
+    _generate(args)
 
 
 def _eval_dispatch(args) -> None:
@@ -86,15 +99,13 @@ def _eval_real(args) -> None:
 
 
 def _eval_suite(args) -> None:
-    from .eval.evaluate import run_suite
-
-    from .eval.evaluate import checkpoint_generator
+    from .eval.evaluate import SUITE_SEEDS, checkpoint_generator, run_suite
 
     gen = None
     if args.model != "world":
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
-        gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps)
-    res = run_suite(generate=gen, seconds=args.seconds, size=args.size)
+        gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance)
+    res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=SUITE_SEEDS[: args.clips])
     print(f"{'seed':>8} {'mouth err':>10} {'offset':>7} {'sync conf':>10} {'id dist':>8} {'drift/min':>10} "
           f"{'flicker':>8}  flags")
     for r in res["rows"]:
@@ -178,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for 'suite': 'world' (ground-truth renders) or a DiT checkpoint (.safetensors)")
     e.add_argument("--vae", type=Path, help="for 'suite' with a checkpoint: the VAE (default: the shipped one)")
     e.add_argument("--size", type=int, default=256)
-    e.add_argument("--steps", type=int, default=30, help="sampling steps for a bidirectional teacher")
+    e.add_argument("--steps", type=int, default=30, help="sampling steps (teacher: in all; causal: per chunk)")
+    e.add_argument("--audio-guidance", type=float, default=2.0, help="suite: audio CFG scale")
+    e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seconds", type=float, default=8.0)
     e.add_argument("--out", type=Path)
@@ -205,11 +218,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-audio", action="store_true", help="pack: states only (enough for the VAE)")
     t.set_defaults(func=lambda a: _pack(a) if a.stage == "pack" else _train(a))
 
+    def stream_options(q, steps: int) -> None:
+        q.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
+        q.add_argument("--prompt", help='text prompt, e.g. "smiles while speaking"')
+        q.add_argument("--weights", help="folder or causal .safetensors (default: the embedded model)")
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--decoder", default="vae", choices=["vae", "tiny"])
+        q.add_argument("--size", type=int, default=256)
+        q.add_argument("--anchor", default="reference",
+                       choices=["reference", "anchor_heavy", "rolling_sink", "memory_bank"])
+        q.add_argument("--sampler", choices=["euler", "few_step"])
+        q.add_argument("--steps", type=int, default=steps, help="euler steps per chunk")
+        q.add_argument("--audio-guidance", type=float, default=1.0)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--quiet", action="store_true")
+
+    g = sub.add_parser("generate", help="reference image + audio (or text to say) -> mp4 with the audio muxed")
+    g.add_argument("--image", required=True, type=Path)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--audio", type=Path, help="speech file (wav/flac/mp3/mp4..., any rate, mono or stereo)")
+    src.add_argument("--say", help="text spoken by espeak-ng")
+    stream_options(g, 12)
+    g.set_defaults(func=_generate)
+
     d = sub.add_parser("demo", help="the main job on the embedded default")
-    d.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
-    d.add_argument("--seed", type=int, default=3)
-    d.add_argument("--seconds", type=float, default=10.0)
-    d.add_argument("--size", type=int, default=256)
+    d.add_argument("--say", help="what the avatar says (default: a demo sentence)")
+    stream_options(d, 8)
     d.set_defaults(func=_demo)
     return p
 

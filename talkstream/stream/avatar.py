@@ -72,7 +72,7 @@ def load_reference(image, size: int = 256) -> np.ndarray:
     if s > 4 * size:
         img = img.reduce(s // (2 * size))
     out = np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), np.uint8)
-    if out.astype(np.float32).std() < 2.0:
+    if out.reshape(-1, 3).astype(np.float32).std(0).max() < 2.0:
         raise MediaError("image has no usable content (it is a single flat colour)")
     return out
 
@@ -261,12 +261,14 @@ class Avatar:
             return feed.windows(first, k)
 
         bar = tqdm(total=n_frames, desc="generate", unit="frame", disable=not progress)
+        written = [0]
 
         def frames() -> Iterator[np.ndarray]:
             for idx, img in engine.frames(audio_for, stats=stats):
                 if idx >= n_frames:
                     return
                 bar.update()
+                written[0] += 1
                 yield img
 
         try:
@@ -277,7 +279,8 @@ class Avatar:
                     pass
         finally:
             bar.close()
-        return GenerateResult(stats.frames, n_frames / FPS, stats.ttff or 0.0, stats.fps,
+        elapsed = time.perf_counter() - stats.started
+        return GenerateResult(written[0], n_frames / FPS, stats.ttff or 0.0, written[0] / max(elapsed, 1e-9),
                               None if out is None else Path(out))
 
 

@@ -1,8 +1,8 @@
-"""Offline generation from trained checkpoints: a reference frame + audio (+ a caption) -> frames.
+"""Offline generation with the bidirectional teacher: a reference frame + audio (+ a caption) -> frames.
 
-A bidirectional teacher samples the whole latent sequence at once (Euler, classifier-free guidance on
-the audio); a causal model (its checkpoint records its chunk size) generates chunk by chunk with the
-KV cache, exactly as the streaming engine does. Used by ``talkstream eval suite --model``.
+The teacher samples the whole latent sequence at once (Euler, classifier-free guidance on the audio).
+Causal models stream through ``stream.engine`` / ``stream.avatar`` instead. Also home of the small frame
+conversions the stream package shares.
 """
 
 from __future__ import annotations
@@ -13,20 +13,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.flow import euler_sigmas, sigmas_from_timesteps
+from ..diffusion.flow import euler_sigmas
 from ..diffusion.samplers import guided_velocity
 from ..models.checkpoint import load_checkpoint
 from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
 from ..models.vae import CausalVAE
-from .chunk import denoise_chunk
 
 FPS = 25
 
 
 def frames_to_video(frames: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> [1, 3, T, size, size] in [-1, 1] (resized)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(3, 0, 1, 2).float() / 127.5 - 1
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x[None]
@@ -53,7 +52,6 @@ class OfflineGenerator:
     size: int = 256
     steps: int = 30
     audio_guidance: float = 2.0
-    few_step_timesteps: tuple[float, ...] = (1000, 750, 500, 250)
     timestep_shift: float = 3.0
     device: str = "cpu"
     seed: int = 0
@@ -78,22 +76,13 @@ class OfflineGenerator:
             text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
         h = self.size // self.vae.cfg.spatial_factor
         noise = torch.randn(1, dit.cfg.in_dim, n_latent, h, h, generator=g, device=dev)
-        chunk = (getattr(dit, "checkpoint_info", {}) or {}).get("chunk")
-        if chunk:
-            sig = sigmas_from_timesteps(list(self.few_step_timesteps), self.timestep_shift).to(dev)
-            cache = dit.new_cache(window=3 * chunk)
-            dit.prefill_sinks(ref, cache, text, text_mask)
-            out = [denoise_chunk(dit, cache, noise[:, :, a:a + chunk], sig, text, audio[:, a:a + chunk], text_mask,
-                                 generator=g) for a in range(0, n_latent, chunk)]
-            z = torch.cat(out, dim=2)
-        else:
-            sig = euler_sigmas(self.steps, self.timestep_shift).to(dev)
-            z = noise
-            for i in range(self.steps):
-                t = sig[i] * 1000
-                v_full = dit(z, t, text, audio, ref, context_mask=text_mask)
-                if self.audio_guidance != 1.0:
-                    v_none = dit(z, t, text, torch.zeros_like(audio), ref, context_mask=text_mask)
-                    v_full = guided_velocity([v_none, v_full], [self.audio_guidance])
-                z = z + (sig[i + 1] - sig[i]) * v_full
+        sig = euler_sigmas(self.steps, self.timestep_shift).to(dev)
+        z = noise
+        for i in range(self.steps):
+            t = sig[i] * 1000
+            v_full = dit(z, t, text, audio, ref, context_mask=text_mask)
+            if self.audio_guidance != 1.0:
+                v_none = dit(z, t, text, torch.zeros_like(audio), ref, context_mask=text_mask)
+                v_full = guided_velocity([v_none, v_full], [self.audio_guidance])
+            z = z + (sig[i + 1] - sig[i]) * v_full
         return video_to_frames(self.vae.decode(z))[:n_frames]
