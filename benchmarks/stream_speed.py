@@ -47,10 +47,9 @@ def _random(model):
 
 def build(dit: str, decoder: str, device: str, dtype: torch.dtype, compile: bool):
     if dit == "embedded":
-        name = "causal.safetensors" if (WEIGHTS / "causal.safetensors.index.json").exists() else None
-        model = load_checkpoint(WEIGHTS / name, device=device, dtype=dtype) if name else None
-        if model is None:
+        if not (WEIGHTS / "causal.safetensors.index.json").exists():
             raise FileNotFoundError("no embedded causal model")
+        model = load_checkpoint(WEIGHTS / "causal.safetensors", device=device, dtype=dtype)
         vae = load_checkpoint(WEIGHTS / "vae.safetensors", device=device, dtype=dtype)
         dec = load_checkpoint(WEIGHTS / "tiny_decoder.safetensors", device=device, dtype=dtype) if decoder == "tiny" else vae
         weights = "trained (embedded)"

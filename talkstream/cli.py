@@ -49,10 +49,6 @@ def _generate(args) -> None:
 
 
 def _demo(args) -> None:
-    from .stream.avatar import WEIGHTS
-
-    if not (WEIGHTS / "causal.safetensors.index.json").exists():
-        raise RuntimeError(f"the embedded causal model is missing from {WEIGHTS}")
     print("talkstream demo: the embedded causal model animates the bundled reference image, speaking a sentence "
           "synthesised by espeak-ng (see talkstream/weights/MODEL_CARD.md for what this early model can do).")
     args.image = Path(__file__).parent / "assets" / "reference.png"

@@ -170,39 +170,41 @@ def world_truth_generator(seed: int, size: int) -> np.ndarray:
     return np.stack(list(render_states(clip.identity, clip.states, size)))
 
 
+def speaking_caption(clip) -> str:
+    """The caption of a clip's first spoken segment (or of its first segment): the suite's text prompt."""
+    return next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
+
+
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
                          steps: int = 30, audio_guidance: float = 2.0):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
     first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``)."""
-    from ..models.encoders import TextEncoder, WhisperFeatures
-    from ..stream.offline import OfflineGenerator
-
     import torch
 
     from ..models.checkpoint import load_checkpoint
 
     dit = load_checkpoint(dit_path, device=device, dtype=torch.float32)
     vae = load_checkpoint(vae_path, device=device, dtype=torch.float32)
-    whisper, text = WhisperFeatures(), TextEncoder()
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
-        from ..stream.avatar import Avatar
-        from ..stream.engine import StreamConfig
+        from ..stream.avatar import Avatar, stream_config
 
-        avatar = Avatar(dit, vae, cfg=StreamConfig(chunk=int(dit.checkpoint_info["chunk"]), steps=steps,
-                                                   audio_guidance=audio_guidance), device=device, size=size)
+        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance), device=device,
+                        size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
-            caption = next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
-            frames = [f.image for f in avatar.stream(reference, [clip.audio], prompt=caption)]
+            frames = [f.image for f in avatar.stream(reference, [clip.audio], prompt=speaking_caption(clip))]
             return np.stack(frames[: clip.n_frames])
 
         return generate
+    from ..models.encoders import TextEncoder, WhisperFeatures
+    from ..stream.offline import OfflineGenerator
+
     gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance)
+    whisper, text = WhisperFeatures(), TextEncoder()
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
-        caption = next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
-        emb, mask = text.encode([caption])
+        emb, mask = text.encode([speaking_caption(clip)])
         return gen.generate(reference, whisper.encode(clip.audio), clip.n_frames, emb, mask)
 
     return generate

@@ -144,13 +144,18 @@ class LiveAudio:
 
 
 # -- the avatar -----------------------------------------------------------------------------------------
+def stream_config(dit, **options) -> StreamConfig:
+    """The stream settings for a causal checkpoint: its trained chunk size, then ``options`` on top."""
+    info = getattr(dit, "checkpoint_info", {}) or {}
+    return replace(StreamConfig(chunk=int(info.get("chunk") or 3)), **options)
+
+
 class Avatar:
     def __init__(self, dit, vae, decoder=None, cfg: StreamConfig | None = None, device: str = "cpu",
                  size: int = 256) -> None:
         self.dit, self.vae, self.device, self.size = dit, vae, device, size
         self.decoder = decoder if decoder is not None else vae
-        info = getattr(dit, "checkpoint_info", {}) or {}
-        self.cfg = cfg or StreamConfig(chunk=int(info.get("chunk") or 3))
+        self.cfg = cfg or stream_config(dit)
         self._whisper = self._text = None
 
     @staticmethod
@@ -170,9 +175,7 @@ class Avatar:
             dec = load_checkpoint(root / "tiny_decoder.safetensors", device=device, dtype=torch.float32)
         elif decoder != "vae":
             raise ValueError(f"decoder must be 'vae' or 'tiny', got {decoder!r}")
-        info = getattr(dit, "checkpoint_info", {}) or {}
-        cfg = replace(StreamConfig(chunk=int(info.get("chunk") or 3)), **stream_options)
-        return Avatar(dit, vae, dec, cfg, device, size)
+        return Avatar(dit, vae, dec, stream_config(dit, **stream_options), device, size)
 
     # encoders are loaded on first use (CTranslate2 / MiniLM from their PyPI packages)
     @property
@@ -226,8 +229,6 @@ class Avatar:
                     continue
                 a = silence if a is None or len(a) == 0 else load_audio(a, sample_rate)
                 feed.push(ws.push(a))
-            if feed.received // 2 <= feed.offset_frame:
-                raise StopIteration
             return feed.windows(first, k)
 
         for idx, img in engine.frames(audio_for, stats=stats):
@@ -284,4 +285,4 @@ class Avatar:
                               None if out is None else Path(out))
 
 
-__all__ = ["Avatar", "Frame", "GenerateResult", "LiveAudio", "load_audio", "load_reference", "speak"]
+__all__ = ["Avatar", "stream_config", "Frame", "GenerateResult", "LiveAudio", "load_audio", "load_reference", "speak"]

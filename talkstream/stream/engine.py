@@ -154,7 +154,7 @@ class Chunk:
     index: int
     latents: torch.Tensor  # [1, C, k, h, w]
     first_frame: int  # absolute index of its first video frame
-    frames: np.ndarray | None = None  # [n, H, W, 3] uint8 once decoded
+    denoise_s: float = 0.0  # wall time of its denoising (and anchor updates)
 
 
 @dataclass
@@ -198,6 +198,7 @@ class StreamEngine:
         self.next_latent = 0
         self.long_term: deque[torch.Tensor] = deque(maxlen=c.long_term_size)
         self.short_term: torch.Tensor | None = None
+        self.last_audio: torch.Tensor | None = None
         self.refinements = 0
         sinks = self.reference.repeat(1, 1, c.anchor_copies, 1, 1) if c.anchor == "anchor_heavy" else self.reference
         self._set_sinks(sinks)
@@ -222,7 +223,7 @@ class StreamEngine:
         self.n_chunks += 1
         self.next_latent += k
         self._update_anchors(z)
-        self.denoise_s = time.perf_counter() - t0
+        chunk.denoise_s = time.perf_counter() - t0
         return chunk
 
     def _update_anchors(self, z: torch.Tensor) -> None:
@@ -284,7 +285,7 @@ class StreamEngine:
                     break
                 chunk = self.next_chunk(audio)
                 stats.chunks += 1
-                stats.denoise_s += self.denoise_s
+                stats.denoise_s += chunk.denoise_s
                 if pool is None:
                     pending.append((chunk, decode(chunk.latents)))
                 else:

@@ -56,11 +56,6 @@ class OfflineGenerator:
     device: str = "cpu"
     seed: int = 0
 
-    @staticmethod
-    def from_files(dit_path, vae_path, device: str = "cpu", **kw) -> "OfflineGenerator":
-        return OfflineGenerator(load_checkpoint(dit_path, device=device, dtype=torch.float32),
-                                load_checkpoint(vae_path, device=device, dtype=torch.float32), device=device, **kw)
-
     @torch.no_grad()
     def generate(self, reference: np.ndarray, audio_features: np.ndarray, n_frames: int,
                  text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> np.ndarray:
