@@ -57,7 +57,7 @@ def build(dit: str, decoder: str, device: str, dtype: torch.dtype, compile: bool
         with torch.device(device):
             model = _random(WanDiT(dit_config(dit))).to(dtype).eval()
             vae = _random(CausalVAE(vae_config("small"))).to(dtype).eval()
-            dec = _random(TinyDecoder(TinyDecoderConfig(latent_dim=16, channels=32))).to(dtype).eval() \
+            dec = _random(TinyDecoder(TinyDecoderConfig(latent_dim=16))).to(dtype).eval() \
                 if decoder == "tiny" else vae
         weights = "random (real shapes)"
     if compile:

@@ -95,13 +95,40 @@ def _eval_real(args) -> None:
 
 
 def _eval_suite(args) -> None:
-    from .eval.evaluate import SUITE_SEEDS, checkpoint_generator, run_suite
+    import pickle
 
+    from .eval.evaluate import SUITE_SEEDS, checkpoint_generator, prepare_suite, run_suite
+
+    seeds = SUITE_SEEDS[: args.clips]
+    if args.save_inputs:
+        args.save_inputs.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.save_inputs, "wb") as f:
+            pickle.dump(prepare_suite(seeds, args.seconds), f, protocol=pickle.HIGHEST_PROTOCOL)
+        print(f"wrote {args.save_inputs}")
+        return
+    inputs = None
+    if args.inputs:
+        if not args.inputs.exists():
+            raise FileNotFoundError(f"no such file: {args.inputs} (write it with --save-inputs)")
+        with open(args.inputs, "rb") as f:  # a pickle: load only files you wrote
+            inputs = pickle.load(f)
     gen = None
     if args.model != "world":
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
-        gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance)
-    res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=SUITE_SEEDS[: args.clips])
+        gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance, inputs)
+    res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=seeds, inputs=inputs,
+                    keep_frames=bool(args.sample))
+    if args.sample:  # the first clip as an mp4 with its audio
+        from .media import write_gif, write_video
+        from .world.behaviour import make_clip
+
+        seed = seeds[0]
+        frames = res.pop("frames")[seed]
+        if args.sample.suffix.lower() == ".gif":
+            write_gif(args.sample, frames[:100])  # 4 s
+        else:
+            clip = inputs["clips"][seed]["clip"] if inputs else make_clip(seed, args.seconds)
+            write_video(args.sample, frames, 25, audio=clip.audio)
     print(f"{'seed':>8} {'mouth err':>10} {'offset':>7} {'sync conf':>10} {'id dist':>8} {'drift/min':>10} "
           f"{'flicker':>8}  flags")
     for r in res["rows"]:
@@ -188,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=30, help="sampling steps (teacher: in all; causal: per chunk)")
     e.add_argument("--audio-guidance", type=float, default=2.0, help="suite: audio CFG scale")
     e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
+    e.add_argument("--inputs", type=Path, help="suite: precomputed clips/features/captions (from --save-inputs)")
+    e.add_argument("--save-inputs", type=Path, help="suite: compute the clips' audio features and captions "
+                   "(espeak-ng, Whisper, MiniLM) into this file and stop")
+    e.add_argument("--sample", type=Path, help="suite: write the first clip's generated video here (.mp4 with audio, or .gif: its first 4 s)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seconds", type=float, default=8.0)
     e.add_argument("--out", type=Path)

@@ -15,7 +15,10 @@ from math import gcd
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import av
+try:
+    import av
+except ImportError:  # a machine without PyAV (e.g. a lent GPU) still gets everything but mp4/wav I/O
+    av = None
 import numpy as np
 from scipy.signal import resample_poly
 
@@ -24,6 +27,11 @@ SAMPLE_RATE = 16_000
 
 class MediaError(ValueError):
     """A file that cannot be read or written as the media it should be."""
+
+
+def _need_av() -> None:
+    if av is None:
+        raise MediaError("reading or writing audio/video files needs PyAV (pip install av)")
 
 
 @dataclass
@@ -85,10 +93,23 @@ def _encode_mono(container, stream, samples: np.ndarray, fmt: str, sample_rate: 
     _encode(container, stream, None)
 
 
+def write_gif(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float = 25) -> Path:
+    """uint8 RGB frames -> an animated GIF (no audio; Pillow only, for machines without PyAV)."""
+    from PIL import Image
+
+    images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
+    if not images:
+        raise MediaError("no frames to write")
+    path = Path(path)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float = 25,
                 audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
                 preset: str = "veryfast") -> Path:
     """Write RGB uint8 frames (and optional mono audio, muxed as AAC) to an H.264 mp4."""
+    _need_av()
     path = Path(path)
     with atomic_path(path) as tmp:
         container = av.open(str(tmp), "w", format="mp4")
@@ -124,6 +145,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarr
 
 
 def _open(path: str | os.PathLike):
+    _need_av()
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"{path}: no such file")
@@ -152,6 +174,7 @@ def _decode_audio(container, stream, sample_rate: int) -> np.ndarray:
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Any audio file (or a video's audio track) -> float32 mono at ``sample_rate``."""
+    _need_av()
     container = _open(path)
     try:
         if not container.streams.audio:
@@ -167,6 +190,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
 
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Mono audio to .wav (16-bit PCM) or .flac, chosen by the suffix."""
+    _need_av()
     path = Path(path)
     codec = {".wav": "pcm_s16le", ".flac": "flac"}.get(path.suffix.lower())
     if codec is None:

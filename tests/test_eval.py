@@ -126,6 +126,7 @@ def test_eval_cli_writes_json_and_png(tmp_path, clip_and_frames):
 def test_suite_on_ground_truth(probe):
     res = run_suite(seeds=(900_000, 900_001), seconds=4.0, probe=probe)
     assert len(res["rows"]) == 2 and res["summary"]["offset_zero_fraction"] == 1.0
+    assert res["summary"]["identity_nn_accuracy"] == 1.0
     assert res["summary"]["offset_measured_clips"] >= 1
     assert res["summary"]["flagged_clips"] == 0
 
@@ -160,3 +161,18 @@ def test_suite_runs_a_checkpoint(tmp_path, probe):
         gen = checkpoint_generator(tmp_path / f"{name}.safetensors", tmp_path / "vae.safetensors", size=64, steps=3)
         res = run_suite(generate=gen, seeds=(900_005,), seconds=1.2, size=64, probe=probe)
         assert len(res["rows"]) == 1 and np.isfinite(res["summary"]["mouth_error"])
+
+
+def test_suite_inputs_replace_the_encoders(tmp_path, probe):
+    """Precomputed suite inputs (for machines without espeak-ng / Whisper / MiniLM) give the same suite."""
+    import pickle
+
+    from talkstream.eval.evaluate import prepare_suite
+
+    inputs = prepare_suite((900_002,), seconds=2.0)
+    inputs = pickle.loads(pickle.dumps(inputs))  # what travels is a pickle
+    c = inputs["clips"][900_002]
+    assert c["audio_features"].shape[1] == 384 and len(c["audio_features"]) >= 2 * c["clip"].n_frames
+    a = run_suite(seeds=(900_002,), seconds=2.0, probe=probe)
+    b = run_suite(seeds=(900_002,), seconds=2.0, probe=probe, inputs=inputs)
+    assert abs(a["summary"]["mouth_error"] - b["summary"]["mouth_error"]) < 1e-6

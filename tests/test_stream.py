@@ -173,3 +173,27 @@ def test_stream_config_errors():
         StreamConfig(sampler="dpm")
     with pytest.raises(ValueError, match="features"):
         AudioFeed(0, 0).push(np.zeros((3, 5)))
+
+
+def test_teacher_generates_window_by_window():
+    """The offline teacher samples windows of its trained length; later windows start from the previous
+    window's last latents (clean motion latents), so generating further never changes what came before."""
+    from talkstream.models.config import dit_config, vae_config
+    from talkstream.models.dit import WanDiT
+    from talkstream.models.vae import CausalVAE
+    from talkstream.stream.offline import OfflineGenerator
+
+    torch.manual_seed(0)
+    dit, vae = WanDiT(dit_config("tiny")).eval(), CausalVAE(vae_config("tiny")).eval()
+    dit.checkpoint_info = dict(window_latents=3, motion_latents=1, look_back=0, look_ahead=0)
+    seen = []
+    dit.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[2], args[1].flatten()[0].item())))
+    gen = OfflineGenerator(dit, vae, size=32, steps=2, audio_guidance=1.0)
+    ref = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    feats = np.random.default_rng(1).standard_normal((60, 384)).astype(np.float32)
+    short = gen.generate(ref, feats, 9)
+    seen.clear()
+    long = gen.generate(ref, feats, 21)  # 6 latents: 3 new, then 1 motion + 2 new, then 1 motion + 1 new
+    assert short.shape == (9, 32, 32, 3) and long.shape == (21, 32, 32, 3)
+    assert np.array_equal(short, long[:9])
+    assert [n for n, _ in seen] == [3, 3, 3, 3, 2, 2] and [t for _, t in seen][2:] == [0.0] * 4

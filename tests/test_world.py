@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from talkstream.world.behaviour import STATES, make_clip
 from talkstream.world.identity import Identity
-from talkstream.world.render import STATE_FIELDS, FrameState, Renderer
+from talkstream.world.render import STATE_FIELDS, FrameState, Renderer, mouth_center
 
 F = {n: i for i, n in enumerate(STATE_FIELDS)}
 
@@ -92,3 +92,20 @@ def test_mouth_truth_correlates_with_audio_energy_over_100_clips():
 def test_zero_length_clip_is_rejected():
     with pytest.raises(ValueError):
         make_clip(0, seconds=0)
+
+
+@pytest.mark.parametrize("seed,pose", [(0, (0, 0, 0, 0, 0)), (1, (20, 8, 10, 0.05, -0.03)),
+                                       (2, (-25, -6, -12, -0.05, 0.04))])
+def test_mouth_center_is_where_the_mouth_is_drawn(seed, pose):
+    """Only the lips change between two renders that differ in lip width: their changed pixels are centred
+    on mouth_center (turned, tilted, shifted heads included)."""
+    yaw, pitch, roll, tx, ty = pose
+    idn = Identity.sample(seed)
+    r = Renderer(idn, 256)
+    s = dict(jaw_open=0.5, yaw=yaw, pitch=pitch, roll=roll, tx=tx, ty=ty)
+    a = r.render(FrameState(lip_width=0.0, **s)).astype(float)
+    b = r.render(FrameState(lip_width=1.0, **s)).astype(float)
+    ys, xs = np.nonzero(np.abs(a - b).sum(-1) > 20)
+    assert len(xs) > 50
+    mx, my = mouth_center(idn, FrameState(**s))
+    assert abs(xs.mean() - mx) < 2.5 and abs(ys.mean() - my) < 2.5

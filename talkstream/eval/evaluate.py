@@ -71,6 +71,7 @@ def evaluate_clip(frames: np.ndarray, audio: np.ndarray | None, reference: np.nd
     values.update(stab)
     values.update(metrics.motion(read["states"], fps))
     series["yaw"] = read["states"][:, metrics.F["yaw"]]
+    series["identity"] = read["identity"]
     report = metrics.ClipReport(values, series)
     values["flags"] = report.flags()
     return report
@@ -175,17 +176,54 @@ def speaking_caption(clip) -> str:
     return next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
 
 
+def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) -> dict:
+    """What the suite needs from espeak-ng, Whisper and MiniLM, computed once: per seed the planned clip, its
+    Whisper features and its encoded caption. Saved with ``torch.save`` it lets the suite run on a machine
+    without those (a lent GPU)."""
+    from ..models.encoders import TextEncoder, WhisperFeatures
+
+    import dataclasses
+
+    whisper, text = WhisperFeatures(), TextEncoder()
+    out = {}
+    for seed in seeds:
+        clip = make_clip(seed, seconds)
+        emb, mask = text.encode([speaking_caption(clip)])
+        feats = whisper.encode(np.pad(clip.audio, (0, clip.sample_rate // 2)))  # + look-ahead room
+        # kept small (it travels to GPU machines): the segments' own copies of the speech audio are dropped
+        # (the clip's audio has it all), arrays are stored in float16
+        segments = [dataclasses.replace(sg, speech=None if sg.speech is None else dataclasses.replace(
+            sg.speech, audio=np.zeros(0, np.float32))) for sg in clip.segments]
+        clip = dataclasses.replace(clip, segments=segments, audio=clip.audio.astype(np.float16))
+        out[seed] = dict(clip=clip, audio_features=feats.astype(np.float16), text=emb.half(), text_mask=mask)
+    return dict(seconds=seconds, clips=out)
+
+
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
-                         steps: int = 30, audio_guidance: float = 2.0):
+                         steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
     first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
-    streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``)."""
+    streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
+    ``inputs`` (``prepare_suite``): precomputed features and captions instead of running the encoders."""
     import torch
 
     from ..models.checkpoint import load_checkpoint
 
     dit = load_checkpoint(dit_path, device=device, dtype=torch.float32)
     vae = load_checkpoint(vae_path, device=device, dtype=torch.float32)
+    encoders: list = []
+
+    def encoded(clip):
+        if inputs is not None:
+            c = inputs["clips"][clip.seed]
+            return c["audio_features"].astype(np.float32), c["text"].float(), c["text_mask"]
+        if not encoders:
+            from ..models.encoders import TextEncoder, WhisperFeatures
+
+            encoders.extend([WhisperFeatures(), TextEncoder()])
+        emb, mask = encoders[1].encode([speaking_caption(clip)])
+        return encoders[0].encode(np.pad(clip.audio, (0, clip.sample_rate // 2))), emb, mask
+
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
@@ -193,44 +231,59 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
                         size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
-            frames = [f.image for f in avatar.stream(reference, [clip.audio], prompt=speaking_caption(clip))]
-            return np.stack(frames[: clip.n_frames])
+            feats, emb, mask = encoded(clip)
+            return np.stack(list(avatar.from_features(reference, feats, clip.n_frames, emb, mask)))
 
         return generate
-    from ..models.encoders import TextEncoder, WhisperFeatures
     from ..stream.offline import OfflineGenerator
 
     gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance)
-    whisper, text = WhisperFeatures(), TextEncoder()
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
-        emb, mask = text.encode([speaking_caption(clip)])
-        return gen.generate(reference, whisper.encode(clip.audio), clip.n_frames, emb, mask)
+        feats, emb, mask = encoded(clip)
+        return gen.generate(reference, feats, clip.n_frames, emb, mask)
 
     return generate
 
 
 def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, seconds: float = 8.0, size: int = 256,
-              seeds: tuple[int, ...] = SUITE_SEEDS, probe: FrameProbe | None = None) -> dict:
+              seeds: tuple[int, ...] = SUITE_SEEDS, probe: FrameProbe | None = None, inputs: dict | None = None,
+              keep_frames: bool = False) -> dict:
     """For each held-out seed: the world clip's first frame is the reference, its audio drives the model,
     and ``generate(reference, clip)`` returns frames. ``generate=None`` evaluates the ground-truth renders
-    (the row every model is compared to)."""
+    (the row every model is compared to). ``inputs`` (``prepare_suite``) supplies the planned clips.
+
+    Identity NN accuracy: the fraction of frames whose probe identity is nearer to their own reference than
+    to any other suite clip's reference."""
     probe = probe or load_frame_probe()
-    rows = []
+    rows, ids, refs, kept = [], [], [], {}
     for seed in seeds:
-        clip = make_clip(seed, seconds)
+        clip = inputs["clips"][seed]["clip"] if inputs is not None else make_clip(seed, seconds)
+        audio = np.asarray(clip.audio, np.float32)
         truth_frames = np.stack(list(render_states(clip.identity, clip.states, size)))
         frames = truth_frames if generate is None else generate(truth_frames[0], clip)
         truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
-        rep = evaluate_clip(frames, clip.audio, truth_frames[0], truth, probe)
+        rep = evaluate_clip(frames, audio, truth_frames[0], truth, probe)
         v = rep.values
+        ids.append(rep.series["identity"])
+        refs.append(probe.read(truth_frames[:1])["identity"][0])
+        if keep_frames:
+            kept[seed] = frames
         rows.append(dict(seed=seed, mouth_error=v["mouth_error"], best_offset=v["best_offset"],
                          sync_confidence=v["sync_confidence"], identity_distance=v["identity_distance_mean"],
                          drift_per_minute=v["drift_per_minute"], flicker=v["flicker"], flags=v["flags"]))
-    keys = ("mouth_error", "sync_confidence", "identity_distance", "drift_per_minute", "flicker")
+    gallery = np.stack(refs)
+    for k, (row, x) in enumerate(zip(rows, ids)):
+        nearest = np.argmin(((x[:, None] - gallery[None]) ** 2).sum(-1), axis=1)
+        row["identity_nn_accuracy"] = float(np.mean(nearest == k))
+    keys = ("mouth_error", "sync_confidence", "identity_distance", "identity_nn_accuracy", "drift_per_minute",
+            "flicker")
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     measured = [r for r in rows if r["best_offset"] != "not measurable"]
     summary["offset_zero_fraction"] = float(np.mean([r["best_offset"] == 0 for r in measured])) if measured else None
     summary["offset_measured_clips"] = len(measured)
     summary["flagged_clips"] = sum(bool(r["flags"]) for r in rows)
-    return dict(rows=rows, summary=summary)
+    out = dict(rows=rows, summary=summary)
+    if keep_frames:
+        out["frames"] = kept
+    return out

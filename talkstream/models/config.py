@@ -7,6 +7,7 @@ runs on a CPU in tests; ``small`` is the size we train and ship.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -133,11 +134,25 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
 @dataclass(frozen=True)
 class TinyDecoderConfig:
     latent_dim: int = 16
-    channels: int = 64
+    channels: int | tuple[int, ...] = (96, 64, 48)  # per stage, latent resolution first (an int: all stages)
     spatial_factor: int = 8
     temporal_factor: int = 4
     blocks_per_stage: int = 1
     image_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.channels, list):
+            object.__setattr__(self, "channels", tuple(self.channels))
+        n = len(self.stage_channels())
+        if 2 ** n != self.spatial_factor:
+            raise ValueError(f"tiny decoder: {n} stages (x2 each, then a x2 pixel shuffle) give "
+                             f"{2 ** n}x, not spatial_factor {self.spatial_factor}")
+
+    def stage_channels(self) -> tuple[int, ...]:
+        """Channels of the stages at 1x, 2x, ... the latent resolution (the last one at half the output's)."""
+        if isinstance(self.channels, int):
+            return (self.channels,) * int(round(math.log2(self.spatial_factor)))
+        return tuple(self.channels)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -230,7 +230,8 @@ class CausalVAE(nn.Module):
 
 
 class _MemBlock(nn.Module):
-    """A residual block that also sees the previous latent frame's features (causal memory)."""
+    """A residual block that also sees the previous latent frame's input (causal memory, TAEHV-style): the
+    memory is the stage's input one latent back, so every latent of a clip runs in parallel."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -241,51 +242,54 @@ class _MemBlock(nn.Module):
 
 
 class TinyDecoder(nn.Module):
-    """A few-M-parameter streaming decoder (TAEHV-like), distilled from the VAE decoder.
+    """A small streaming decoder (TAEHV-like), distilled from the VAE decoder.
 
-    Works frame by frame in 2D with one frame of causal memory per stage, then expands each latent
-    into ``temporal_factor`` frames (the clip's first latent into one). State for chunked decoding is
-    the previous latent frame's features, kept in a ``FeatureCache``.
+    Works in 2D on all latents at once: a stack of stages at 1x, 2x, 4x the latent resolution, each with
+    memory blocks that see the previous latent's features, then one convolution that emits
+    ``temporal_factor`` frames at half the output resolution and a pixel shuffle to full resolution (no
+    full-resolution convolution at all). Each latent becomes ``temporal_factor`` frames (a clip's first
+    latent one). Chunked decoding carries each memory block's last input in a ``FeatureCache``.
     """
 
     def __init__(self, cfg: TinyDecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        c = cfg.channels
-        n_up = int(math.log2(cfg.spatial_factor))
-        self.conv_in = nn.Conv2d(cfg.latent_dim, c, 3, padding=1)
-        self.mems = nn.ModuleList([_MemBlock(c) for _ in range(n_up)])
+        chans = cfg.stage_channels()
+        self.conv_in = nn.Conv2d(cfg.latent_dim, chans[0], 3, padding=1)
+        self.stages = nn.ModuleList([nn.ModuleList([_MemBlock(c) for _ in range(cfg.blocks_per_stage)])
+                                     for c in chans])
         self.ups = nn.ModuleList([nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                                nn.Conv2d(c, c, 3, padding=1), nn.ReLU()) for _ in range(n_up)])
-        self.conv_out = nn.Conv2d(c, cfg.image_channels * cfg.temporal_factor, 3, padding=1)
+                                                nn.Conv2d(a, b, 3, padding=1), nn.ReLU())
+                                  for a, b in zip(chans[:-1], chans[1:])])
+        self.conv_out = nn.Conv2d(chans[-1], cfg.image_channels * cfg.temporal_factor * 4, 3, padding=1)
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_dim))
         self.register_buffer("latent_std", torch.ones(cfg.latent_dim))
 
     def forward(self, z: torch.Tensor, cache: FeatureCache | None = None, normalized: bool = True) -> torch.Tensor:
-        """z [B, C, T, h, w] -> frames [B, 3, T' , H, W] (T' = 1 + tf (T - 1) for a whole clip)."""
+        """z [B, C, T, h, w] -> frames [B, 3, T', H, W] (T' = 1 + tf (T - 1) for a whole clip)."""
         if z.ndim != 5 or z.shape[1] != self.cfg.latent_dim:
             raise ValueError(f"latents must be [B, {self.cfg.latent_dim}, T, h, w], got {tuple(z.shape)}")
         if normalized:
             z = z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
         B, _, T = z.shape[:3]
         first = cache is None or "tiny_prev" not in cache
-        h_all = F.relu(_per_frame(self.conv_in, z))  # [B, c, T, h, w]
-        prev = [None] * len(self.mems) if first else cache["tiny_prev"]
-        outs = []
-        for t in range(T):
-            h = h_all[:, :, t]
-            new_prev = []
-            for i, (mem, up) in enumerate(zip(self.mems, self.ups)):
-                p = torch.zeros_like(h) if prev[i] is None else prev[i]
-                h = mem(h, p)
-                new_prev.append(h)
-                h = up(h)
-            prev = new_prev
-            outs.append(self.conv_out(h))
+        last = []
+        h = F.relu(self.conv_in(z.transpose(1, 2).flatten(0, 1)))  # [B*T, c, h, w]
+        k = 0
+        for i, stage in enumerate(self.stages):
+            for block in stage:
+                x = h.unflatten(0, (B, T))
+                before = torch.zeros_like(x[:, :1]) if first else cache["tiny_prev"][k].to(x)
+                prev = torch.cat([before, x[:, :-1]], 1)  # each latent's previous latent, at this block's input
+                last.append(x[:, -1:].detach())
+                h = block(h, prev.flatten(0, 1))
+                k += 1
+            if i < len(self.ups):
+                h = self.ups[i](h)
         if cache is not None:
-            cache["tiny_prev"] = [p.detach() for p in prev]
+            cache["tiny_prev"] = last
+        y = F.pixel_shuffle(self.conv_out(h), 2)  # [B*T, 3 * tf, H, W]
         tf = self.cfg.temporal_factor
-        y = torch.stack(outs, 2)  # [B, 3 * tf, T, H, W]
-        y = y.view(B, tf, self.cfg.image_channels, T, *y.shape[3:]).permute(0, 2, 3, 1, 4, 5)
+        y = y.view(B, T, tf, self.cfg.image_channels, *y.shape[2:]).permute(0, 3, 1, 2, 4, 5)
         y = y.reshape(B, self.cfg.image_channels, T * tf, *y.shape[4:])
         return y[:, :, tf - 1:] if first else y

@@ -195,9 +195,9 @@ class Avatar:
             self._text = TextEncoder()
         return self._text.encode([prompt])
 
-    def _engine(self, image, prompt: str | None) -> StreamEngine:
+    def _engine(self, image, prompt: str | None, text=None, text_mask=None) -> StreamEngine:
         ref = load_reference(image, self.size)
-        text, mask = self._prompt(prompt)
+        text, mask = (text, text_mask) if text is not None else self._prompt(prompt)
         with torch.no_grad():
             z_ref = self.vae.encode(frames_to_video(ref[None], self.size).to(self.device))
         engine = StreamEngine(self.dit, self.decoder, self.cfg, self.device)
@@ -234,6 +234,27 @@ class Avatar:
         for idx, img in engine.frames(audio_for, stats=stats):
             yield Frame(idx, idx / FPS, img)
 
+    def from_features(self, image, features: np.ndarray, n_frames: int, text=None, text_mask=None,
+                      stats: StreamStats | None = None) -> Iterator[np.ndarray]:
+        """Stream ``n_frames`` frames from precomputed 50 Hz Whisper features [>= 2 n_frames (+ look-ahead), 384]
+        and an encoded prompt (``text`` [1, L, 384], ``text_mask``), e.g. on a machine without the encoders."""
+        engine = self._engine(image, None, text, text_mask)
+        feed = self._feed()
+        feed.push(np.asarray(features, np.float32))
+        feed.close()
+        if stats is not None:
+            stats.started = time.perf_counter()
+
+        def audio_for(first: int, k: int):
+            if first * 4 - 3 >= n_frames:
+                raise StopIteration
+            return feed.windows(first, k)
+
+        for idx, img in engine.frames(audio_for, stats=stats):
+            if idx >= n_frames:
+                return
+            yield img
+
     def generate(self, image, audio=None, say: str | None = None, prompt: str | None = None,
                  out: str | Path | None = None, sample_rate: int | None = None, progress: bool = True,
                  seconds: float | None = None) -> GenerateResult:
@@ -250,24 +271,13 @@ class Avatar:
             wav = np.pad(wav, (0, max(0, int(seconds * SAMPLE_RATE) - len(wav))))[: int(seconds * SAMPLE_RATE)]
         n_frames = max(1, int(round(len(wav) / SAMPLE_RATE * FPS)))
         stats = StreamStats()
-        engine = self._engine(image, prompt)
-        feed = self._feed()
-        feed.push(self.whisper.encode(np.pad(wav, (0, SAMPLE_RATE // 2))))  # half a second of look-ahead room
-        feed.close()
-        stats.started = time.perf_counter()
-
-        def audio_for(first: int, k: int):
-            if first * 4 - 3 >= n_frames:
-                raise StopIteration
-            return feed.windows(first, k)
-
+        features = self.whisper.encode(np.pad(wav, (0, SAMPLE_RATE // 2)))  # half a second of look-ahead room
+        text, mask = self._prompt(prompt)
         bar = tqdm(total=n_frames, desc="generate", unit="frame", disable=not progress)
         written = [0]
 
         def frames() -> Iterator[np.ndarray]:
-            for idx, img in engine.frames(audio_for, stats=stats):
-                if idx >= n_frames:
-                    return
+            for img in self.from_features(image, features, n_frames, text, mask, stats):
                 bar.update()
                 written[0] += 1
                 yield img

@@ -45,8 +45,18 @@ def audio_span(dit: WanDiT) -> tuple[int, int]:
     return extra // 2, extra - extra // 2
 
 
+def teacher_window(dit: WanDiT) -> tuple[int, int]:
+    """(latents per window, motion latents carried into the next window) the teacher was trained with."""
+    info = getattr(dit, "checkpoint_info", {}) or {}
+    return int(info.get("window_latents", 9)), int(info.get("motion_latents", 0))
+
+
 @dataclass
 class OfflineGenerator:
+    """The teacher samples a video window by window, each as long as its training windows (so RoPE positions
+    stay in range): a window's first ``motion`` latents are the previous window's last ones, given clean at
+    timestep 0 (the teacher is trained with such motion latents); the rest is sampled (Euler, audio CFG)."""
+
     dit: WanDiT
     vae: CausalVAE
     size: int = 256
@@ -70,14 +80,22 @@ class OfflineGenerator:
         if text is not None:
             text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
         h = self.size // self.vae.cfg.spatial_factor
-        noise = torch.randn(1, dit.cfg.in_dim, n_latent, h, h, generator=g, device=dev)
+        window, motion = teacher_window(dit)
         sig = euler_sigmas(self.steps, self.timestep_shift).to(dev)
-        z = noise
-        for i in range(self.steps):
-            t = sig[i] * 1000
-            v_full = dit(z, t, text, audio, ref, context_mask=text_mask)
-            if self.audio_guidance != 1.0:
-                v_none = dit(z, t, text, torch.zeros_like(audio), ref, context_mask=text_mask)
-                v_full = guided_velocity([v_none, v_full], [self.audio_guidance])
-            z = z + (sig[i + 1] - sig[i]) * v_full
-        return video_to_frames(self.vae.decode(z))[:n_frames]
+        done = torch.zeros(1, dit.cfg.in_dim, 0, h, h, device=dev)
+        while done.shape[2] < n_latent:
+            k = min(motion, done.shape[2])
+            start = done.shape[2] - k
+            n_new = min(window - k, n_latent - done.shape[2])
+            a = audio[:, start:start + k + n_new]
+            z = torch.randn(1, dit.cfg.in_dim, n_new, h, h, generator=g, device=dev)
+            for i in range(self.steps):
+                t = torch.cat([torch.zeros(1, k, device=dev), torch.full((1, n_new), float(sig[i]) * 1000, device=dev)], 1)
+                x = torch.cat([done[:, :, start:], z], 2)
+                v = dit(x, t, text, a, ref, context_mask=text_mask)
+                if self.audio_guidance != 1.0:
+                    v_none = dit(x, t, text, torch.zeros_like(a), ref, context_mask=text_mask)
+                    v = guided_velocity([v_none, v], [self.audio_guidance])
+                z = z + (sig[i + 1] - sig[i]) * v[:, :, k:]
+            done = torch.cat([done, z], 2)
+        return video_to_frames(self.vae.decode(done))[:n_frames]

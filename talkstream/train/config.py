@@ -46,6 +46,9 @@ class TrainConfig:
     p_drop_all: float = 0.05
     history_corruption: float = 0.3  # probability that a causal sample's context frames get noised
     history_max_sigma: float = 0.3
+    mouth_weight: float = 0.0  # extra loss weight on the lips (a Gaussian at the world's mouth position)
+    p_motion: float = 0.0  # teacher: probability that a sample's first latents are given clean (motion frames)
+    motion_latents: int = 2  # at most this many motion latents (the teacher's long-video overlap)
     look_back: int = 2  # audio window widening, video frames
     look_ahead: int = 2
     extra: dict = field(default_factory=dict)

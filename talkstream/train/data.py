@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..world.behaviour import make_clip
 from ..world.identity import Identity
-from ..world.render import FrameState, Renderer
+from ..world.render import UNITS, FrameState, Renderer, mouth_center
 
 
 @dataclass
@@ -119,3 +119,29 @@ def render_pack(pack: WorldPack, size: int = 256, workers: int = 1, clips: slice
     finally:
         shm.close()
         shm.unlink()
+
+
+def mouth_maps(pack: WorldPack, clips: slice | None, n_latent: int, grid: int, temporal_factor: int = 4,
+               sigma: tuple[float, float] = (3.0, 2.0)) -> np.ndarray:
+    """Where each latent frame's mouth is: [N, n_latent, grid, grid] float32 in [0, 1], a Gaussian (sigma in
+    latent pixels, x then y) around the mean mouth centre of the video frames the latent covers (the first
+    latent covers frame 0 alone, latent l > 0 frames 4l-3..4l). From the world's exact geometry."""
+    idx = list(range(pack.n_clips))[clips or slice(None)]
+    scale = grid / UNITS
+    ys, xs = np.mgrid[0:grid, 0:grid].astype(np.float32) + 0.5
+    out = np.zeros((len(idx), n_latent, grid, grid), np.float32)
+    for k, i in enumerate(idx):
+        idn = pack.identities[i]
+        centres = np.array([mouth_center(idn, FrameState.from_array(row)) for row in pack.states[i]]) * scale
+        for t in range(n_latent):
+            lo = max(0, temporal_factor * t - (temporal_factor - 1))
+            mx, my = centres[lo:temporal_factor * t + 1].mean(0)
+            out[k, t] = np.exp(-0.5 * (((xs - mx) / sigma[0]) ** 2 + ((ys - my) / sigma[1]) ** 2))
+    return out
+
+
+def mouth_pixels(pack: WorldPack, clips: slice | None, size: int) -> np.ndarray:
+    """The mouth centre of every frame in pixels of a ``size`` x ``size`` render: [N, T, 2] float32 (x, y)."""
+    idx = list(range(pack.n_clips))[clips or slice(None)]
+    return np.array([[mouth_center(pack.identities[i], FrameState.from_array(row)) for row in pack.states[i]]
+                     for i in idx], np.float32) * (size / UNITS)

@@ -19,7 +19,7 @@ from ..models.encoders import audio_windows
 from ..models.losses import kl_divergence, reconstruction_loss
 from ..models.vae import CausalVAE, TinyDecoder
 from .config import TrainConfig
-from .data import load_pack, render_pack
+from .data import load_pack, mouth_maps, mouth_pixels, render_pack
 from .runner import Runner
 
 HELD_OUT_FRACTION = 0.05
@@ -36,23 +36,47 @@ def _split(n: int) -> tuple[slice, slice]:
 
 
 class FrameBank:
-    """Rendered pack frames kept in host memory; samples [B, 3, F, H, W] windows in [-1, 1] on the device."""
+    """Rendered pack frames kept in host memory; samples [B, 3, F, H, W] windows in [-1, 1] on the device.
 
-    def __init__(self, frames: np.ndarray, n_frames: int, device: str) -> None:
+    With ``mouths`` ([N, T, 2] pixel centres) a sample also gets a lip weight map [B, 1, F, h, w] (a Gaussian
+    of ``MOUTH_SIGMA`` pixels at each frame's mouth), and half of its crops are placed so the mouth is inside.
+    """
+
+    MOUTH_SIGMA = 10.0
+
+    def __init__(self, frames: np.ndarray, n_frames: int, device: str, mouths: np.ndarray | None = None) -> None:
         self.frames = torch.from_numpy(frames)  # [N, T, H, W, 3] uint8
+        self.mouths = None if mouths is None else torch.from_numpy(mouths)
         self.n, self.T = frames.shape[:2]
         self.F, self.device = n_frames, device
 
-    def sample(self, gen: torch.Generator, batch: int, crop: int = 0) -> torch.Tensor:
+    def sample(self, gen: torch.Generator, batch: int, crop: int = 0, with_mouth: bool = False):
         """``crop`` > 0: a random crop x crop square of each window (the VAE is fully convolutional)."""
         i = torch.randint(self.n, (batch,), generator=gen)
         a = torch.randint(self.T - self.F + 1, (batch,), generator=gen)
         H, W = self.frames.shape[2:4]
         c = min(crop or H, H, W)
         ys, xs = torch.randint(H - c + 1, (batch,), generator=gen), torch.randint(W - c + 1, (batch,), generator=gen)
+        if self.mouths is not None and c < H:  # half the crops around the window's mouth (its first frame's)
+            m = self.mouths[i, a]  # [B, 2]
+            jx, jy = torch.rand(batch, generator=gen) * (c - 48) + 24, torch.rand(batch, generator=gen) * (c - 48) + 24
+            around = torch.rand(batch, generator=gen) < 0.5
+            xs = torch.where(around, (m[:, 0] - jx).round().long().clamp(0, W - c), xs)
+            ys = torch.where(around, (m[:, 1] - jy).round().long().clamp(0, H - c), ys)
         x = torch.stack([self.frames[ii, aa:aa + self.F, y:y + c, x:x + c]
                          for ii, aa, y, x in zip(i.tolist(), a.tolist(), ys.tolist(), xs.tolist())])
-        return to_video(x.to(self.device, non_blocking=True))
+        x = to_video(x.to(self.device, non_blocking=True))
+        if not with_mouth:
+            return x
+        if self.mouths is None:
+            raise ValueError("this FrameBank has no mouth positions")
+        m = torch.stack([self.mouths[ii, aa:aa + self.F] for ii, aa in zip(i.tolist(), a.tolist())])  # [B, F, 2]
+        m = (m - torch.stack([xs, ys], 1)[:, None].float()).to(self.device)
+        grid = torch.arange(c, device=self.device).float() + 0.5
+        gx = (grid[None, None, :] - m[..., :1]) / self.MOUTH_SIGMA  # [B, F, c]
+        gy = (grid[None, None, :] - m[..., 1:]) / self.MOUTH_SIGMA
+        w = torch.exp(-0.5 * (gy[..., :, None] ** 2 + gx[..., None, :] ** 2))  # [B, F, c, c]
+        return x, w[:, None]
 
 
 def to_video(frames_uint8: torch.Tensor) -> torch.Tensor:
@@ -68,10 +92,18 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
     t0 = time.perf_counter()
     frames = render_pack(pack, cfg.size, cfg.workers)
     log(f"rendered {frames.shape[0] * frames.shape[1]} frames in {time.perf_counter() - t0:.1f}s")
-    bank, held = FrameBank(frames[tr], cfg.frames, device), frames[ho]
+    mouth_w = float(cfg.extra.get("mouth_weight", 0.0))  # extra L1 weight on the lips (world geometry)
+    bank = FrameBank(frames[tr], cfg.frames, device, mouth_pixels(pack, tr, cfg.size) if mouth_w else None)
+    held, held_mouths = frames[ho], mouth_pixels(pack, ho, cfg.size)
     vae = CausalVAE(vae_config(cfg.model))
     if cfg.init:  # continue from an exported checkpoint (weights only: optimizer state starts fresh)
         vae.load_state_dict(load_checkpoint(cfg.init, dtype=torch.float32).state_dict())
+    # decoder-only fine-tuning keeps the latent space (and its statistics) that DiTs were trained in
+    freeze_encoder = bool(cfg.extra.get("freeze_encoder", False))
+    if freeze_encoder:
+        if not cfg.init:
+            raise ValueError("freeze_encoder fine-tunes a trained VAE's decoder: set init to its checkpoint")
+        vae.encoder.requires_grad_(False)
 
     def loss_fn(model, batch):
         x = batch["x"]
@@ -80,17 +112,31 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
         y = model.decode(z, normalized=False)
         rec = reconstruction_loss(y.float(), x, ms_ssim_weight=cfg.ms_ssim_weight)
         kl = kl_divergence(mean.float(), logvar.float())
-        return rec + cfg.kl_weight * kl, dict(rec=rec.detach(), kl=kl.detach())
+        info = dict(rec=rec.detach(), kl=kl.detach())
+        loss = rec + cfg.kl_weight * kl
+        if mouth_w:
+            m = batch["mouth"]
+            lips = ((y.float() - x).abs() * m).sum() / (3 * m.sum()).clamp_min(1)
+            loss, info["lips"] = loss + mouth_w * lips, lips.detach()
+        return loss, info
 
     crop = int(cfg.extra.get("crop", 0))
-    runner = Runner(cfg, vae, loss_fn, lambda g: dict(x=bank.sample(g, cfg.batch, crop)), device)
+
+    def sample(g):
+        if not mouth_w:
+            return dict(x=bank.sample(g, cfg.batch, crop))
+        x, m = bank.sample(g, cfg.batch, crop, with_mouth=True)
+        return dict(x=x, mouth=m)
+
+    runner = Runner(cfg, vae, loss_fn, sample, device)
     last = runner.train()
     model = runner.final_model()
-    with torch.no_grad():  # latent statistics, so the DiT sees ~unit-variance latents
-        zs = torch.cat([model.encode(bank.sample(runner.gen, cfg.batch), normalize=False) for _ in range(8)])
-        model.latent_mean.copy_(zs.mean((0, 2, 3, 4)))
-        model.latent_std.copy_(zs.std((0, 2, 3, 4)))
-    metrics = evaluate_vae(model, held, EVAL_FRAMES, device)
+    if not freeze_encoder:
+        with torch.no_grad():  # latent statistics, so the DiT sees ~unit-variance latents
+            zs = torch.cat([model.encode(bank.sample(runner.gen, cfg.batch), normalize=False) for _ in range(8)])
+            model.latent_mean.copy_(zs.mean((0, 2, 3, 4)))
+            model.latent_std.copy_(zs.std((0, 2, 3, 4)))
+    metrics = evaluate_vae(model, held, EVAL_FRAMES, device, mouths=held_mouths)
     metrics["train"] = last
     save_checkpoint(Path(cfg.out) / "vae.safetensors", model.cpu(), "vae", model.cfg,
                     extra=dict(metrics=metrics, config=cfg.to_dict()), dtype=torch.bfloat16)
@@ -100,12 +146,18 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
 
 @torch.no_grad()
 def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
-                 decoder: TinyDecoder | None = None, batch: int = 8) -> dict:
-    """PSNR of reconstructions of held-out clips (first ``n_frames`` of each), and decode throughput.
+                 decoder: TinyDecoder | None = None, batch: int = 8, mouths: np.ndarray | None = None) -> dict:
+    """PSNR of reconstructions of held-out clips (first ``n_frames`` of each), decode throughput, and how well
+    the lips survive: the frame probe's mouth-open reading of each reconstruction vs of the true frame
+    (``mouth_read_error``, mean absolute difference) and, with ``mouths`` ([N, T, 2] pixel centres), the PSNR
+    of a 48x48 window around the mouth (``lips_psnr_db``).
 
     Decoding is timed on batches of ``batch`` clips after one warm-up batch, so the figure is the
     decoders' compute, not kernel-launch latency.
     """
+    from ..eval.probes import load_frame_probe
+    from ..eval.metrics import F as STATE
+
     vae = vae.to(device).eval()
     decoder = decoder.to(device).eval() if decoder is not None else None
     n_frames = min(n_frames, 1 + 4 * ((held.shape[1] - 1) // 4))
@@ -115,6 +167,7 @@ def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
     fns = dict(vae=vae.decode, tiny=decoder)
     err = {n: [] for n in names}
     secs = {n: 0.0 for n in names}
+    recon = {n: [] for n in names}
     for n in names:
         fns[n](zs[0])  # warm-up
         for i, z in enumerate(zs):
@@ -123,15 +176,38 @@ def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
             y = fns[n](z)
             _sync(device)
             secs[n] += time.perf_counter() - t
-            err[n].append((y.float().clamp(-1, 1) - x[i * batch:(i + 1) * batch]).pow(2).mean((1, 2, 3, 4)))
+            y = y.float().clamp(-1, 1)
+            err[n].append((y - x[i * batch:(i + 1) * batch]).pow(2).mean((1, 2, 3, 4)))
+            recon[n].append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu())  # [b, T, H, W, 3]
     db = {n: float((10 * torch.log10(4.0 / torch.cat(err[n]))).mean()) for n in names}
     frames = len(x) * n_frames
     out = dict(held_out_clips=len(x), frames=n_frames, size=int(x.shape[-1]), psnr_db=db["vae"],
                vae_decode_fps=frames / secs["vae"])
+    probe = load_frame_probe().to("cpu")
+    truth = held[:, :n_frames].reshape(-1, *held.shape[2:])
+    jaw_true = probe.read(truth)["states"][:, STATE["jaw_open"]]
+    for n in names:
+        r = torch.cat(recon[n]).flatten(0, 1).numpy()
+        key = "" if n == "vae" else "tiny_"
+        out[f"{key}mouth_read_error"] = float(np.abs(probe.read(r)["states"][:, STATE["jaw_open"]] - jaw_true).mean())
+        if mouths is not None:
+            out[f"{key}lips_psnr_db"] = _lips_psnr(r, truth, mouths[:, :n_frames].reshape(-1, 2))
     if decoder is not None:
         out.update(tiny_psnr_db=db["tiny"], tiny_decode_fps=frames / secs["tiny"],
                    tiny_speedup=secs["vae"] / secs["tiny"])
     return out
+
+
+def _lips_psnr(recon: np.ndarray, truth: np.ndarray, centres: np.ndarray, half: int = 24) -> float:
+    """Mean PSNR of the 2*half-pixel squares around each frame's mouth centre."""
+    H, W = truth.shape[1:3]
+    vals = []
+    for r, t, (cx, cy) in zip(recon, truth, centres):
+        x0, y0 = int(np.clip(round(cx) - half, 0, W - 2 * half)), int(np.clip(round(cy) - half, 0, H - 2 * half))
+        a = r[y0:y0 + 2 * half, x0:x0 + 2 * half].astype(np.float64)
+        b = t[y0:y0 + 2 * half, x0:x0 + 2 * half].astype(np.float64)
+        vals.append(10 * np.log10(255.0**2 / max(((a - b) ** 2).mean(), 1e-10)))
+    return float(np.mean(vals))
 
 
 def _sync(device: str) -> None:
@@ -146,32 +222,43 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
     pack = load_pack(cfg.data)
     tr, ho = _split(pack.n_clips)
     frames = render_pack(pack, cfg.size, cfg.workers)
-    bank, held = FrameBank(frames[tr], cfg.frames, device), frames[ho]
+    mouth_w = float(cfg.extra.get("mouth_weight", 0.0))
+    bank = FrameBank(frames[tr], cfg.frames, device, mouth_pixels(pack, tr, cfg.size) if mouth_w else None)
+    held, held_mouths = frames[ho], mouth_pixels(pack, ho, cfg.size)
+    channels = cfg.extra.get("channels", TinyDecoderConfig.channels)
     dec = TinyDecoder(TinyDecoderConfig(latent_dim=vae.cfg.latent_dim, spatial_factor=vae.cfg.spatial_factor,
-                                        temporal_factor=vae.cfg.temporal_factor, channels=int(cfg.extra.get(
-                                            "channels", 64))))
+                                        temporal_factor=vae.cfg.temporal_factor,
+                                        channels=tuple(channels) if isinstance(channels, list) else channels))
     if cfg.init:
         dec.load_state_dict(load_checkpoint(cfg.init, dtype=torch.float32).state_dict())
     dec.latent_mean.copy_(vae.latent_mean.cpu())
     dec.latent_std.copy_(vae.latent_std.cpu())
+    # distill: weight of matching the VAE decoder's output (one extra VAE decode per step) beside the true frames
+    distill_w, crop = float(cfg.extra.get("distill", 1.0)), int(cfg.extra.get("crop", 0))
 
     def sample(g):
-        x = bank.sample(g, cfg.batch)
+        x, m = bank.sample(g, cfg.batch, crop, with_mouth=True) if mouth_w else (bank.sample(g, cfg.batch, crop), None)
         with torch.no_grad():
             z = vae.encode(x)
-            target = vae.decode(z).clamp(-1, 1)
-        return dict(x=x, z=z, target=target)
+            target = vae.decode(z).clamp(-1, 1) if distill_w else None
+        return dict(x=x, z=z, target=target, mouth=m)
 
     def loss_fn(model, b):
         y = model(b["z"]).float()
-        distill = reconstruction_loss(y, b["target"], ms_ssim_weight=0.0)
         truth = reconstruction_loss(y, b["x"], ms_ssim_weight=cfg.ms_ssim_weight)
-        return distill + truth, dict(distill=distill.detach(), truth=truth.detach())
+        loss, info = truth, dict(truth=truth.detach())
+        if distill_w:
+            distill = reconstruction_loss(y, b["target"], ms_ssim_weight=0.0)
+            loss, info["distill"] = loss + distill_w * distill, distill.detach()
+        if mouth_w:
+            lips = ((y - b["x"]).abs() * b["mouth"]).sum() / (3 * b["mouth"].sum()).clamp_min(1)
+            loss, info["lips"] = loss + mouth_w * lips, lips.detach()
+        return loss, info
 
     runner = Runner(cfg, dec, loss_fn, sample, device)
     last = runner.train()
     model = runner.final_model()
-    metrics = evaluate_vae(vae, held, EVAL_FRAMES, device, decoder=model)
+    metrics = evaluate_vae(vae, held, EVAL_FRAMES, device, decoder=model, mouths=held_mouths)
     metrics["train"] = last
     save_checkpoint(Path(cfg.out) / "tiny_decoder.safetensors", model.cpu(), "tiny_decoder", model.cfg,
                     extra=dict(metrics=metrics, config=cfg.to_dict()), dtype=torch.bfloat16)
@@ -207,6 +294,9 @@ class LatentBank:
         self.audio = torch.stack([audio_windows(torch.from_numpy(pack.audio_features[i].astype(np.float32)), self.L,
                                                 look_back=cfg.look_back, look_ahead=cfg.look_ahead)
                                   for i in idx]).to(device, torch.bfloat16)  # [N, L, Na, A]
+        grid = self.latents.shape[-1]
+        self.mouth = torch.from_numpy(mouth_maps(pack, clips, self.L, grid, vae.cfg.temporal_factor)).to(
+            device, torch.bfloat16)  # [N, L, h, w]
         self.caption_of_latent = torch.from_numpy(
             pack.caption_ids[idx][:, np.minimum(np.arange(self.L) * 4, pack.n_frames - 1)].astype(np.int64))
         self.caption_emb = torch.from_numpy(pack.caption_emb.astype(np.float32)).to(device, torch.bfloat16)
@@ -220,9 +310,10 @@ class LatentBank:
         r = torch.randint(4, (batch,), generator=gen)
         x0 = torch.stack([self.latents[ii, :, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
         audio = torch.stack([self.audio[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
+        mouth = torch.stack([self.mouth[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
         cap = self.caption_of_latent[i, a + n_latent // 2].to(self.device)
         return dict(x0=x0.float(), audio=audio, ref=self.refs[i.to(self.device), r.to(self.device)],
-                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap])
+                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap], mouth=mouth.float())
 
 
 def _dit_loss(cfg: TrainConfig, causal: bool):
@@ -236,8 +327,17 @@ def _dit_loss(cfg: TrainConfig, causal: bool):
         ref = apply_dropout(drop["ref"], b["ref"])
         noise = torch.randn_like(x0)
         weight = torch.ones(B, Fr, device=x0.device)
+        frame = torch.arange(Fr, device=x0.device)[None]
         if not causal:
             sigma = sample_training_sigmas(B, shift=cfg.timestep_shift, device=x0.device)[:, None].expand(B, Fr)
+            # motion frames: some samples start with 1..motion_latents clean latents (timestep 0, no loss), so the
+            # teacher can continue a video window by window (stream.offline)
+            n_motion = torch.randint(1, cfg.motion_latents + 1, (B,), device=x0.device) * (
+                torch.rand(B, device=x0.device) < cfg.p_motion)
+            ctx = frame < n_motion[:, None]
+            sigma = torch.where(ctx, torch.zeros_like(sigma), sigma)
+            weight = (~ctx).float()
+            x_ctx = x0
         else:  # diffusion forcing: an independent noise level per chunk
             n_chunks = -(-Fr // cfg.chunk)
             sig_c = sample_training_sigmas(B * n_chunks, shift=cfg.timestep_shift, device=x0.device)
@@ -245,21 +345,24 @@ def _dit_loss(cfg: TrainConfig, causal: bool):
             # streaming-style samples: clean context chunks before a target chunk, as the KV cache holds them
             streaming = torch.rand(B, device=x0.device) < 0.5
             first = torch.randint(1, n_chunks, (B,), device=x0.device) * cfg.chunk
-            ctx = (torch.arange(Fr, device=x0.device)[None] < first[:, None]) & streaming[:, None]
+            ctx = (frame < first[:, None]) & streaming[:, None]
             sigma = torch.where(ctx, torch.zeros_like(sigma), sigma)
             weight = (~ctx).float()
             # history corruption: some clean contexts get a little noise but keep the clean timestep label
             corrupt = (torch.rand(B, device=x0.device) < cfg.history_corruption)[:, None] & ctx
             hc = torch.rand(B, 1, device=x0.device) * cfg.history_max_sigma
             x_ctx = add_noise(x0, torch.randn_like(x0), torch.where(corrupt, hc.expand(B, Fr), 0.0))
-        xt = add_noise(x0, noise, sigma)
-        if causal:
-            xt = torch.where(ctx[:, None, :, None, None], x_ctx, xt)
+        xt = torch.where(ctx[:, None, :, None, None], x_ctx, add_noise(x0, noise, sigma))
         v = model(xt, sigma * 1000, text, audio, ref, chunk=cfg.chunk if causal else None, window=cfg.window,
                   context_mask=b["text_mask"])
-        err = (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+        err = (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=1)  # [B, F, h, w]
+        mse = (err.mean((2, 3)) * weight).sum() / weight.sum().clamp_min(1)
+        if not cfg.mouth_weight:
+            return mse, dict(mse=mse.detach())
+        pix = 1 + cfg.mouth_weight * b["mouth"]
+        err = (err * pix).sum((2, 3)) / pix.sum((2, 3))  # [B, F]: the lips count (1 + mouth_weight) times
         loss = (err * weight).sum() / weight.sum().clamp_min(1)
-        return loss, dict(mse=loss.detach())
+        return loss, dict(mse=mse.detach())
 
     return loss_fn
 
@@ -285,7 +388,8 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     final = runner.final_model()
     name = "causal.safetensors" if causal else "teacher.safetensors"
     extra = dict(stage=cfg.stage, train=last, config=cfg.to_dict(), look_back=cfg.look_back,
-                 look_ahead=cfg.look_ahead, chunk=cfg.chunk if causal else None)
+                 look_ahead=cfg.look_ahead, chunk=cfg.chunk if causal else None, window_latents=n_latent,
+                 motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
     save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", dcfg, extra=extra, dtype=torch.bfloat16)
     return dict(train=last)
 

@@ -72,6 +72,23 @@ def _paint(color: int, stroke: float = 0.0, shader=None) -> skia.Paint:
     return p
 
 
+def head_center(s: FrameState) -> tuple[float, float]:
+    """The head ellipse's centre on the 256-unit canvas."""
+    return 128 + s.tx * UNITS, 108 + s.ty * UNITS
+
+
+def mouth_center(identity: Identity, s: FrameState) -> tuple[float, float]:
+    """Where the mouth's centre lands on the 256-unit canvas (the renderer's projection, roll included):
+    the world's exact mouth location, e.g. for a lip-region loss weight."""
+    W, H = identity.face_width * UNITS, identity.face_height * UNITS
+    cx, cy = head_center(s)
+    x = cx + W * math.sin(math.radians(s.yaw))
+    y = cy + H * math.sin(0.36 + math.radians(s.pitch))
+    r = math.radians(s.roll)  # rotation about the neck (cx, cy + H), as canvas.rotate does
+    dx, dy = x - cx, y - (cy + H)
+    return cx + dx * math.cos(r) - dy * math.sin(r), cy + H + dx * math.sin(r) + dy * math.cos(r)
+
+
 def _oval(cx: float, cy: float, rx: float, ry: float) -> skia.Rect:
     return skia.Rect.MakeLTRB(cx - rx, cy - ry, cx + rx, cy + ry)
 
@@ -126,7 +143,7 @@ class Renderer:
     def _draw(self, canvas: skia.Canvas, s: FrameState) -> None:
         idn = self.identity
         W, H = idn.face_width * UNITS, idn.face_height * UNITS
-        cx, cy = 128 + s.tx * UNITS, 108 + s.ty * UNITS
+        cx, cy = head_center(s)
         yaw, pitch = math.radians(s.yaw), math.radians(s.pitch)
         skin = idn.skin
 
