@@ -118,7 +118,7 @@ def _eval_suite(args) -> None:
         gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance, inputs)
     res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=seeds, inputs=inputs,
                     keep_frames=bool(args.sample))
-    if args.sample:  # the first clip as an mp4 with its audio
+    if args.sample:  # the first clip: an mp4 with its audio, or a GIF of its first 4 s
         from .media import write_gif, write_video
         from .world.behaviour import make_clip
 

@@ -174,7 +174,6 @@ def _decode_audio(container, stream, sample_rate: int) -> np.ndarray:
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Any audio file (or a video's audio track) -> float32 mono at ``sample_rate``."""
-    _need_av()
     container = _open(path)
     try:
         if not container.streams.audio:

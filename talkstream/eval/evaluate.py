@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -176,20 +177,23 @@ def speaking_caption(clip) -> str:
     return next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
 
 
+def _encode_clip(clip, whisper, text):
+    """A suite clip's Whisper features (with half a second of look-ahead room) and its encoded caption."""
+    emb, mask = text.encode([speaking_caption(clip)])
+    return whisper.encode(np.pad(clip.audio, (0, clip.sample_rate // 2))), emb, mask
+
+
 def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) -> dict:
     """What the suite needs from espeak-ng, Whisper and MiniLM, computed once: per seed the planned clip, its
-    Whisper features and its encoded caption. Saved with ``torch.save`` it lets the suite run on a machine
-    without those (a lent GPU)."""
+    Whisper features and its encoded caption. Pickled (`eval suite --save-inputs`) it lets the suite run on a
+    machine without those (a lent GPU)."""
     from ..models.encoders import TextEncoder, WhisperFeatures
-
-    import dataclasses
 
     whisper, text = WhisperFeatures(), TextEncoder()
     out = {}
     for seed in seeds:
         clip = make_clip(seed, seconds)
-        emb, mask = text.encode([speaking_caption(clip)])
-        feats = whisper.encode(np.pad(clip.audio, (0, clip.sample_rate // 2)))  # + look-ahead room
+        feats, emb, mask = _encode_clip(clip, whisper, text)
         # kept small (it travels to GPU machines): the segments' own copies of the speech audio are dropped
         # (the clip's audio has it all), arrays are stored in float16
         segments = [dataclasses.replace(sg, speech=None if sg.speech is None else dataclasses.replace(
@@ -221,8 +225,7 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
             from ..models.encoders import TextEncoder, WhisperFeatures
 
             encoders.extend([WhisperFeatures(), TextEncoder()])
-        emb, mask = encoders[1].encode([speaking_caption(clip)])
-        return encoders[0].encode(np.pad(clip.audio, (0, clip.sample_rate // 2))), emb, mask
+        return _encode_clip(clip, *encoders)
 
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config

@@ -72,6 +72,11 @@ def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, l2: f
     return loss
 
 
+def masked_l1(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean |x - y| under a per-pixel weight map broadcast over channels (e.g. [B, 1, T, H, W] at the lips)."""
+    return ((x.float() - y.float()).abs() * weight).sum() / (x.shape[1] * weight.sum()).clamp_min(1)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     mse = (x.float() - y.float()).pow(2).mean()
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))

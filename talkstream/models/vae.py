@@ -9,8 +9,6 @@ clip at once (to float rounding).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -242,7 +240,8 @@ class _MemBlock(nn.Module):
 
 
 class TinyDecoder(nn.Module):
-    """A small streaming decoder (TAEHV-like), distilled from the VAE decoder.
+    """A small streaming decoder (TAEHV-like) for the VAE's latents (``train decoder``: true frames, optionally
+    the VAE decoder's output too).
 
     Works in 2D on all latents at once: a stack of stages at 1x, 2x, 4x the latent resolution, each with
     memory blocks that see the previous latent's features, then one convolution that emits

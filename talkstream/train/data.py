@@ -126,13 +126,10 @@ def mouth_maps(pack: WorldPack, clips: slice | None, n_latent: int, grid: int, t
     """Where each latent frame's mouth is: [N, n_latent, grid, grid] float32 in [0, 1], a Gaussian (sigma in
     latent pixels, x then y) around the mean mouth centre of the video frames the latent covers (the first
     latent covers frame 0 alone, latent l > 0 frames 4l-3..4l). From the world's exact geometry."""
-    idx = list(range(pack.n_clips))[clips or slice(None)]
-    scale = grid / UNITS
     ys, xs = np.mgrid[0:grid, 0:grid].astype(np.float32) + 0.5
-    out = np.zeros((len(idx), n_latent, grid, grid), np.float32)
-    for k, i in enumerate(idx):
-        idn = pack.identities[i]
-        centres = np.array([mouth_center(idn, FrameState.from_array(row)) for row in pack.states[i]]) * scale
+    per_frame = mouth_pixels(pack, clips, grid)  # [N, T, 2] in latent pixels
+    out = np.zeros((len(per_frame), n_latent, grid, grid), np.float32)
+    for k, centres in enumerate(per_frame):
         for t in range(n_latent):
             lo = max(0, temporal_factor * t - (temporal_factor - 1))
             mx, my = centres[lo:temporal_factor * t + 1].mean(0)

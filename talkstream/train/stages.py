@@ -16,7 +16,7 @@ from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.config import TinyDecoderConfig, dit_config, vae_config
 from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
-from ..models.losses import kl_divergence, reconstruction_loss
+from ..models.losses import kl_divergence, masked_l1, reconstruction_loss
 from ..models.vae import CausalVAE, TinyDecoder
 from .config import TrainConfig
 from .data import load_pack, mouth_maps, mouth_pixels, render_pack
@@ -115,8 +115,7 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
         info = dict(rec=rec.detach(), kl=kl.detach())
         loss = rec + cfg.kl_weight * kl
         if mouth_w:
-            m = batch["mouth"]
-            lips = ((y.float() - x).abs() * m).sum() / (3 * m.sum()).clamp_min(1)
+            lips = masked_l1(y, x, batch["mouth"])
             loss, info["lips"] = loss + mouth_w * lips, lips.detach()
         return loss, info
 
@@ -251,7 +250,7 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
             distill = reconstruction_loss(y, b["target"], ms_ssim_weight=0.0)
             loss, info["distill"] = loss + distill_w * distill, distill.detach()
         if mouth_w:
-            lips = ((y - b["x"]).abs() * b["mouth"]).sum() / (3 * b["mouth"].sum()).clamp_min(1)
+            lips = masked_l1(y, b["x"], b["mouth"])
             loss, info["lips"] = loss + mouth_w * lips, lips.detach()
         return loss, info
 
