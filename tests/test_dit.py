@@ -174,6 +174,24 @@ def test_audio_adapter_zero_init_and_per_frame_window():
     assert base.shape == out.shape
 
 
+def test_audio_adaln_zero_init_and_causal():
+    torch.manual_seed(0)
+    m = WanDiT(dit_config("tiny")).eval()  # fresh: the audio AdaLN's output layer is zero
+    plain = WanDiT(DiTConfig.from_dict({**dit_config("tiny").to_dict(), "audio_adaln": False})).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("audio_embedding.")})
+    inp = _inputs()
+    with torch.no_grad():
+        torch.nn.init.normal_(m.head.head.weight, std=0.05)
+        plain.head.head.weight.copy_(m.head.head.weight)
+        assert torch.equal(m(**inp), plain(**inp))
+        torch.nn.init.normal_(m.audio_embedding[2].weight, std=0.05)  # only the AdaLN path hears the audio
+        a2 = inp["audio"].clone()
+        a2[:, 5:] = torch.randn_like(a2[:, 5:])
+        y1, y2 = m(**inp, chunk=1), m(**{**inp, "audio": a2}, chunk=1)
+    assert torch.equal(y1[:, :, :5], y2[:, :, :5])  # earlier frames never see later audio
+    assert (y1[:, :, 5:] - y2[:, :, 5:]).abs().amax() > 1e-4
+
+
 def test_bad_inputs_are_clear_errors():
     m = _model()
     inp = _inputs()

@@ -123,6 +123,16 @@ def test_eval_cli_writes_json_and_png(tmp_path, clip_and_frames):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
+def test_mouth_error_by_speed_splits_fast_from_slow():
+    from talkstream.eval.evaluate import mouth_error_by_speed
+
+    truth = np.r_[np.zeros(10), np.linspace(0, 1, 5), np.ones(10), np.linspace(1, 0, 5)]
+    lagged = np.r_[truth[:1], truth[:-1]]  # one frame late: wrong only where the mouth moves
+    r = mouth_error_by_speed(lagged, truth)
+    assert r["mouth_error_slow"] < 0.05 < r["mouth_error_fast"]
+    assert np.isnan(mouth_error_by_speed(np.zeros(8), np.zeros(8))["mouth_error_fast"])  # silence: no split
+
+
 def test_suite_on_ground_truth(probe):
     res = run_suite(seeds=(900_000, 900_001), seconds=4.0, probe=probe)
     assert len(res["rows"]) == 2 and res["summary"]["offset_zero_fraction"] == 1.0

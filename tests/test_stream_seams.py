@@ -14,9 +14,6 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "causal.safetensors.index.json").
                                 reason="the embedded causal model is not installed")
 
 
-@pytest.mark.xfail(strict=True, reason="the causal model trained in the lips-weighted latent space (420 s) jumps in "
-                   "head pitch at chunk boundaries: 1.68 deg vs 0.50 inside chunks (limit 1.24); jaw and yaw pass. "
-                   "Strict: remove this mark once a trained model passes")
 def test_no_seam_at_chunk_boundaries():
     torch.manual_seed(0)
     clip = make_clip(900_005, 3.0)

@@ -8,8 +8,10 @@ import torch
 
 from talkstream.models.checkpoint import load_checkpoint
 from talkstream.train.config import TrainConfig
-from talkstream.train.data import load_pack, make_pack, mouth_maps, render_pack
-from talkstream.train.stages import run_stage
+from talkstream.train.data import dequantize_features, load_pack, make_pack, mouth_maps, quantize_features, render_pack
+from talkstream.models.config import dit_config
+from talkstream.models.dit import WanDiT
+from talkstream.train.stages import LatentBank, audio_reliance, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,16 @@ def test_pack_round_trip_and_render(pack):
     frames = render_pack(p, 64, workers=2)
     assert frames.shape == (6, 30, 64, 64, 3) and frames.std() > 10
     assert np.array_equal(frames[:2], render_pack(p, 64, workers=1, clips=slice(0, 2)))
+
+
+def test_feature_quantization_error_is_half_a_step():
+    rng = np.random.default_rng(0)
+    f = rng.normal(0, 1, (3, 50, 384)).astype(np.float32) * rng.uniform(0.1, 5, 384) + rng.normal(0, 3, 384)
+    q, lo, step = quantize_features(f)
+    assert q.dtype == np.uint8 and q.shape == f.shape and lo.shape == step.shape == (384,)
+    err = np.abs(dequantize_features(q, lo, step).astype(np.float32) - f)
+    assert np.all(err <= step / 2 + 2e-3 * np.abs(f) + 1e-6)  # half a step (+ float16 rounding)
+    assert err.mean() < 0.01 * f.std()
 
 
 def test_mouth_maps_peak_at_the_mouth(pack):
@@ -63,13 +75,24 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     assert "tiny_psnr_db" in d and d["tiny_speedup"] > 0
     # decoder-only fine-tuning: the encoder (so the latent space and its statistics) stays exactly as it was
     run_stage(_cfg(tmp_path, pack, "vae", out=str(tmp_path / "vae_ft"), init=str(vae_file),
-                   lr=1e-2, extra={"freeze_encoder": True, "crop": 32, "mouth_weight": 5.0}))
+                   lr=1e-2, extra={"freeze_encoder": True, "crop": 32, "mouth_weight": 5.0, "motion_weight": 2.0}))
+    assert "lips_motion" in json.loads((tmp_path / "vae_ft" / "log.jsonl").read_text().splitlines()[-1])
     ft = load_checkpoint(tmp_path / "vae_ft" / "vae.safetensors").state_dict()
     base = load_checkpoint(vae_file).state_dict()  # (re-exported by the resumed run)
     assert all(torch.equal(base[k], v) for k, v in ft.items() if k.startswith("encoder.") or k.startswith("latent_"))
     assert any(not torch.equal(base[k], v) for k, v in ft.items() if k.startswith("decoder."))
     t = run_stage(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, mouth_weight=4.0, p_motion=0.5))
     assert np.isfinite(t["train"]["loss"]) and t["train"]["loss"] != t["train"]["mse"]
+    rel = t["audio_reliance"]  # lips error with own / shuffled / no audio on held-out clips
+    assert set(rel["sigma_0.5"]) == {"own", "shuffled", "none", "gain"} and np.isfinite(rel["mean_gain"])
+    bank = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3))
+    fresh = WanDiT(dit_config("tiny"))  # zero-initialised audio adapters: the audio cannot matter
+    assert audio_reliance(fresh, bank, n_latent=7)["mean_gain"] == 0
+    torch.nn.init.normal_(fresh.head.head.weight, std=0.1)  # (a fresh head predicts zero whatever it sees)
+    assert audio_reliance(fresh, bank, n_latent=7)["mean_gain"] == 0
+    for block in fresh.blocks:  # an adapter that passes the audio on: own and shuffled audio now differ
+        torch.nn.init.normal_(block.audio_attn.attn.o.weight, std=0.5)
+    assert audio_reliance(fresh, bank, n_latent=7)["mean_gain"] != 0
     teacher = tmp_path / "teacher" / "teacher.safetensors"
     info = load_checkpoint(teacher).checkpoint_info
     assert info["window_latents"] == 7 and info["motion_latents"] == 2

@@ -31,6 +31,9 @@ class DiTConfig:
     audio_dim: int = 384  # Whisper tiny.en encoder features
     audio_tokens_per_frame: int = 16  # audio tokens each latent frame attends to (its window, see encoders)
     audio_layers: tuple[int, ...] | None = None  # blocks with an audio adapter (None: every block)
+    # frame-aligned audio AdaLN: an MLP of each latent frame's whole audio window (its tokens in order) is added to
+    # that frame's timestep embedding, so every block's modulation follows the speech (zero-initialised)
+    audio_adaln: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -61,7 +64,7 @@ class DiTConfig:
 
 DIT_CONFIGS: dict[str, DiTConfig] = {
     "tiny": DiTConfig("tiny", dim=64, num_layers=2, num_heads=4, ffn_dim=128, in_dim=8, out_dim=8, text_dim=384,
-                      freq_dim=64, audio_tokens_per_frame=8),
+                      freq_dim=64, audio_tokens_per_frame=8, audio_adaln=True),
     "small": DiTConfig("small", dim=384, num_layers=8, num_heads=6, ffn_dim=1536, in_dim=16, out_dim=16,
                        text_dim=384, freq_dim=256),
     "wan1.3b": DiTConfig("wan1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),

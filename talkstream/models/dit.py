@@ -238,6 +238,8 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.audio_proj = nn.Sequential(nn.Linear(cfg.audio_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.audio_pos = nn.Parameter(torch.zeros(cfg.audio_tokens_per_frame, d))
+        self.audio_embedding = (nn.Sequential(nn.Linear(cfg.audio_tokens_per_frame * cfg.audio_dim, d), nn.SiLU(),
+                                              nn.Linear(d, d)) if cfg.audio_adaln else None)
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -252,6 +254,9 @@ class WanDiT(nn.Module):
             if b.audio_attn is not None:
                 nn.init.zeros_(b.audio_attn.attn.o.weight)
                 nn.init.zeros_(b.audio_attn.attn.o.bias)
+        if self.audio_embedding is not None:
+            nn.init.zeros_(self.audio_embedding[2].weight)
+            nn.init.zeros_(self.audio_embedding[2].bias)
         nn.init.zeros_(self.head.head.weight)  # start by predicting zero velocity offsets
         nn.init.zeros_(self.head.head.bias)
 
@@ -276,10 +281,15 @@ class WanDiT(nn.Module):
         grid = _Grid(h.shape[3], h.shape[4])
         return h.flatten(3).permute(0, 2, 3, 1).contiguous(), grid
 
-    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B, F] -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks)."""
+    def embed_time(self, t: torch.Tensor, audio_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B, F] -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks); ``audio_emb`` [B, F', D] (audio AdaLN)
+        is added to the last F' frames' embeddings (the video frames, after any sinks)."""
         B, Fr = t.shape
         e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.cfg.freq_dim).to(self.head.head.weight.dtype))
+        if audio_emb is not None:
+            e = e.view(B, Fr, -1)
+            e = torch.cat([e[:, :Fr - audio_emb.shape[1]], e[:, Fr - audio_emb.shape[1]:] + audio_emb.to(e.dtype)], 1)
+            e = e.flatten(0, 1)
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return e.view(B, Fr, -1).float(), e0.view(B, Fr, 6, -1).float()
 
@@ -290,15 +300,18 @@ class WanDiT(nn.Module):
             raise ValueError(f"text context must be [B, L, {self.cfg.text_dim}], got {tuple(context.shape)}")
         return self.text_embedding(context.to(self.head.head.weight.dtype))
 
-    def embed_audio(self, audio: torch.Tensor | None, n_frames: int) -> torch.Tensor | None:
-        """audio [B, F, Na, audio_dim] (one window of audio features per latent frame) -> [B, F, Na, D]."""
+    def embed_audio(self, audio: torch.Tensor | None, n_frames: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """audio [B, F, Na, audio_dim] (one window of audio features per latent frame) -> the adapter's tokens
+        [B, F, Na, D] and the audio AdaLN embedding [B, F, D] (None without ``audio_adaln``)."""
         if audio is None:
-            return None
+            return None, None
         na = self.cfg.audio_tokens_per_frame
         if audio.ndim != 4 or audio.shape[1] != n_frames or audio.shape[2:] != (na, self.cfg.audio_dim):
             raise ValueError(f"audio must be [B, {n_frames}, {na}, {self.cfg.audio_dim}] (one window per latent "
                              f"frame), got {tuple(audio.shape)}")
-        return self.audio_proj(audio.to(self.head.head.weight.dtype)) + self.audio_pos.to(self.head.head.weight.dtype)
+        a = audio.to(self.head.head.weight.dtype)
+        emb = None if self.audio_embedding is None else self.audio_embedding(a.flatten(2))
+        return self.audio_proj(a) + self.audio_pos.to(a.dtype), emb
 
     def _timesteps(self, t: torch.Tensor | float, B: int, Fr: int, device) -> torch.Tensor:
         t = torch.as_tensor(t, device=device, dtype=torch.float32)
@@ -311,7 +324,8 @@ class WanDiT(nn.Module):
         return t
 
     def _run(self, tokens, grid, t_all, context, context_mask, audio, attend, n_sink):
-        e, e0 = self.embed_time(t_all)
+        audio, audio_emb = audio
+        e, e0 = self.embed_time(t_all, audio_emb)
         x = tokens
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -394,7 +408,7 @@ class WanDiT(nn.Module):
         return self.unpatchify(out, grid).to(x.dtype)
 
 
-_ADDITIONS = ("audio_attn.", "audio_proj.", "audio_pos")
+_ADDITIONS = ("audio_attn.", "audio_proj.", "audio_pos", "audio_embedding.")
 
 
 def _is_addition(name: str) -> bool:

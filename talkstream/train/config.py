@@ -25,6 +25,7 @@ class TrainConfig:
     ema: float = 0.999  # 0 disables
     bf16: bool = True
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the DiT blocks' dense parts (GPU runs; the EMA copy stays eager)
     seed: int = 0
     log_every: int = 20
     ckpt_every: int = 500

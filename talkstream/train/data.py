@@ -65,8 +65,9 @@ def make_pack(out: str | Path, clips: int, seconds: float, seed: int = 0, audio:
     arrays = dict(states=np.stack(states), behaviour=np.stack(behaviour), identities=np.array(ids),
                   caption_ids=np.array(cap_ids, np.int16), captions=np.array(captions),
                   seeds=np.arange(seed, seed + clips))
-    if feats:
-        arrays["audio_features"] = np.stack(feats)
+    if feats:  # 8 bits per value: half the size of float16, so the pack travels beside more (quantize_features)
+        q, lo, step = quantize_features(np.stack(feats))
+        arrays.update(audio_features_q=q, audio_features_lo=lo, audio_features_step=step)
     if text:
         emb, mask = TextEncoder().encode(captions)
         arrays["caption_emb"] = emb.numpy().astype(np.float16)
@@ -79,14 +80,30 @@ def make_pack(out: str | Path, clips: int, seconds: float, seed: int = 0, audio:
     return out
 
 
+def quantize_features(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features [..., A] -> uint8 codes, per-channel minimum and step [A] float32 (error <= step / 2)."""
+    f = np.asarray(f, np.float32)
+    flat = f.reshape(-1, f.shape[-1])
+    lo, hi = flat.min(0), flat.max(0)
+    step = np.maximum(hi - lo, 1e-6) / 255
+    return np.clip(np.round((f - lo) / step), 0, 255).astype(np.uint8), lo, step.astype(np.float32)
+
+
+def dequantize_features(q: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float32) * step + lo).astype(np.float16)
+
+
 def load_pack(path: str | Path) -> WorldPack:
     with np.load(path, allow_pickle=False) as z:
         get = (lambda k: z[k] if k in z.files else None)
+        audio = get("audio_features")  # (packs written before quantization)
+        if "audio_features_q" in z.files:
+            audio = dequantize_features(z["audio_features_q"], z["audio_features_lo"], z["audio_features_step"])
         return WorldPack(states=z["states"], behaviour=z["behaviour"],
                          identities=[Identity.from_dict(json.loads(s)) for s in z["identities"]],
                          caption_ids=z["caption_ids"], captions=[str(c) for c in z["captions"]],
                          caption_emb=get("caption_emb"), caption_mask=get("caption_mask"),
-                         audio_features=get("audio_features"), seeds=z["seeds"])
+                         audio_features=audio, seeds=z["seeds"])
 
 
 def _render_clips(args) -> None:

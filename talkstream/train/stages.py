@@ -93,6 +93,9 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
     frames = render_pack(pack, cfg.size, cfg.workers)
     log(f"rendered {frames.shape[0] * frames.shape[1]} frames in {time.perf_counter() - t0:.1f}s")
     mouth_w = float(cfg.extra.get("mouth_weight", 0.0))  # extra L1 weight on the lips (world geometry)
+    motion_w = float(cfg.extra.get("motion_weight", 0.0))  # extra L1 weight on the lips' temporal differences
+    if motion_w and not mouth_w:
+        raise ValueError("motion_weight needs mouth_weight > 0 (both use the lips' weight map)")
     bank = FrameBank(frames[tr], cfg.frames, device, mouth_pixels(pack, tr, cfg.size) if mouth_w else None)
     held, held_mouths = frames[ho], mouth_pixels(pack, ho, cfg.size)
     vae = CausalVAE(vae_config(cfg.model))
@@ -117,6 +120,10 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
         if mouth_w:
             lips = masked_l1(y, x, batch["mouth"])
             loss, info["lips"] = loss + mouth_w * lips, lips.detach()
+        if motion_w:  # the lips' frame-to-frame change: what 4x temporal compression smooths away first
+            dy, dx = y[:, :, 1:] - y[:, :, :-1], x[:, :, 1:] - x[:, :, :-1]
+            lips_motion = masked_l1(dy, dx, batch["mouth"][:, :, 1:])
+            loss, info["lips_motion"] = loss + motion_w * lips_motion, lips_motion.detach()
         return loss, info
 
     crop = int(cfg.extra.get("crop", 0))
@@ -366,12 +373,41 @@ def _dit_loss(cfg: TrainConfig, causal: bool):
     return loss_fn
 
 
+@torch.no_grad()
+def audio_reliance(model: WanDiT, bank: LatentBank, sigmas=(0.3, 0.5, 0.7, 0.9), batch: int = 16, n_latent: int = 9,
+                   seed: int = 0) -> dict:
+    """Does the model use the audio? Its error on the lips (the world's mouth maps) with each window's own audio,
+    with another clip's audio and with none, at fixed noise levels; ``gain`` = shuffled / own - 1 (0: ignored).
+
+    Bidirectional, all latents at one noise level, the same noise for the three; on ``bank``'s clips.
+    """
+    g = torch.Generator().manual_seed(seed)
+    b = bank.sample(g, batch, min(n_latent, bank.L))
+    x0, mouth = b["x0"], b["mouth"]
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    shuffled = b["audio"].roll(1, dims=0)  # another sample's audio (a different clip or window)
+    dtype = next(model.parameters()).dtype
+    out = {}
+    for s in sigmas:
+        xt = add_noise(x0, noise, torch.full((x0.shape[0],), s, device=x0.device))
+        errs = {}
+        for name, audio in (("own", b["audio"]), ("shuffled", shuffled), ("none", torch.zeros_like(shuffled))):
+            v = model(xt.to(dtype), torch.full((x0.shape[0],), s * 1000, device=x0.device), b["text"].to(dtype),
+                      audio.to(dtype), b["ref"].to(dtype), context_mask=b["text_mask"])
+            err = (v.float() - velocity_target(x0, noise)).pow(2).mean(1)  # [B, F, h, w]
+            errs[name] = float((err * mouth).sum() / mouth.sum())
+        errs["gain"] = errs["shuffled"] / errs["own"] - 1
+        out[f"sigma_{s}"] = errs
+    out["mean_gain"] = float(np.mean([v["gain"] for v in out.values()]))
+    return out
+
+
 def train_dit(cfg: TrainConfig, log=print) -> dict:
     causal = cfg.stage == "causal"
     device = _device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
     pack_n = load_pack(cfg.data).n_clips
-    tr, _ = _split(pack_n)
+    tr, ho = _split(pack_n)
     t0 = time.perf_counter()
     bank = LatentBank(cfg, vae, device, tr)
     log(f"latents for {bank.n} clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
@@ -383,14 +419,21 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     model.gradient_checkpointing = cfg.grad_checkpointing
     n_latent = 1 + (cfg.frames - 1) // 4
     runner = Runner(cfg, model, _dit_loss(cfg, causal), lambda g: bank.sample(g, cfg.batch, n_latent), device)
+    if cfg.compile:  # after the Runner made its EMA copy, so only the trained model's blocks are compiled
+        for block in runner.model.blocks:
+            block.compile_parts()
     last = runner.train()
     final = runner.final_model()
+    held = LatentBank(cfg, vae, device, ho)
+    reliance = audio_reliance(final, held, n_latent=n_latent, seed=cfg.seed)
+    log(f"audio reliance on {held.n} held-out clips (lips error, shuffled / own audio - 1): {reliance['mean_gain']:.3f}")
     name = "causal.safetensors" if causal else "teacher.safetensors"
-    extra = dict(stage=cfg.stage, train=last, config=cfg.to_dict(), look_back=cfg.look_back,
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(dict(train=last, audio_reliance=reliance), indent=2))
+    extra = dict(stage=cfg.stage, train=last, audio_reliance=reliance, config=cfg.to_dict(), look_back=cfg.look_back,
                  look_ahead=cfg.look_ahead, chunk=cfg.chunk if causal else None, window_latents=n_latent,
                  motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
     save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", dcfg, extra=extra, dtype=torch.bfloat16)
-    return dict(train=last)
+    return dict(train=last, audio_reliance=reliance)
 
 
 STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=train_dit)
