@@ -68,7 +68,7 @@ launch() {  # launch SPEC in the background; its pid in $pid
   pid=$!
 }
 bg=()
-for spec in ${BG:-}; do launch "$spec"; bg+=($pid); done  # beside every phase, waited for at the end
+for spec in ${BG:-}; do launch "$spec"; bg+=($pid); done  # beside every phase, waited for before the suites
 IFS='|' read -ra phases <<< "${PAR:-}"
 for phase in "${phases[@]}"; do  # phases run one after the other, the stages of a phase side by side
   pids=()

@@ -253,11 +253,12 @@ def mouth_error_by_speed(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dic
     """Mouth error (offset 0) on the frames where the truth's mouth moves faster than its median speed, and
     on the rest: 4x temporal compression and under-trained models lose the fast half first."""
     n = min(len(mouth_read), len(mouth_truth))
-    err = np.abs(np.asarray(mouth_read[:n], np.float64) - np.asarray(mouth_truth[:n], np.float64))
-    speed = np.abs(np.gradient(np.asarray(mouth_truth[:n], np.float64))) if n > 1 else np.zeros(n)
-    fast = speed > np.median(speed) if n else np.zeros(0, bool)
-    if not fast.any() or fast.all():
+    truth = np.asarray(mouth_truth[:n], np.float64)
+    speed = np.abs(np.gradient(truth)) if n > 1 else np.zeros(n)
+    fast = speed > np.median(speed) if n else speed.astype(bool)  # strictly above: never every frame
+    if not fast.any():  # a still mouth (or < 2 frames): no fast half
         return dict(mouth_error_fast=float("nan"), mouth_error_slow=float("nan"))
+    err = np.abs(np.asarray(mouth_read[:n], np.float64) - truth)
     return dict(mouth_error_fast=float(err[fast].mean()), mouth_error_slow=float(err[~fast].mean()))
 
 

@@ -322,6 +322,11 @@ class LatentBank:
                     text=self.caption_emb[cap], text_mask=self.caption_mask[cap], mouth=mouth.float())
 
 
+def velocity_error_map(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Squared flow-matching velocity error, averaged over channels: [B, F, h, w] (weighted by the lips' maps)."""
+    return (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=1)
+
+
 def _dit_loss(cfg: TrainConfig, causal: bool):
     def loss_fn(model, b):
         x0 = b["x0"]
@@ -361,7 +366,7 @@ def _dit_loss(cfg: TrainConfig, causal: bool):
         xt = torch.where(ctx[:, None, :, None, None], x_ctx, add_noise(x0, noise, sigma))
         v = model(xt, sigma * 1000, text, audio, ref, chunk=cfg.chunk if causal else None, window=cfg.window,
                   context_mask=b["text_mask"])
-        err = (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=1)  # [B, F, h, w]
+        err = velocity_error_map(v, x0, noise)
         mse = (err.mean((2, 3)) * weight).sum() / weight.sum().clamp_min(1)
         if not cfg.mouth_weight:
             return mse, dict(mse=mse.detach())
@@ -394,7 +399,7 @@ def audio_reliance(model: WanDiT, bank: LatentBank, sigmas=(0.3, 0.5, 0.7, 0.9),
         for name, audio in (("own", b["audio"]), ("shuffled", shuffled), ("none", torch.zeros_like(shuffled))):
             v = model(xt.to(dtype), torch.full((x0.shape[0],), s * 1000, device=x0.device), b["text"].to(dtype),
                       audio.to(dtype), b["ref"].to(dtype), context_mask=b["text_mask"])
-            err = (v.float() - velocity_target(x0, noise)).pow(2).mean(1)  # [B, F, h, w]
+            err = velocity_error_map(v, x0, noise)
             errs[name] = float((err * mouth).sum() / mouth.sum())
         errs["gain"] = errs["shuffled"] / errs["own"] - 1
         out[f"sigma_{s}"] = errs
