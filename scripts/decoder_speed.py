@@ -36,7 +36,7 @@ def main() -> None:
     tiny = load_checkpoint(a.tiny, dtype=torch.float32)
     res = evaluate_vae(vae, held, EVAL_FRAMES, a.device, decoder=tiny, batch=a.batch,
                        mouths=mouth_pixels(pack, ho, 256))
-    res["machine"] = describe() | ({"gpu": torch.cuda.get_device_name()} if a.device.startswith("cuda") else {})
+    res["machine"] = describe()
     res["precision"] = "fp32 weights"
     print(json.dumps(res, indent=2))
     if a.out:

@@ -137,6 +137,9 @@ def _eval_suite(args) -> None:
               f"{', '.join(r['flags']) or '-'}")
     print(json.dumps(res["summary"], indent=2))
     if args.out:
+        from .machine import describe
+
+        res["machine"] = describe()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
 
