@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--refine-every", type=int, default=4, help="memory_bank: memory refinement interval (chunks)")
     ap.add_argument("--out", default="benchmarks/results/long_stream_cpu.json")
-    ap.add_argument("--plot", default="docs/long_stream.png")
+    ap.add_argument("--plot", default="", help="the plot (default: --out with .png)")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     clip = make_clip(900_002, 1.0)
@@ -104,7 +104,7 @@ def main() -> None:
     ax[2].plot(m, [r["mean_change"] for r in rows], "o-"); ax[2].set_ylabel("mean frame change")
     ax[2].set_xlabel("minutes of video")
     fig.suptitle(f"long stream, {a.device}, {a.decoder} decoder, {a.anchor} anchor: {summary['video_minutes']:.1f} min measured")
-    fig.tight_layout(); fig.savefig(a.plot, dpi=80)
+    fig.tight_layout(); fig.savefig(a.plot or str(Path(a.out).with_suffix(".png")), dpi=80)
     print(json.dumps(summary))
 
 
