@@ -4,10 +4,14 @@
 # carry a 49 MiB DiT checkpoint instead (64 MiB travel per call). Each call hands back what it made, so a machine
 # lost between calls costs only what that call had not yet returned.
 #
-#   bash scripts/device_round.sh setup                      (carry data .whl .carry .keep): install the wheel
+#   bash scripts/device_round.sh setup      (carry data/dit_pack.npz data/suite_inputs.pkl data/keep .whl .carry):
+#                                           install the wheel there
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...]  train one stage into OUT; checkpoint + logs to $OUT
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
-# Paths: the VAE is read from data/keep/vae.safetensors (ignored folder carried at setup).
+# At most 8 files come back from a call: train returns 6 (4 shards, index, logs tar), each suite 2.
+# Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
+# alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
+# ignored only through .git/info/exclude were removed there.
 set -uo pipefail
 mode=$1; shift
 if [ "$mode" != setup ] && { [ ! -f data/dit_pack.npz ] || [ ! -f /tmp/site/.ready ]; }; then
@@ -23,6 +27,7 @@ setup)
 train)
   config=$1 out=$2; shift 2
   stage=$(sed -n 's/^stage: *//p' "configs/$config.yaml")
+  mkdir -p "$(dirname "$out")"
   sets=(--set "out=$out" --set vae=data/keep/vae.safetensors)
   for x in "$@"; do sets+=(--set "$x"); done
   python3 -m talkstream.cli train "$stage" --config "configs/$config.yaml" "${sets[@]}" > "$out.txt" 2>&1
@@ -34,9 +39,10 @@ train)
 suite)
   while [ $# -ge 3 ]; do
     model=$1 steps=$2 name=$3; shift 3
+    mkdir -p runs
     python3 -m talkstream.cli eval suite --model "$model" --vae data/keep/vae.safetensors --steps "$steps" --clips 4 \
       --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$name.json" --sample "$OUT/sample_$name.gif" \
-      > "$OUT/suite_$name.txt" 2>&1
-    echo "$name exit $?"; tail -n 8 "$OUT/suite_$name.txt"
+      > "runs/suite_$name.txt" 2>&1
+    echo "$name exit $?"; tail -n 8 "runs/suite_$name.txt"
   done ;;
 esac

@@ -197,3 +197,34 @@ def test_teacher_generates_window_by_window():
     assert short.shape == (9, 32, 32, 3) and long.shape == (21, 32, 32, 3)
     assert np.array_equal(short, long[:9])
     assert [n for n, _ in seen] == [3, 3, 3, 3, 2, 2] and [t for _, t in seen][2:] == [0.0] * 4
+
+
+
+def test_suite_generator_passes_the_timestep_shift(tmp_path):
+    """``eval suite --timestep-shift`` reaches the teacher's sampler (default: its own 3)."""
+    from talkstream.eval.evaluate import checkpoint_generator
+    from talkstream.models.checkpoint import save_checkpoint
+    from talkstream.models.config import dit_config, vae_config
+    from talkstream.models.dit import WanDiT
+    from talkstream.models.vae import CausalVAE
+
+    torch.manual_seed(0)
+    dit, vae = WanDiT(dit_config("tiny")).eval(), CausalVAE(vae_config("tiny")).eval()
+    save_checkpoint(tmp_path / "t.safetensors", dit, "dit", dit.cfg,
+                    extra=dict(look_back=0, look_ahead=0, window_latents=3))
+    save_checkpoint(tmp_path / "v.safetensors", vae, "vae", vae.cfg)
+    clip = type("Clip", (), dict(seed=1, n_frames=5))()
+    inputs = {"clips": {1: dict(audio_features=np.zeros((20, 384), np.float16), text=torch.zeros(1, 4, 384),
+                                text_mask=None)}}
+    ref = np.zeros((32, 32, 3), np.uint8)
+    for shift, mid in ((None, 0.75), (1.0, 0.5)):  # 2 Euler steps: sigma 1, then the schedule's middle
+        seen = []
+        gen = checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
+                                   audio_guidance=1.0, inputs=inputs, timestep_shift=shift)
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(  # the generator's own DiT
+            lambda m, args: seen.append(args[1].flatten()[-1].item()) if isinstance(m, WanDiT) else None)
+        try:
+            gen(ref, clip)
+        finally:
+            handle.remove()
+        assert seen[1] / seen[0] == pytest.approx(mid)

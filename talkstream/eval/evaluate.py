@@ -204,11 +204,13 @@ def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) ->
 
 
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
-                         steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None):
+                         steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
+                         timestep_shift: float | None = None):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
     first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
-    ``inputs`` (``prepare_suite``): precomputed features and captions instead of running the encoders."""
+    ``inputs`` (``prepare_suite``): precomputed features and captions instead of running the encoders.
+    ``timestep_shift``: of the sampling schedule (default: the samplers' own, 3)."""
     import torch
 
     from ..models.checkpoint import load_checkpoint
@@ -227,11 +229,12 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
             encoders.extend([WhisperFeatures(), TextEncoder()])
         return _encode_clip(clip, *encoders)
 
+    shift = {} if timestep_shift is None else dict(timestep_shift=timestep_shift)
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
-        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance), device=device,
-                        size=size)
+        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **shift),
+                        device=device, size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
             feats, emb, mask = encoded(clip)
@@ -240,7 +243,7 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         return generate
     from ..stream.offline import OfflineGenerator
 
-    gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance)
+    gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance, **shift)
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
         feats, emb, mask = encoded(clip)
