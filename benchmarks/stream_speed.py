@@ -24,9 +24,9 @@ from talkstream.models.checkpoint import load_checkpoint  # noqa: E402
 from talkstream.models.config import TinyDecoderConfig, dit_config, vae_config  # noqa: E402
 from talkstream.models.dit import WanDiT  # noqa: E402
 from talkstream.models.vae import CausalVAE, TinyDecoder  # noqa: E402
+from talkstream.stream.avatar import WEIGHTS  # noqa: E402
 from talkstream.stream.engine import StreamConfig, StreamEngine, StreamStats  # noqa: E402
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "talkstream" / "weights"
 CASES = {
     "gpu": [dict(dit="embedded", height=256, width=256, decoder="vae", text_len=16),
             dict(dit="embedded", height=256, width=256, decoder="tiny", text_len=16),

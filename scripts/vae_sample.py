@@ -14,11 +14,10 @@ import torch
 
 from talkstream.media import write_video
 from talkstream.models.checkpoint import load_checkpoint
+from talkstream.stream.avatar import WEIGHTS
 from talkstream.stream.offline import video_to_frames
 from talkstream.train.stages import to_video
 from talkstream.world.render import render_states
-
-WEIGHTS = Path(__file__).resolve().parents[1] / "talkstream" / "weights"
 
 
 def main() -> None:

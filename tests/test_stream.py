@@ -199,7 +199,6 @@ def test_teacher_generates_window_by_window():
     assert [n for n, _ in seen] == [3, 3, 3, 3, 2, 2] and [t for _, t in seen][2:] == [0.0] * 4
 
 
-
 def test_suite_generator_passes_the_timestep_shift(tmp_path):
     """``eval suite --timestep-shift`` reaches the teacher's sampler (default: its own 3)."""
     from talkstream.eval.evaluate import checkpoint_generator
