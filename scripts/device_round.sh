@@ -6,9 +6,10 @@
 #
 #   bash scripts/device_round.sh setup      (carry data/dit_pack.npz data/suite_inputs.pkl data/keep .whl .carry):
 #                                           install the wheel there
-#   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...]  train one stage into OUT; checkpoint + logs to $OUT
+#   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
+#                                           separated by '--' share the GPU); the first's checkpoint + all logs to $OUT
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
-# At most 8 files come back from a call: train returns 6 (4 shards, index, logs tar), each suite 2.
+# At most 8 files come back from a call: train returns 5 + one logs tar per run (4 shards, index), each suite 2.
 # Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
 # alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
 # ignored only through .git/info/exclude were removed there.
@@ -25,17 +26,27 @@ setup)
   ls -la data data/keep
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
 train)
-  config=$1 out=$2; shift 2
-  stage=$(sed -n 's/^stage: *//p' "configs/$config.yaml")
-  mkdir -p "$(dirname "$out")"
-  sets=(--set "out=$out" --set vae=data/keep/vae.safetensors)
-  for x in "$@"; do sets+=(--set "$x"); done
-  python3 -m talkstream.cli train "$stage" --config "configs/$config.yaml" "${sets[@]}" > "$out.txt" 2>&1
-  echo "exit $?"
-  tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -30 > "$out.tail"
-  cat "$out.tail"
-  tar -cf "$OUT/$(basename "$out")_logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
-  cp "$out"/*.safetensors* "$OUT"/ && ls -la "$OUT" ;;
+  # several runs side by side on the one GPU: separate them with '--'; the first run's checkpoint comes back,
+  # the others' stay in their OUT folders (the logs of all come back)
+  pids=() outs=()
+  while [ $# -ge 2 ]; do
+    config=$1 out=$2; shift 2
+    stage=$(sed -n 's/^stage: *//p' "configs/$config.yaml")
+    mkdir -p "$(dirname "$out")"
+    sets=(--set "out=$out" --set vae=data/keep/vae.safetensors)
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do sets+=(--set "$1"); shift; done
+    [ $# -gt 0 ] && shift
+    python3 -m talkstream.cli train "$stage" --config "configs/$config.yaml" "${sets[@]}" > "$out.txt" 2>&1 &
+    pids+=($!) outs+=("$out")
+  done
+  for k in "${!pids[@]}"; do
+    wait "${pids[$k]}"; rc=$?; out=${outs[$k]}
+    echo "$out exit $rc"
+    tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -30 > "$out.tail"
+    cat "$out.tail"
+    tar -cf "$OUT/$(basename "$out")_logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
+  done
+  cp "${outs[0]}"/*.safetensors* "$OUT"/ && ls -la "$OUT" ;;
 suite)
   while [ $# -ge 3 ]; do
     model=$1 steps=$2 name=$3; shift 3

@@ -85,7 +85,9 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     assert np.isfinite(t["train"]["loss"]) and t["train"]["loss"] != t["train"]["mse"]
     rel = t["audio_reliance"]  # lips error with own / shuffled / no audio on held-out clips
     assert set(rel["sigma_0.5"]) == {"own", "shuffled", "none", "gain"} and np.isfinite(rel["mean_gain"])
-    bank = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3))
+    bank = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3),
+                      load_pack(pack))
+    assert bank.lips.shape == (3, bank.L, 16)
     fresh = WanDiT(dit_config("tiny"))  # zero-initialised audio adapters: the audio cannot matter
     assert audio_reliance(fresh, bank, n_latent=7)["mean_gain"] == 0
     torch.nn.init.normal_(fresh.head.head.weight, std=0.1)  # (a fresh head predicts zero whatever it sees)
@@ -97,8 +99,9 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     info = load_checkpoint(teacher).checkpoint_info
     assert info["window_latents"] == 7 and info["motion_latents"] == 2
     c = run_stage(_cfg(tmp_path, pack, "causal", vae=str(vae_file), frames=25, init=str(teacher), chunk=3,
-                       mouth_weight=4.0))
-    assert np.isfinite(c["train"]["loss"])
+                       mouth_weight=4.0, lip_read_weight=0.5, lip_reader_steps=5))
+    assert np.isfinite(c["train"]["loss"]) and c["train"]["lip_read"] > 0
+    assert c["lip_reader"]["steps"] == 5 and np.isfinite(c["lip_reader"]["held_jaw_error"])
     model = load_checkpoint(tmp_path / "causal" / "causal.safetensors")
     assert model.checkpoint_info["chunk"] == 3
     before = load_checkpoint(teacher).state_dict()

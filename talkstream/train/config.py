@@ -50,6 +50,8 @@ class TrainConfig:
     mouth_weight: float = 0.0  # extra loss weight on the lips (a Gaussian at the world's mouth position)
     p_motion: float = 0.0  # teacher: probability that a sample's first latents are given clean (motion frames)
     motion_latents: int = 2  # at most this many motion latents (the teacher's long-video overlap)
+    lip_read_weight: float = 0.0  # weight of the lip-read loss (a latent lip reader on the DiT's x0 estimate)
+    lip_reader_steps: int = 4000  # steps to fit that reader on the run's clean latents before the DiT trains
     look_back: int = 2  # audio window widening, video frames
     look_ahead: int = 2
     extra: dict = field(default_factory=dict)

@@ -19,7 +19,8 @@ from ..models.encoders import audio_windows
 from ..models.losses import kl_divergence, masked_l1, reconstruction_loss
 from ..models.vae import CausalVAE, TinyDecoder
 from .config import TrainConfig
-from .data import load_pack, mouth_maps, mouth_pixels, render_pack
+from .data import WorldPack, load_pack, mouth_maps, mouth_pixels, render_pack
+from .lip_reader import lip_read_loss, lip_targets, train_lip_reader
 from .runner import Runner
 
 HELD_OUT_FRACTION = 0.05
@@ -274,10 +275,12 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
 
 # -- DiT: teacher and causal -------------------------------------------------------------------------------
 class LatentBank:
-    """VAE latents of every pack clip with their audio windows, captions and reference latents, on the device."""
+    """VAE latents of every pack clip with their audio windows, captions, reference latents, the lips' maps and
+    the lip fields of each latent's frames (``lip_targets``), on the device."""
 
-    def __init__(self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice) -> None:
-        pack = load_pack(cfg.data)
+    ENCODE_CLIPS = 8  # clips per VAE encoder call (8 x 73 frames at 256: ~7 GB of activations; lower it on a CPU)
+
+    def __init__(self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice, pack: WorldPack) -> None:
         if pack.audio_features is None or pack.caption_emb is None:
             raise ValueError(f"{cfg.data}: the DiT stages need a pack with audio features and caption embeddings")
         frames = render_pack(pack, cfg.size, cfg.workers, clips)
@@ -288,8 +291,8 @@ class LatentBank:
         g = torch.Generator().manual_seed(cfg.seed)
         bf16 = device.startswith("cuda")
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            for k in range(0, len(idx), 8):  # 8 clips per encoder call
-                x = to_video(torch.from_numpy(frames[k:k + 8, :T]).to(device))
+            for k in range(0, len(idx), self.ENCODE_CLIPS):
+                x = to_video(torch.from_numpy(frames[k:k + self.ENCODE_CLIPS, :T]).to(device))
                 lat.append(vae.encode(x).to(torch.bfloat16))
                 pick = torch.randint(T, (x.shape[0], 4), generator=g)  # 4 reference frames per clip
                 singles = x[torch.arange(x.shape[0])[:, None], :, pick]  # [b, 4, 3, H, W]
@@ -303,6 +306,7 @@ class LatentBank:
         grid = self.latents.shape[-1]
         self.mouth = torch.from_numpy(mouth_maps(pack, clips, self.L, grid, vae.cfg.temporal_factor)).to(
             device, torch.bfloat16)  # [N, L, h, w]
+        self.lips = torch.from_numpy(lip_targets(pack.states[idx], self.L, vae.cfg.temporal_factor)).to(device)
         self.caption_of_latent = torch.from_numpy(
             pack.caption_ids[idx][:, np.minimum(np.arange(self.L) * 4, pack.n_frames - 1)].astype(np.int64))
         self.caption_emb = torch.from_numpy(pack.caption_emb.astype(np.float32)).to(device, torch.bfloat16)
@@ -317,9 +321,10 @@ class LatentBank:
         x0 = torch.stack([self.latents[ii, :, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
         audio = torch.stack([self.audio[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
         mouth = torch.stack([self.mouth[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
+        lips = torch.stack([self.lips[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
         cap = self.caption_of_latent[i, a + n_latent // 2].to(self.device)
         return dict(x0=x0.float(), audio=audio, ref=self.refs[i.to(self.device), r.to(self.device)],
-                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap], mouth=mouth.float())
+                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap], mouth=mouth.float(), lips=lips)
 
 
 def velocity_error_map(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -327,7 +332,9 @@ def velocity_error_map(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -
     return (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=1)
 
 
-def _dit_loss(cfg: TrainConfig, causal: bool):
+def _dit_loss(cfg: TrainConfig, causal: bool, lip_reader=None):
+    """Flow matching (the lips weighted ``1 + mouth_weight``), plus ``lip_read_weight`` x the lip-read loss when a
+    frozen ``lip_reader`` is given."""
     def loss_fn(model, b):
         x0 = b["x0"]
         B, _, Fr = x0.shape[:3]
@@ -368,12 +375,15 @@ def _dit_loss(cfg: TrainConfig, causal: bool):
                   context_mask=b["text_mask"])
         err = velocity_error_map(v, x0, noise)
         mse = (err.mean((2, 3)) * weight).sum() / weight.sum().clamp_min(1)
-        if not cfg.mouth_weight:
-            return mse, dict(mse=mse.detach())
-        pix = 1 + cfg.mouth_weight * b["mouth"]
-        err = (err * pix).sum((2, 3)) / pix.sum((2, 3))  # [B, F]: the lips count (1 + mouth_weight) times
-        loss = (err * weight).sum() / weight.sum().clamp_min(1)
-        return loss, dict(mse=mse.detach())
+        loss, info = mse, dict(mse=mse.detach())
+        if cfg.mouth_weight:
+            pix = 1 + cfg.mouth_weight * b["mouth"]
+            err = (err * pix).sum((2, 3)) / pix.sum((2, 3))  # [B, F]: the lips count (1 + mouth_weight) times
+            loss = (err * weight).sum() / weight.sum().clamp_min(1)
+        if lip_reader is not None and cfg.lip_read_weight:
+            lip = lip_read_loss(lip_reader, xt, v, sigma, b["mouth"], b["lips"], weight)
+            loss, info["lip_read"] = loss + cfg.lip_read_weight * lip, lip.detach()
+        return loss, info
 
     return loss_fn
 
@@ -411,34 +421,42 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     causal = cfg.stage == "causal"
     device = _device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
-    pack_n = load_pack(cfg.data).n_clips
-    tr, ho = _split(pack_n)
+    pack = load_pack(cfg.data)
+    tr, ho = _split(pack.n_clips)
     t0 = time.perf_counter()
-    bank = LatentBank(cfg, vae, device, tr)
-    log(f"latents for {bank.n} clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
+    bank, held = LatentBank(cfg, vae, device, tr, pack), LatentBank(cfg, vae, device, ho, pack)
+    log(f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
+    n_latent = 1 + (cfg.frames - 1) // 4
+    reader, reader_metrics = None, None
+    if cfg.lip_read_weight:
+        torch.manual_seed(cfg.seed)  # the reader's initial weights
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        reader, reader_metrics = train_lip_reader(
+            lambda gen: bank.sample(gen, 64, n_latent), vae.cfg.latent_dim, bank.lips.shape[-1], cfg.lip_reader_steps,
+            device, g, held=held.sample(torch.Generator().manual_seed(cfg.seed), 256, n_latent))
+        log(f"lip reader: {reader_metrics}")
     dcfg = dit_config(cfg.model)
     model = WanDiT(dcfg)
     if cfg.init:
         init = load_checkpoint(cfg.init)
         model.load_state_dict(init.state_dict())
     model.gradient_checkpointing = cfg.grad_checkpointing
-    n_latent = 1 + (cfg.frames - 1) // 4
-    runner = Runner(cfg, model, _dit_loss(cfg, causal), lambda g: bank.sample(g, cfg.batch, n_latent), device)
+    runner = Runner(cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device)
     if cfg.compile:  # after the Runner made its EMA copy, so only the trained model's blocks are compiled
         for block in runner.model.blocks:
             block.compile_parts()
     last = runner.train()
     final = runner.final_model()
-    held = LatentBank(cfg, vae, device, ho)
     reliance = audio_reliance(final, held, n_latent=n_latent, seed=cfg.seed)
     log(f"audio reliance on {held.n} held-out clips (lips error, shuffled / own audio - 1): {reliance['mean_gain']:.3f}")
     name = "causal.safetensors" if causal else "teacher.safetensors"
-    (Path(cfg.out) / "metrics.json").write_text(json.dumps(dict(train=last, audio_reliance=reliance), indent=2))
-    extra = dict(stage=cfg.stage, train=last, audio_reliance=reliance, config=cfg.to_dict(), look_back=cfg.look_back,
-                 look_ahead=cfg.look_ahead, chunk=cfg.chunk if causal else None, window_latents=n_latent,
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(dict(train=last, audio_reliance=reliance,
+                                                                lip_reader=reader_metrics), indent=2))
+    extra = dict(stage=cfg.stage, train=last, audio_reliance=reliance, lip_reader=reader_metrics, config=cfg.to_dict(),
+                 look_back=cfg.look_back, look_ahead=cfg.look_ahead, chunk=cfg.chunk if causal else None, window_latents=n_latent,
                  motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
     save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", dcfg, extra=extra, dtype=torch.bfloat16)
-    return dict(train=last, audio_reliance=reliance)
+    return dict(train=last, audio_reliance=reliance, lip_reader=reader_metrics)
 
 
 STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=train_dit)
