@@ -99,9 +99,10 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     info = load_checkpoint(teacher).checkpoint_info
     assert info["window_latents"] == 7 and info["motion_latents"] == 2
     c = run_stage(_cfg(tmp_path, pack, "causal", vae=str(vae_file), frames=25, init=str(teacher), chunk=3,
-                       mouth_weight=4.0, lip_read_weight=0.5, lip_reader_steps=5))
+                       mouth_weight=4.0, lip_read_weight=0.5, lip_reader_steps=5, lip_reader_max_error=0.0))
     assert np.isfinite(c["train"]["loss"]) and c["train"]["lip_read"] > 0
     assert c["lip_reader"]["steps"] == 5 and np.isfinite(c["lip_reader"]["held_jaw_error"])
+    assert c["lip_reader"]["fits"] == 2  # a 5-step reader misses any bound: refitted once, then the better one used
     model = load_checkpoint(tmp_path / "causal" / "causal.safetensors")
     assert model.checkpoint_info["chunk"] == 3
     before = load_checkpoint(teacher).state_dict()

@@ -52,6 +52,8 @@ class TrainConfig:
     motion_latents: int = 2  # at most this many motion latents (the teacher's long-video overlap)
     lip_read_weight: float = 0.0  # weight of the lip-read loss (a latent lip reader on the DiT's x0 estimate)
     lip_reader_steps: int = 4000  # steps to fit that reader on the run's clean latents before the DiT trains
+    lip_reader_max_error: float = 0.04  # refit (another seed) while its held-out jaw error is above this...
+    lip_reader_tries: int = 2  # ...at most this many fits in all; the best one is used
     look_back: int = 2  # audio window widening, video frames
     look_ahead: int = 2
     extra: dict = field(default_factory=dict)
