@@ -18,7 +18,7 @@ from ..diffusion.samplers import guided_velocity
 from ..models.checkpoint import load_checkpoint
 from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
-from ..models.vae import CausalVAE
+from ..models.vae import CausalVAE, FeatureCache
 
 FPS = 25
 
@@ -65,6 +65,7 @@ class OfflineGenerator:
     timestep_shift: float = 3.0
     device: str = "cpu"
     seed: int = 0
+    decode_latents: int = 8  # latents per VAE decode call (causal feature cache): memory stays bounded by this
 
     @torch.no_grad()
     def generate(self, reference: np.ndarray, audio_features: np.ndarray, n_frames: int,
@@ -98,4 +99,6 @@ class OfflineGenerator:
                     v = guided_velocity([v_none, v], [self.audio_guidance])
                 z = z + (sig[i + 1] - sig[i]) * v[:, :, k:]
             done = torch.cat([done, z], 2)
-        return video_to_frames(self.vae.decode(done))[:n_frames]
+        cache, n = FeatureCache(), max(1, self.decode_latents)  # chunked == whole decode (tests/test_vae.py)
+        return np.concatenate([video_to_frames(self.vae.decode(done[:, :, i:i + n], cache))
+                               for i in range(0, done.shape[2], n)])[:n_frames]
