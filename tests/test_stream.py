@@ -202,7 +202,7 @@ def test_teacher_generates_window_by_window():
 
 
 def test_suite_generator_passes_the_timestep_shift(tmp_path):
-    """``eval suite --timestep-shift`` reaches the teacher's sampler (default: its own 3)."""
+    """``eval suite --timestep-shift`` and ``--noise-seed`` reach the teacher's sampler (default shift: its own 3)."""
     from talkstream.eval.evaluate import checkpoint_generator
     from talkstream.models.checkpoint import save_checkpoint
     from talkstream.models.config import dit_config, vae_config
@@ -229,3 +229,6 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
         finally:
             handle.remove()
         assert seen[1] / seen[0] == pytest.approx(mid)
+    draws = [checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
+                                  audio_guidance=1.0, inputs=inputs, noise_seed=s)(ref, clip) for s in (0, 0, 1)]
+    assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])  # --noise-seed

@@ -205,12 +205,13 @@ def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) ->
 
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
                          steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
-                         timestep_shift: float | None = None):
+                         timestep_shift: float | None = None, noise_seed: int = 0):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
     first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
     ``inputs`` (``prepare_suite``): precomputed features and captions instead of running the encoders.
-    ``timestep_shift``: of the sampling schedule (default: the samplers' own, 3)."""
+    ``timestep_shift``: of the sampling schedule (default: the samplers' own, 3). ``noise_seed``: the samplers'
+    initial noise (one seed's suite is one draw: run two to see the spread)."""
     import torch
 
     from ..models.checkpoint import load_checkpoint
@@ -229,7 +230,7 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
             encoders.extend([WhisperFeatures(), TextEncoder()])
         return _encode_clip(clip, *encoders)
 
-    shift = {} if timestep_shift is None else dict(timestep_shift=timestep_shift)
+    shift = dict(seed=noise_seed) if timestep_shift is None else dict(timestep_shift=timestep_shift, seed=noise_seed)
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
