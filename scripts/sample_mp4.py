@@ -6,11 +6,11 @@ machine (the first clip's first 4 s; GIF colours are quantized to 256) muxed wit
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 import numpy as np
 
+from talkstream.eval.evaluate import load_suite_inputs
 from talkstream.media import write_video
 from sample_strip import gif_frames
 
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=900000, help="the suite clip the GIF shows (the suite's first)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    clip = pickle.loads(a.inputs.read_bytes())["clips"][a.seed]["clip"]
+    clip = load_suite_inputs(a.inputs)["clips"][a.seed]["clip"]
     frames = np.stack(gif_frames(a.gif))
     audio = clip.audio[: round(len(frames) / clip.fps * clip.sample_rate)]
     write_video(a.out, frames, fps=clip.fps, audio=audio, sample_rate=clip.sample_rate)

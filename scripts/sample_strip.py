@@ -6,12 +6,12 @@ GIF written by ``talkstream eval suite --sample x.gif`` (the clip's first 4 s), 
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from talkstream.eval.evaluate import load_suite_inputs
 from talkstream.world.render import render_states
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=16, help="frames between columns (16 = 0.64 s)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    clip = pickle.loads(a.inputs.read_bytes())["clips"][a.seed]["clip"]
+    clip = load_suite_inputs(a.inputs)["clips"][a.seed]["clip"]
     rows = [gif_frames(g) for g in a.gifs]
     n = min(len(r) for r in rows)
     size = rows[0][0].shape[0]

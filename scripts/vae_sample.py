@@ -6,12 +6,12 @@ reconstruction | the tiny decoder's (same latents), as an mp4 with the clip's au
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from talkstream.eval.evaluate import load_suite_inputs
 from talkstream.media import write_video
 from talkstream.models.checkpoint import load_checkpoint
 from talkstream.stream.avatar import WEIGHTS
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    clip = pickle.loads(a.inputs.read_bytes())["clips"][a.seed]["clip"]
+    clip = load_suite_inputs(a.inputs)["clips"][a.seed]["clip"]
     vae = load_checkpoint(WEIGHTS / "vae.safetensors", dtype=torch.float32).eval()
     tiny = load_checkpoint(WEIGHTS / "tiny_decoder.safetensors", dtype=torch.float32).eval()
     n = int(a.seconds * clip.fps)

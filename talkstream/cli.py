@@ -97,7 +97,7 @@ def _eval_real(args) -> None:
 def _eval_suite(args) -> None:
     import pickle
 
-    from .eval.evaluate import SUITE_SEEDS, checkpoint_generator, prepare_suite, run_suite
+    from .eval.evaluate import SUITE_SEEDS, checkpoint_generator, load_suite_inputs, prepare_suite, run_suite
 
     seeds = SUITE_SEEDS[: args.clips]
     if args.save_inputs:
@@ -106,12 +106,7 @@ def _eval_suite(args) -> None:
             pickle.dump(prepare_suite(seeds, args.seconds), f, protocol=pickle.HIGHEST_PROTOCOL)
         print(f"wrote {args.save_inputs}")
         return
-    inputs = None
-    if args.inputs:
-        if not args.inputs.exists():
-            raise FileNotFoundError(f"no such file: {args.inputs} (write it with --save-inputs)")
-        with open(args.inputs, "rb") as f:  # a pickle: load only files you wrote
-            inputs = pickle.load(f)
+    inputs = load_suite_inputs(args.inputs) if args.inputs else None
     gen = None
     if args.model != "world":
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"

@@ -186,3 +186,10 @@ def test_suite_inputs_replace_the_encoders(tmp_path, probe):
     a = run_suite(seeds=(900_002,), seconds=2.0, probe=probe)
     b = run_suite(seeds=(900_002,), seconds=2.0, probe=probe, inputs=inputs)
     assert abs(a["summary"]["mouth_error"] - b["summary"]["mouth_error"]) < 1e-6
+
+
+def test_missing_suite_inputs_say_how_to_make_them(tmp_path):
+    from talkstream.eval.evaluate import load_suite_inputs
+
+    with pytest.raises(FileNotFoundError, match="--save-inputs"):
+        load_suite_inputs(tmp_path / "nope.pkl")

@@ -203,6 +203,17 @@ def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) ->
     return dict(seconds=seconds, clips=out)
 
 
+def load_suite_inputs(path: str | Path) -> dict:
+    """The pickled ``prepare_suite`` output (``eval suite --save-inputs``); a pickle: load only files you wrote."""
+    import pickle
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path} (write it with `talkstream eval suite --save-inputs`)")
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
                          steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
                          timestep_shift: float | None = None, noise_seed: int = 0):
@@ -230,11 +241,11 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
             encoders.extend([WhisperFeatures(), TextEncoder()])
         return _encode_clip(clip, *encoders)
 
-    shift = dict(seed=noise_seed) if timestep_shift is None else dict(timestep_shift=timestep_shift, seed=noise_seed)
+    sampler = dict(seed=noise_seed) | ({} if timestep_shift is None else dict(timestep_shift=timestep_shift))
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
-        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **shift),
+        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **sampler),
                         device=device, size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
@@ -244,7 +255,7 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         return generate
     from ..stream.offline import OfflineGenerator
 
-    gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance, **shift)
+    gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance, **sampler)
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
         feats, emb, mask = encoded(clip)

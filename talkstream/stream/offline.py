@@ -18,7 +18,8 @@ from ..diffusion.samplers import guided_velocity
 from ..models.checkpoint import load_checkpoint
 from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
-from ..models.vae import CausalVAE, FeatureCache
+from ..models.vae import CausalVAE
+from .engine import ChunkDecoder
 
 FPS = 25
 
@@ -99,6 +100,5 @@ class OfflineGenerator:
                     v = guided_velocity([v_none, v], [self.audio_guidance])
                 z = z + (sig[i + 1] - sig[i]) * v[:, :, k:]
             done = torch.cat([done, z], 2)
-        cache, n = FeatureCache(), max(1, self.decode_latents)  # chunked == whole decode (tests/test_vae.py)
-        return np.concatenate([video_to_frames(self.vae.decode(done[:, :, i:i + n], cache))
-                               for i in range(0, done.shape[2], n)])[:n_frames]
+        decode, n = ChunkDecoder(self.vae), max(1, self.decode_latents)  # chunked == whole (tests/test_vae.py)
+        return np.concatenate([decode(done[:, :, i:i + n]) for i in range(0, done.shape[2], n)])[:n_frames]
