@@ -51,8 +51,8 @@ if [ "$mode" = wait ]; then
 fi
 
 # mode run: the pipeline itself
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$PWD/.carry/lib:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/device_env.sh"
+device_install
 L=$RES/logs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$L/gpu.txt" 2>&1
 launch() {  # launch SPEC in the background; its pid in $pid

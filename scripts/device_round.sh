@@ -7,9 +7,12 @@
 #   bash scripts/device_round.sh setup      (carry data/dit_pack.npz data/suite_inputs.pkl data/keep .whl .carry):
 #                                           install the wheel there
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
-#                                           separated by '--' share the GPU); the first's checkpoint + all logs to $OUT
+#                                           separated by '--' share the GPU); checkpoints, then logs, to $OUT
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
-# At most 8 files come back from a call: train returns 5 + one logs tar per run (4 shards, index), each suite 2.
+#                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE)
+# At most 8 files come back from a call: train hands back the runs' checkpoints in order while they fit (a DiT: 4
+# shards + index, the VAE: 2 + index, the tiny decoder: 1), then one logs tar per run while they fit (each run's
+# metrics.json is printed too); each suite 1 JSON (+ the gif of the first seed).
 # Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
 # alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
 # ignored only through .git/info/exclude were removed there.
@@ -18,16 +21,14 @@ mode=$1; shift
 if [ "$mode" != setup ] && { [ ! -f data/dit_pack.npz ] || [ ! -f /tmp/site/.ready ]; }; then
   echo "fresh machine: run 'setup' (carrying data .whl .carry) first"; exit 3
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$PWD/.carry/lib:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/device_env.sh"
 case $mode in
 setup)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -c "import skia, talkstream.world; print('renderer ok')" && touch /tmp/site/.ready
+  device_install && echo "renderer ok"
   ls -la data data/keep
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
 train)
-  # several runs side by side on the one GPU: separate them with '--'; the first run's checkpoint comes back,
-  # the others' stay in their OUT folders (the logs of all come back)
+  # several runs side by side on the one GPU: separate them with '--'
   pids=() outs=()
   while [ $# -ge 2 ]; do
     config=$1 out=$2; shift 2
@@ -43,17 +44,31 @@ train)
     wait "${pids[$k]}"; rc=$?; out=${outs[$k]}
     echo "$out exit $rc"
     tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -30 > "$out.tail"
-    cat "$out.tail"
-    tar -cf "$OUT/$(basename "$out")_logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
+    cat "$out.tail"; cat "$out"/metrics.json 2>/dev/null; echo
+    tar -cf "$out.logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
   done
-  cp "${outs[0]}"/*.safetensors* "$OUT"/ && ls -la "$OUT" ;;
+  n=0  # checkpoints first (in the order of the runs), then logs, while the 8 files last
+  for out in "${outs[@]}"; do
+    files=("$out"/*.safetensors*)
+    if [ -f "${files[0]}" ] && [ $((n + ${#files[@]})) -le 8 ]; then cp "${files[@]}" "$OUT"/; n=$((n + ${#files[@]}))
+    else echo "$out: checkpoint not handed back (stays in $out on this machine)"; fi
+  done
+  for out in "${outs[@]}"; do
+    [ $n -lt 8 ] && [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$OUT/$(basename "$out")_logs.tar" && n=$((n + 1))
+  done
+  ls -la "$OUT" ;;
 suite)
   while [ $# -ge 3 ]; do
     model=$1 steps=$2 name=$3; shift 3
     mkdir -p runs
-    python3 -m talkstream.cli eval suite --model "$model" --vae data/keep/vae.safetensors --steps "$steps" --clips 4 \
-      --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$name.json" --sample "$OUT/sample_$name.gif" \
-      > "runs/suite_$name.txt" 2>&1
-    echo "$name exit $?"; tail -n 8 "runs/suite_$name.txt"
+    first=1
+    for seed in ${SEEDS:-0}; do
+      tag=$name; [ "${SEEDS:-0}" != 0 ] && tag=${name}_s$seed
+      sample=(); [ $first = 1 ] && sample=(--sample "$OUT/sample_$name.gif"); first=0
+      python3 -m talkstream.cli eval suite --model "$model" --vae "${VAE:-data/keep/vae.safetensors}" --steps "$steps" \
+        --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
+        "${sample[@]}" > "runs/suite_$tag.txt" 2>&1
+      echo "$tag exit $?"; tail -n 8 "runs/suite_$tag.txt"
+    done
   done ;;
 esac

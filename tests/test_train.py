@@ -75,7 +75,8 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     assert "tiny_psnr_db" in d and d["tiny_speedup"] > 0
     # decoder-only fine-tuning: the encoder (so the latent space and its statistics) stays exactly as it was
     run_stage(_cfg(tmp_path, pack, "vae", out=str(tmp_path / "vae_ft"), init=str(vae_file),
-                   lr=1e-2, extra={"freeze_encoder": True, "crop": 32, "mouth_weight": 5.0, "motion_weight": 2.0}))
+                   lr=1e-2, extra={"freeze_encoder": True, "crop": 32, "mouth_weight": 5.0, "motion_weight": 2.0,
+                                              "l2_weight": 10.0}))
     assert "lips_motion" in json.loads((tmp_path / "vae_ft" / "log.jsonl").read_text().splitlines()[-1])
     ft = load_checkpoint(tmp_path / "vae_ft" / "vae.safetensors").state_dict()
     base = load_checkpoint(vae_file).state_dict()  # (re-exported by the resumed run)

@@ -95,6 +95,7 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
     log(f"rendered {frames.shape[0] * frames.shape[1]} frames in {time.perf_counter() - t0:.1f}s")
     mouth_w = float(cfg.extra.get("mouth_weight", 0.0))  # extra L1 weight on the lips (world geometry)
     motion_w = float(cfg.extra.get("motion_weight", 0.0))  # extra L1 weight on the lips' temporal differences
+    l2_w = float(cfg.extra.get("l2_weight", 0.0))  # squared error over the whole frame: what PSNR measures
     if motion_w and not mouth_w:
         raise ValueError("motion_weight needs mouth_weight > 0 (both use the lips' weight map)")
     bank = FrameBank(frames[tr], cfg.frames, device, mouth_pixels(pack, tr, cfg.size) if mouth_w else None)
@@ -114,7 +115,7 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
         mean, logvar = model.encode_moments(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         y = model.decode(z, normalized=False)
-        rec = reconstruction_loss(y.float(), x, ms_ssim_weight=cfg.ms_ssim_weight)
+        rec = reconstruction_loss(y.float(), x, l2=l2_w, ms_ssim_weight=cfg.ms_ssim_weight)
         kl = kl_divergence(mean.float(), logvar.float())
         info = dict(rec=rec.detach(), kl=kl.detach())
         loss = rec + cfg.kl_weight * kl
