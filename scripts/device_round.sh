@@ -11,7 +11,7 @@
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE)
 # At most 8 files come back from a call: train hands back the runs' checkpoints in order while they fit (a DiT: 4
-# shards + index, the VAE: 2 + index, the tiny decoder: 1), then one logs tar per run while they fit (each run's
+# shards + index, the VAE: 2 + index, the tiny decoder: 1; each in a folder named after its OUT), then one logs tar per run while they fit (each run's
 # metrics.json is printed too); each suite 1 JSON (+ the gif of the first seed).
 # Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
 # alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
@@ -44,19 +44,20 @@ train)
     wait "${pids[$k]}"; rc=$?; out=${outs[$k]}
     echo "$out exit $rc"
     tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -30 > "$out.tail"
-    cat "$out.tail"; cat "$out"/metrics.json 2>/dev/null; echo
+    cat "$out.tail"  # (ends with the stage's metrics)
     tar -cf "$out.logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
   done
   n=0  # checkpoints first (in the order of the runs), then logs, while the 8 files last
   for out in "${outs[@]}"; do
     files=("$out"/*.safetensors*)
-    if [ -f "${files[0]}" ] && [ $((n + ${#files[@]})) -le 8 ]; then cp "${files[@]}" "$OUT"/; n=$((n + ${#files[@]}))
+    if [ -f "${files[0]}" ] && [ $((n + ${#files[@]})) -le 8 ]; then  # one folder per run: two VAEs' shards share names
+      mkdir -p "$OUT/$(basename "$out")" && cp "${files[@]}" "$OUT/$(basename "$out")"/; n=$((n + ${#files[@]}))
     else echo "$out: checkpoint not handed back (stays in $out on this machine)"; fi
   done
   for out in "${outs[@]}"; do
     [ $n -lt 8 ] && [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$OUT/$(basename "$out")_logs.tar" && n=$((n + 1))
   done
-  ls -la "$OUT" ;;
+  ls -laR "$OUT" ;;
 suite)
   while [ $# -ge 3 ]; do
     model=$1 steps=$2 name=$3; shift 3

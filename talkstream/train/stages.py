@@ -243,6 +243,7 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
     dec.latent_std.copy_(vae.latent_std.cpu())
     # distill: weight of matching the VAE decoder's output (one extra VAE decode per step) beside the true frames
     distill_w, crop = float(cfg.extra.get("distill", 1.0)), int(cfg.extra.get("crop", 0))
+    l2_w = float(cfg.extra.get("l2_weight", 0.0))  # squared error over the whole frame: what PSNR measures
 
     def sample(g):
         x, m = bank.sample(g, cfg.batch, crop, with_mouth=True) if mouth_w else (bank.sample(g, cfg.batch, crop), None)
@@ -253,7 +254,7 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
 
     def loss_fn(model, b):
         y = model(b["z"]).float()
-        truth = reconstruction_loss(y, b["x"], ms_ssim_weight=cfg.ms_ssim_weight)
+        truth = reconstruction_loss(y, b["x"], l2=l2_w, ms_ssim_weight=cfg.ms_ssim_weight)
         loss, info = truth, dict(truth=truth.detach())
         if distill_w:
             distill = reconstruction_loss(y, b["target"], ms_ssim_weight=0.0)
