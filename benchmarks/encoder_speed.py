@@ -1,7 +1,6 @@
 """Audio/text encoder cost on this machine: Whisper tiny.en encoder seconds per second of audio (offline and
 live, hop by hop) and MiniLM per caption. JSON to benchmarks/results/encoder_speed.json."""
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from talkstream.machine import describe  # noqa: E402
+from talkstream.machine import describe, report  # noqa: E402
 from talkstream.models.encoders import TextEncoder, WhisperFeatures  # noqa: E402
 from talkstream.world.speech import SentenceGenerator, synthesize  # noqa: E402
 
@@ -40,9 +39,7 @@ def main() -> None:
     for _ in range(20):
         te.encode(["smiles and speaks quickly while nodding"])
     res["minilm_ms_per_caption"] = round((time.perf_counter() - t) / 20 * 1000, 2)
-    out = Path(__file__).parent / "results" / "encoder_speed.json"
-    out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    report(res, Path(__file__).parent / "results" / "encoder_speed.json")
 
 
 if __name__ == "__main__":

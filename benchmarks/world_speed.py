@@ -3,17 +3,14 @@
 Prints JSON and writes it to benchmarks/results/world_speed.json.
 """
 
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from talkstream.machine import describe  # noqa: E402
+from talkstream.machine import describe, report  # noqa: E402
 from talkstream.world.behaviour import make_clip  # noqa: E402
 from talkstream.world.dataset import make_world  # noqa: E402
 from talkstream.world.render import FrameState, Renderer  # noqa: E402
@@ -50,10 +47,7 @@ def main() -> None:
     res["world_make"] = dict(clips=clips, seconds_per_clip=8.0, size=256, workers=workers,
                              clips_per_min=round(clips / dt * 60, 1),
                              video_seconds_per_wall_second=round(clips * 8.0 / dt, 2))
-    out = Path(__file__).parent / "results" / "world_speed.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    report(res, Path(__file__).parent / "results" / "world_speed.json")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ A DiT can only lip-sync as well as its audio input allows: this is that bound, m
 """
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
 from talkstream.eval.metrics import F as STATE
-from talkstream.machine import describe
+from talkstream.machine import describe, report
 from talkstream.models.encoders import audio_windows
 from talkstream.train.data import load_pack
 
@@ -57,10 +56,7 @@ def main() -> None:
                    held_out_jaw_mae=float((net(x[n:]) - y[n:]).abs().mean()),
                    constant_jaw_mae=float((y[n:] - y[:n].mean()).abs().mean()), train_jaw_mae=float(loss),
                    epochs=a.epochs, seconds=time.perf_counter() - t0, pack=a.pack, machine=describe())
-    print(json.dumps(res, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+    report(res, a.out)
 
 
 if __name__ == "__main__":

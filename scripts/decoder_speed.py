@@ -6,11 +6,10 @@ runs that share the GPU make their own timings unreliable): PSNR, lips PSNR, mou
 """
 
 import argparse
-import json
 
 import torch
 
-from talkstream.machine import describe
+from talkstream.machine import describe, report
 from talkstream.models.checkpoint import load_checkpoint
 from talkstream.train.data import load_pack, mouth_pixels, render_pack
 from talkstream.train.stages import EVAL_FRAMES, _split, evaluate_vae
@@ -38,10 +37,7 @@ def main() -> None:
                        mouths=mouth_pixels(pack, ho, 256))
     res["machine"] = describe()
     res["precision"] = "fp32 weights"
-    print(json.dumps(res, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+    report(res, a.out)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ latent space can reach (mouth error, sync, identity), in 33-frame segments to bo
 """
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
 from talkstream.eval.evaluate import SUITE_SEEDS, run_suite
-from talkstream.machine import describe
+from talkstream.machine import describe, report
 from talkstream.models.checkpoint import load_checkpoint
 from talkstream.stream.offline import video_to_frames
 from talkstream.train.stages import to_video
@@ -41,10 +40,7 @@ def main() -> None:
     t = time.perf_counter()
     res = run_suite(roundtrip, seeds=SUITE_SEEDS[: a.clips])
     res.update(vae=a.vae, machine=describe(), seconds=time.perf_counter() - t)
-    print(json.dumps(res["summary"], indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2, default=str)
+    report(res, a.out, show=res["summary"])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""A description of the machine a measurement ran on (every benchmark JSON carries one)."""
+"""A description of the machine a measurement ran on (every benchmark JSON carries one), and the one way a
+script reports a measurement: printed, and written as JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def describe() -> dict:
@@ -29,3 +32,12 @@ def describe() -> dict:
     except ImportError:
         pass
     return info
+
+
+def report(res: dict, out: str | os.PathLike | None = None, show: dict | None = None) -> dict:
+    """Print ``show`` (default: ``res``) as JSON and write ``res`` to ``out`` (parents made; None: print only)."""
+    print(json.dumps(res if show is None else show, indent=2, default=str))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=2, default=str))
+    return res

@@ -52,6 +52,15 @@ def resample(audio: np.ndarray, rate_from: int, rate_to: int) -> np.ndarray:
     return resample_poly(audio.astype(np.float32), rate_to // g, rate_from // g).astype(np.float32)
 
 
+def _umask() -> int:
+    """The process's file-mode mask, read without changing it (os.umask can only set it; Linux: /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
@@ -64,6 +73,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise MediaError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600): give it an ordinary file's mode
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -112,6 +112,8 @@ def test_media_round_trips_and_errors(tmp_path, rng):
     v = read_video(tmp_path / "v.mp4")
     assert v.frames.shape == (5, 24, 32, 3) and np.abs(v.frames.astype(int) - frames).mean() < 3
     assert v.audio is not None and len(v.audio) >= 3200
+    (tmp_path / "plain").write_text("x")  # written files get an ordinary file's mode, not the temp file's 0600
+    assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     (tmp_path / "not.mp4").write_text("hello")
     with pytest.raises(MediaError, match="not a readable"):
         read_video(tmp_path / "not.mp4")

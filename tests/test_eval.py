@@ -193,3 +193,15 @@ def test_missing_suite_inputs_say_how_to_make_them(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="--save-inputs"):
         load_suite_inputs(tmp_path / "nope.pkl")
+
+
+def test_report_prints_what_it_is_shown_and_writes_everything(tmp_path, capsys):
+    from talkstream.machine import report
+
+    res = dict(summary=dict(mouth_error=0.5), rows=[1, 2], path=tmp_path)
+    out = tmp_path / "new" / "res.json"
+    assert report(res, out, show=res["summary"]) is res
+    assert json.loads(capsys.readouterr().out) == {"mouth_error": 0.5}
+    assert json.loads(out.read_text()) == dict(summary=dict(mouth_error=0.5), rows=[1, 2], path=str(tmp_path))
+    report(dict(a=1))  # no file: printed only
+    assert json.loads(capsys.readouterr().out) == {"a": 1}

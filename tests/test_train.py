@@ -89,6 +89,10 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     bank = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3),
                       load_pack(pack))
     assert bank.lips.shape == (3, bank.L, 16)
+    one_by_one = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3),
+                            load_pack(pack), encode_clips=1)  # (the VAE encodes each clip on its own)
+    assert torch.allclose(one_by_one.latents.float(), bank.latents.float(), atol=1e-2)
+    assert torch.allclose(one_by_one.refs.float(), bank.refs.float(), atol=1e-2)
     fresh = WanDiT(dit_config("tiny"))  # zero-initialised audio adapters: the audio cannot matter
     assert audio_reliance(fresh, bank, n_latent=7)["mean_gain"] == 0
     torch.nn.init.normal_(fresh.head.head.weight, std=0.1)  # (a fresh head predicts zero whatever it sees)

@@ -278,11 +278,11 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
 # -- DiT: teacher and causal -------------------------------------------------------------------------------
 class LatentBank:
     """VAE latents of every pack clip with their audio windows, captions, reference latents, the lips' maps and
-    the lip fields of each latent's frames (``lip_targets``), on the device."""
+    the lip fields of each latent's frames (``lip_targets``), on the device. ``encode_clips``: clips per VAE
+    encoder call (8 x 73 frames at 256: ~7 GB of activations; fewer on a CPU)."""
 
-    ENCODE_CLIPS = 8  # clips per VAE encoder call (8 x 73 frames at 256: ~7 GB of activations; lower it on a CPU)
-
-    def __init__(self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice, pack: WorldPack) -> None:
+    def __init__(self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice, pack: WorldPack,
+                 encode_clips: int = 8) -> None:
         if pack.audio_features is None or pack.caption_emb is None:
             raise ValueError(f"{cfg.data}: the DiT stages need a pack with audio features and caption embeddings")
         frames = render_pack(pack, cfg.size, cfg.workers, clips)
@@ -293,8 +293,8 @@ class LatentBank:
         g = torch.Generator().manual_seed(cfg.seed)
         bf16 = device.startswith("cuda")
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            for k in range(0, len(idx), self.ENCODE_CLIPS):
-                x = to_video(torch.from_numpy(frames[k:k + self.ENCODE_CLIPS, :T]).to(device))
+            for k in range(0, len(idx), encode_clips):
+                x = to_video(torch.from_numpy(frames[k:k + encode_clips, :T]).to(device))
                 lat.append(vae.encode(x).to(torch.bfloat16))
                 pick = torch.randint(T, (x.shape[0], 4), generator=g)  # 4 reference frames per clip
                 singles = x[torch.arange(x.shape[0])[:, None], :, pick]  # [b, 4, 3, H, W]
