@@ -11,8 +11,9 @@
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE)
 # At most 8 files come back from a call: train hands back the runs' checkpoints in order while they fit (a DiT: 4
-# shards + index, the VAE: 2 + index, the tiny decoder: 1; each in a folder named after its OUT), then one logs tar per run while they fit (each run's
-# metrics.json is printed too); each suite 1 JSON (+ the gif of the first seed).
+# shards + index, the VAE: 2 + index, the tiny decoder: 1; each in a folder named after its OUT), then one logs
+# tar per run while they fit; the last 70 lines of each run's output (its final metrics, train figures included)
+# are printed. Each suite: 1 JSON (+ the gif of the first seed).
 # Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
 # alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
 # ignored only through .git/info/exclude were removed there.
@@ -43,7 +44,7 @@ train)
   for k in "${!pids[@]}"; do
     wait "${pids[$k]}"; rc=$?; out=${outs[$k]}
     echo "$out exit $rc"
-    tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -30 > "$out.tail"
+    tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -70 > "$out.tail"
     cat "$out.tail"  # (ends with the stage's metrics)
     tar -cf "$out.logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
   done
