@@ -71,7 +71,8 @@ def train_lip_reader(sample, latent_dim: int, outputs: int, steps: int, device: 
         b = sample(gen)
         x0 = b["x0"].float()
         s = torch.rand(x0.shape[0], 1, 1, 1, 1, generator=noise_gen, device=device) * noise_max
-        z = x0 + s * torch.randn(x0.shape, generator=noise_gen, device=device)  # (drawn on the CPU, it was the bottleneck)
+        # the noise is drawn on the device: drawn on the CPU, it was the bottleneck
+        z = x0 + s * torch.randn(x0.shape, generator=noise_gen, device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             pred = reader(z, b["mouth"].float())
         loss = F.smooth_l1_loss(pred, b["lips"].float(), beta=0.05)

@@ -320,13 +320,15 @@ class LatentBank:
         i = torch.randint(self.n, (batch,), generator=gen)
         a = torch.randint(self.L - n_latent + 1, (batch,), generator=gen)
         r = torch.randint(4, (batch,), generator=gen)
-        x0 = torch.stack([self.latents[ii, :, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
-        audio = torch.stack([self.audio[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
-        mouth = torch.stack([self.mouth[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
-        lips = torch.stack([self.lips[ii, aa:aa + n_latent] for ii, aa in zip(i.tolist(), a.tolist())])
+        at = (i[:, None].to(self.device), (a[:, None] + torch.arange(n_latent)).to(self.device))
+
+        def window(t: torch.Tensor, dim: int = 1) -> torch.Tensor:  # clip i's latents a .. a + n_latent along dim
+            return t.movedim(dim, 1)[at].movedim(1, dim)
+
         cap = self.caption_of_latent[i, a + n_latent // 2].to(self.device)
-        return dict(x0=x0.float(), audio=audio, ref=self.refs[i.to(self.device), r.to(self.device)],
-                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap], mouth=mouth.float(), lips=lips)
+        return dict(x0=window(self.latents, 2).float(), audio=window(self.audio), mouth=window(self.mouth).float(),
+                    lips=window(self.lips), ref=self.refs[at[0][:, 0], r.to(self.device)],
+                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap])
 
 
 def velocity_error_map(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -466,13 +468,13 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     reliance = audio_reliance(final, held, n_latent=n_latent, seed=cfg.seed)
     log(f"audio reliance on {held.n} held-out clips (lips error, shuffled / own audio - 1): {reliance['mean_gain']:.3f}")
     name = "causal.safetensors" if causal else "teacher.safetensors"
-    (Path(cfg.out) / "metrics.json").write_text(json.dumps(dict(train=last, audio_reliance=reliance,
-                                                                lip_reader=reader_metrics), indent=2))
-    extra = dict(stage=cfg.stage, train=last, audio_reliance=reliance, lip_reader=reader_metrics, config=cfg.to_dict(),
-                 look_back=cfg.look_back, look_ahead=cfg.look_ahead, chunk=cfg.chunk if causal else None, window_latents=n_latent,
+    metrics = dict(train=last, audio_reliance=reliance, lip_reader=reader_metrics)
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    extra = dict(stage=cfg.stage, **metrics, config=cfg.to_dict(), look_back=cfg.look_back, look_ahead=cfg.look_ahead,
+                 chunk=cfg.chunk if causal else None, window_latents=n_latent,
                  motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
     save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", dcfg, extra=extra, dtype=torch.bfloat16)
-    return dict(train=last, audio_reliance=reliance, lip_reader=reader_metrics)
+    return metrics
 
 
 STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=train_dit)
