@@ -8,8 +8,13 @@
 #                                           install the wheel there
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU); checkpoints, then logs, to $OUT
+#   bash scripts/device_round.sh latents PACKS [whole]   render and VAE-encode the packs (comma-separated) into the
+#                                           latent cache data/latents, in the groups a training run on PACKS reads
+#                                           (train with data=PACKS latent_cache=data/latents); `whole`: as one bank
+#                                           (to cache a first pack before the others arrive)
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
-#                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE)
+#                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
+#                                           CFG=2: the audio guidance scale)
 # At most 8 files come back from a call: train hands back the runs' checkpoints in order while they fit (a DiT: 4
 # shards + index, the VAE: 2 + index, the tiny decoder: 1; each in a folder named after its OUT), then one logs
 # tar per run while they fit; the last 70 lines of each run's output (its final metrics, train figures included)
@@ -28,6 +33,20 @@ setup)
   device_install && echo "renderer ok"
   ls -la data data/keep
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
+latents)
+  python3 - "$1" "${2:-}" <<'PY'
+import sys, time
+from talkstream.train.config import TrainConfig
+from talkstream.train.data import load_pack
+from talkstream.train.stages import LatentBank, dit_banks
+from talkstream.models.checkpoint import load_checkpoint
+cfg = TrainConfig.load("configs/teacher.yaml", dict(data=sys.argv[1], latent_cache="data/latents", workers=16))
+vae = load_checkpoint("data/keep/vae.safetensors", device="cuda").requires_grad_(False)
+t0, pack = time.perf_counter(), load_pack(cfg.data)
+banks = [LatentBank(cfg, vae, "cuda", slice(None), pack)] if sys.argv[2] == "whole" else dit_banks(cfg, vae, "cuda", pack)
+print(f"{sum(b.n for b in banks)} clips cached, {time.perf_counter() - t0:.0f} s", flush=True)
+PY
+  ls -la data/latents | tail -3; du -sh data/latents ;;
 train)
   # several runs side by side on the one GPU: separate them with '--'
   pids=() outs=()
@@ -68,7 +87,7 @@ suite)
       tag=$name; [ "${SEEDS:-0}" != 0 ] && tag=${name}_s$seed
       sample=(); [ $first = 1 ] && sample=(--sample "$OUT/sample_$name.gif"); first=0
       python3 -m talkstream.cli eval suite --model "$model" --vae "${VAE:-data/keep/vae.safetensors}" --steps "$steps" \
-        --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
+        --audio-guidance "${CFG:-2}" --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
         "${sample[@]}" > "runs/suite_$tag.txt" 2>&1
       echo "$tag exit $?"; tail -n 8 "runs/suite_$tag.txt"
     done

@@ -12,7 +12,7 @@ import yaml
 @dataclass
 class TrainConfig:
     stage: str  # vae | decoder | teacher | causal
-    data: str  # a world pack (.npz) written by `talkstream train pack`
+    data: str  # a world pack (.npz) written by `talkstream train pack`; several: joined by commas
     out: str = "runs/run"
     model: str = "small"  # DiT or VAE size name
     steps: int = 1000
@@ -32,6 +32,7 @@ class TrainConfig:
     size: int = 256  # frame size
     frames: int = 17  # video frames per sample (1 + 4m)
     workers: int = 8  # rendering processes
+    latent_cache: str = ""  # DiT stages: a folder keeping the packs' VAE latents between runs ("": none)
     # VAE
     kl_weight: float = 1e-6
     ms_ssim_weight: float = 0.2

@@ -93,7 +93,59 @@ def dequantize_features(q: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.n
     return (q.astype(np.float32) * step + lo).astype(np.float16)
 
 
-def load_pack(path: str | Path) -> WorldPack:
+def pack_paths(spec: str | Path | list) -> list[Path]:
+    """A training config's ``data``: one pack, several joined by commas, or a list of them."""
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    paths = [Path(str(p).strip()) for p in items if str(p).strip()]
+    if not paths:
+        raise ValueError("no world pack given")
+    return paths
+
+
+def load_pack(path: str | Path | list) -> WorldPack:
+    """One pack, or several (``pack_paths``) joined into one: clips in the order given, captions merged."""
+    paths = pack_paths(path)
+    if len(paths) > 1:
+        return concat_packs([_load_one(p) for p in paths])
+    return _load_one(paths[0])
+
+
+def concat_packs(packs: list[WorldPack]) -> WorldPack:
+    """Packs with the same clip length -> one pack; each pack's caption ids are remapped into the merged
+    caption table (token embeddings zero-padded to the longest, masks False there)."""
+    if len({p.n_frames for p in packs}) != 1:
+        raise ValueError(f"packs of different clip lengths cannot be joined: {[p.n_frames for p in packs]} frames")
+    seeds = np.concatenate([p.seeds for p in packs])
+    if len(np.unique(seeds)) != len(seeds):
+        raise ValueError("the packs share clips (the same world seeds): each clip would be counted twice")
+    with_text = all(p.caption_emb is not None for p in packs)
+    index: dict[str, int] = {}
+    emb_of: dict[str, tuple] = {}
+    remapped = []
+    for p in packs:
+        table = np.array([index.setdefault(c, len(index)) for c in p.captions], np.int16)
+        remapped.append(table[p.caption_ids])
+        if with_text:
+            for k, c in enumerate(p.captions):
+                emb_of.setdefault(c, (p.caption_emb[k], p.caption_mask[k]))
+    captions = list(index)
+    emb = mask = None
+    if with_text:
+        n_tok = max(e.shape[0] for e, _ in emb_of.values())
+        emb = np.zeros((len(captions), n_tok, packs[0].caption_emb.shape[-1]), packs[0].caption_emb.dtype)
+        mask = np.zeros((len(captions), n_tok), bool)
+        for k, c in enumerate(captions):
+            e, m = emb_of[c]
+            emb[k, :len(e)], mask[k, :len(m)] = e, m
+    audio = (np.concatenate([p.audio_features for p in packs])
+             if all(p.audio_features is not None for p in packs) else None)
+    return WorldPack(states=np.concatenate([p.states for p in packs]),
+                     behaviour=np.concatenate([p.behaviour for p in packs]),
+                     identities=[i for p in packs for i in p.identities], caption_ids=np.concatenate(remapped),
+                     captions=captions, caption_emb=emb, caption_mask=mask, audio_features=audio, seeds=seeds)
+
+
+def _load_one(path: Path) -> WorldPack:
     with np.load(path, allow_pickle=False) as z:
         get = (lambda k: z[k] if k in z.files else None)
         audio = get("audio_features")  # (packs written before quantization)
@@ -119,9 +171,11 @@ def _render_clips(args) -> None:
         shm.close()
 
 
-def render_pack(pack: WorldPack, size: int = 256, workers: int = 1, clips: slice | None = None) -> np.ndarray:
-    """All frames of (a slice of) the pack, [N, T, size, size, 3] uint8, rendered over ``workers`` processes."""
-    idx = list(range(pack.n_clips))[clips or slice(None)]
+def render_pack(pack: WorldPack, size: int = 256, workers: int = 1,
+                clips: slice | list[int] | None = None) -> np.ndarray:
+    """All frames of (a slice or a list of clips of) the pack, [N, T, size, size, 3] uint8, rendered over
+    ``workers`` processes."""
+    idx = list(clips) if isinstance(clips, (list, tuple)) else list(range(pack.n_clips))[clips or slice(None)]
     shape = (len(idx), pack.n_frames, size, size, 3)
     shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
     try:
