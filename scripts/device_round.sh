@@ -8,10 +8,9 @@
 #                                           install the wheel there
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU); checkpoints, then logs, to $OUT
-#   bash scripts/device_round.sh latents PACKS [whole]   render and VAE-encode the packs (comma-separated) into the
-#                                           latent cache data/latents, in the groups a training run on PACKS reads
-#                                           (train with data=PACKS latent_cache=data/latents); `whole`: as one bank
-#                                           (to cache a first pack before the others arrive)
+#   bash scripts/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
+#                                           into the latent cache data/latents, one file per clip (train with
+#                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
 #                                           CFG=2: the audio guidance scale)
@@ -34,17 +33,17 @@ setup)
   ls -la data data/keep
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
 latents)
-  python3 - "$1" "${2:-}" <<'PY'
+  python3 - "$1" <<'PY'
 import sys, time
 from talkstream.train.config import TrainConfig
 from talkstream.train.data import load_pack
-from talkstream.train.stages import LatentBank, dit_banks
+from talkstream.train.stages import LatentBank
 from talkstream.models.checkpoint import load_checkpoint
 cfg = TrainConfig.load("configs/teacher.yaml", dict(data=sys.argv[1], latent_cache="data/latents", workers=16))
 vae = load_checkpoint("data/keep/vae.safetensors", device="cuda").requires_grad_(False)
 t0, pack = time.perf_counter(), load_pack(cfg.data)
-banks = [LatentBank(cfg, vae, "cuda", slice(None), pack)] if sys.argv[2] == "whole" else dit_banks(cfg, vae, "cuda", pack)
-print(f"{sum(b.n for b in banks)} clips cached, {time.perf_counter() - t0:.0f} s", flush=True)
+bank = LatentBank(cfg, vae, "cuda", slice(None), pack)
+print(f"{bank.n} clips cached, {time.perf_counter() - t0:.0f} s", flush=True)
 PY
   ls -la data/latents | tail -3; du -sh data/latents ;;
 train)

@@ -119,18 +119,22 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     cache = tmp_path / "latents"
     cached = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), vae,
                         "cpu", slice(0, 3), load_pack(pack))
-    assert len(list(cache.glob("latents_*.pt"))) == 1 and torch.equal(cached.latents, bank.latents)
-    for f in cache.glob("latents_*.pt"):  # a second bank reads the cache (proof: what it reads is what it gets)
+    assert len(list(cache.glob("clip_*.pt"))) == 3 and torch.equal(cached.latents, bank.latents)
+    for f in cache.glob("clip_*.pt"):  # a second bank reads the cache (proof: what it reads is what it gets)
         saved = torch.load(f)
         torch.save(dict(latents=saved["latents"] + 1, refs=saved["refs"]), f)
     again = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), vae,
                        "cpu", slice(0, 3), load_pack(pack))
     assert torch.equal(again.latents, bank.latents + 1) and torch.equal(again.refs, bank.refs)
+    shifted = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), vae,
+                         "cpu", slice(2, 4), load_pack(pack))  # another split: clip 2 read back, clip 3 encoded
+    assert len(list(cache.glob("clip_*.pt"))) == 4 and torch.equal(shifted.latents[0], bank.latents[2] + 1)
+    assert torch.equal(shifted.refs[0], bank.refs[2])
     other_vae = load_checkpoint(vae_file)  # other weights: another key, encoded afresh
     torch.nn.init.zeros_(next(other_vae.parameters()))
     LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), other_vae,
                "cpu", slice(0, 3), load_pack(pack))
-    assert len(list(cache.glob("latents_*.pt"))) == 2
+    assert len(list(cache.glob("clip_*.pt"))) == 7
     fresh = WanDiT(dit_config("tiny"))  # zero-initialised audio adapters: the audio cannot matter
     assert audio_reliance(fresh, bank, n_latent=7)["mean_gain"] == 0
     torch.nn.init.normal_(fresh.head.head.weight, std=0.1)  # (a fresh head predicts zero whatever it sees)

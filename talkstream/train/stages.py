@@ -288,48 +288,52 @@ def vae_fingerprint(vae: CausalVAE) -> str:
 
 def encode_clips_latents(cfg: TrainConfig, vae: CausalVAE, device: str, pack: WorldPack, idx: list[int],
                          encode_clips: int = 8, cache: str | Path | None = None,
-                         fingerprint: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         group: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Render and VAE-encode clips ``idx`` of the pack: latents [n, C, L, h, w] and 4 reference latents per clip
     (frames drawn by a generator seeded from ``cfg.seed`` and the clip's world seed) [n, 4, C, 1, h, w], bf16 on
-    the device. With ``cache`` (a folder), the result is kept there under a key of the clips' world seeds, the
-    frame size, the seed and the VAE's weights, and read back by any later bank that asks for the same."""
+    the device. Clips are rendered ``group`` at a time (host memory stays bounded for any pack size). With
+    ``cache`` (a folder), each clip's result is kept there under a key of its world seed, the frame size, the seed
+    and the VAE's weights, and read back by any later call that asks for that clip: whatever the split or the
+    packs it comes with."""
     T = 1 + 4 * ((pack.n_frames - 1) // 4)
-    path = None
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    paths = {}
     if cache:
-        key = hashlib.sha1(np.asarray(pack.seeds[idx], np.int64).tobytes()
-                           + f"{T}/{cfg.size}/{cfg.seed}/{fingerprint or vae_fingerprint(vae)}".encode()).hexdigest()
-        path = Path(cache) / f"latents_{key[:20]}.pt"
-        if path.exists():
-            saved = torch.load(path, map_location=device)
-            return saved["latents"], saved["refs"]
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(pack.seeds[idx[0]]))
-    picks = torch.randint(T, (len(idx), 4), generator=g)  # 4 reference frames per clip
-    frames = render_pack(pack, cfg.size, cfg.workers, idx)
-    lat, refs = [], []
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-        for k in range(0, len(idx), encode_clips):
-            x = to_video(torch.from_numpy(frames[k:k + encode_clips, :T]).to(device))
-            lat.append(vae.encode(x).to(torch.bfloat16))
-            singles = x[torch.arange(x.shape[0])[:, None], :, picks[k:k + encode_clips]]  # [b, 4, 3, H, W]
-            refs.append(vae.encode(singles.reshape(-1, 3, 1, *x.shape[-2:]))
-                        .view(x.shape[0], 4, -1, 1, *lat[-1].shape[-2:]).to(torch.bfloat16))
-    latents, refs = torch.cat(lat), torch.cat(refs)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(dict(latents=latents.cpu(), refs=refs.cpu()), tmp)
-        tmp.replace(path)
-    return latents, refs
+        fingerprint = vae_fingerprint(vae)
+        for i in idx:
+            key = hashlib.sha1(f"{int(pack.seeds[i])}/{T}/{cfg.size}/{cfg.seed}/{fingerprint}".encode()).hexdigest()
+            paths[i] = Path(cache) / f"clip_{key[:20]}.pt"
+            if paths[i].exists():
+                saved = torch.load(paths[i], map_location=device)
+                out[i] = saved["latents"], saved["refs"]
+    todo = [i for i in idx if i not in out]
+    for g0 in range(0, len(todo), group):
+        some = todo[g0:g0 + group]
+        frames = render_pack(pack, cfg.size, cfg.workers, some)
+        picks = torch.stack([torch.randint(T, (4,), generator=torch.Generator().manual_seed(
+            cfg.seed * 1_000_003 + int(pack.seeds[i]))) for i in some])  # 4 reference frames per clip
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            for k in range(0, len(some), encode_clips):
+                x = to_video(torch.from_numpy(frames[k:k + encode_clips, :T]).to(device))
+                lat = vae.encode(x).to(torch.bfloat16)
+                singles = x[torch.arange(x.shape[0])[:, None], :, picks[k:k + encode_clips]]  # [b, 4, 3, H, W]
+                refs = (vae.encode(singles.reshape(-1, 3, 1, *x.shape[-2:]))
+                        .view(x.shape[0], 4, -1, 1, *lat.shape[-2:]).to(torch.bfloat16))
+                for j, i in enumerate(some[k:k + encode_clips]):
+                    out[i] = lat[j], refs[j]
+                    if cache:
+                        paths[i].parent.mkdir(parents=True, exist_ok=True)
+                        tmp = paths[i].with_suffix(".tmp")
+                        torch.save(dict(latents=lat[j].cpu().clone(), refs=refs[j].cpu().clone()), tmp)
+                        tmp.replace(paths[i])
+    return torch.stack([out[i][0] for i in idx]), torch.stack([out[i][1] for i in idx])
 
 
 class LatentBank:
     """VAE latents of every pack clip with their audio windows, captions, reference latents, the lips' maps and
     the lip fields of each latent's frames (``lip_targets``), on the device. ``encode_clips``: clips per VAE
-    encoder call (8 x 73 frames at 256: ~7 GB of activations; fewer on a CPU). Clips are rendered and encoded
-    ``GROUP`` at a time (host memory stays bounded for any pack size), each group cached in ``cfg.latent_cache``
-    when that is set."""
-
-    GROUP = 100
+    encoder call (8 x 73 frames at 256: ~7 GB of activations; fewer on a CPU). With ``cfg.latent_cache`` set,
+    each clip's latents are kept there (``encode_clips_latents``)."""
 
     def __init__(self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice, pack: WorldPack,
                  encode_clips: int = 8) -> None:
@@ -338,11 +342,8 @@ class LatentBank:
         idx = list(range(pack.n_clips))[clips]
         T = 1 + 4 * ((pack.n_frames - 1) // 4)
         self.L = 1 + (T - 1) // 4
-        fingerprint = vae_fingerprint(vae) if cfg.latent_cache else None
-        parts = [encode_clips_latents(cfg, vae, device, pack, idx[k:k + self.GROUP], encode_clips,
-                                      cfg.latent_cache or None, fingerprint) for k in range(0, len(idx), self.GROUP)]
-        self.latents = torch.cat([p[0] for p in parts])  # [N, C, L, h, w]
-        self.refs = torch.cat([p[1] for p in parts])  # [N, 4, C, 1, h, w]
+        self.latents, self.refs = encode_clips_latents(cfg, vae, device, pack, idx, encode_clips,
+                                                       cfg.latent_cache or None)  # [N, C, L, h, w], [N, 4, C, 1, h, w]
         self.audio = torch.stack([audio_windows(torch.from_numpy(pack.audio_features[i].astype(np.float32)), self.L,
                                                 look_back=cfg.look_back, look_ahead=cfg.look_ahead)
                                   for i in idx]).to(device, torch.bfloat16)  # [N, L, Na, A]
@@ -370,13 +371,6 @@ class LatentBank:
         return dict(x0=window(self.latents, 2).float(), audio=window(self.audio), mouth=window(self.mouth).float(),
                     lips=window(self.lips), ref=self.refs[at[0][:, 0], r.to(self.device)],
                     text=self.caption_emb[cap], text_mask=self.caption_mask[cap])
-
-
-def dit_banks(cfg: TrainConfig, vae: CausalVAE, device: str, pack: WorldPack) -> tuple[LatentBank, LatentBank]:
-    """The training and held-out banks of a DiT run. `device_round.sh latents` fills the latent cache through this
-    too, so its groups (and cache keys) are the ones a training run on the same packs reads."""
-    tr, ho = _split(pack.n_clips)
-    return LatentBank(cfg, vae, device, tr, pack), LatentBank(cfg, vae, device, ho, pack)
 
 
 def velocity_error_map(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -496,7 +490,8 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
     pack = load_pack(cfg.data)
     t0 = time.perf_counter()
-    bank, held = dit_banks(cfg, vae, device, pack)
+    tr, ho = _split(pack.n_clips)
+    bank, held = LatentBank(cfg, vae, device, tr, pack), LatentBank(cfg, vae, device, ho, pack)
     log(f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
     n_latent = 1 + (cfg.frames - 1) // 4
     reader, reader_metrics = fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
