@@ -167,7 +167,15 @@ def _train(args) -> None:
 
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     cfg = TrainConfig.load(args.config, {"stage": args.stage, **overrides})
-    print(json.dumps(run_stage(cfg), indent=2, default=str))
+    metrics = run_stage(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # (started by torchrun: rank 0 reports)
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return
+    print(json.dumps(metrics, indent=2, default=str))
 
 
 def _pack(args) -> None:

@@ -25,6 +25,8 @@ class TrainConfig:
     ema: float = 0.999  # 0 disables
     bf16: bool = True
     grad_checkpointing: bool = False
+    fsdp: str = "auto"  # torchrun runs: "on" shards the model over the ranks (FSDP), "off" replicates it (DDP),
+    # "auto": FSDP from 2 B parameters
     compile: bool = False  # torch.compile the DiT blocks' dense parts (GPU runs; the EMA copy stays eager)
     seed: int = 0
     log_every: int = 20
@@ -58,6 +60,10 @@ class TrainConfig:
     look_back: int = 2  # audio window widening, video frames
     look_ahead: int = 2
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fsdp not in ("auto", "on", "off"):
+            raise ValueError(f"fsdp must be auto, on or off, got {self.fsdp!r}")
 
     @staticmethod
     def load(path: str | Path, overrides: dict | None = None) -> "TrainConfig":

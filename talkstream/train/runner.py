@@ -1,8 +1,13 @@
 """The training runner: one loop for every stage.
 
 AdamW with warm-up, bf16 autocast on CUDA, gradient clipping, EMA weights, JSONL logs and a loss plot,
-resumable checkpoints (model, EMA, optimizer, step, RNG), seed control, a progress bar, and DDP when
-started by ``torchrun`` (WORLD_SIZE > 1): each rank draws its own batches, gradients are averaged.
+resumable checkpoints (model, EMA, optimizer, step, RNG), seed control, a progress bar.
+
+Started by ``torchrun`` (WORLD_SIZE > 1), each process trains on its own GPU (``train_device``) and draws its own
+batches, and gradients are averaged: the model is replicated (DDP) or, for big models (``cfg.fsdp``), sharded
+(FSDP: parameters, gradients, optimizer state and EMA split over the ranks, one unit per transformer block). The
+ranks share rank 0's clock (one learning rate, one last step under a time budget); rank 0 writes the logs and
+the state, which holds every rank's random state (an interrupted run resumes exactly).
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from .config import TrainConfig
@@ -25,25 +34,72 @@ Batch = dict
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict]]
 
 
-def _ddp() -> tuple[int, int]:
+FSDP_AUTO_PARAMS = 2_000_000_000  # fsdp "auto": shard models from this size (wan14b); replicate smaller ones
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group when started by torchrun (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def train_device() -> str:
+    """This process's device: its own GPU under torchrun (cuda:LOCAL_RANK), else the GPU or the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
+
+
+def uses_fsdp(setting: str, model: torch.nn.Module, world: int) -> bool:
+    if world == 1 or setting == "off":
+        return False
+    return setting == "on" or sum(p.numel() for p in model.parameters()) >= FSDP_AUTO_PARAMS
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP in place: each transformer block (``model.blocks``, where there are any) one unit, then the rest."""
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The module with every parameter and buffer on the meta device (no memory): a shape to gather shards into."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 class Runner:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn,
                  sample_batch: Callable[[torch.Generator], Batch], device: str) -> None:
         self.cfg, self.loss_fn, self.sample_batch = cfg, loss_fn, sample_batch
-        self.rank, self.world = _ddp()
+        self.rank, self.world = init_distributed()
         self.device = device
         if device.startswith("cuda"):  # fixed shapes every step: let cuDNN pick its fastest kernels; TF32 matmuls
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.seed + self.rank)
         self.model = model.to(device)
+        if self.world > 1:  # every rank starts from rank 0's weights (DDP does this itself; FSDP does not)
+            for t in (*self.model.parameters(), *self.model.buffers()):
+                dist.broadcast(t.data, 0)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema > 0 else None
-        self.train_model = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
+        self.fsdp = uses_fsdp(cfg.fsdp, self.model, self.world)
+        if self.fsdp:
+            self.whole = meta_copy(self.model)  # what final_model gathers the shards into
+            for m in (self.model, self.ema):
+                if m is not None:
+                    shard(m)
+            self.train_model = self.model
+        elif self.world > 1:
+            ids = [torch.device(device).index] if device.startswith("cuda") else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.train_model = self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.step = 0
@@ -62,23 +118,61 @@ class Runner:
     def _resume(self) -> None:
         if not self.state_file.exists():
             return
-        st = torch.load(self.state_file, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(st["model"])
-        if self.ema is not None and st.get("ema") is not None:
-            self.ema.load_state_dict(st["ema"])
-        self.opt.load_state_dict(st["opt"])
+        st = torch.load(self.state_file, map_location="cpu" if self.fsdp else self.device, weights_only=False)
+        if self.fsdp:  # every rank reads the whole state and keeps its shards
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, st["model"], options=full)
+            if self.ema is not None and st.get("ema") is not None:
+                set_model_state_dict(self.ema, st["ema"], options=full)
+            set_optimizer_state_dict(self.model, self.opt, st["opt"], options=full)
+        else:
+            self.model.load_state_dict(st["model"])
+            if self.ema is not None and st.get("ema") is not None:
+                self.ema.load_state_dict(st["ema"])
+            self.opt.load_state_dict(st["opt"])
         self.step = st["step"]
-        self.gen.set_state(st["gen"].cpu())
+        rngs = st["rng"] if "rng" in st else [dict(gen=st["gen"])]  # (states written before "rng": rank 0's batches)
+        if len(rngs) == self.world:
+            self._set_rng(rngs[self.rank])
+        else:  # another number of ranks: fresh, distinct draws (the saved ones would repeat across ranks)
+            self.gen.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)
         if self.rank == 0:
             print(f"resumed {self.out} at step {self.step}")
 
     def save_state(self) -> None:
+        """Model, EMA, optimizer, step and each rank's random state, written by rank 0 (under FSDP every rank
+        must call it: the shards are gathered)."""
+        if self.fsdp:
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model, opt = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(
+                self.model, self.opt, options=full)
+            ema = None if self.ema is None else get_model_state_dict(self.ema, options=full)
+        elif self.rank == 0:
+            model, opt = self.model.state_dict(), self.opt.state_dict()
+            ema = None if self.ema is None else self.ema.state_dict()
+        rngs = [self._rng()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, self._rng())
         if self.rank != 0:
             return
         tmp = self.state_file.with_suffix(".tmp")
-        torch.save(dict(model=self.model.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
-                        opt=self.opt.state_dict(), step=self.step, gen=self.gen.get_state()), tmp)
+        torch.save(dict(model=model, ema=ema, opt=opt, step=self.step, rng=rngs), tmp)
         os.replace(tmp, self.state_file)
+
+    def _rng(self) -> dict:
+        """This rank's random state: its batch generator and torch's own (noise, timesteps, dropout in the loss)."""
+        rng = dict(gen=self.gen.get_state(), cpu=torch.get_rng_state())
+        if self.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _set_rng(self, rng: dict) -> None:
+        self.gen.set_state(rng["gen"].cpu())
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"].cpu())
+        if "cuda" in rng and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
 
     def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
         """Warm-up, then cosine to 10% over the steps or over the time budget, whichever runs out first."""
@@ -98,12 +192,17 @@ class Runner:
         last = {}
         use_bf16 = c.bf16 and self.device.startswith("cuda")
         while self.step < c.steps:
-            if c.time_budget and time.perf_counter() - t0 > c.time_budget:
+            elapsed = time.perf_counter() - t0
+            if self.world > 1:  # rank 0's clock for all: one learning rate, and all stop at the same step
+                clock = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
+                dist.broadcast(clock, 0)
+                elapsed = float(clock)
+            if c.time_budget and elapsed > c.time_budget:
                 if self.rank == 0:
                     print(f"time budget of {c.time_budget:.0f}s reached at step {self.step}")
                 self.save_state()
                 break
-            spent = (time.perf_counter() - t0) / c.time_budget if c.time_budget else 0.0
+            spent = elapsed / c.time_budget if c.time_budget else 0.0
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step, spent)
             batch = self.sample_batch(self.gen)
@@ -112,6 +211,7 @@ class Runner:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            gn = gn.full_tensor() if isinstance(gn, DTensor) else gn
             self.opt.step()
             if self.ema is not None:
                 with torch.no_grad():
@@ -135,8 +235,20 @@ class Runner:
             plot_log(log_file, self.out / "loss.png")
         return last
 
-    def final_model(self) -> torch.nn.Module:
-        return (self.ema if self.ema is not None else self.model).eval()
+    def final_model(self) -> torch.nn.Module | None:
+        """The trained model (its EMA when kept), whole, on rank 0; None on the other ranks (under FSDP every rank
+        must call it: the shards are gathered)."""
+        src = self.ema if self.ema is not None else self.model
+        if not self.fsdp:
+            return src.eval() if self.rank == 0 else None
+        state = get_model_state_dict(src, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        whole = self.whole.to_empty(device=self.device)
+        whole.load_state_dict(state)
+        for name, buf in src.named_buffers():  # (FSDP leaves buffers whole; non-persistent ones are not in state)
+            whole.get_buffer(name).copy_(buf)
+        return whole.eval()
 
 
 def plot_log(log_file: Path, out: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,14 +23,10 @@ from ..models.vae import CausalVAE, TinyDecoder
 from .config import TrainConfig
 from .data import WorldPack, load_pack, mouth_maps, mouth_pixels, render_pack
 from .lip_reader import lip_read_loss, lip_targets, train_lip_reader
-from .runner import Runner
+from .runner import Runner, train_device
 
 HELD_OUT_FRACTION = 0.05
 EVAL_FRAMES = 33  # VAE / decoder evaluation clip length: 9 latents, longer than any training window
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _split(n: int) -> tuple[slice, slice]:
@@ -88,7 +85,7 @@ def to_video(frames_uint8: torch.Tensor) -> torch.Tensor:
 
 # -- VAE -----------------------------------------------------------------------------------------------
 def train_vae(cfg: TrainConfig, log=print) -> dict:
-    device = _device()
+    device = train_device()
     pack = load_pack(cfg.data)
     tr, ho = _split(pack.n_clips)
     t0 = time.perf_counter()
@@ -140,6 +137,8 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
     runner = Runner(cfg, vae, loss_fn, sample, device)
     last = runner.train()
     model = runner.final_model()
+    if model is None:  # (torchrun: rank 0 evaluates and writes)
+        return dict(train=last)
     if not freeze_encoder:
         with torch.no_grad():  # latent statistics, so the DiT sees ~unit-variance latents
             zs = torch.cat([model.encode(bank.sample(runner.gen, cfg.batch), normalize=False) for _ in range(8)])
@@ -226,7 +225,7 @@ def _sync(device: str) -> None:
 
 # -- tiny decoder ------------------------------------------------------------------------------------------
 def train_decoder(cfg: TrainConfig, log=print) -> dict:
-    device = _device()
+    device = train_device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
     pack = load_pack(cfg.data)
     tr, ho = _split(pack.n_clips)
@@ -268,6 +267,8 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
     runner = Runner(cfg, dec, loss_fn, sample, device)
     last = runner.train()
     model = runner.final_model()
+    if model is None:  # (torchrun: rank 0 evaluates and writes)
+        return dict(train=last)
     metrics = evaluate_vae(vae, held, EVAL_FRAMES, device, decoder=model, mouths=held_mouths)
     metrics["train"] = last
     save_checkpoint(Path(cfg.out) / "tiny_decoder.safetensors", model.cpu(), "tiny_decoder", model.cfg,
@@ -323,7 +324,7 @@ def encode_clips_latents(cfg: TrainConfig, vae: CausalVAE, device: str, pack: Wo
                     out[i] = lat[j], refs[j]
                     if cache:
                         paths[i].parent.mkdir(parents=True, exist_ok=True)
-                        tmp = paths[i].with_suffix(".tmp")
+                        tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")  # (torchrun: every rank encodes)
                         torch.save(dict(latents=lat[j].cpu().clone(), refs=refs[j].cpu().clone()), tmp)
                         tmp.replace(paths[i])
     return torch.stack([out[i][0] for i in idx]), torch.stack([out[i][1] for i in idx])
@@ -486,7 +487,7 @@ def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_laten
 
 def train_dit(cfg: TrainConfig, log=print) -> dict:
     causal = cfg.stage == "causal"
-    device = _device()
+    device = train_device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
     pack = load_pack(cfg.data)
     t0 = time.perf_counter()
@@ -507,6 +508,8 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
             block.compile_parts()
     last = runner.train()
     final = runner.final_model()
+    if final is None:  # (torchrun: rank 0 evaluates and writes)
+        return dict(train=last)
     reliance = audio_reliance(final, held, n_latent=n_latent, seed=cfg.seed)
     log(f"audio reliance on {held.n} held-out clips (lips error, shuffled / own audio - 1): {reliance['mean_gain']:.3f}")
     seen = audio_reliance(final, bank, n_latent=n_latent, seed=cfg.seed)  # far above the held-out figure: memorised
@@ -528,4 +531,5 @@ STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=tr
 def run_stage(cfg: TrainConfig, log=print) -> dict:
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {sorted(STAGES)}")
+    torch.manual_seed(cfg.seed)  # models trained from scratch start from the same weights, on every rank
     return STAGES[cfg.stage](cfg, log)
