@@ -7,7 +7,8 @@
 #   bash scripts/device_round.sh setup      (carry data/dit_pack.npz data/suite_inputs.pkl data/keep .whl .carry):
 #                                           install the wheel there
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
-#                                           separated by '--' share the GPU); checkpoints, then logs, to $OUT
+#                                           separated by '--' share the GPU, or take one each on a machine of
+#                                           several); checkpoints, then logs, to $OUT
 #   bash scripts/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
 #                                           into the latent cache data/latents, one file per clip (train with
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
@@ -47,8 +48,8 @@ print(f"{bank.n} clips cached, {time.perf_counter() - t0:.0f} s", flush=True)
 PY
   ls -la data/latents | tail -3; du -sh data/latents ;;
 train)
-  # several runs side by side on the one GPU: separate them with '--'
-  pids=() outs=()
+  # several runs side by side: separate them with '--'; on a machine of several GPUs run k takes GPU k mod N
+  pids=() outs=() ngpu=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$ngpu" -ge 1 ] || ngpu=1
   while [ $# -ge 2 ]; do
     config=$1 out=$2; shift 2
     stage=$(sed -n 's/^stage: *//p' "configs/$config.yaml")
@@ -56,7 +57,8 @@ train)
     sets=(--set "out=$out" --set vae=data/keep/vae.safetensors)
     while [ $# -gt 0 ] && [ "$1" != -- ]; do sets+=(--set "$1"); shift; done
     [ $# -gt 0 ] && shift
-    python3 -m talkstream.cli train "$stage" --config "configs/$config.yaml" "${sets[@]}" > "$out.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=$(( ${#pids[@]} % ngpu )) \
+      python3 -m talkstream.cli train "$stage" --config "configs/$config.yaml" "${sets[@]}" > "$out.txt" 2>&1 &
     pids+=($!) outs+=("$out")
   done
   for k in "${!pids[@]}"; do
