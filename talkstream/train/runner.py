@@ -83,23 +83,30 @@ class Runner:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.seed + self.rank)
-        self.model = model.to(device)
+        self.fsdp = uses_fsdp(cfg.fsdp, model, self.world)
         if self.world > 1:  # every rank starts from rank 0's weights (DDP does this itself; FSDP does not)
-            for t in (*self.model.parameters(), *self.model.buffers()):
-                dist.broadcast(t.data, 0)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema > 0 else None
-        self.fsdp = uses_fsdp(cfg.fsdp, self.model, self.world)
-        if self.fsdp:
-            self.whole = meta_copy(self.model)  # what final_model gathers the shards into
-            for m in (self.model, self.ema):
-                if m is not None:
-                    shard(m)
-            self.train_model = self.model
-        elif self.world > 1:
-            ids = [torch.device(device).index] if device.startswith("cuda") else None
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            for t in (*model.parameters(), *model.buffers()):
+                on = t.data.to(device)  # (one tensor at a time: a model bigger than a GPU passes too)
+                dist.broadcast(on, 0)
+                t.data.copy_(on)
+        if self.fsdp:  # sharded block by block: only one block's whole weights ever sit on the GPU
+            self.whole = meta_copy(model)  # what final_model gathers the shards into
+            self.ema = meta_copy(model) if cfg.ema > 0 else None
+            shard(model)
+            self.model = self.train_model = model
+            if self.ema is not None:  # the EMA's shards, materialised beside the model's and copied from them
+                shard(self.ema)
+                self.ema.to_empty(device=device).eval().requires_grad_(False)
+                with torch.no_grad():
+                    for e, m in zip((*self.ema.parameters(), *self.ema.buffers()),
+                                    (*model.parameters(), *model.buffers())):
+                        e.copy_(m)
         else:
-            self.train_model = self.model
+            self.model = model.to(device)
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema > 0 else None
+            ids = [torch.device(device).index] if device.startswith("cuda") else None
+            self.train_model = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+                                if self.world > 1 else self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.step = 0
