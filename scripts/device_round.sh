@@ -14,7 +14,8 @@
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
-#                                           CFG=2: the audio guidance scale)
+#                                           CFG=2: the audio guidance scale; SHIFT=1: the sampling schedule's
+#                                           shift, default the samplers' 3)
 # At most 8 files come back from a call: train hands back the runs' checkpoints in order while they fit (a DiT: 4
 # shards + index, the VAE: 2 + index, the tiny decoder: 1; each in a folder named after its OUT), then one logs
 # tar per run while they fit; the last 70 lines of each run's output (its final metrics, train figures included)
@@ -88,7 +89,7 @@ suite)
       tag=$name; [ "${SEEDS:-0}" != 0 ] && tag=${name}_s$seed
       sample=(); [ $first = 1 ] && sample=(--sample "$OUT/sample_$name.gif"); first=0
       python3 -m talkstream.cli eval suite --model "$model" --vae "${VAE:-data/keep/vae.safetensors}" --steps "$steps" \
-        --audio-guidance "${CFG:-2}" --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
+        --audio-guidance "${CFG:-2}" ${SHIFT:+--timestep-shift "$SHIFT"} --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
         "${sample[@]}" > "runs/suite_$tag.txt" 2>&1
       echo "$tag exit $?"; tail -n 8 "runs/suite_$tag.txt"
     done
