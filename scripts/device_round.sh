@@ -40,7 +40,9 @@ import sys, time
 from talkstream.train.config import TrainConfig
 from talkstream.train.data import load_pack
 from talkstream.train.stages import LatentBank
+from talkstream.train.runner import fast_kernels
 from talkstream.models.checkpoint import load_checkpoint
+fast_kernels()
 cfg = TrainConfig.load("configs/teacher.yaml", dict(data=sys.argv[1], latent_cache="data/latents", workers=16))
 vae = load_checkpoint("data/keep/vae.safetensors", device="cuda").requires_grad_(False)
 t0, pack = time.perf_counter(), load_pack(cfg.data)

@@ -50,7 +50,14 @@ def train_device() -> str:
         return "cpu"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
+    fast_kernels()  # (from here: the VAE encoding of a run's clips, before the Runner, gains too)
     return f"cuda:{local}"
+
+
+def fast_kernels() -> None:
+    """Fixed shapes every step: let cuDNN time and pick its fastest kernels; TF32 matmuls."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def uses_fsdp(setting: str, model: torch.nn.Module, world: int) -> bool:
@@ -79,9 +86,8 @@ class Runner:
         self.cfg, self.loss_fn, self.sample_batch = cfg, loss_fn, sample_batch
         self.rank, self.world = init_distributed()
         self.device = device
-        if device.startswith("cuda"):  # fixed shapes every step: let cuDNN pick its fastest kernels; TF32 matmuls
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
+        if device.startswith("cuda"):
+            fast_kernels()
         torch.manual_seed(cfg.seed + self.rank)
         self.fsdp = uses_fsdp(cfg.fsdp, model, self.world)
         if self.world > 1:  # every rank starts from rank 0's weights (DDP does this itself; FSDP does not)
