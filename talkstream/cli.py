@@ -160,6 +160,9 @@ def _bench(args) -> None:
 
 
 def _train(args) -> None:
+    import gc
+
+    import torch.distributed as dist
     import yaml
 
     from .train.config import TrainConfig
@@ -168,10 +171,12 @@ def _train(args) -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     cfg = TrainConfig.load(args.config, {"stage": args.stage, **overrides})
     metrics = run_stage(cfg)
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # (started by torchrun: rank 0 reports)
+    if dist.is_initialized():  # (started by torchrun: rank 0 reports; all leave together, once rank 0 has written)
+        # (once in make test a rank that left early aborted on exit, "terminate called without an active
+        # exception"; Gloo threads holding tensors at interpreter exit can: free them, wait for all, then close)
         rank = dist.get_rank()
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
         if rank:
             return
