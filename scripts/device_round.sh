@@ -23,6 +23,10 @@
 # Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
 # alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
 # ignored only through .git/info/exclude were removed there.
+# Size: the whole working tree travels (64 MiB a call, carried paths included), so before the calls move the
+# tracked DiT and VAE weights (talkstream/weights/{teacher,causal,vae}*, ~120 MB) and docs/samples out of the tree
+# (keep the probes and the tiny decoder: ~7 MB of tree is left); a pack of 1,700 clips x 3 s (~57 MB) then fits
+# beside it, 1,850 did not.
 set -uo pipefail
 mode=$1; shift
 if [ "$mode" != setup ] && { [ ! -f data/dit_pack.npz ] || [ ! -f /tmp/site/.ready ]; }; then
