@@ -12,6 +12,8 @@
 #   bash scripts/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
 #                                           into the latent cache data/latents, one file per clip (train with
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
+#   bash scripts/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
+#                                           return (one DiT fills a call's files; a run beside it stays behind)
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
 #                                           CFG=2: the audio guidance scale; SHIFT=1: the sampling schedule's
@@ -33,6 +35,16 @@ if [ "$mode" != setup ] && { [ ! -f data/dit_pack.npz ] || [ ! -f /tmp/site/.rea
   echo "fresh machine: run 'setup' (carrying data .whl .carry) first"; exit 3
 fi
 source "$(dirname "$0")/device_env.sh"
+
+hand_back() {  # the runs' checkpoints to $OUT, one folder per run (two VAEs' shards share names), while 8 files last
+  for out in "$@"; do
+    files=("$out"/*.safetensors*)
+    if [ -f "${files[0]}" ] && [ $((n + ${#files[@]})) -le 8 ]; then
+      mkdir -p "$OUT/$(basename "$out")" && cp "${files[@]}" "$OUT/$(basename "$out")"/; n=$((n + ${#files[@]}))
+    else echo "$out: checkpoint not handed back (stays in $out on this machine)"; fi
+  done
+}
+
 case $mode in
 setup)
   device_install && echo "renderer ok"
@@ -75,17 +87,13 @@ train)
     cat "$out.tail"  # (ends with the stage's metrics)
     tar -cf "$out.logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
   done
-  n=0  # checkpoints first (in the order of the runs), then logs, while the 8 files last
-  for out in "${outs[@]}"; do
-    files=("$out"/*.safetensors*)
-    if [ -f "${files[0]}" ] && [ $((n + ${#files[@]})) -le 8 ]; then  # one folder per run: two VAEs' shards share names
-      mkdir -p "$OUT/$(basename "$out")" && cp "${files[@]}" "$OUT/$(basename "$out")"/; n=$((n + ${#files[@]}))
-    else echo "$out: checkpoint not handed back (stays in $out on this machine)"; fi
-  done
+  n=0; hand_back "${outs[@]}"  # checkpoints first (in the order of the runs), then logs, while the 8 files last
   for out in "${outs[@]}"; do
     [ $n -lt 8 ] && [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$OUT/$(basename "$out")_logs.tar" && n=$((n + 1))
   done
   ls -laR "$OUT" ;;
+fetch)
+  n=0; hand_back "$@"; ls -laR "$OUT" ;;
 suite)
   while [ $# -ge 3 ]; do
     model=$1 steps=$2 name=$3; shift 3
