@@ -28,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from ..media import atomic_path
 from .config import TrainConfig
 
 Batch = dict
@@ -35,6 +36,8 @@ LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict]]
 
 
 FSDP_AUTO_PARAMS = 2_000_000_000  # fsdp "auto": shard models from this size (wan14b); replicate smaller ones
+WHOLE_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP shards gathered, on rank 0's CPU
+CLOCK_EVERY = 10  # steps between shares of rank 0's clock under a time budget (each share waits for the GPU)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -86,8 +89,6 @@ class Runner:
         self.cfg, self.loss_fn, self.sample_batch = cfg, loss_fn, sample_batch
         self.rank, self.world = init_distributed()
         self.device = device
-        if device.startswith("cuda"):
-            fast_kernels()
         torch.manual_seed(cfg.seed + self.rank)
         self.fsdp = uses_fsdp(cfg.fsdp, model, self.world)
         if self.world > 1:  # every rank starts from rank 0's weights (DDP does this itself; FSDP does not)
@@ -156,10 +157,9 @@ class Runner:
         """Model, EMA, optimizer, step and each rank's random state, written by rank 0 (under FSDP every rank
         must call it: the shards are gathered)."""
         if self.fsdp:
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model, opt = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(
-                self.model, self.opt, options=full)
-            ema = None if self.ema is None else get_model_state_dict(self.ema, options=full)
+            model = get_model_state_dict(self.model, options=WHOLE_ON_RANK0)
+            opt = get_optimizer_state_dict(self.model, self.opt, options=WHOLE_ON_RANK0)
+            ema = None if self.ema is None else get_model_state_dict(self.ema, options=WHOLE_ON_RANK0)
         elif self.rank == 0:
             model, opt = self.model.state_dict(), self.opt.state_dict()
             ema = None if self.ema is None else self.ema.state_dict()
@@ -169,9 +169,8 @@ class Runner:
             dist.all_gather_object(rngs, self._rng())
         if self.rank != 0:
             return
-        tmp = self.state_file.with_suffix(".tmp")
-        torch.save(dict(model=model, ema=ema, opt=opt, step=self.step, rng=rngs), tmp)
-        os.replace(tmp, self.state_file)
+        with atomic_path(self.state_file) as tmp:
+            torch.save(dict(model=model, ema=ema, opt=opt, step=self.step, rng=rngs), tmp)
 
     def _rng(self) -> dict:
         """This rank's random state: its batch generator and torch's own (noise, timesteps, dropout in the loss)."""
@@ -204,12 +203,15 @@ class Runner:
         t0 = time.perf_counter()
         last = {}
         use_bf16 = c.bf16 and self.device.startswith("cuda")
+        shared = 0.0
         while self.step < c.steps:
             elapsed = time.perf_counter() - t0
-            if self.world > 1:  # rank 0's clock for all: one learning rate, and all stop at the same step
-                clock = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
-                dist.broadcast(clock, 0)
-                elapsed = float(clock)
+            if self.world > 1 and c.time_budget:  # rank 0's clock for all: one learning rate, one last step
+                if self.step % CLOCK_EVERY == 0:
+                    clock = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
+                    dist.broadcast(clock, 0)
+                    shared = float(clock)
+                elapsed = shared
             if c.time_budget and elapsed > c.time_budget:
                 if self.rank == 0:
                     print(f"time budget of {c.time_budget:.0f}s reached at step {self.step}")
@@ -254,7 +256,7 @@ class Runner:
         src = self.ema if self.ema is not None else self.model
         if not self.fsdp:
             return src.eval() if self.rank == 0 else None
-        state = get_model_state_dict(src, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(src, options=WHOLE_ON_RANK0)
         if self.rank != 0:
             return None
         whole = self.whole.to_empty(device=self.device)

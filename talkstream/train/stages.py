@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from ..diffusion.flow import add_noise, sample_training_sigmas, velocity_target
 from ..diffusion.samplers import apply_dropout, drop_conditions
+from ..media import atomic_path
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.config import TinyDecoderConfig, dit_config, vae_config
 from ..models.dit import WanDiT
@@ -322,11 +322,9 @@ def encode_clips_latents(cfg: TrainConfig, vae: CausalVAE, device: str, pack: Wo
                         .view(x.shape[0], 4, -1, 1, *lat.shape[-2:]).to(torch.bfloat16))
                 for j, i in enumerate(some[k:k + encode_clips]):
                     out[i] = lat[j], refs[j]
-                    if cache:
-                        paths[i].parent.mkdir(parents=True, exist_ok=True)
-                        tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")  # (torchrun: every rank encodes)
-                        torch.save(dict(latents=lat[j].cpu().clone(), refs=refs[j].cpu().clone()), tmp)
-                        tmp.replace(paths[i])
+                    if cache:  # (a temporary name of its own: under torchrun every rank encodes)
+                        with atomic_path(paths[i]) as tmp:
+                            torch.save(dict(latents=lat[j].cpu().clone(), refs=refs[j].cpu().clone()), tmp)
     return torch.stack([out[i][0] for i in idx]), torch.stack([out[i][1] for i in idx])
 
 
