@@ -277,6 +277,27 @@ def mouth_error_by_speed(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dic
     return dict(mouth_error_fast=float(err[fast].mean()), mouth_error_slow=float(err[~fast].mean()))
 
 
+def seam_ratio(avatar, probe: FrameProbe, seed: int, seconds: float = 3.0, noise_seed: int = 0) -> np.ndarray:
+    """Chunk seams of a streaming ``avatar`` (``stream.avatar.Avatar``) on world clip ``seed``: the mean probe-readout
+    jump at chunk boundaries / its limit (2.5x the mean jump inside chunks, or the largest frame-to-frame move of
+    the truth), for jaw open, yaw and pitch; <= 1: no visible seam. The stream's noise: torch seeded ``noise_seed``."""
+    import torch
+
+    torch.manual_seed(noise_seed)
+    clip = make_clip(seed, seconds)
+    truth = np.stack(list(render_states(clip.identity, clip.states, 256)))
+    frames = np.stack([f.image for f in avatar.stream(truth[0], [clip.audio])])[: clip.n_frames]
+    if len(frames) < 60 or frames.std() <= 5:
+        raise ValueError(f"clip {seed}: the stream gave {len(frames)} frames of std {frames.std():.1f} (blank?)")
+    cols = [0, 5, 6]  # jaw open, yaw, pitch (world state fields)
+    jumps = np.abs(np.diff(probe.read(frames)["states"][:, cols], axis=0))  # jumps[i]: frame i -> i + 1
+    first = 1 + 4 * (avatar.cfg.chunk - 1)  # frames in the first chunk, then 4 * chunk per chunk
+    boundary = np.arange(first, len(frames), 4 * avatar.cfg.chunk) - 1
+    inside = np.setdiff1d(np.arange(len(jumps)), boundary)
+    truth_jump = np.abs(np.diff(clip.states[: len(frames)][:, cols], axis=0)).max(0)
+    return jumps[boundary].mean(0) / np.maximum(2.5 * jumps[inside].mean(0), truth_jump)
+
+
 def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, seconds: float = 8.0, size: int = 256,
               seeds: tuple[int, ...] = SUITE_SEEDS, probe: FrameProbe | None = None, inputs: dict | None = None,
               keep_frames: bool = False) -> dict:
