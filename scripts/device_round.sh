@@ -9,19 +9,28 @@
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU, or take one each on a machine of
 #                                           several); checkpoints, then logs, to $OUT
+#   bash scripts/device_round.sh start CONFIG OUT ...   the same runs, detached: the call returns after a minute
+#                                           while they train on (keep calling within the idle release; give them
+#                                           a time_budget that ends them while the machine is still held)
+#   bash scripts/device_round.sh wait SECONDS OUT [OUT ...]   wait up to SECONDS for started runs; once all have
+#                                           ended, print and hand them back as train does
 #   bash scripts/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
 #                                           into the latent cache data/latents, one file per clip (train with
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
 #   bash scripts/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
-#                                           return (one DiT fills a call's files; a run beside it stays behind)
+#                                           return (a third DiT beside two)
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
 #                                           CFG=2: the audio guidance scale; SHIFT=1: the sampling schedule's
 #                                           shift, default the samplers' 3)
-# At most 8 files come back from a call: train hands back the runs' checkpoints in order while they fit (a DiT: 4
-# shards + index, the VAE: 2 + index, the tiny decoder: 1; each in a folder named after its OUT), then one logs
-# tar per run while they fit; the last 70 lines of each run's output (its final metrics, train figures included)
-# are printed. Each suite: 1 JSON (+ the gif of the first seed).
+# At most 8 files of 16 MiB come back from a call: train / wait / fetch hand back each shard of 8 MiB or more as a
+# file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 last, and all that is smaller (the DiT's last
+# shard, indexes, the tiny decoder, each run's logs tar) in one small.tar (here: `tar -xf small.tar -C DIR`): two
+# DiTs and their logs come back in one call. The last 70 lines of each run's output (its final metrics, train
+# figures included) are printed. Each suite: 1 JSON (+ the gif of the first seed).
+# Keep each call inside its time limit and make the next one at once: a machine left idle past its release (30 s),
+# or one whose 30 minutes are up, takes what was not handed back with it (session 9 lost a causal run that way, its
+# checkpoint left for the next call).
 # Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
 # alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
 # ignored only through .git/info/exclude were removed there.
@@ -36,13 +45,50 @@ if [ "$mode" != setup ] && { [ ! -f data/dit_pack.npz ] || [ ! -f /tmp/site/.rea
 fi
 source "$(dirname "$0")/device_env.sh"
 
-hand_back() {  # the runs' checkpoints to $OUT, one folder per run (two VAEs' shards share names), while 8 files last
+hand_back() {  # OUT...: the runs' checkpoints and logs to $OUT in at most 8 files: each shard of 8 MiB or more as a
+  # file (a folder per run: two VAEs' shards share names), everything smaller (last shards, indexes, tiny decoders,
+  # logs tars) in one small.tar, so two DiTs (3 large shards each) come back in one call with their logs
+  local out f n=0 big small=/tmp/hand_back
+  rm -rf "$small"; mkdir -p "$small"
   for out in "$@"; do
-    files=("$out"/*.safetensors*)
-    if [ -f "${files[0]}" ] && [ $((n + ${#files[@]})) -le 8 ]; then
-      mkdir -p "$OUT/$(basename "$out")" && cp "${files[@]}" "$OUT/$(basename "$out")"/; n=$((n + ${#files[@]}))
-    else echo "$out: checkpoint not handed back (stays in $out on this machine)"; fi
+    local files=("$out"/*.safetensors*)
+    if [ ! -f "${files[0]}" ]; then echo "$out: no checkpoint"
+    else
+      big=$(find "${files[@]}" -size +8M | wc -l)
+      if [ $((n + big)) -le 7 ]; then
+        mkdir -p "$OUT/$(basename "$out")" "$small/$(basename "$out")"
+        for f in "${files[@]}"; do
+          if [ -n "$(find "$f" -size +8M)" ]; then cp "$f" "$OUT/$(basename "$out")"/; n=$((n + 1))
+          else cp "$f" "$small/$(basename "$out")"/; fi
+        done
+      else echo "$out: checkpoint not handed back (stays in $out on this machine; fetch it)"; fi
+    fi
+    [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$small/$(basename "$out")_logs.tar"
   done
+  tar -cf "$OUT/small.tar" -C "$small" . && echo "small.tar: $(du -h "$OUT/small.tar" | cut -f1) (tar -xf small.tar)"
+}
+
+progress() {  # the last lines of a run's output, progress bars cut to their latest state
+  tr '\r' '\n' < "$1.txt" 2>/dev/null | grep -v "^\s*$" | tail -n "${2:-3}"
+}
+
+finish() {  # SECONDS OUT...: wait for the runs' exit codes, then print their ends and hand back checkpoints + logs
+  local deadline=$((SECONDS + $1)) out; shift
+  for out in "$@"; do
+    while [ ! -f "$out.rc" ] && [ $SECONDS -lt $deadline ]; do sleep 5; done
+  done
+  for out in "$@"; do
+    if [ ! -f "$out.rc" ]; then echo "== $out still training"; progress "$out"; fi
+  done
+  for out in "$@"; do [ -f "$out.rc" ] || return 0; done
+  for out in "$@"; do
+    echo "$out exit $(cat "$out.rc")"
+    tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -70 > "$out.tail"
+    cat "$out.tail"  # (ends with the stage's metrics)
+    tar -cf "$out.logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
+  done
+  hand_back "$@"  # checkpoints in the order of the runs while the 8 files last, logs in small.tar
+  ls -laR "$OUT"
 }
 
 case $mode in
@@ -66,34 +112,29 @@ bank = LatentBank(cfg, vae, "cuda", slice(None), pack)
 print(f"{bank.n} clips cached, {time.perf_counter() - t0:.0f} s", flush=True)
 PY
   ls -la data/latents | tail -3; du -sh data/latents ;;
-train)
-  # several runs side by side: separate them with '--'; on a machine of several GPUs run k takes GPU k mod N
-  pids=() outs=() ngpu=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$ngpu" -ge 1 ] || ngpu=1
+train|start)
+  # several runs side by side: separate them with '--'; on a machine of several GPUs run k takes GPU k mod N.
+  # Each run is its own process session (setsid), so `start` can return while it trains on: the machine keeps it
+  # running between calls (make the next call within the idle release), and `wait` finishes it.
+  outs=() ngpu=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$ngpu" -ge 1 ] || ngpu=1
   while [ $# -ge 2 ]; do
     config=$1 out=$2; shift 2
     stage=$(sed -n 's/^stage: *//p' "configs/$config.yaml")
-    mkdir -p "$(dirname "$out")"
+    mkdir -p "$(dirname "$out")"; rm -f "$out.rc"
     sets=(--set "out=$out" --set vae=data/keep/vae.safetensors)
     while [ $# -gt 0 ] && [ "$1" != -- ]; do sets+=(--set "$1"); shift; done
     [ $# -gt 0 ] && shift
-    CUDA_VISIBLE_DEVICES=$(( ${#pids[@]} % ngpu )) \
-      python3 -m talkstream.cli train "$stage" --config "configs/$config.yaml" "${sets[@]}" > "$out.txt" 2>&1 &
-    pids+=($!) outs+=("$out")
+    CUDA_VISIBLE_DEVICES=$(( ${#outs[@]} % ngpu )) setsid bash -c \
+      'python3 -m talkstream.cli train "$0" "${@:2}" > "$1.txt" 2>&1; echo $? > "$1.rc"' \
+      "$stage" "$out" --config "configs/$config.yaml" "${sets[@]}" < /dev/null &
+    outs+=("$out")
   done
-  for k in "${!pids[@]}"; do
-    wait "${pids[$k]}"; rc=$?; out=${outs[$k]}
-    echo "$out exit $rc"
-    tr '\r' '\n' < "$out.txt" | grep -v "it/s\]$\|s/it\]$" | tail -70 > "$out.tail"
-    cat "$out.tail"  # (ends with the stage's metrics)
-    tar -cf "$out.logs.tar" "$out.tail" "$out"/log.jsonl "$out"/metrics.json "$out"/loss.png 2>/dev/null
-  done
-  n=0; hand_back "${outs[@]}"  # checkpoints first (in the order of the runs), then logs, while the 8 files last
-  for out in "${outs[@]}"; do
-    [ $n -lt 8 ] && [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$OUT/$(basename "$out")_logs.tar" && n=$((n + 1))
-  done
-  ls -laR "$OUT" ;;
+  if [ "$mode" = start ]; then sleep ${START_WAIT:-60}; for out in "${outs[@]}"; do echo "== $out"; progress "$out"; done; exit 0; fi
+  finish 100000 "${outs[@]}" ;;
+wait)  # wait SECONDS OUT...: wait for runs `start` began; when all have ended, hand them back as train does
+  finish "$@" ;;
 fetch)
-  n=0; hand_back "$@"; ls -laR "$OUT" ;;
+  hand_back "$@"; ls -laR "$OUT" ;;
 suite)
   while [ $# -ge 3 ]; do
     model=$1 steps=$2 name=$3; shift 3
