@@ -133,6 +133,20 @@ def test_mouth_error_by_speed_splits_fast_from_slow():
     assert np.isnan(mouth_error_by_speed(np.zeros(8), np.zeros(8))["mouth_error_fast"])  # silence: no split
 
 
+def test_mouth_amplitude_reads_gain_and_correlation():
+    from talkstream.eval.evaluate import mouth_amplitude
+    truth = 0.5 + 0.4 * np.sin(np.linspace(0, 12, 200))
+    half = mouth_amplitude(0.45 * truth + 0.1, truth)  # a hedging model: the right timing, under half the opening
+    assert half["mouth_gain"] == pytest.approx(0.45) and half["mouth_corr"] == pytest.approx(1.0)
+    noisy = mouth_amplitude(truth + np.random.default_rng(0).normal(0, 0.3, 200), truth)
+    assert 0.8 < noisy["mouth_gain"] < 1.2 and 0.5 < noisy["mouth_corr"] < 0.9
+    late = mouth_amplitude(np.roll(truth, 40), truth[:150])  # lengths differ: the common frames count
+    assert late["mouth_corr"] < 0.5
+    assert np.isnan(mouth_amplitude(np.ones(50), np.ones(50))["mouth_gain"])  # a still truth: not measurable
+    still = mouth_amplitude(np.ones(200), truth)  # a still drawn mouth: no gain, no correlation
+    assert still["mouth_gain"] == pytest.approx(0.0) and np.isnan(still["mouth_corr"])
+
+
 def test_suite_on_ground_truth(probe):
     res = run_suite(seeds=(900_000, 900_001), seconds=4.0, probe=probe)
     assert len(res["rows"]) == 2 and res["summary"]["offset_zero_fraction"] == 1.0

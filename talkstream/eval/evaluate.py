@@ -277,6 +277,20 @@ def mouth_error_by_speed(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dic
     return dict(mouth_error_fast=float(err[fast].mean()), mouth_error_slow=float(err[~fast].mean()))
 
 
+def mouth_amplitude(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
+    """How far the drawn mouth follows the truth's (offset 0): ``mouth_gain``, the least-squares slope of the read on
+    the truth (1: full amplitude; a model that hedges between mouths opens them less, gain < 1), and
+    ``mouth_corr``, their correlation. NaN where the truth or the read does not move."""
+    n = min(len(mouth_read), len(mouth_truth))
+    truth = np.asarray(mouth_truth[:n], np.float64) - np.mean(mouth_truth[:n]) if n else np.zeros(0)
+    read = np.asarray(mouth_read[:n], np.float64) - np.mean(mouth_read[:n]) if n else np.zeros(0)
+    var_t, var_r = float(truth @ truth), float(read @ read)
+    if n < 2 or var_t <= 1e-12:
+        return dict(mouth_gain=float("nan"), mouth_corr=float("nan"))
+    corr = float(read @ truth / np.sqrt(var_t * var_r)) if var_r > 1e-12 else float("nan")
+    return dict(mouth_gain=float(read @ truth / var_t), mouth_corr=corr)
+
+
 def seam_ratio(avatar, probe: FrameProbe, seed: int, seconds: float = 3.0, noise_seed: int = 0) -> np.ndarray:
     """Chunk seams of a streaming ``avatar`` (``stream.avatar.Avatar``) on world clip ``seed``: the mean probe-readout
     jump at chunk boundaries / its limit (2.5x the mean jump inside chunks, or the largest frame-to-frame move of
@@ -324,12 +338,14 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         rows.append(dict(seed=seed, mouth_error=v["mouth_error"], best_offset=v["best_offset"],
                          sync_confidence=v["sync_confidence"], identity_distance=v["identity_distance_mean"],
                          drift_per_minute=v["drift_per_minute"], flicker=v["flicker"], flags=v["flags"],
-                         **mouth_error_by_speed(rep.series["mouth_read"], truth)))
+                         **mouth_error_by_speed(rep.series["mouth_read"], truth),
+                         **mouth_amplitude(rep.series["mouth_read"], truth)))
     gallery = np.stack(refs)
     for k, (row, x) in enumerate(zip(rows, ids)):
         nearest = np.argmin(((x[:, None] - gallery[None]) ** 2).sum(-1), axis=1)
         row["identity_nn_accuracy"] = float(np.mean(nearest == k))
-    keys = ("mouth_error", "mouth_error_fast", "mouth_error_slow", "sync_confidence", "identity_distance",
+    keys = ("mouth_error", "mouth_error_fast", "mouth_error_slow", "mouth_gain", "mouth_corr", "sync_confidence",
+            "identity_distance",
             "identity_nn_accuracy", "drift_per_minute", "flicker")
     summary = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
     measured = [r for r in rows if r["best_offset"] != "not measurable"]
