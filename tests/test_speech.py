@@ -46,14 +46,20 @@ def test_voice_parameters_change_the_audio():
     assert not np.allclose(low.audio[:4000], high.audio[:4000])
 
 
-def test_repeatable_timeline_and_envelope():
-    a, b = synthesize("Determinism matters."), synthesize("Determinism matters.")
-    assert [p.symbol for p in a.phonemes] == [p.symbol for p in b.phonemes]
-    assert max(abs(p.start - q.start) for p, q in zip(a.phonemes, b.phonemes)) < 1e-3
-    n = min(len(a.audio), len(b.audio)) // 640 * 640
-    ea = np.sqrt((a.audio[:n].reshape(-1, 640) ** 2).mean(1))
-    eb = np.sqrt((b.audio[:n].reshape(-1, 640) ** 2).mean(1))
-    assert np.corrcoef(ea, eb)[0, 1] > 0.98
+def test_same_text_and_voice_give_the_same_samples_whatever_was_spoken_before():
+    """espeak-ng carries state from utterance to utterance (the same text came out ~570 samples shorter the first
+    time in a process); each utterance now starts from a fresh engine, so world clips are a function of their seed."""
+    voice = Voice(rate=198, pitch=72, range=43)
+    a = synthesize("Nobody painted the heavy library last week.", voice)
+    synthesize("Something else, said in between, at another pitch.", Voice(pitch=20))
+    b = synthesize("Nobody painted the heavy library last week.", voice)
+    assert np.array_equal(a.audio, b.audio) and a.phonemes == b.phonemes
+
+
+def test_speech_errors_come_back_from_the_child_process():
+    with pytest.raises(speech.EspeakError, match="no voice named"):
+        synthesize("Hello there.", Voice(name="no-such-voice"))
+    assert synthesize("Still speaking afterwards.").duration > 0.5
 
 
 def test_non_ascii_text_is_spoken():
@@ -72,6 +78,7 @@ def test_missing_espeak_library_is_a_clear_error(monkeypatch):
         raise OSError("not found")
 
     monkeypatch.setattr(ctypes, "CDLL", no_lib)
+    speech._find_library.cache_clear()  # the path is resolved once per process
     with pytest.raises(speech.EspeakError, match="apt-get install -y espeak-ng"):
         speech._find_library()
 

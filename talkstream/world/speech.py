@@ -5,18 +5,21 @@ phoneme with the exact output sample at which it starts. We keep those sample po
 the audio to 16 kHz and convert the positions to seconds, so a mouth driven by the timeline at
 25 fps lines up with the audio to well under a frame.
 
-libespeak-ng keeps its state per process (one voice, one callback), so one ``Espeak`` engine is
-made lazily per process and guarded by a lock; nothing is loaded at import time.
-
-espeak-ng carries its oscillator phase from one utterance to the next, so repeating a text in one
-process gives the same phonemes and timing (to a sample) and the same loudness envelope, but not
-bit-identical samples. Data sets therefore store the audio they were rendered with.
+libespeak-ng keeps its state per process (one voice, one callback) and carries it from one utterance to the next:
+the same text and voice spoken again in one process comes out a few samples longer or shorter (the first time in a
+process ~570 samples at 22050 Hz shorter than later times: measured on clip 900005's sentence), so a world clip made
+from a seed depended on what the process had spoken before. ``synthesize`` therefore speaks each utterance in a
+forked child process whose espeak-ng starts fresh (``speak_fresh``): a text and voice give the same samples in any
+process, after anything. Nothing is loaded at import time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
+import pickle
 import threading
 from dataclasses import asdict, dataclass, field
 
@@ -106,6 +109,7 @@ class Speech:
         return [asdict(p) for p in self.phonemes]
 
 
+@functools.cache
 def _find_library() -> str:
     for name in ("espeak-ng", "libespeak-ng.so.1"):
         path = ctypes.util.find_library(name) or name
@@ -123,8 +127,8 @@ class Espeak:
     _instance: "Espeak | None" = None
     _instance_lock = threading.Lock()
 
-    def __init__(self) -> None:
-        self._lib = ctypes.CDLL(_find_library())
+    def __init__(self, path: str | None = None) -> None:
+        self._lib = ctypes.CDLL(path or _find_library())
         self._lib.espeak_Synth.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
             ctypes.c_void_p, ctypes.c_void_p,
@@ -175,6 +179,42 @@ class Espeak:
             return audio, list(self._events)
 
 
+def speak_fresh(text: str, voice: Voice) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """``Espeak.speak`` in a forked child whose libespeak-ng is initialised for this utterance alone, so the result
+    does not depend on what was spoken before (see the module's docstring). Where fork is missing: in-process."""
+    path = _find_library()  # resolved (and checked) here: the child only loads it
+    if not hasattr(os, "fork"):
+        return Espeak.get().speak(text, voice)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: speak, send (ok, payload), leave without running the parent's exit handlers
+        code = 0
+        try:
+            os.close(r)
+            try:
+                payload = (True, Espeak(path).speak(text, voice))
+            except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+                payload = (False, e if isinstance(e, (EspeakError, ValueError)) else EspeakError(repr(e)))
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(payload, f)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if not data:
+        raise EspeakError(f"the espeak-ng process ended without speaking (wait status {status})")
+    ok, result = pickle.loads(data)
+    if not ok:
+        raise result
+    return result
+
+
 def synthesize(text: str, voice: Voice | None = None, sample_rate: int = SAMPLE_RATE) -> Speech:
     """Speak ``text`` and return 16 kHz float audio with its phoneme timeline.
 
@@ -185,7 +225,7 @@ def synthesize(text: str, voice: Voice | None = None, sample_rate: int = SAMPLE_
     if not text.strip():
         raise ValueError("text is empty: nothing to speak")
     voice = voice or Voice()
-    raw, events = Espeak.get().speak(text, voice)
+    raw, events = speak_fresh(text, voice)
     spoken = [(s, pos) for s, pos in events if s not in PAUSE_PHONEMES]
     if raw.size == 0 or not spoken:
         raise ValueError(f"text has nothing speakable for espeak-ng: {text[:60]!r}")
