@@ -9,7 +9,7 @@
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU, or take one each on a machine of
 #                                           several); checkpoints, then logs, to $OUT
-#   bash scripts/device_round.sh start CONFIG OUT ...   the same runs, detached: the call returns after a minute
+#   bash scripts/device_round.sh start CONFIG OUT ...   the same runs, detached: the call returns after START_WAIT s (60)
 #                                           while they train on (keep calling within the idle release; give them
 #                                           a time_budget that ends them while the machine is still held)
 #   bash scripts/device_round.sh wait SECONDS OUT [OUT ...]   wait up to SECONDS for started runs; once all have
@@ -48,22 +48,21 @@ source "$(dirname "$0")/device_env.sh"
 hand_back() {  # OUT...: the runs' checkpoints and logs to $OUT in at most 8 files: each shard of 8 MiB or more as a
   # file (a folder per run: two VAEs' shards share names), everything smaller (last shards, indexes, tiny decoders,
   # logs tars) in one small.tar, so two DiTs (3 large shards each) come back in one call with their logs
-  local out f n=0 big small=/tmp/hand_back
+  local out n=0 small=/tmp/hand_back
   rm -rf "$small"; mkdir -p "$small"
   for out in "$@"; do
-    local files=("$out"/*.safetensors*)
-    if [ ! -f "${files[0]}" ]; then echo "$out: no checkpoint"
-    else
-      big=$(find "${files[@]}" -size +8M | wc -l)
-      if [ $((n + big)) -le 7 ]; then
-        mkdir -p "$OUT/$(basename "$out")" "$small/$(basename "$out")"
-        for f in "${files[@]}"; do
-          if [ -n "$(find "$f" -size +8M)" ]; then cp "$f" "$OUT/$(basename "$out")"/; n=$((n + 1))
-          else cp "$f" "$small/$(basename "$out")"/; fi
-        done
-      else echo "$out: checkpoint not handed back (stays in $out on this machine; fetch it)"; fi
-    fi
-    [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$small/$(basename "$out")_logs.tar"
+    local name big=() rest=()
+    name=$(basename "$out")
+    mapfile -t big < <(find "$out" -maxdepth 1 -name '*.safetensors*' -size +8M 2>/dev/null)
+    mapfile -t rest < <(find "$out" -maxdepth 1 -name '*.safetensors*' ! -size +8M 2>/dev/null)
+    if [ $((${#big[@]} + ${#rest[@]})) -eq 0 ]; then echo "$out: no checkpoint"
+    elif [ $((n + ${#big[@]})) -le 7 ]; then
+      mkdir -p "$OUT/$name" "$small/$name"
+      [ ${#big[@]} -eq 0 ] || cp "${big[@]}" "$OUT/$name"/
+      [ ${#rest[@]} -eq 0 ] || cp "${rest[@]}" "$small/$name"/
+      n=$((n + ${#big[@]}))
+    else echo "$out: checkpoint not handed back (stays in $out on this machine; fetch it)"; fi
+    [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$small/${name}_logs.tar"
   done
   tar -cf "$OUT/small.tar" -C "$small" . && echo "small.tar: $(du -h "$OUT/small.tar" | cut -f1) (tar -xf small.tar)"
 }
@@ -129,7 +128,7 @@ train|start)
       "$stage" "$out" --config "configs/$config.yaml" "${sets[@]}" < /dev/null &
     outs+=("$out")
   done
-  if [ "$mode" = start ]; then sleep ${START_WAIT:-60}; for out in "${outs[@]}"; do echo "== $out"; progress "$out"; done; exit 0; fi
+  if [ "$mode" = start ]; then sleep "${START_WAIT:-60}"; for out in "${outs[@]}"; do echo "== $out"; progress "$out"; done; exit 0; fi
   finish 100000 "${outs[@]}" ;;
 wait)  # wait SECONDS OUT...: wait for runs `start` began; when all have ended, hand them back as train does
   finish "$@" ;;

@@ -281,23 +281,24 @@ def mouth_amplitude(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
     """How far the drawn mouth follows the truth's (offset 0): ``mouth_gain``, the least-squares slope of the read on
     the truth (1: full amplitude; a model that hedges between mouths opens them less, gain < 1), and
     ``mouth_corr``, their correlation. NaN where the truth or the read does not move."""
+    nan = dict(mouth_gain=float("nan"), mouth_corr=float("nan"))
     n = min(len(mouth_read), len(mouth_truth))
-    truth = np.asarray(mouth_truth[:n], np.float64) - np.mean(mouth_truth[:n]) if n else np.zeros(0)
-    read = np.asarray(mouth_read[:n], np.float64) - np.mean(mouth_read[:n]) if n else np.zeros(0)
+    if n < 2:
+        return nan
+    truth, read = (np.asarray(x[:n], np.float64) for x in (mouth_truth, mouth_read))
+    truth, read = truth - truth.mean(), read - read.mean()
     var_t, var_r = float(truth @ truth), float(read @ read)
-    if n < 2 or var_t <= 1e-12:
-        return dict(mouth_gain=float("nan"), mouth_corr=float("nan"))
+    if var_t <= 1e-12:
+        return nan
     corr = float(read @ truth / np.sqrt(var_t * var_r)) if var_r > 1e-12 else float("nan")
     return dict(mouth_gain=float(read @ truth / var_t), mouth_corr=corr)
 
 
-def seam_ratio(avatar, probe: FrameProbe, seed: int, seconds: float = 3.0, noise_seed: int = 0) -> np.ndarray:
+def seam_ratio(avatar, probe: FrameProbe, seed: int, seconds: float = 3.0) -> np.ndarray:
     """Chunk seams of a streaming ``avatar`` (``stream.avatar.Avatar``) on world clip ``seed``: the mean probe-readout
     jump at chunk boundaries / its limit (2.5x the mean jump inside chunks, or the largest frame-to-frame move of
-    the truth), for jaw open, yaw and pitch; <= 1: no visible seam. The stream's noise: torch seeded ``noise_seed``."""
-    import torch
-
-    torch.manual_seed(noise_seed)
+    the truth), for jaw open, yaw and pitch; <= 1: no visible seam. The stream's noise comes from the engine's own
+    generator (``avatar.cfg.seed``), so a seam ratio is a function of the model, the clip and that seed."""
     clip = make_clip(seed, seconds)
     truth = np.stack(list(render_states(clip.identity, clip.states, 256)))
     frames = np.stack([f.image for f in avatar.stream(truth[0], [clip.audio])])[: clip.n_frames]
