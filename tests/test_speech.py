@@ -47,7 +47,7 @@ def test_voice_parameters_change_the_audio():
 
 
 def test_same_text_and_voice_give_the_same_samples_whatever_was_spoken_before():
-    """espeak-ng carries state from utterance to utterance (the same text came out ~570 samples shorter the first
+    """espeak-ng carries state from utterance to utterance (the same text came out 35 ms shorter the first
     time in a process); each utterance now starts from a fresh engine, so world clips are a function of their seed."""
     voice = Voice(rate=198, pitch=72, range=43)
     a = synthesize("Nobody painted the heavy library last week.", voice)

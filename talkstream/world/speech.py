@@ -7,7 +7,8 @@ the audio to 16 kHz and convert the positions to seconds, so a mouth driven by t
 
 libespeak-ng keeps its state per process (one voice, one callback) and carries it from one utterance to the next:
 the same text and voice spoken again in one process comes out a few samples longer or shorter (the first time in a
-process ~570 samples at 22050 Hz shorter than later times: measured on clip 900005's sentence), so a world clip made
+process ~780 samples at 22050 Hz, 35 ms, shorter than later times on clip 900005's sentence:
+``scripts/speech_determinism.py``), so a world clip made
 from a seed depended on what the process had spoken before. ``synthesize`` therefore speaks each utterance in a
 forked child process whose espeak-ng starts fresh (``speak_fresh``): a text and voice give the same samples in any
 process, after anything. Nothing is loaded at import time.
