@@ -22,9 +22,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vae", required=True)
     ap.add_argument("--clips", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out")
     a = ap.parse_args()
-    vae = load_checkpoint(a.vae, dtype=torch.float32).eval()
+    vae = load_checkpoint(a.vae, device=a.device, dtype=torch.float32).eval()
 
     def roundtrip(reference, clip):
         truth = np.stack(list(render_states(clip.identity, clip.states, 256)))
@@ -33,13 +34,13 @@ def main() -> None:
             seg = truth[s:s + 33]
             n = 1 + 4 * ((len(seg) - 1) // 4)
             with torch.no_grad():
-                y = video_to_frames(vae.decode(vae.encode(to_video(torch.from_numpy(seg[:n])[None]))))
+                y = video_to_frames(vae.decode(vae.encode(to_video(torch.from_numpy(seg[:n])[None].to(a.device)))))
             out.append(np.concatenate([y, seg[n:]]))  # (the < 4 frames a segment's latents cannot hold: as is)
         return np.concatenate(out)
 
     t = time.perf_counter()
     res = run_suite(roundtrip, seeds=SUITE_SEEDS[: a.clips])
-    res.update(vae=a.vae, machine=describe(), seconds=time.perf_counter() - t)
+    res.update(vae=a.vae, device=a.device, machine=describe(), seconds=time.perf_counter() - t)
     report(res, a.out, show=res["summary"])
 
 

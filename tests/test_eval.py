@@ -219,3 +219,14 @@ def test_report_prints_what_it_is_shown_and_writes_everything(tmp_path, capsys):
     assert json.loads(out.read_text()) == dict(summary=dict(mouth_error=0.5), rows=[1, 2], path=str(tmp_path))
     report(dict(a=1))  # no file: printed only
     assert json.loads(capsys.readouterr().out) == {"a": 1}
+
+
+def test_latent_groups_follow_the_causal_vae_and_group_means_hold_one_state_per_latent():
+    from talkstream.eval.evaluate import latent_group_mean, latent_groups
+
+    assert latent_groups(10).tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3]  # frame 0 alone, then 4 a latent
+    x = np.array([5.0, 0, 0, 0, 4, 1, 1, 1, 1, 7])
+    assert latent_group_mean(x).tolist() == [5.0, 1, 1, 1, 1, 1, 1, 1, 1, 7]  # an onset inside latent 1 is smeared
+    still = np.repeat([0.2, 0.6, 0.1], [1, 4, 4])  # already one state per latent: unchanged
+    assert np.allclose(latent_group_mean(still), still)
+    assert latent_group_mean(np.arange(5.0), temporal_factor=2).tolist() == [0, 1.5, 1.5, 3.5, 3.5]

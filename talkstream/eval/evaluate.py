@@ -294,6 +294,23 @@ def mouth_amplitude(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
     return dict(mouth_gain=float(read @ truth / var_t), mouth_corr=corr)
 
 
+def latent_groups(n_frames: int, temporal_factor: int = 4) -> np.ndarray:
+    """The latent each video frame belongs to in a causal VAE: frame 0 alone in latent 0, then frames
+    tf*l - tf + 1 .. tf*l in latent l (the last group may be short)."""
+    f = np.arange(n_frames)
+    return np.where(f == 0, 0, (f + temporal_factor - 1) // temporal_factor)
+
+
+def latent_group_mean(series: np.ndarray, temporal_factor: int = 4) -> np.ndarray:
+    """A per-frame series with each latent's frames replaced by their mean: what a video would read if every
+    latent held one state for its frames (no motion inside a latent). Applied to the probe's reading of the true
+    renders it bounds what 4x temporal compression costs a mouth error when intra-latent motion is lost."""
+    x = np.asarray(series, np.float64)
+    g = latent_groups(len(x), temporal_factor)
+    means = np.bincount(g, weights=x) / np.maximum(np.bincount(g), 1)
+    return means[g]
+
+
 def seam_ratio(avatar, probe: FrameProbe, seed: int, seconds: float = 3.0) -> np.ndarray:
     """Chunk seams of a streaming ``avatar`` (``stream.avatar.Avatar``) on world clip ``seed``: the mean probe-readout
     jump at chunk boundaries / its limit (2.5x the mean jump inside chunks, or the largest frame-to-frame move of
