@@ -19,6 +19,8 @@
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
 #   bash scripts/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
 #                                           return (a third DiT beside two)
+#   bash scripts/device_round.sh vae_suite VAE NAME [VAE NAME ...]   the suite on VAE round trips of the true renders
+#                                           (the mouth error any DiT in that latent space can reach at best)
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
 #                                           CFG=2: the audio guidance scale; SHIFT=1: the sampling schedule's
@@ -134,6 +136,13 @@ wait)  # wait SECONDS OUT...: wait for runs `start` began; when all have ended, 
   finish "$@" ;;
 fetch)
   hand_back "$@"; ls -laR "$OUT" ;;
+vae_suite)
+  while [ $# -ge 2 ]; do
+    mkdir -p runs
+    python3 scripts/vae_roundtrip_suite.py --vae "$1" --clips 4 --inputs data/suite_inputs.pkl --device cuda \
+      --out "$OUT/suite_vae_roundtrip_$2.json" > "runs/vae_suite_$2.txt" 2>&1
+    echo "$2 exit $?"; tail -n 16 "runs/vae_suite_$2.txt"; shift 2
+  done ;;
 suite)
   while [ $# -ge 3 ]; do
     model=$1 steps=$2 name=$3; shift 3

@@ -1,7 +1,10 @@
 """The held-out suite on VAE reconstructions of the true renders: the ceiling any DiT working in that
 latent space can reach (mouth error, sync, identity), in 33-frame segments to bound memory on a CPU.
 
-    python scripts/vae_roundtrip_suite.py --vae talkstream/weights/vae.safetensors --clips 3 --out x.json
+    python scripts/vae_roundtrip_suite.py --vae talkstream/weights/vae.safetensors --clips 4 --out x.json
+
+(4 clips: 18 min on 2 CPU cores; `--device cuda` on a GPU; `--inputs data/suite_inputs.pkl` where espeak-ng is
+missing.)
 """
 
 import argparse
@@ -10,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from talkstream.eval.evaluate import SUITE_SEEDS, run_suite
+from talkstream.eval.evaluate import SUITE_SEEDS, load_suite_inputs, run_suite
 from talkstream.machine import describe, report
 from talkstream.models.checkpoint import load_checkpoint
 from talkstream.stream.offline import video_to_frames
@@ -22,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vae", required=True)
     ap.add_argument("--clips", type=int, default=3)
+    ap.add_argument("--inputs", help="suite inputs (talkstream eval suite --save-inputs): no espeak-ng needed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -39,7 +43,7 @@ def main() -> None:
         return np.concatenate(out)
 
     t = time.perf_counter()
-    res = run_suite(roundtrip, seeds=SUITE_SEEDS[: a.clips])
+    res = run_suite(roundtrip, seeds=SUITE_SEEDS[: a.clips], inputs=load_suite_inputs(a.inputs) if a.inputs else None)
     res.update(vae=a.vae, device=a.device, machine=describe(), seconds=time.perf_counter() - t)
     report(res, a.out, show=res["summary"])
 
