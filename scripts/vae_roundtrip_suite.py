@@ -13,11 +13,9 @@ import time
 import numpy as np
 import torch
 
-from talkstream.eval.evaluate import SUITE_SEEDS, load_suite_inputs, run_suite
+from talkstream.eval.evaluate import SUITE_SEEDS, load_suite_inputs, run_suite, vae_roundtrip
 from talkstream.machine import describe, report
 from talkstream.models.checkpoint import load_checkpoint
-from talkstream.stream.offline import video_to_frames
-from talkstream.train.stages import to_video
 from talkstream.world.render import render_states
 
 
@@ -32,15 +30,7 @@ def main() -> None:
     vae = load_checkpoint(a.vae, device=a.device, dtype=torch.float32).eval()
 
     def roundtrip(reference, clip):
-        truth = np.stack(list(render_states(clip.identity, clip.states, 256)))
-        out = []
-        for s in range(0, len(truth), 33):
-            seg = truth[s:s + 33]
-            n = 1 + 4 * ((len(seg) - 1) // 4)
-            with torch.no_grad():
-                y = video_to_frames(vae.decode(vae.encode(to_video(torch.from_numpy(seg[:n])[None].to(a.device)))))
-            out.append(np.concatenate([y, seg[n:]]))  # (the < 4 frames a segment's latents cannot hold: as is)
-        return np.concatenate(out)
+        return vae_roundtrip(vae, np.stack(list(render_states(clip.identity, clip.states, 256))))
 
     t = time.perf_counter()
     res = run_suite(roundtrip, seeds=SUITE_SEEDS[: a.clips], inputs=load_suite_inputs(a.inputs) if a.inputs else None)

@@ -230,3 +230,23 @@ def test_latent_groups_follow_the_causal_vae_and_group_means_hold_one_state_per_
     still = np.repeat([0.2, 0.6, 0.1], [1, 4, 4])  # already one state per latent: unchanged
     assert np.allclose(latent_group_mean(still), still)
     assert latent_group_mean(np.arange(5.0), temporal_factor=2).tolist() == [0, 1.5, 1.5, 3.5, 3.5]
+
+
+def test_vae_roundtrip_encodes_each_segment_as_its_own_clip_and_passes_the_leftover_frames():
+    import torch
+
+    from talkstream.eval.evaluate import vae_roundtrip
+    from talkstream.models.config import vae_config
+    from talkstream.models.vae import CausalVAE
+    from talkstream.stream.offline import frames_to_video, video_to_frames
+
+    torch.manual_seed(0)
+    vae = CausalVAE(vae_config("tiny")).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    out = vae_roundtrip(vae, frames, segment=7)  # segments 0-6 (5 frames held, 2 as is) and 7-11 (5 held)
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    assert np.array_equal(out[5:7], frames[5:7])
+    with torch.no_grad():
+        second = video_to_frames(vae.decode(vae.encode(frames_to_video(frames[7:12], 16))))
+    assert np.array_equal(out[7:12], second)  # a fresh clip: nothing carried over from the first segment
+    assert not np.array_equal(out[:5], frames[:5])  # (random weights: the round trip changes the frames)

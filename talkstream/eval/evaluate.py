@@ -264,6 +264,25 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
     return generate
 
 
+def vae_roundtrip(vae, frames: np.ndarray, segment: int = 33) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] through ``vae`` (encode, decode) in segments of ``segment`` frames (bounded
+    memory; each segment starts a fresh causal clip): what any DiT in that latent space can reproduce at best.
+    The < 4 frames at a segment's end that its latents cannot hold are passed through as they are."""
+    import torch
+
+    from ..stream.offline import frames_to_video, video_to_frames
+
+    dev = next(vae.parameters()).device
+    out = []
+    for s in range(0, len(frames), segment):
+        seg = frames[s:s + segment]
+        n = 1 + 4 * ((len(seg) - 1) // 4)
+        with torch.no_grad():
+            y = video_to_frames(vae.decode(vae.encode(frames_to_video(seg[:n], seg.shape[1]).to(dev))))
+        out.append(np.concatenate([y, seg[n:]]))
+    return np.concatenate(out)
+
+
 def mouth_error_by_speed(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
     """Mouth error (offset 0) on the frames where the truth's mouth moves faster than its median speed, and
     on the rest: 4x temporal compression and under-trained models lose the fast half first."""
