@@ -223,3 +223,27 @@ def test_gradient_checkpointing_same_gradients():
     for a, b in zip(g1, g2):
         if a is not None:
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ref_concat_starts_as_the_model_without_it_and_streams_like_the_full_block_causal_pass():
+    plain = _model()
+    m = WanDiT(DiTConfig.from_dict({**dit_config("tiny").to_dict(), "ref_concat": True})).eval()
+    missing, unexpected = m.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["ref_embedding.weight"] and not unexpected
+    inp = _inputs(Fr=12)
+    with torch.no_grad():
+        assert torch.equal(m(**inp), plain(**inp))  # zero-initialised: nothing changes until it is trained
+        torch.nn.init.normal_(m.ref_embedding.weight, std=0.05)
+        full = m(**inp, chunk=3)
+        other = m(**{**inp, "ref": torch.randn_like(inp["ref"])}, chunk=3)
+        assert (full - other).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-4  # every frame sees the reference
+        cache = m.new_cache(1000)
+        m.prefill_sinks(inp["ref"], cache, inp["context"])
+        streamed = torch.cat([m.forward_chunk(inp["x"][:, :, i:i + 3], inp["t"][:, i:i + 3], cache, inp["context"],
+                                              inp["audio"][:, i:i + 3], commit=True) for i in range(0, 12, 3)], 2)
+        assert (streamed - full).abs().max() < 1e-4
+        # sinks that change during a stream (rolling / memory-bank anchors) keep the identity reference's tokens
+        moved = m.new_cache(1000)
+        m.prefill_sinks(torch.randn_like(inp["ref"]), moved, inp["context"], reference=inp["ref"])
+        assert torch.equal(moved.ref_tokens, cache.ref_tokens)
+        assert cache.sinks_only().ref_tokens is cache.ref_tokens

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from talkstream.diffusion.flow import euler_sigmas
-from talkstream.models.config import dit_config, vae_config
+from talkstream.models.config import DiTConfig, dit_config, vae_config
 from talkstream.models.dit import WanDiT
 from talkstream.models.encoders import audio_windows
 from talkstream.models.vae import CausalVAE
@@ -232,3 +232,15 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
     draws = [checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
                                   audio_guidance=1.0, inputs=inputs, noise_seed=s)(ref, clip) for s in (0, 0, 1)]
     assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])  # --noise-seed
+
+
+def test_a_moving_sink_keeps_the_identity_reference_for_ref_concat(models):
+    dit, vae = models
+    rc = WanDiT(DiTConfig.from_dict({**dit.cfg.to_dict(), "ref_concat": True})).eval()
+    rc.load_state_dict(dit.state_dict(), strict=False)
+    with torch.no_grad():
+        rc.ref_embedding.weight.normal_(0, 0.05)
+    eng, lat, *_ = _run(rc, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="rolling_sink"), _features(2.0),
+                        n_chunks=3)
+    torch.testing.assert_close(eng.sinks, lat[:, :, :1])  # the sink moved to the first generated frame...
+    torch.testing.assert_close(eng.cache.ref_tokens, rc.embed_reference(_ref()))  # ...the reference did not

@@ -168,3 +168,24 @@ def test_bad_config_is_clear(tmp_path):
         TrainConfig.load(tmp_path / "e.yaml")
     with pytest.raises(ValueError, match="unknown stage"):
         run_stage(TrainConfig(stage="nope", data="x"))
+
+
+def test_a_dit_with_ref_concat_starts_from_a_checkpoint_without_it_and_nothing_else_is_waived(tmp_path):
+    import pytest
+    import torch
+
+    from talkstream.models.checkpoint import save_checkpoint
+    from talkstream.models.config import DiTConfig, dit_config
+    from talkstream.models.dit import WanDiT
+    from talkstream.train.stages import load_dit_init
+
+    torch.manual_seed(0)
+    plain = WanDiT(dit_config("tiny"))
+    save_checkpoint(tmp_path / "plain.safetensors", plain, "dit", plain.cfg)
+    m = WanDiT(DiTConfig.from_dict({**dit_config("tiny").to_dict(), "ref_concat": True}))
+    load_dit_init(m, str(tmp_path / "plain.safetensors"))
+    assert torch.equal(m.patch_embedding.weight, plain.patch_embedding.weight.to(m.patch_embedding.weight.dtype))
+    assert m.ref_embedding.weight.abs().sum() == 0
+    wider = WanDiT(DiTConfig.from_dict({**dit_config("tiny").to_dict(), "ffn_dim": 256}))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_dit_init(wider, str(tmp_path / "plain.safetensors"))

@@ -34,6 +34,10 @@ class DiTConfig:
     # frame-aligned audio AdaLN: an MLP of each latent frame's whole audio window (its tokens in order) is added to
     # that frame's timestep embedding, so every block's modulation follows the speech (zero-initialised)
     audio_adaln: bool = False
+    # the reference latent, repeated over the frames, joins every frame's input channels (OmniAvatar's channel
+    # concatenation; here its own zero-initialised patch embedding added to the frame's, the same linear map): a
+    # pixel-aligned identity prior besides the reference sink frame that attention reads
+    ref_concat: bool = False
 
     @property
     def head_dim(self) -> int:

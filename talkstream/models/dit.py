@@ -240,6 +240,8 @@ class WanDiT(nn.Module):
         self.audio_pos = nn.Parameter(torch.zeros(cfg.audio_tokens_per_frame, d))
         self.audio_embedding = (nn.Sequential(nn.Linear(cfg.audio_tokens_per_frame * cfg.audio_dim, d), nn.SiLU(),
                                               nn.Linear(d, d)) if cfg.audio_adaln else None)
+        self.ref_embedding = (nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+                              if cfg.ref_concat else None)
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -257,13 +259,15 @@ class WanDiT(nn.Module):
         if self.audio_embedding is not None:
             nn.init.zeros_(self.audio_embedding[2].weight)
             nn.init.zeros_(self.audio_embedding[2].bias)
+        if self.ref_embedding is not None:  # a model without it, loaded, is unchanged
+            nn.init.zeros_(self.ref_embedding.weight)
         nn.init.zeros_(self.head.head.weight)  # start by predicting zero velocity offsets
         nn.init.zeros_(self.head.head.bias)
 
     # -- pieces ------------------------------------------------------------------------------------
     def base_parameter_count(self) -> int:
         """Parameters of the Wan2.1 architecture alone (without our audio adapter)."""
-        return sum(p.numel() for n, p in self.named_parameters() if not _is_addition(n))
+        return sum(p.numel() for n, p in self.named_parameters() if not is_addition(n))
 
     def _check(self, x: torch.Tensor, name: str, channels: int) -> None:
         if not torch.is_tensor(x) or x.ndim != 5 or x.shape[1] != channels:
@@ -280,6 +284,14 @@ class WanDiT(nn.Module):
         h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, D, F, H', W']
         grid = _Grid(h.shape[3], h.shape[4])
         return h.flatten(3).permute(0, 2, 3, 1).contiguous(), grid
+
+    def embed_reference(self, ref: torch.Tensor | None) -> torch.Tensor | None:
+        """``ref_concat``: reference latent frame(s) [B, C, R, H, W] -> the tokens [B, 1, S, D] added to every video
+        frame's (the mean over R frames); None without ``ref_concat`` or without a reference."""
+        if self.ref_embedding is None or ref is None:
+            return None
+        h = self.ref_embedding(ref.to(self.ref_embedding.weight.dtype)).mean(2, keepdim=True)
+        return h.flatten(3).permute(0, 2, 3, 1)
 
     def embed_time(self, t: torch.Tensor, audio_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B, F] -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks); ``audio_emb`` [B, F', D] (audio AdaLN)
@@ -361,9 +373,11 @@ class WanDiT(nn.Module):
             self._check(ref, "ref", self.cfg.in_dim)
             if ref.shape[0] != B or ref.shape[3:] != x.shape[3:]:
                 raise ValueError(f"ref {tuple(ref.shape)} does not match x {tuple(x.shape)}")
-            ref_tokens, _ = self.embed_frames(ref)
+            if self.ref_embedding is not None:
+                tokens = tokens + self.embed_reference(ref)
+            sink_tokens, _ = self.embed_frames(ref)
             n_sink = ref.shape[2]
-            tokens = torch.cat([ref_tokens, tokens], dim=1)
+            tokens = torch.cat([sink_tokens, tokens], dim=1)
             t = torch.cat([t.new_zeros(B, n_sink), t], dim=1)
         visible = full_mask(n_sink, Fr) if chunk is None else block_causal_mask(n_sink, Fr, chunk, window)
         attend = _GroupAttention(visible, grid, self.cfg.head_dim, x.device)
@@ -376,9 +390,14 @@ class WanDiT(nn.Module):
 
     @torch.no_grad()
     def prefill_sinks(self, sinks: torch.Tensor, cache: KVCache, context: torch.Tensor | None = None,
-                      context_mask: torch.Tensor | None = None) -> None:
-        """Run clean sink frames (the reference) at timestep 0 and store their keys/values as the sinks."""
+                      context_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
+        """Run clean sink frames (the reference) at timestep 0 and store their keys/values as the sinks.
+        ``reference`` (default: the first sink): the identity latent that ``ref_concat`` adds to every chunk's
+        frames (sinks may change during a stream; the reference does not)."""
         self._check(sinks, "sinks", self.cfg.in_dim)
+        if reference is not None:
+            self._check(reference, "reference", self.cfg.in_dim)
+        cache.ref_tokens = self.embed_reference(sinks[:, :, :1] if reference is None else reference)
         tokens, grid = self.embed_frames(sinks)
         B, R = tokens.shape[:2]
         attend = _CachedAttention(cache, R, grid, self.cfg.head_dim, sinks.device, "sink")
@@ -399,6 +418,8 @@ class WanDiT(nn.Module):
         self._check(x, "x", self.cfg.in_dim)
         B, _, Fr = x.shape[:3]
         tokens, grid = self.embed_frames(x)
+        if cache.ref_tokens is not None:
+            tokens = tokens + cache.ref_tokens
         t = self._timesteps(t, B, Fr, x.device)
         attend = _CachedAttention(cache, Fr, grid, self.cfg.head_dim, x.device, "commit" if commit else "read")
         out = self._run(tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr),
@@ -408,8 +429,8 @@ class WanDiT(nn.Module):
         return self.unpatchify(out, grid).to(x.dtype)
 
 
-_ADDITIONS = ("audio_attn.", "audio_proj.", "audio_pos", "audio_embedding.")
+_ADDITIONS = ("audio_attn.", "audio_proj.", "audio_pos", "audio_embedding.", "ref_embedding.")
 
 
-def _is_addition(name: str) -> bool:
+def is_addition(name: str) -> bool:
     return any(a in name for a in _ADDITIONS)

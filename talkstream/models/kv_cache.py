@@ -21,6 +21,7 @@ class KVCache:
     v: list[torch.Tensor | None] = field(default_factory=list)
     frame_ids: list[int] = field(default_factory=list)  # absolute index of each cached context frame
     next_frame: int = 0  # absolute index of the next frame the stream will generate
+    ref_tokens: torch.Tensor | None = None  # the reference's tokens added to every frame's (DiT ``ref_concat``)
 
     def __post_init__(self) -> None:
         if self.window < 0:
@@ -58,7 +59,8 @@ class KVCache:
 
     def sinks_only(self) -> "KVCache":
         """A cache that shares this one's sinks and has an empty window (for repair passes)."""
-        return KVCache(self.num_layers, self.window, list(self.sink_k), list(self.sink_v), next_frame=self.next_frame)
+        return KVCache(self.num_layers, self.window, list(self.sink_k), list(self.sink_v), next_frame=self.next_frame,
+                       ref_tokens=self.ref_tokens)
 
     def context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """[sinks | window] keys and values of a layer (None if empty)."""

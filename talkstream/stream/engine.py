@@ -205,7 +205,7 @@ class StreamEngine:
 
     def _set_sinks(self, sinks: torch.Tensor) -> None:
         self.sinks = sinks
-        self.dit.prefill_sinks(sinks, self.cache, self.text, self.text_mask)
+        self.dit.prefill_sinks(sinks, self.cache, self.text, self.text_mask, reference=self.reference)
 
     @torch.no_grad()
     def next_chunk(self, audio: torch.Tensor | None) -> Chunk:

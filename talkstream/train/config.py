@@ -59,6 +59,8 @@ class TrainConfig:
     lip_reader_tries: int = 2  # ...at most this many fits in all; the best one is used
     look_back: int = 2  # audio window widening, video frames
     look_ahead: int = 2
+    dit: dict = field(default_factory=dict)  # DiT stages: fields of the model size's DiTConfig to change, e.g.
+    # {ref_concat: true} (an ``init`` checkpoint without such an addition loads into it, the addition at its zero init)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -15,8 +15,8 @@ from ..diffusion.flow import add_noise, sample_training_sigmas, velocity_target
 from ..diffusion.samplers import apply_dropout, drop_conditions
 from ..media import atomic_path
 from ..models.checkpoint import load_checkpoint, save_checkpoint
-from ..models.config import TinyDecoderConfig, dit_config, vae_config
-from ..models.dit import WanDiT
+from ..models.config import DiTConfig, TinyDecoderConfig, dit_config, vae_config
+from ..models.dit import WanDiT, is_addition
 from ..models.encoders import audio_windows
 from ..models.losses import kl_divergence, masked_l1, reconstruction_loss
 from ..models.vae import CausalVAE, TinyDecoder
@@ -483,6 +483,18 @@ def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_laten
     return best
 
 
+def load_dit_init(model: WanDiT, path: str) -> None:
+    """Start ``model`` from a DiT checkpoint: every weight must match, except additions the checkpoint lacks (e.g.
+    ``ref_embedding`` when ``ref_concat`` is switched on), which keep their zero init, so the model starts as the
+    checkpoint's."""
+    try:
+        missing, unexpected = model.load_state_dict(load_checkpoint(path).state_dict(), strict=False)
+    except RuntimeError as e:  # (shapes that differ)
+        raise ValueError(f"{path} does not fit this DiT: {e}") from None
+    if unexpected or any(not is_addition(k) for k in missing):
+        raise ValueError(f"{path} does not fit this DiT: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+
+
 def train_dit(cfg: TrainConfig, log=print) -> dict:
     causal = cfg.stage == "causal"
     device = train_device()
@@ -494,11 +506,9 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     log(f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
     n_latent = 1 + (cfg.frames - 1) // 4
     reader, reader_metrics = fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
-    dcfg = dit_config(cfg.model)
-    model = WanDiT(dcfg)
+    model = WanDiT(DiTConfig.from_dict({**dit_config(cfg.model).to_dict(), **cfg.dit}))
     if cfg.init:
-        init = load_checkpoint(cfg.init)
-        model.load_state_dict(init.state_dict())
+        load_dit_init(model, cfg.init)
     model.gradient_checkpointing = cfg.grad_checkpointing
     runner = Runner(cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device)
     if cfg.compile:  # after the Runner made its EMA copy, so only the trained model's blocks are compiled
@@ -519,7 +529,7 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     extra = dict(stage=cfg.stage, **metrics, config=cfg.to_dict(), look_back=cfg.look_back, look_ahead=cfg.look_ahead,
                  chunk=cfg.chunk if causal else None, window_latents=n_latent,
                  motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
-    save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", dcfg, extra=extra, dtype=torch.bfloat16)
+    save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", final.cfg, extra=extra, dtype=torch.bfloat16)
     return metrics
 
 
