@@ -502,7 +502,9 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     pack = load_pack(cfg.data)
     t0 = time.perf_counter()
     tr, ho = _split(pack.n_clips)
-    bank, held = LatentBank(cfg, vae, device, tr, pack), LatentBank(cfg, vae, device, ho, pack)
+    per_call = 8 if device.startswith("cuda") else 1  # clips per VAE encoder call: 8 x 73 frames at 256 px filled
+    # a 24 GiB CPU machine (the run was killed)
+    bank, held = (LatentBank(cfg, vae, device, clips, pack, encode_clips=per_call) for clips in (tr, ho))
     log(f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
     n_latent = 1 + (cfg.frames - 1) // 4
     reader, reader_metrics = fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
