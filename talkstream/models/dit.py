@@ -5,7 +5,9 @@ sinusoidal time embedding -> AdaLN modulation (6 vectors per block, 2 for the he
 with RMSNorm on q/k and 3D RoPE, text cross-attention, GELU(tanh) FFN. Our additions:
 
 * per-frame timesteps ``t [B, F]`` (diffusion forcing: every chunk has its own noise level);
-* a clean **reference latent** frame (timestep 0) placed before the video as a sink every frame sees;
+* a clean **reference latent** frame (timestep 0) placed before the video as a sink every frame sees, and
+  optionally (``ref_concat``) added to every frame's input tokens through its own zero-initialised patch
+  embedding, pixel-aligned (OmniAvatar / Wan-I2V's channel concatenation);
 * an **audio adapter** per block (IP-adapter style cross-attention, zero-initialised output) in which
   each latent frame attends only to the audio tokens of its own time window;
 * three attention modes from one code path: full bidirectional, block-causal (chunks), and
