@@ -189,3 +189,14 @@ def test_a_dit_with_ref_concat_starts_from_a_checkpoint_without_it_and_nothing_e
     wider = WanDiT(DiTConfig.from_dict({**dit_config("tiny").to_dict(), "ffn_dim": 256}))
     with pytest.raises(ValueError, match="does not fit"):
         load_dit_init(wider, str(tmp_path / "plain.safetensors"))
+
+
+def test_every_shipped_training_config_loads():
+    from pathlib import Path
+
+    from talkstream.train.config import TrainConfig
+
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert len(paths) >= 6
+    stages = {TrainConfig.load(p).stage for p in paths}  # unknown keys or ill-typed values raise
+    assert stages == {"vae", "decoder", "teacher", "causal"}
