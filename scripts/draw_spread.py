@@ -16,18 +16,10 @@ import time
 import numpy as np
 
 from talkstream.eval import metrics
-from talkstream.eval.evaluate import (checkpoint_generator, load_suite_inputs, mouth_amplitude,
-                                      mouth_error_by_speed)
+from talkstream.eval.evaluate import checkpoint_generator, clip_mouth_truth, load_suite_inputs, mouth_scores
 from talkstream.eval.probes import load_frame_probe
 from talkstream.machine import describe, report
 from talkstream.world.render import render_states
-
-
-def scores(read: np.ndarray, truth: np.ndarray) -> dict:
-    n = min(len(read), len(truth))
-    read, truth = read[:n], truth[:n]
-    return dict(mouth_error=float(np.abs(read - truth).mean()), **mouth_error_by_speed(read, truth),
-                **mouth_amplitude(read, truth))
 
 
 def plot(res: dict, path: str) -> None:
@@ -69,7 +61,7 @@ def main() -> None:
         ap.error("--model and --inputs are needed to sample")
     inputs = load_suite_inputs(a.inputs)
     clip = inputs["clips"][a.seed]["clip"]
-    truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+    truth = clip_mouth_truth(clip)
     probe = load_frame_probe()
     jaw = metrics.F["jaw_open"]
     truth_frames = np.stack(list(render_states(clip.identity, clip.states, 256)))
@@ -80,13 +72,14 @@ def main() -> None:
         t = time.perf_counter()
         frames = gen(truth_frames[0], clip)
         reads.append(probe.read(frames)["states"][:, jaw])
-        draws.append(dict(noise_seed=s, seconds=time.perf_counter() - t, **scores(reads[-1], truth)))
+        draws.append(dict(noise_seed=s, seconds=time.perf_counter() - t, **mouth_scores(reads[-1], truth)))
         print(draws[-1], flush=True)
     n = min(len(r) for r in reads)
     stack = np.stack([r[:n] for r in reads])
     res = dict(model=a.model, seed=a.seed, steps=a.steps, audio_guidance=a.audio_guidance, draws=draws,
-               truth_render=scores(probe.read(truth_frames)["states"][:, jaw], truth),
-               mean_of_draws=scores(stack.mean(0), truth), median_of_draws=scores(np.median(stack, 0), truth),
+               truth_render=mouth_scores(probe.read(truth_frames)["states"][:, jaw], truth),
+               mean_of_draws=mouth_scores(stack.mean(0), truth),
+               median_of_draws=mouth_scores(np.median(stack, 0), truth),
                draw_spread=float(stack.std(0).mean()), readings=stack.round(4).tolist(),
                truth=np.asarray(truth[:n]).round(4).tolist(), machine=describe(), seconds=time.perf_counter() - t0)
     report(res, a.out, show={k: res[k] for k in ("truth_render", "mean_of_draws", "median_of_draws", "draw_spread")})

@@ -11,7 +11,7 @@ import argparse
 import numpy as np
 
 from talkstream.eval import metrics
-from talkstream.eval.evaluate import load_suite_inputs, mouth_amplitude, mouth_error_by_speed
+from talkstream.eval.evaluate import clip_mouth_truth, load_suite_inputs, mouth_scores
 from talkstream.eval.probes import load_frame_probe
 from talkstream.machine import describe, report
 from talkstream.media import read_video
@@ -25,13 +25,11 @@ def main() -> None:
     ap.add_argument("--out")
     a = ap.parse_args()
     clip = load_suite_inputs(a.inputs)["clips"][a.seed]["clip"]
-    truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+    truth = clip_mouth_truth(clip)
     probe, rows = load_frame_probe(), {}
     for path in a.videos:
         read = probe.read(np.asarray(read_video(path).frames))["states"][:, metrics.F["jaw_open"]]
-        n = min(len(read), len(truth))
-        rows[path] = dict(frames=n, mouth_error=float(np.abs(read[:n] - truth[:n]).mean()),
-                          **mouth_amplitude(read, truth), **mouth_error_by_speed(read, truth))
+        rows[path] = dict(frames=min(len(read), len(truth)), **mouth_scores(read, truth))
     report(dict(seed=a.seed, rows=rows, machine=describe()), a.out)
 
 

@@ -14,15 +14,10 @@ import json
 import numpy as np
 
 from talkstream.eval import metrics
-from talkstream.eval.evaluate import SUITE_SEEDS, latent_group_mean, load_suite_inputs, mouth_error_by_speed
+from talkstream.eval.evaluate import SUITE_SEEDS, clip_mouth_truth, latent_group_mean, load_suite_inputs, mouth_scores
 from talkstream.eval.probes import load_frame_probe
 from talkstream.machine import describe, report
 from talkstream.world.render import render_states
-
-
-def scores(read: np.ndarray, truth: np.ndarray) -> dict:
-    n = min(len(read), len(truth))
-    return dict(mouth_error=float(np.abs(read[:n] - truth[:n]).mean()), **mouth_error_by_speed(read[:n], truth[:n]))
 
 
 def main() -> None:
@@ -40,11 +35,12 @@ def main() -> None:
     rows = []
     for seed in SUITE_SEEDS[: a.clips]:
         clip = inputs["clips"][seed]["clip"]
-        truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+        truth = clip_mouth_truth(clip)
         read = probe.read(np.stack(list(render_states(clip.identity, clip.states, 256))))["states"][:, jaw]
-        row = dict(seed=seed, truth_render=scores(read, truth), latent_group_mean=scores(latent_group_mean(read), truth),
-                   shifted_later=scores(np.concatenate([read[:1], read[:-1]]), truth),
-                   shifted_earlier=scores(np.concatenate([read[1:], read[-1:]]), truth))
+        row = dict(seed=seed, truth_render=mouth_scores(read, truth),
+                   latent_group_mean=mouth_scores(latent_group_mean(read), truth),
+                   shifted_later=mouth_scores(np.concatenate([read[:1], read[:-1]]), truth),
+                   shifted_earlier=mouth_scores(np.concatenate([read[1:], read[-1:]]), truth))
         if seed in trip:
             row["vae_roundtrip"] = {k: trip[seed][k] for k in ("mouth_error", "mouth_error_fast", "mouth_error_slow")}
         rows.append(row)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from talkstream.eval import metrics
-from talkstream.eval.evaluate import load_suite_inputs, vae_roundtrip
+from talkstream.eval.evaluate import clip_mouth_truth, load_suite_inputs, vae_roundtrip
 from talkstream.eval.probes import load_frame_probe
 from talkstream.machine import describe, report
 from talkstream.models.checkpoint import load_checkpoint
@@ -65,7 +65,7 @@ def main() -> None:
     rows = []
     for seed in a.seeds:
         clip = inputs["clips"][seed]["clip"]
-        truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+        truth = clip_mouth_truth(clip)
         frames = np.stack(list(render_states(clip.identity, clip.states, 256)))
         reads = {"true render": probe.read(frames)["states"][:, jaw],
                  "VAE round trip": probe.read(vae_roundtrip(vae, frames, SEGMENT))["states"][:, jaw], **draws.get(seed, {})}

@@ -250,3 +250,14 @@ def test_vae_roundtrip_encodes_each_segment_as_its_own_clip_and_passes_the_lefto
         second = video_to_frames(vae.decode(vae.encode(frames_to_video(frames[7:12], 16))))
     assert np.array_equal(out[7:12], second)  # a fresh clip: nothing carried over from the first segment
     assert not np.array_equal(out[:5], frames[:5])  # (random weights: the round trip changes the frames)
+
+
+def test_mouth_scores_gathers_error_speed_halves_and_amplitude_over_the_common_frames():
+    from talkstream.eval.evaluate import mouth_amplitude, mouth_error_by_speed, mouth_scores
+
+    truth = np.abs(np.sin(np.linspace(0, 12, 120)))
+    read = 0.8 * np.roll(truth, 2)[:100]  # shorter, late and smaller
+    s = mouth_scores(read, truth)
+    assert s["mouth_error"] == np.abs(read - truth[:100]).mean()
+    assert s == dict(mouth_error=s["mouth_error"], **mouth_error_by_speed(read, truth[:100]),
+                     **mouth_amplitude(read, truth[:100]))

@@ -283,6 +283,19 @@ def vae_roundtrip(vae, frames: np.ndarray, segment: int = 33) -> np.ndarray:
     return np.concatenate(out)
 
 
+def clip_mouth_truth(clip) -> np.ndarray:
+    """A world clip's per-frame jaw-opening truth (from its speech segments), what the probe's readings are scored on."""
+    return metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+
+
+def mouth_scores(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
+    """Over the frames both have, at offset 0: the mean mouth error, its fast / slow halves and the amplitude."""
+    n = min(len(mouth_read), len(mouth_truth))
+    read, truth = np.asarray(mouth_read[:n]), np.asarray(mouth_truth[:n])
+    return dict(mouth_error=float(np.abs(read - truth).mean()), **mouth_error_by_speed(read, truth),
+                **mouth_amplitude(read, truth))
+
+
 def mouth_error_by_speed(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
     """Mouth error (offset 0) on the frames where the truth's mouth moves faster than its median speed, and
     on the rest: 4x temporal compression and under-trained models lose the fast half first."""
@@ -365,7 +378,7 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         audio = np.asarray(clip.audio, np.float32)
         truth_frames = np.stack(list(render_states(clip.identity, clip.states, size)))
         frames = truth_frames if generate is None else generate(truth_frames[0], clip)
-        truth = metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
+        truth = clip_mouth_truth(clip)
         rep = evaluate_clip(frames, audio, truth_frames[0], truth, probe)
         v = rep.values
         ids.append(rep.series["identity"])

@@ -166,10 +166,10 @@ def normalize_dit_state_dict(sd: dict) -> dict:
 
 def load_dit_weights(model: torch.nn.Module, sd: dict, strict_additions: bool = False) -> dict:
     """Load a (normalised) state dict into ``model`` with clear errors. Returns what was missing/extra."""
-    from .dit import is_addition
+    from .dit import _is_addition
 
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and (strict_additions or not is_addition(k))]
+    missing = [k for k in own if k not in sd and (strict_additions or not _is_addition(k))]
     unexpected = [k for k in sd if k not in own]
     mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or mismatched:

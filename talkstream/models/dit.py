@@ -269,7 +269,7 @@ class WanDiT(nn.Module):
     # -- pieces ------------------------------------------------------------------------------------
     def base_parameter_count(self) -> int:
         """Parameters of the Wan2.1 architecture alone (without our audio adapter)."""
-        return sum(p.numel() for n, p in self.named_parameters() if not is_addition(n))
+        return sum(p.numel() for n, p in self.named_parameters() if not _is_addition(n))
 
     def _check(self, x: torch.Tensor, name: str, channels: int) -> None:
         if not torch.is_tensor(x) or x.ndim != 5 or x.shape[1] != channels:
@@ -434,5 +434,5 @@ class WanDiT(nn.Module):
 _ADDITIONS = ("audio_attn.", "audio_proj.", "audio_pos", "audio_embedding.", "ref_embedding.")
 
 
-def is_addition(name: str) -> bool:
+def _is_addition(name: str) -> bool:
     return any(a in name for a in _ADDITIONS)

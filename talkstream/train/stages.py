@@ -14,9 +14,9 @@ import torch
 from ..diffusion.flow import add_noise, sample_training_sigmas, velocity_target
 from ..diffusion.samplers import apply_dropout, drop_conditions
 from ..media import atomic_path
-from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.checkpoint import load_checkpoint, load_dit_weights, save_checkpoint
 from ..models.config import DiTConfig, TinyDecoderConfig, dit_config, vae_config
-from ..models.dit import WanDiT, is_addition
+from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
 from ..models.losses import kl_divergence, masked_l1, reconstruction_loss
 from ..models.vae import CausalVAE, TinyDecoder
@@ -483,18 +483,6 @@ def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_laten
     return best
 
 
-def load_dit_init(model: WanDiT, path: str) -> None:
-    """Start ``model`` from a DiT checkpoint: every weight must match, except additions the checkpoint lacks (e.g.
-    ``ref_embedding`` when ``ref_concat`` is switched on), which keep their zero init, so the model starts as the
-    checkpoint's."""
-    try:
-        missing, unexpected = model.load_state_dict(load_checkpoint(path).state_dict(), strict=False)
-    except RuntimeError as e:  # (shapes that differ)
-        raise ValueError(f"{path} does not fit this DiT: {e}") from None
-    if unexpected or any(not is_addition(k) for k in missing):
-        raise ValueError(f"{path} does not fit this DiT: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-
-
 def train_dit(cfg: TrainConfig, log=print) -> dict:
     causal = cfg.stage == "causal"
     device = train_device()
@@ -510,7 +498,8 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     reader, reader_metrics = fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
     model = WanDiT(DiTConfig.from_dict({**dit_config(cfg.model).to_dict(), **cfg.dit}))
     if cfg.init:
-        load_dit_init(model, cfg.init)
+        # additions the file lacks (e.g. ref_embedding with dit={ref_concat: true}) keep their zero init
+        load_dit_weights(model, load_checkpoint(cfg.init).state_dict())
     model.gradient_checkpointing = cfg.grad_checkpointing
     runner = Runner(cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device)
     if cfg.compile:  # after the Runner made its EMA copy, so only the trained model's blocks are compiled
