@@ -202,3 +202,35 @@ def test_every_shipped_training_config_loads():
     assert len(paths) >= 6
     stages = {TrainConfig.load(p).stage for p in paths}  # unknown keys or ill-typed values raise
     assert stages == {"vae", "decoder", "teacher", "causal"}
+
+
+def test_latent_map_fit_and_fold():
+    """A tiny decoder carried over to a VAE whose latents are an affine image of the old ones decodes the new
+    latents as it decoded the old: exactly with b = 0, inside the zero-padded border otherwise."""
+    from talkstream.models.vae import TinyDecoder, TinyDecoderConfig
+    from talkstream.train.latent_map import fit_latent_map, fold_latent_map
+
+    g = torch.Generator().manual_seed(0)
+    c = 16
+    dec = TinyDecoder(TinyDecoderConfig(latent_dim=c, channels=(16, 8, 8)))
+    dec.latent_mean.copy_(torch.randn(c, generator=g))
+    dec.latent_std.copy_(torch.rand(c, generator=g) + 0.5)
+    a_true = torch.eye(c) + 0.2 * torch.randn(c, c, generator=g)
+    new = torch.randn(2, c, 3, 16, 16, generator=g)  # frames of 128 x 128
+    for b_true in (torch.zeros(c), torch.randn(c, generator=g)):
+        old = torch.einsum("ij,bj...->bi...", a_true, new) + b_true.view(1, -1, 1, 1, 1)
+        a, b = fit_latent_map(old, new)
+        assert torch.allclose(a, a_true, atol=1e-4) and torch.allclose(b, b_true, atol=1e-4)
+        mean, std = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+        carried = TinyDecoder(dec.cfg)
+        carried.load_state_dict(dec.state_dict())
+        fold_latent_map(carried, a, b, mean, std)
+        with torch.no_grad():
+            want = dec(old, normalized=False)
+            got = carried((new - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1))
+        inside = (..., slice(40, -40), slice(40, -40))  # the border's reach: 4 latent px (measured)
+        if not b_true.any():
+            inside = slice(None)
+        assert torch.allclose(got[inside], want[inside], atol=1e-4), (got - want)[inside].abs().max()
+    with pytest.raises(ValueError, match="same frames"):
+        fit_latent_map(new, new[:1])
