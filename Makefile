@@ -5,6 +5,11 @@ STAMP := .make/installed
 
 .PHONY: install demo test bench clean
 
+# a checkout kept across a replaced environment: the stamp is stale when the package does not import from outside it
+ifneq ($(shell cd / && $(PYTHON) -c "import talkstream" 2>/dev/null && echo ok),ok)
+$(shell rm -f $(STAMP))
+endif
+
 $(STAMP): pyproject.toml Makefile
 	# system libraries: espeak-ng (speech), libEGL/libGL (skia-python's renderer links them)
 	@{ command -v espeak-ng >/dev/null 2>&1 && ldconfig -p | grep -q 'libEGL.so.1' && ldconfig -p | grep -q 'libGL.so.1'; } || { \
