@@ -69,11 +69,13 @@ def main() -> None:
         o, n = torch.cat(olds), torch.cat(news)
         A, b = fit_latent_map(o, n)
         fitted = torch.einsum("ij,bj...->bi...", A, n) + b.view(1, -1, 1, 1, 1)
-        r2 = 1 - (fitted - o).pow(2).mean() / o.var(dim=(0, 2, 3, 4), keepdim=True).mean()
-        print(f"affine map new -> old latents: R^2 {float(r2):.4f} (identity map: "
-              f"{float(1 - (n - o).pow(2).mean() / o.var(dim=(0, 2, 3, 4), keepdim=True).mean()):.4f})", flush=True)
+        var = o.var(dim=(0, 2, 3, 4)).mean()  # the old latents' per-channel variance, averaged over channels
+        info = dict(fit_windows=a.fit_windows, fit_r2=float(1 - (fitted - o).pow(2).mean() / var),
+                    identity_r2=float(1 - (n - o).pow(2).mean() / var),  # how far the raw latents moved at all
+                    std_ratio=float((n.std(dim=(0, 2, 3, 4)) / o.std(dim=(0, 2, 3, 4))).mean()))  # new / old scale
+        print(f"affine map new -> old latents: R^2 {info['fit_r2']:.4f} (identity map: {info['identity_r2']:.4f}; "
+              f"new / old latent std {info['std_ratio']:.3f})", flush=True)
     fold_latent_map(dec, A, b, new.latent_mean, new.latent_std)
-    info = dict(fit_windows=a.fit_windows, fit_r2=float(r2))
 
     if a.steps:  # 2. fine-tune on fixed windows of the new latents (crops encoded as the decoder stage does)
         with torch.no_grad():
