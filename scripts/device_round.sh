@@ -17,6 +17,9 @@
 #   bash scripts/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
 #                                           into the latent cache data/latents, one file per clip (train with
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
+#   bash scripts/device_round.sh py SCRIPT [ARGS ...]   run a repo script (python3 SCRIPT ARGS) with the renderer and
+#                                           the package importable (a bare `python3 scripts/X.py` there finds neither:
+#                                           session 12 lost two calls of tiny-decoder training to that)
 #   bash scripts/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
 #                                           return (a third DiT beside two)
 #   bash scripts/device_round.sh vae_suite VAE NAME [VAE NAME ...]   the suite on VAE round trips of the true renders
@@ -28,7 +31,7 @@
 # At most 8 files of 16 MiB come back from a call: train / wait / fetch hand back each shard of 8 MiB or more as a
 # file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 last, and all that is smaller (the DiT's last
 # shard, indexes, the tiny decoder, each run's logs tar) in one small.tar (here: `tar -xf small.tar -C DIR`): two
-# DiTs and their logs come back in one call. The last 70 lines of each run's output (its final metrics, train
+# DiTs and their logs come back in one call. A second hand-back in the same call writes small_2.tar (and so on). The last 70 lines of each run's output (its final metrics, train
 # figures included) are printed. Each suite: 1 JSON (+ the gif of the first seed).
 # Keep each call inside its time limit and make the next one at once: a machine left idle past its release (30 s),
 # or one whose 30 minutes are up, takes what was not handed back with it (session 9 lost a causal run that way, its
@@ -66,7 +69,9 @@ hand_back() {  # OUT...: the runs' checkpoints and logs to $OUT in at most 8 fil
     else echo "$out: checkpoint not handed back (stays in $out on this machine; fetch it)"; fi
     [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$small/${name}_logs.tar"
   done
-  tar -cf "$OUT/small.tar" -C "$small" . && echo "small.tar: $(du -h "$OUT/small.tar" | cut -f1) (tar -xf small.tar)"
+  local tarname=small.tar i=2  # a second hand-back in one call must not overwrite the first one's (session 12)
+  while [ -e "$OUT/$tarname" ]; do tarname=small_$i.tar; i=$((i + 1)); done
+  tar -cf "$OUT/$tarname" -C "$small" . && echo "$tarname: $(du -h "$OUT/$tarname" | cut -f1) (tar -xf $tarname)"
 }
 
 progress() {  # the last lines of a run's output, progress bars cut to their latest state
@@ -136,6 +141,8 @@ wait)  # wait SECONDS OUT...: wait for runs `start` began; when all have ended, 
   finish "$@" ;;
 fetch)
   hand_back "$@"; ls -laR "$OUT" ;;
+py)
+  python3 "$@" ;;
 vae_suite)
   while [ $# -ge 2 ]; do
     mkdir -p runs
