@@ -3,8 +3,10 @@
 1. fit the affine map from the new VAE's raw latents to the old VAE's (least squares over every latent pixel of
    training-clip windows encoded by both), fold it into the tiny decoder's first convolution and give the decoder
    the new VAE's latent statistics; the decoder then reads the new latents as it read the old ones;
-2. optionally fine-tune it on the new VAE's latents of fixed training windows, encoded once (``--steps``): on a
-   GPU this is what `train decoder` does with fresh windows every step; here it also runs on 2 CPU cores.
+2. optionally fine-tune it on the new VAE's latents of fixed training windows, encoded once (``--steps``), with the
+   decoder stage's loss; it runs on 2 CPU cores. On a GPU, `train decoder` with ``init=`` the fit-only output
+   (fresh windows every step) does better: session 12, 190 s on an H100 -> 1.18 dB under the new VAE, where
+   session 11's 2,900 CPU steps stopped at 1.9 dB.
 
     python scripts/tiny_decoder_adapt.py --old-vae OLD --new-vae NEW --decoder talkstream/weights/tiny_decoder.safetensors \
         --out runs/tiny_adapted/tiny_decoder.safetensors [--steps 600]
@@ -23,10 +25,9 @@ import torch
 from tqdm import tqdm
 
 from talkstream.models.checkpoint import load_checkpoint, save_checkpoint
-from talkstream.models.losses import masked_l1, reconstruction_loss
 from talkstream.train.data import load_pack, mouth_pixels, render_pack
 from talkstream.train.latent_map import fit_latent_map, fold_latent_map
-from talkstream.train.stages import FrameBank, _split
+from talkstream.train.stages import FrameBank, _split, tiny_decoder_loss
 
 
 def main() -> None:
@@ -90,8 +91,7 @@ def main() -> None:
         for _ in bar:
             idx = torch.randint(len(data), (a.batch,), generator=g)
             z, x, m = (torch.cat([data[i][k] for i in idx]) for k in range(3))
-            y = dec(z).float()
-            loss = reconstruction_loss(y, x, l2=a.l2_weight, ms_ssim_weight=0.1) + a.mouth_weight * masked_l1(y, x, m)
+            loss, _ = tiny_decoder_loss(dec(z), x, m, l2=a.l2_weight, ms_ssim_weight=0.1, mouth_weight=a.mouth_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -234,3 +234,22 @@ def test_latent_map_fit_and_fold():
         assert torch.allclose(got[inside], want[inside], atol=1e-4), (got - want)[inside].abs().max()
     with pytest.raises(ValueError, match="same frames"):
         fit_latent_map(new, new[:1])
+
+
+def test_tiny_decoder_loss_parts():
+    from talkstream.models.losses import masked_l1, reconstruction_loss
+    from talkstream.train.stages import tiny_decoder_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, y, target = (torch.rand(2, 3, 5, 32, 32, generator=g) * 2 - 1 for _ in range(3))
+    mouth = torch.zeros(2, 1, 5, 32, 32)
+    mouth[..., 10:20, 12:22] = 1
+    plain, info = tiny_decoder_loss(y, x, ms_ssim_weight=0.1)
+    assert set(info) == {"truth"} and torch.allclose(plain, reconstruction_loss(y, x, ms_ssim_weight=0.1))
+    full, info = tiny_decoder_loss(y, x, mouth, l2=20.0, ms_ssim_weight=0.1, mouth_weight=3.0, target=target,
+                                   distill_weight=0.5)
+    assert set(info) == {"truth", "distill", "lips"}
+    want = (reconstruction_loss(y, x, l2=20.0, ms_ssim_weight=0.1) + 0.5 * reconstruction_loss(y, target, ms_ssim_weight=0.0)
+            + 3.0 * masked_l1(y, x, mouth))
+    assert torch.allclose(full, want)
+    assert tiny_decoder_loss(x, x, mouth, mouth_weight=3.0)[1]["lips"] == 0  # a perfect decode loses nothing at the lips

@@ -224,6 +224,24 @@ def _sync(device: str) -> None:
 
 
 # -- tiny decoder ------------------------------------------------------------------------------------------
+def tiny_decoder_loss(y: torch.Tensor, x: torch.Tensor, mouth: torch.Tensor | None = None, *, l2: float = 0.0,
+                      ms_ssim_weight: float = 0.1, mouth_weight: float = 0.0, target: torch.Tensor | None = None,
+                      distill_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The tiny decoder's loss on its frames ``y`` against the true frames ``x`` ([B, 3, T, H, W]): reconstruction
+    (L1 + ``l2`` L2 + MS-SSIM), + ``distill_weight`` x L1 against the VAE decoder's frames ``target``, +
+    ``mouth_weight`` x L1 at the lips (``mouth``: [B, 1, T, H, W] weights). Returns the loss and its parts."""
+    y = y.float()
+    truth = reconstruction_loss(y, x, l2=l2, ms_ssim_weight=ms_ssim_weight)
+    loss, info = truth, dict(truth=truth.detach())
+    if distill_weight:
+        distill = reconstruction_loss(y, target, ms_ssim_weight=0.0)
+        loss, info["distill"] = loss + distill_weight * distill, distill.detach()
+    if mouth_weight:
+        lips = masked_l1(y, x, mouth)
+        loss, info["lips"] = loss + mouth_weight * lips, lips.detach()
+    return loss, info
+
+
 def train_decoder(cfg: TrainConfig, log=print) -> dict:
     device = train_device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
@@ -253,16 +271,8 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
         return dict(x=x, z=z, target=target, mouth=m)
 
     def loss_fn(model, b):
-        y = model(b["z"]).float()
-        truth = reconstruction_loss(y, b["x"], l2=l2_w, ms_ssim_weight=cfg.ms_ssim_weight)
-        loss, info = truth, dict(truth=truth.detach())
-        if distill_w:
-            distill = reconstruction_loss(y, b["target"], ms_ssim_weight=0.0)
-            loss, info["distill"] = loss + distill_w * distill, distill.detach()
-        if mouth_w:
-            lips = masked_l1(y, b["x"], b["mouth"])
-            loss, info["lips"] = loss + mouth_w * lips, lips.detach()
-        return loss, info
+        return tiny_decoder_loss(model(b["z"]), b["x"], b["mouth"], l2=l2_w, ms_ssim_weight=cfg.ms_ssim_weight,
+                                 mouth_weight=mouth_w, target=b["target"], distill_weight=distill_w)
 
     runner = Runner(cfg, dec, loss_fn, sample, device)
     last = runner.train()
