@@ -199,6 +199,14 @@ def test_teacher_generates_window_by_window():
     assert [n for n, _ in seen] == [3, 3, 3, 3, 2, 2] and [t for _, t in seen][2:] == [0.0] * 4
     gen.decode_latents = 1  # decoding latent by latent (bounded memory for long videos) gives the same frames
     assert np.abs(gen.generate(ref, feats, 21).astype(int) - long).max() <= 1
+    gen.decode_latents = 8
+    # teacher forcing (analysis): other motion latents change the later windows only; too few are an error
+    torch.nn.init.normal_(dit.head.head.weight, std=0.5)  # (a fresh DiT's zero head ignores every input)
+    own = gen.generate(ref, feats, 21)
+    forced = gen.generate(ref, feats, 21, forced_motion=torch.randn(1, vae.cfg.latent_dim, 6, 4, 4))
+    assert np.array_equal(forced[:9], own[:9]) and not np.array_equal(forced[9:], own[9:])
+    with pytest.raises(ValueError, match="forced_motion"):
+        gen.generate(ref, feats, 21, forced_motion=torch.randn(1, vae.cfg.latent_dim, 2, 4, 4))
 
 
 def test_suite_generator_passes_the_timestep_shift(tmp_path):

@@ -253,3 +253,32 @@ def test_tiny_decoder_loss_parts():
             + 3.0 * masked_l1(y, x, mouth))
     assert torch.allclose(full, want)
     assert tiny_decoder_loss(x, x, mouth, mouth_weight=3.0)[1]["lips"] == 0  # a perfect decode loses nothing at the lips
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_clean_context_gets_history_corruption_only_when_asked(causal):
+    """The teacher's motion latents (p_motion) and the causal model's context chunks are given at timestep 0; with
+    history corruption (motion_corruption / history_corruption = 1) they carry a little noise, without it they are x0."""
+    from talkstream.train.stages import _dit_loss
+
+    seen = {}
+
+    def model(xt, t, text, audio, ref, **kw):
+        seen.update(xt=xt, t=t)
+        return torch.zeros_like(xt)
+
+    x0 = torch.randn(4, 16, 6, 4, 4, generator=torch.Generator().manual_seed(0))
+    batch = dict(x0=x0, audio=torch.zeros(4, 6, 16, 384), text=torch.zeros(4, 3, 384), ref=torch.zeros(4, 16, 1, 4, 4),
+                 mouth=torch.zeros(4, 6, 4, 4), text_mask=torch.ones(4, 3, dtype=torch.bool))
+    key = "history_corruption" if causal else "motion_corruption"
+    for p in (0.0, 1.0):
+        cfg = TrainConfig(stage="causal" if causal else "teacher", data="", p_motion=1.0, history_max_sigma=0.3, **{key: p})
+        for seed in range(8):  # the causal model gives clean context to half its samples: draw until some have it
+            torch.manual_seed(seed)
+            _dit_loss(cfg, causal)(model, batch)
+            ctx = seen["t"] == 0
+            if ctx.any():
+                break
+        assert ctx.any() and not ctx.all()
+        moved = (seen["xt"] - x0).abs().amax(dim=(1, 3, 4))[ctx]  # per context latent
+        assert (moved == 0).all() if p == 0 else (moved > 0).all(), (p, moved)

@@ -70,8 +70,12 @@ class OfflineGenerator:
 
     @torch.no_grad()
     def generate(self, reference: np.ndarray, audio_features: np.ndarray, n_frames: int,
-                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> np.ndarray:
-        """reference uint8 [H, W, 3]; 50 Hz Whisper features [>= 2 n_frames, 384] -> uint8 frames [n_frames, ...]."""
+                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                 forced_motion: torch.Tensor | None = None) -> np.ndarray:
+        """reference uint8 [H, W, 3]; 50 Hz Whisper features [>= 2 n_frames, 384] -> uint8 frames [n_frames, ...].
+        ``forced_motion`` (analysis; normalised latents [1, C, L, h, w], e.g. the true clip's): each window's motion
+        latents are taken from it instead of from the windows generated before (teacher forcing), which shows
+        what the window-by-window drift costs (`scripts/motion_drift.py`)."""
         dev, dit = self.device, self.dit
         g = torch.Generator(device=dev).manual_seed(self.seed)
         n_latent = 1 + -(-(n_frames - 1) // self.vae.cfg.temporal_factor)
@@ -91,9 +95,12 @@ class OfflineGenerator:
             n_new = min(window - k, n_latent - done.shape[2])
             a = audio[:, start:start + k + n_new]
             z = torch.randn(1, dit.cfg.in_dim, n_new, h, h, generator=g, device=dev)
+            ctx = done[:, :, start:] if forced_motion is None else forced_motion[:, :, start:start + k].to(dev)
+            if ctx.shape[2] != k:
+                raise ValueError(f"forced_motion has {forced_motion.shape[2]} latents, the windows need {start + k}")
             for i in range(self.steps):
                 t = torch.cat([torch.zeros(1, k, device=dev), torch.full((1, n_new), float(sig[i]) * 1000, device=dev)], 1)
-                x = torch.cat([done[:, :, start:], z], 2)
+                x = torch.cat([ctx, z], 2)
                 v = dit(x, t, text, a, ref, context_mask=text_mask)
                 if self.audio_guidance != 1.0:
                     v_none = dit(x, t, text, torch.zeros_like(a), ref, context_mask=text_mask)

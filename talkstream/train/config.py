@@ -53,6 +53,7 @@ class TrainConfig:
     mouth_weight: float = 0.0  # extra loss weight on the lips (a Gaussian at the world's mouth position)
     p_motion: float = 0.0  # teacher: probability that a sample's first latents are given clean (motion frames)
     motion_latents: int = 2  # at most this many motion latents (the teacher's long-video overlap)
+    motion_corruption: float = 0.0  # teacher: probability that a sample's motion latents get noised (as history)
     lip_read_weight: float = 0.0  # weight of the lip-read loss (a latent lip reader on the DiT's x0 estimate)
     lip_reader_steps: int = 4000  # steps to fit that reader on the run's clean latents before the DiT trains
     lip_reader_max_error: float = 0.04  # refit (another seed) while its held-out jaw error is above this...

@@ -410,7 +410,6 @@ def _dit_loss(cfg: TrainConfig, causal: bool, lip_reader=None):
             ctx = frame < n_motion[:, None]
             sigma = torch.where(ctx, torch.zeros_like(sigma), sigma)
             weight = (~ctx).float()
-            x_ctx = x0
         else:  # diffusion forcing: an independent noise level per chunk
             n_chunks = -(-Fr // cfg.chunk)
             sig_c = sample_training_sigmas(B * n_chunks, shift=cfg.timestep_shift, device=x0.device)
@@ -421,8 +420,11 @@ def _dit_loss(cfg: TrainConfig, causal: bool, lip_reader=None):
             ctx = (frame < first[:, None]) & streaming[:, None]
             sigma = torch.where(ctx, torch.zeros_like(sigma), sigma)
             weight = (~ctx).float()
-            # history corruption: some clean contexts get a little noise but keep the clean timestep label
-            corrupt = (torch.rand(B, device=x0.device) < cfg.history_corruption)[:, None] & ctx
+        # history corruption: some clean contexts (the causal model's context chunks, the teacher's motion latents:
+        # at inference both are the model's own output) get a little noise but keep the clean timestep label
+        p_corrupt, x_ctx = (cfg.history_corruption if causal else cfg.motion_corruption), x0
+        if p_corrupt > 0:
+            corrupt = (torch.rand(B, device=x0.device) < p_corrupt)[:, None] & ctx
             hc = torch.rand(B, 1, device=x0.device) * cfg.history_max_sigma
             x_ctx = add_noise(x0, torch.randn_like(x0), torch.where(corrupt, hc.expand(B, Fr), 0.0))
         xt = torch.where(ctx[:, None, :, None, None], x_ctx, add_noise(x0, noise, sigma))
