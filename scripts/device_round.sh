@@ -31,8 +31,8 @@
 # At most 8 files of 16 MiB come back from a call: train / wait / fetch hand back each shard of 8 MiB or more as a
 # file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 last, and all that is smaller (the DiT's last
 # shard, indexes, the tiny decoder, each run's logs tar) in one small.tar (here: `tar -xf small.tar -C DIR`): two
-# DiTs and their logs come back in one call. A second hand-back in the same call writes small_2.tar (and so on). The last 70 lines of each run's output (its final metrics, train
-# figures included) are printed. Each suite: 1 JSON (+ the gif of the first seed).
+# DiTs and their logs come back in one call; a second hand-back in the same call writes small_2.tar (and so on).
+# The last 70 lines of each run's output (its final metrics, train figures included) are printed. Each suite: 1 JSON (+ the gif of the first seed).
 # Keep each call inside its time limit and make the next one at once: a machine left idle past its release (30 s),
 # or one whose 30 minutes are up, takes what was not handed back with it (session 9 lost a causal run that way, its
 # checkpoint left for the next call).

@@ -95,9 +95,11 @@ class OfflineGenerator:
             n_new = min(window - k, n_latent - done.shape[2])
             a = audio[:, start:start + k + n_new]
             z = torch.randn(1, dit.cfg.in_dim, n_new, h, h, generator=g, device=dev)
-            ctx = done[:, :, start:] if forced_motion is None else forced_motion[:, :, start:start + k].to(dev)
-            if ctx.shape[2] != k:
-                raise ValueError(f"forced_motion has {forced_motion.shape[2]} latents, the windows need {start + k}")
+            ctx = done[:, :, start:]
+            if forced_motion is not None:
+                ctx = forced_motion[:, :, start:start + k].to(dev)
+                if ctx.shape[2] != k:
+                    raise ValueError(f"forced_motion has {forced_motion.shape[2]} latents, the windows need {start + k}")
             for i in range(self.steps):
                 t = torch.cat([torch.zeros(1, k, device=dev), torch.full((1, n_new), float(sig[i]) * 1000, device=dev)], 1)
                 x = torch.cat([ctx, z], 2)
