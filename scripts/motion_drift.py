@@ -9,14 +9,13 @@ against the true render, probe identity distance to the true first frame.
 from __future__ import annotations
 
 import argparse
-import pickle
 import time
 
 import numpy as np
 import torch
 
 from talkstream.eval import metrics
-from talkstream.eval.evaluate import clip_mouth_truth
+from talkstream.eval.evaluate import clip_mouth_truth, load_suite_inputs
 from talkstream.eval.probes import load_frame_probe
 from talkstream.machine import describe, report
 from talkstream.models.checkpoint import load_checkpoint
@@ -52,7 +51,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out")
     a = ap.parse_args()
-    inputs = pickle.load(open(a.inputs, "rb"))
+    inputs = load_suite_inputs(a.inputs)
     dit = load_checkpoint(a.model, device=a.device, dtype=torch.float32)
     vae = load_checkpoint(a.vae, device=a.device, dtype=torch.float32)
     gen = OfflineGenerator(dit, vae, steps=a.steps, audio_guidance=a.audio_guidance, device=a.device, seed=a.noise_seed)
