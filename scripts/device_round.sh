@@ -9,6 +9,7 @@
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU, or take one each on a machine of
 #                                           several); checkpoints, then logs, to $OUT
+#   (GPU=k: the first run takes GPU k, so runs started by separate calls take separate GPUs)
 #   bash scripts/device_round.sh start CONFIG OUT ...   the same runs, detached: the call returns after START_WAIT s (60)
 #                                           while they train on (keep calling within the idle release; give them
 #                                           a time_budget that ends them while the machine is still held)
@@ -17,6 +18,10 @@
 #   bash scripts/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
 #                                           into the latent cache data/latents, one file per clip (train with
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
+#   bash scripts/device_round.sh latents_bg PACK   the same, detached (GPU=k: on GPU k), so one call carries a pack and
+#                                           returns at once while it encodes: a call per pack, the next pack travelling
+#                                           while the last one encodes (session 14, two GPUs)
+#   bash scripts/device_round.sh latents_wait SECONDS   wait up to SECONDS for every latents_bg to end; print them
 #   bash scripts/device_round.sh py SCRIPT [ARGS ...]   run a repo script (python3 SCRIPT ARGS) with the renderer and
 #                                           the package importable (a bare `python3 scripts/X.py` there finds neither:
 #                                           session 12 lost two calls of tiny-decoder training to that)
@@ -118,6 +123,18 @@ bank = LatentBank(cfg, vae, "cuda", slice(None), pack)
 print(f"{bank.n} clips cached, {time.perf_counter() - t0:.0f} s", flush=True)
 PY
   ls -la data/latents | tail -3; du -sh data/latents ;;
+latents_bg)
+  mkdir -p runs; name=runs/latents_$(basename "$1" .npz); rm -f "$name.rc"
+  CUDA_VISIBLE_DEVICES=${GPU:-0} setsid bash -c 'bash "$0" latents "$1" > "$2.txt" 2>&1; echo $? > "$2.rc"' \
+    "$0" "$1" "$name" < /dev/null &
+  sleep 3; echo "$name started on GPU ${GPU:-0}"; tail -n 2 "$name.txt" ;;
+latents_wait)
+  deadline=$((SECONDS + $1))
+  while ls runs/latents_*.txt > /dev/null 2>&1; do
+    left=0; for t in runs/latents_*.txt; do [ -f "${t%.txt}.rc" ] || left=1; done
+    [ $left = 0 ] || [ $SECONDS -ge $deadline ] && break; sleep 5
+  done
+  for t in runs/latents_*.txt; do echo "== $t exit $(cat "${t%.txt}.rc" 2>/dev/null || echo running)"; progress "${t%.txt}" 2; done ;;
 train|start)
   # several runs side by side: separate them with '--'; on a machine of several GPUs run k takes GPU k mod N.
   # Each run is its own process session (setsid), so `start` can return while it trains on: the machine keeps it
@@ -130,7 +147,7 @@ train|start)
     sets=(--set "out=$out" --set vae=data/keep/vae.safetensors)
     while [ $# -gt 0 ] && [ "$1" != -- ]; do sets+=(--set "$1"); shift; done
     [ $# -gt 0 ] && shift
-    CUDA_VISIBLE_DEVICES=$(( ${#outs[@]} % ngpu )) setsid bash -c \
+    CUDA_VISIBLE_DEVICES=$(( (${GPU:-0} + ${#outs[@]}) % ngpu )) setsid bash -c \
       'python3 -m talkstream.cli train "$0" "${@:2}" > "$1.txt" 2>&1; echo $? > "$1.rc"' \
       "$stage" "$out" --config "configs/$config.yaml" "${sets[@]}" < /dev/null &
     outs+=("$out")
