@@ -282,3 +282,34 @@ def test_clean_context_gets_history_corruption_only_when_asked(causal):
         assert ctx.any() and not ctx.all()
         moved = (seen["xt"] - x0).abs().amax(dim=(1, 3, 4))[ctx]  # per context latent
         assert (moved == 0).all() if p == 0 else (moved > 0).all(), (p, moved)
+
+
+def test_lr_mult_gives_a_prefix_its_own_rate_and_rejects_a_name_that_matches_nothing(tmp_path):
+    from talkstream.models.config import DiTConfig
+    from talkstream.train.runner import Runner, param_groups
+
+    model = WanDiT(DiTConfig.from_dict({**dit_config("tiny").to_dict(), "ref_concat": True}))
+    groups = param_groups(model, {"ref_embedding": 10, "blocks.0": 0.5})
+    by_mult = {g["lr_mult"]: g["params"] for g in groups}
+    assert {id(p) for p in by_mult[10.0]} == {id(p) for p in model.ref_embedding.parameters()}
+    assert {id(p) for p in by_mult[0.5]} == {id(p) for p in model.blocks[0].parameters()}
+    assert sum(len(ps) for ps in by_mult.values()) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="names no trainable parameter"):
+        param_groups(model, {"ref_embeding": 10})
+
+    # one optimiser step: the multiplied group moves at its rate (weight decay off, so AdamW's first step moves
+    # each weight by lr x sign(grad) and the two rates read back exactly)
+    cfg = TrainConfig(stage="teacher", data="x", out=str(tmp_path / "run"), lr=1e-3, warmup=0, weight_decay=0.0,
+                      ema=0, lr_mult={"ref_embedding": 10}, steps=1)
+    x = torch.randn(1, model.cfg.in_dim, 1, 4, 4)
+
+    def loss_fn(m, batch):
+        return m.ref_embedding.weight.sum() + m.patch_embedding.weight.sum() + 100.0, {}  # (positive: the loss plot is log)
+
+    runner = Runner(cfg, model, loss_fn, lambda gen: x, "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner.train()
+    step_ref = (model.ref_embedding.weight - before["ref_embedding.weight"]).abs()
+    step_main = (model.patch_embedding.weight - before["patch_embedding.weight"]).abs()
+    assert torch.allclose(step_ref, torch.full_like(step_ref, 1e-2), rtol=1e-3)
+    assert torch.allclose(step_main, torch.full_like(step_main, 1e-3), rtol=1e-3)

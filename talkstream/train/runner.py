@@ -83,6 +83,21 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def param_groups(model: torch.nn.Module, lr_mult: dict) -> list[dict]:
+    """The trainable parameters as optimiser groups: one per ``lr_mult`` prefix (its parameters' names start with
+    it; the longest matching prefix wins) and the rest at multiplier 1. A prefix that names no parameter is an
+    error (a misspelt name would otherwise train at the base rate unnoticed)."""
+    prefixes = sorted(lr_mult, key=len, reverse=True)
+    groups: dict[str | None, list] = {None: [], **{k: [] for k in prefixes}}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[next((k for k in prefixes if name.startswith(k)), None)].append(p)
+    empty = [k for k in prefixes if not groups[k]]
+    if empty:
+        raise ValueError(f"lr_mult names no trainable parameter: {empty}")
+    return [dict(params=ps, lr_mult=float(lr_mult[k]) if k else 1.0) for k, ps in groups.items() if ps]
+
+
 class Runner:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn,
                  sample_batch: Callable[[torch.Generator], Batch], device: str) -> None:
@@ -114,8 +129,8 @@ class Runner:
             ids = [torch.device(device).index] if device.startswith("cuda") else None
             self.train_model = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
                                 if self.world > 1 else self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(0.9, 0.99))
         self.step = 0
         self.out = Path(cfg.out)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
@@ -219,7 +234,7 @@ class Runner:
                 break
             spent = elapsed / c.time_budget if c.time_budget else 0.0
             for g in self.opt.param_groups:
-                g["lr"] = self.lr_at(self.step, spent)
+                g["lr"] = self.lr_at(self.step, spent) * g.get("lr_mult", 1.0)
             batch = self.sample_batch(self.gen)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 loss, info = self.loss_fn(self.train_model, batch)
@@ -242,7 +257,7 @@ class Runner:
                 if self.rank == 0:
                     with open(log_file, "a") as f:
                         f.write(json.dumps(last) + "\n")
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if self.step % c.ckpt_every == 0 or self.step == c.steps:
                 self.save_state()
         bar.close()
