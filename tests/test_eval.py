@@ -153,6 +153,7 @@ def test_suite_on_ground_truth(probe):
     assert res["summary"]["identity_nn_accuracy"] == 1.0
     assert res["summary"]["offset_measured_clips"] >= 1
     assert res["summary"]["flagged_clips"] == 0
+    assert res["summary"]["silhouette_iou"] == 1.0
 
 
 def test_bench_harness_measures_a_stream():
@@ -261,3 +262,27 @@ def test_mouth_scores_gathers_error_speed_halves_and_amplitude_over_the_common_f
     assert s["mouth_error"] == np.abs(read - truth[:100]).mean()
     assert s == dict(mouth_error=s["mouth_error"], **mouth_error_by_speed(read, truth[:100]),
                      **mouth_amplitude(read, truth[:100]))
+
+
+def test_silhouette_iou_sees_a_shifted_or_damaged_outline():
+    """1 for the truth itself, lower the further the head moves and where skin appears beside it; blind to the
+    background; sizes must agree."""
+    from talkstream.eval.metrics import person_mask, silhouette_iou
+    from talkstream.world.behaviour import make_clip
+    from talkstream.world.render import Renderer, render_states
+
+    clip = make_clip(900_003, 0.4)
+    bg = Renderer(clip.identity, 128).background()
+    truth = np.stack(list(render_states(clip.identity, clip.states, 128)))
+    assert not person_mask(bg, bg).any() and 0.1 < person_mask(truth[0], bg).mean() < 0.9
+    assert silhouette_iou(truth, truth, bg)["silhouette_iou"] == 1.0
+    ious = [silhouette_iou(np.roll(truth, px, axis=2), truth, bg)["silhouette_iou"] for px in (1, 3, 8)]
+    assert 1.0 > ious[0] > ious[1] > ious[2]
+    blob = truth.copy()
+    blob[:, 4:34, 4:34] = 255 - bg[4:34, 4:34]  # a patch unlike the scene beside the head (where it is empty)
+    assert not person_mask(truth[:, 4:34, 4:34], bg[4:34, 4:34]).any()
+    damaged = silhouette_iou(blob, truth, bg)
+    assert damaged["silhouette_iou"] < 0.98 and damaged["silhouette_iou_per_frame"].shape == (len(truth),)
+    assert silhouette_iou(np.broadcast_to(bg, truth.shape), truth, bg)["silhouette_iou"] == 0.0  # nobody there
+    with pytest.raises(ValueError, match="differ in size"):
+        silhouette_iou(truth[:, :64], truth, bg)

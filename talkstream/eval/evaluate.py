@@ -11,7 +11,7 @@ import numpy as np
 
 from ..media import MediaError, read_audio, read_video
 from ..world.behaviour import FPS, make_clip
-from ..world.render import render_states
+from ..world.render import Renderer, render_states
 from . import metrics
 from .probes import FrameProbe, load_frame_probe
 
@@ -378,6 +378,7 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         audio = np.asarray(clip.audio, np.float32)
         truth_frames = np.stack(list(render_states(clip.identity, clip.states, size)))
         frames = truth_frames if generate is None else generate(truth_frames[0], clip)
+        shape = metrics.silhouette_iou(frames, truth_frames, Renderer(clip.identity, size).background())
         truth = clip_mouth_truth(clip)
         rep = evaluate_clip(frames, audio, truth_frames[0], truth, probe)
         v = rep.values
@@ -388,7 +389,7 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         rows.append(dict(seed=seed, mouth_error=v["mouth_error"], best_offset=v["best_offset"],
                          sync_confidence=v["sync_confidence"], identity_distance=v["identity_distance_mean"],
                          drift_per_minute=v["drift_per_minute"], flicker=v["flicker"], flags=v["flags"],
-                         **mouth_error_by_speed(rep.series["mouth_read"], truth),
+                         silhouette_iou=shape["silhouette_iou"], **mouth_error_by_speed(rep.series["mouth_read"], truth),
                          **mouth_amplitude(rep.series["mouth_read"], truth)))
     gallery = np.stack(refs)
     for k, (row, x) in enumerate(zip(rows, ids)):
@@ -396,7 +397,7 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         row["identity_nn_accuracy"] = float(np.mean(nearest == k))
     keys = ("mouth_error", "mouth_error_fast", "mouth_error_slow", "mouth_gain", "mouth_corr", "sync_confidence",
             "identity_distance",
-            "identity_nn_accuracy", "drift_per_minute", "flicker")
+            "identity_nn_accuracy", "silhouette_iou", "drift_per_minute", "flicker")
     summary = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
     measured = [r for r in rows if r["best_offset"] != "not measurable"]
     summary["offset_zero_fraction"] = float(np.mean([r["best_offset"] == 0 for r in measured])) if measured else None

@@ -23,6 +23,7 @@ BLANK_STD = 2 / 255  # pixel std below this: a blank (uniform) frame
 FROZEN_DIFF = 0.05 / 255  # mean abs change below this between consecutive frames: frozen
 FROZEN_RUN = 13  # frames (~0.5 s) of no change that count as a freeze
 FLICKER_LIMIT = 0.012  # mean |f_t - (f_t-1 + f_t+1) / 2| (0..1 scale) above this: flickering
+SILHOUETTE_THRESHOLD = 0.1  # mean |frame - empty scene| (0..1 scale) above this: a person pixel (silhouette_iou)
 IDENTITY_LIMIT = 0.8  # probe identity distance above this: not the reference person
 MIN_CONFIDENCE_TRUTH = 0.005  # offset search confidence below which the offset is not reported
 MIN_CONFIDENCE_ENERGY = 0.05
@@ -123,6 +124,29 @@ def stability(frames: np.ndarray) -> dict:
     return dict(flicker=flicker, flickering=flicker > FLICKER_LIMIT, black_frames=black.tolist(),
                 blank_frames=blank.tolist(), frozen_runs=runs, frozen=bool(runs),
                 mean_change=float(diffs.mean()) if len(diffs) else 0.0, flicker_per_frame=flicker_per_frame)
+
+
+def person_mask(frames: np.ndarray, background: np.ndarray, threshold: float = SILHOUETTE_THRESHOLD) -> np.ndarray:
+    """Where a person is: pixels whose mean absolute RGB difference from the empty scene is above ``threshold``
+    (of the 0-1 range). frames [T, H, W, 3] or [H, W, 3] uint8, background [H, W, 3] uint8 -> bool mask."""
+    if frames.shape[-3:] != background.shape:
+        raise ValueError(f"frames {frames.shape[-3:]} and background {background.shape} differ in size")
+    diff = np.abs(frames.astype(np.int16) - background.astype(np.int16)).mean(-1) / 255.0
+    return diff > threshold
+
+
+def silhouette_iou(frames: np.ndarray, truth_frames: np.ndarray, background: np.ndarray) -> dict:
+    """How much of the person's outline a generated video keeps: per frame, the intersection over union of the
+    person masks (``person_mask``) of the generated frame and the true one, over their common frames. 1 for the
+    truth itself; a face that melts, skin blobs beside the neck or a shifted head lower it. The identity probe's
+    nearest-reference test does not see such damage (it reads 100% on faces that have lost their shape)."""
+    n = min(len(frames), len(truth_frames))
+    if n == 0:
+        raise ValueError("silhouette_iou needs at least one frame")
+    a, b = person_mask(frames[:n], background), person_mask(truth_frames[:n], background)
+    union = (a | b).sum((1, 2))
+    per_frame = np.where(union > 0, (a & b).sum((1, 2)) / np.maximum(union, 1), 1.0)
+    return dict(silhouette_iou=float(per_frame.mean()), silhouette_iou_per_frame=per_frame)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

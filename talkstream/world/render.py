@@ -128,6 +128,13 @@ class Renderer:
                     canvas.drawRect(skia.Rect(x, 0, x + 16, UNITS), _paint(_c(c1)))
         return surface.makeImageSnapshot()
 
+    def background(self) -> np.ndarray:
+        """The empty scene (no person): RGB uint8 [H, W, 3]; what ``metrics.silhouette_iou`` separates a person from."""
+        pixels = np.empty((self.height, self.width, 4), np.uint8)
+        with skia.Surface(pixels) as canvas:
+            canvas.drawImage(self._background, 0, 0)
+        return pixels[..., :3].copy()
+
     # -- one frame ---------------------------------------------------------------------------------
     def render(self, state: FrameState | None = None) -> np.ndarray:
         """An RGB uint8 frame [H, W, 3]."""
