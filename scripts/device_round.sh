@@ -33,10 +33,12 @@
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
 #                                           CFG=2: the audio guidance scale; SHIFT=1: the sampling schedule's
 #                                           shift, default the samplers' 3)
-# At most 8 files of 16 MiB come back from a call: train / wait / fetch hand back each shard of 8 MiB or more as a
-# file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 last, and all that is smaller (the DiT's last
-# shard, indexes, the tiny decoder, each run's logs tar) in one small.tar (here: `tar -xf small.tar -C DIR`): two
-# DiTs and their logs come back in one call; a second hand-back in the same call writes small_2.tar (and so on).
+# At most 8 files of 16 MiB, 64 MiB together, come back from a call: train / wait / fetch hand back each shard of
+# 8 MiB or more as a file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 files and 48 MiB last,
+# and all that is smaller (the DiT's last shard, indexes, the tiny decoder, each run's logs tar) in one small.tar
+# (here: `tar -xf small.tar -C DIR`): one DiT (~45 MiB of large shards) comes back a call, a second one's large
+# shards stay on the machine for `fetch` in the next call (session 14: the 64 MiB total dropped a second DiT's
+# shards from a call that held two); its logs come back at once.
 # The last 70 lines of each run's output (its final metrics, train figures included) are printed. Each suite: 1 JSON (+ the gif of the first seed).
 # Keep each call inside its time limit and make the next one at once: a machine left idle past its release (30 s),
 # or one whose 30 minutes are up, takes what was not handed back with it (session 9 lost a causal run that way, its
@@ -55,23 +57,24 @@ if [ "$mode" != setup ] && { [ ! -f data/dit_pack.npz ] || [ ! -f /tmp/site/.rea
 fi
 source "$(dirname "$0")/device_env.sh"
 
-hand_back() {  # OUT...: the runs' checkpoints and logs to $OUT in at most 8 files: each shard of 8 MiB or more as a
-  # file (a folder per run: two VAEs' shards share names), everything smaller (last shards, indexes, tiny decoders,
-  # logs tars) in one small.tar, so two DiTs (3 large shards each) come back in one call with their logs
-  local out n=0 small=/tmp/hand_back
+hand_back() {  # OUT...: the runs' checkpoints and logs to $OUT within a call's limits (8 files, 64 MiB together):
+  # each shard of 8 MiB or more as a file (a folder per run: two VAEs' shards share names) while 7 files and 48 MiB
+  # last, everything smaller (last shards, indexes, tiny decoders, logs tars) in one small.tar
+  local out n=0 bytes=0 small=/tmp/hand_back
   rm -rf "$small"; mkdir -p "$small"
   for out in "$@"; do
-    local name big=() rest=()
+    local name big=() rest=() size=0
     name=$(basename "$out")
     mapfile -t big < <(find "$out" -maxdepth 1 -name '*.safetensors*' -size +8M 2>/dev/null)
     mapfile -t rest < <(find "$out" -maxdepth 1 -name '*.safetensors*' ! -size +8M 2>/dev/null)
+    [ ${#big[@]} -eq 0 ] || size=$(stat -c %s "${big[@]}" | awk '{s += $1} END {print s}')
     if [ $((${#big[@]} + ${#rest[@]})) -eq 0 ]; then echo "$out: no checkpoint"
-    elif [ $((n + ${#big[@]})) -le 7 ]; then
+    elif [ $((n + ${#big[@]})) -le 7 ] && [ $((bytes + size)) -le $((48 * 1024 * 1024)) ]; then
       mkdir -p "$OUT/$name" "$small/$name"
       [ ${#big[@]} -eq 0 ] || cp "${big[@]}" "$OUT/$name"/
       [ ${#rest[@]} -eq 0 ] || cp "${rest[@]}" "$small/$name"/
-      n=$((n + ${#big[@]}))
-    else echo "$out: checkpoint not handed back (stays in $out on this machine; fetch it)"; fi
+      n=$((n + ${#big[@]})) bytes=$((bytes + size))
+    else echo "$out: checkpoint not handed back (stays in $out on this machine; fetch it in the next call)"; fi
     [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$small/${name}_logs.tar"
   done
   local tarname=small.tar i=2  # a second hand-back in one call must not overwrite the first one's (session 12)
