@@ -2,10 +2,10 @@
 # Everything a device round carries that git does not hold, made here from nothing (a fresh checkout after
 # `make install`): the renderer's wheel for the lent machine's Python (.whl), the GL / X libraries it links that
 # the machine's image lacks (.carry/lib), the training packs (espeak-ng speech, Whisper and MiniLM features: only
-# here) and the suite's inputs, and the shipped VAE / causal model where device_round.sh reads them (data/keep,
-# data/init). Session 14 found all of these gone with the old checkout and re-made them with this script.
+# here) and the suite's inputs, and the shipped VAE / causal model / teacher where device_round.sh reads them
+# (data/keep, data/init, data/t0). Session 14 found all of these gone with the old checkout and re-made them with this script.
 #
-#   bash scripts/device_prep.sh [PACK ...]     PACK: a b c d e (default: a b c d); each ~1.5 min on 2 cores
+#   bash scripts/device_prep.sh [PACK ...]     PACK: a b c d e (default: a b c d); 1.5-4.5 min each on 2 cores (a-d: 14 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packs=${*:-a b c d}
@@ -35,8 +35,10 @@ for p in $packs; do
 done
 [ -f data/suite_inputs.pkl ] || python3 -m talkstream.cli eval suite --save-inputs data/suite_inputs.pkl --clips 4
 
-# the shipped weights where the device scripts read them: the VAE (data/keep) and the causal model (data/init)
-mkdir -p data/keep data/init
+# the shipped weights where the device scripts read them: the VAE (data/keep), the causal model (data/init) and the
+# teacher (data/t0), each carried alone to start a run from it
+mkdir -p data/keep data/init data/t0
 cp talkstream/weights/vae* data/keep/
 cp talkstream/weights/causal* data/init/
+cp talkstream/weights/teacher* data/t0/
 du -sh .whl .carry data/* | sort -h
