@@ -3,7 +3,8 @@
 # `make install`): the renderer's wheel for the lent machine's Python (.whl), the GL / X libraries it links that
 # the machine's image lacks (.carry/lib), the training packs (espeak-ng speech, Whisper and MiniLM features: only
 # here) and the suite's inputs, and the shipped VAE / causal model / teacher where device_round.sh reads them
-# (data/keep, data/init, data/t0). Session 14 found all of these gone with the old checkout and re-made them with this script.
+# (data/keep, data/init, data/t0). Session 14 found all of these gone with the old checkout and re-made them with
+# this script.
 #
 #   bash scripts/device_prep.sh [PACK ...]     PACK: a b c d e (default: a b c d); 1.5-4.5 min each on 2 cores (a-d: 14 min)
 set -euo pipefail
