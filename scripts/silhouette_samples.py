@@ -19,18 +19,6 @@ from talkstream.media import read_video
 from talkstream.world.render import Renderer, render_states
 
 
-def sample_frames(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".gif":
-        from PIL import Image
-
-        im, frames = Image.open(path), []
-        for i in range(im.n_frames):
-            im.seek(i)
-            frames.append(np.array(im.convert("RGB")))
-        return np.stack(frames)
-    return read_video(path).frames
-
-
 def summary(frames: np.ndarray, truth: np.ndarray, background: np.ndarray) -> dict:
     per = silhouette_iou(frames, truth, background)["silhouette_iou_per_frame"]
     return dict(silhouette_iou=float(per.mean()), first_second=float(per[:25].mean()),
@@ -39,14 +27,17 @@ def summary(frames: np.ndarray, truth: np.ndarray, background: np.ndarray) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sample", nargs="+", required=True, help="NAME=PATH (.gif or a video)")
+    ap.add_argument("--sample", nargs="+", required=True, help="NAME=PATH (a .gif or any video)")
     ap.add_argument("--inputs", type=Path, default=Path("data/suite_inputs.pkl"), help="from eval suite --save-inputs")
     ap.add_argument("--seed", type=int, default=900_000, help="the suite clip the samples show (the suite's first)")
     ap.add_argument("--vae", help="also the VAE's round trip of the true frames")
     ap.add_argument("--out")
     a = ap.parse_args()
     clip = load_suite_inputs(a.inputs)["clips"][a.seed]["clip"]
-    samples = {k: sample_frames(Path(v)) for k, v in (s.split("=", 1) for s in a.sample)}
+    if not all("=" in s for s in a.sample):
+        ap.error(f"--sample takes NAME=PATH, got {[s for s in a.sample if '=' not in s]}")
+    named = dict(s.split("=", 1) for s in a.sample)
+    samples = {k: read_video(v).frames for k, v in named.items()}
     n = max(len(f) for f in samples.values())
     size = next(iter(samples.values())).shape[1]
     truth = np.stack(list(render_states(clip.identity, clip.states[:n], size)))
@@ -61,7 +52,7 @@ def main() -> None:
         vae = load_checkpoint(a.vae).eval()
         with torch.no_grad():
             rows["vae_roundtrip"] = summary(vae_roundtrip(vae, truth[: 1 + 4 * ((n - 1) // 4)]), truth, background)
-    report(dict(seed=a.seed, samples=dict(a_.split("=", 1) for a_ in a.sample), vae=a.vae, rows=rows,
+    report(dict(seed=a.seed, samples=named, vae=a.vae, rows=rows,
                 machine=describe()), a.out)
 
 

@@ -304,7 +304,7 @@ def test_lr_mult_gives_a_prefix_its_own_rate_and_rejects_a_name_that_matches_not
     x = torch.randn(1, model.cfg.in_dim, 1, 4, 4)
 
     def loss_fn(m, batch):
-        return m.ref_embedding.weight.sum() + m.patch_embedding.weight.sum() + 100.0, {}  # (positive: the loss plot is log)
+        return m.ref_embedding.weight.sum() + m.patch_embedding.weight.sum() + 100.0, {}  # > 0: a log-scale plot
 
     runner = Runner(cfg, model, loss_fn, lambda gen: x, "cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
