@@ -6,7 +6,7 @@
 # (data/keep, data/init, data/t0). Session 14 found all of these gone with the old checkout and re-made them with
 # this script.
 #
-#   bash scripts/device_prep.sh [PACK ...]     PACK: a b c d e (default: a b c d); 1.5-4.5 min each on 2 cores (a-d: 14 min)
+#   bash scripts/device_prep.sh [PACK ...]     PACK: a b c d e f (default: a b c d); 1.5-4.5 min each on 2 cores (a-d: 14 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packs=${*:-a b c d}
@@ -28,7 +28,7 @@ for lib in libEGL.so.1 libGL.so.1 libGLdispatch.so.0 libGLX.so.0 libX11.so.6 lib
 done
 
 # packs (names and seeds as sessions 4-13 made them) and the suite's inputs
-declare -A clips=([a]=600 [b]=1500 [c]=1700 [d]=1700 [e]=1700) seeds=([a]=0 [b]=600 [c]=2100 [d]=3800 [e]=5500)
+declare -A clips=([a]=600 [b]=1500 [c]=1700 [d]=1700 [e]=1700 [f]=1700) seeds=([a]=0 [b]=600 [c]=2100 [d]=3800 [e]=5500 [f]=7200)
 mkdir -p data
 for p in $packs; do
   f=data/dit_pack_$p.npz; [ "$p" = a ] && f=data/dit_pack.npz

@@ -9,7 +9,8 @@
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU, or take one each on a machine of
 #                                           several); checkpoints, then logs, to $OUT
-#   (GPU=k: the first run takes GPU k, so runs started by separate calls take separate GPUs)
+#   (GPU=k: the first run takes GPU k, so runs started by separate calls take separate GPUs; NPROC=n: each run is a
+#   torchrun of n ranks, DDP, on GPUs k .. k+n-1: every rank draws its own batch of `batch`, gradients averaged)
 #   bash scripts/device_round.sh start CONFIG OUT ...   the same runs, detached: the call returns after START_WAIT s (60)
 #                                           while they train on (keep calling within the idle release; give them
 #                                           a time_budget that ends them while the machine is still held)
@@ -143,6 +144,8 @@ train|start)
   # Each run is its own process session (setsid), so `start` can return while it trains on: the machine keeps it
   # running between calls (make the next call within the idle release), and `wait` finishes it.
   outs=() ngpu=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$ngpu" -ge 1 ] || ngpu=1
+  nproc=${NPROC:-1} launch=(python3)  # NPROC=n: each run is a torchrun of n ranks (DDP) on n GPUs of its own
+  [ "$nproc" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone "--nproc_per_node=$nproc")
   while [ $# -ge 2 ]; do
     config=$1 out=$2; shift 2
     stage=$(sed -n 's/^stage: *//p' "configs/$config.yaml")
@@ -150,8 +153,10 @@ train|start)
     sets=(--set "out=$out" --set vae=data/keep/vae.safetensors)
     while [ $# -gt 0 ] && [ "$1" != -- ]; do sets+=(--set "$1"); shift; done
     [ $# -gt 0 ] && shift
-    CUDA_VISIBLE_DEVICES=$(( (${GPU:-0} + ${#outs[@]}) % ngpu )) setsid bash -c \
-      'python3 -m talkstream.cli train "$0" "${@:2}" > "$1.txt" 2>&1; echo $? > "$1.rc"' \
+    first=$(( (${GPU:-0} + ${#outs[@]} * nproc) % ngpu ))
+    if [ $((first + nproc)) -gt "$ngpu" ]; then echo "$out: $nproc GPUs from GPU $first: this machine has $ngpu"; exit 2; fi
+    LAUNCH="${launch[*]}" CUDA_VISIBLE_DEVICES=$(seq -s, "$first" $((first + nproc - 1))) setsid bash -c \
+      '$LAUNCH -m talkstream.cli train "$0" "${@:2}" > "$1.txt" 2>&1; echo $? > "$1.rc"' \
       "$stage" "$out" --config "configs/$config.yaml" "${sets[@]}" < /dev/null &
     outs+=("$out")
   done

@@ -45,3 +45,42 @@ def test_two_dits_come_back_one_per_call_within_the_limits(tmp_path):
     (tmp_path / "out").mkdir()
     hand_back(tmp_path, "runs/c5")
     assert len(list((tmp_path / "out" / "c5").iterdir())) == 3
+
+
+def test_nproc_runs_each_run_as_a_torchrun_on_gpus_of_its_own(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dit_pack.npz").write_bytes(b"")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / ".ready").write_bytes(b"")
+    script = (ROOT / "scripts" / "device_round.sh").read_text().replace("/tmp/site/.ready", str(tmp_path / "site/.ready"))
+    (tmp_path / "scripts" / "device_round.sh").write_text(script)
+    (tmp_path / "scripts" / "device_env.sh").write_text((ROOT / "scripts" / "device_env.sh").read_text())
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo GPU $i; done\n")
+    (bin_ / "python3").write_text(f'#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES $*" >> {tmp_path}/calls.txt\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "START_WAIT": "1", "GPU": "0", "NPROC": "2", "HOME": str(tmp_path)}
+
+    def start(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "scripts/device_round.sh", "start", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+
+    assert start("teacher", "runs/t", "lr=1e-4", "--", "causal", "runs/c").returncode == 0
+    calls = sorted((tmp_path / "calls.txt").read_text().splitlines())
+    torchrun = "-m torch.distributed.run --standalone --nproc_per_node=2 -m talkstream.cli train"
+    assert calls[0].startswith(f"0,1 {torchrun} teacher --config configs/teacher.yaml --set out=runs/t")
+    assert "--set lr=1e-4" in calls[0]
+    assert calls[1].startswith(f"2,3 {torchrun} causal --config configs/causal.yaml --set out=runs/c")
+    env["GPU"] = "3"  # 2 GPUs from GPU 3 of 4: refused, nothing started
+    r = start("teacher", "runs/t2")
+    assert r.returncode == 2 and "this machine has 4" in r.stdout
+    assert len((tmp_path / "calls.txt").read_text().splitlines()) == 2
+    env.update(NPROC="1")  # one process a run, run k on GPU (3 + k) mod 4
+    assert start("teacher", "runs/t3", "--", "causal", "runs/c3").returncode == 0
+    calls = (tmp_path / "calls.txt").read_text().splitlines()[2:]
+    assert sorted(c.split(" --config")[0] for c in calls) == ["0 -m talkstream.cli train causal",
+                                                              "3 -m talkstream.cli train teacher"]
