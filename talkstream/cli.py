@@ -111,7 +111,7 @@ def _eval_suite(args) -> None:
     if args.model != "world":
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
         gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance, inputs,
-                                   args.timestep_shift, args.noise_seed)
+                                   args.timestep_shift, args.noise_seed, args.reference_init)
     res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=seeds, inputs=inputs,
                     keep_frames=bool(args.sample))
     if args.sample:  # the first clip: an mp4 with its audio, or a GIF of its first 4 s
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--audio-guidance", type=float, default=2.0, help="suite: audio CFG scale")
     e.add_argument("--timestep-shift", type=float, help="suite: sampling schedule shift (default: 3, the samplers' own)")
     e.add_argument("--noise-seed", type=int, default=0, help="suite: the samplers' initial noise (a suite is one draw)")
+    e.add_argument("--reference-init", type=float, default=1.0,
+                   help="suite: start sampling (teacher windows, causal chunks) at this sigma from the noised reference (1: noise)")
     e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
     e.add_argument("--inputs", type=Path, help="suite: precomputed clips/features/captions (from --save-inputs)")
     e.add_argument("--save-inputs", type=Path, help="suite: compute the clips' audio features and captions "

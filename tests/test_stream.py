@@ -209,6 +209,53 @@ def test_teacher_generates_window_by_window():
         gen.generate(ref, feats, 21, forced_motion=torch.randn(1, vae.cfg.latent_dim, 2, 4, 4))
 
 
+def test_reference_init_starts_the_teachers_sampling_from_the_noised_reference():
+    """``reference_init`` s < 1: the schedule starts at s (then the sigmas below it), and the new latents start as the
+    reference latent noised to s, so s -> 0 returns the reference itself in every frame; 1 is the plain sampler."""
+    from talkstream.models.config import dit_config, vae_config
+    from talkstream.stream.engine import ChunkDecoder
+    from talkstream.diffusion.flow import reference_sigmas
+    from talkstream.stream.offline import OfflineGenerator, frames_to_video
+
+    sig = euler_sigmas(8, 3.0)
+    assert torch.equal(reference_sigmas(sig, 1.0), sig)
+    cut = reference_sigmas(sig, 0.9)
+    assert cut[0] == 0.9 and cut[-1] == 0 and (cut[1:] < 0.9).all() and (cut.diff() < 0).all()
+    torch.manual_seed(0)
+    dit, vae = WanDiT(dit_config("tiny")).eval(), CausalVAE(vae_config("tiny")).eval()
+    dit.checkpoint_info = dict(window_latents=3, motion_latents=1, look_back=0, look_ahead=0)
+    torch.nn.init.normal_(dit.head.head.weight, std=0.5)  # (a fresh DiT's zero head ignores every input)
+    ref = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    feats = np.random.default_rng(1).standard_normal((60, 384)).astype(np.float32)
+    plain = OfflineGenerator(dit, vae, size=32, steps=4, audio_guidance=1.0)
+    assert np.array_equal(plain.generate(ref, feats, 9),
+                          OfflineGenerator(dit, vae, size=32, steps=4, audio_guidance=1.0, reference_init=1.0)
+                          .generate(ref, feats, 9))
+    near = OfflineGenerator(dit, vae, size=32, steps=4, audio_guidance=1.0, reference_init=1e-6).generate(ref, feats, 9)
+    with torch.no_grad():  # the reference latent in all 3 latents, decoded
+        still = vae.encode(frames_to_video(ref[None], 32))
+        want = ChunkDecoder(vae)(still.expand(-1, -1, 3, -1, -1).contiguous())
+    assert np.abs(near.astype(int) - want.astype(int)).max() <= 1
+    assert not np.array_equal(near, plain.generate(ref, feats, 9))
+    with pytest.raises(ValueError, match="start sigma"):
+        OfflineGenerator(dit, vae, size=32, reference_init=0.0).generate(ref, feats, 9)
+
+
+def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(models):
+    """The engine's ``reference_init``: every chunk starts at that sigma from the reference latent, so a start near 0
+    commits the reference itself; 1 (the default) is the plain stream; outside (0, 1] is an error."""
+    dit, vae = models
+    cfg = StreamConfig(chunk=2, window=4, steps=4)
+    _, plain, _, _ = _run(dit, vae, cfg, _features(), n_chunks=2)
+    _, same, _, _ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=4, reference_init=1.0), _features(), n_chunks=2)
+    assert torch.equal(plain, same)
+    _, near, _, _ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=4, reference_init=1e-6), _features(), n_chunks=2)
+    assert torch.allclose(near, _ref().expand_as(near), atol=1e-4) and not torch.allclose(plain, near, atol=1e-2)
+    assert StreamConfig(steps=4, reference_init=0.5).sigmas()[0] == 0.5
+    with pytest.raises(ValueError, match="reference_init"):
+        StreamConfig(reference_init=1.5)
+
+
 def test_suite_generator_passes_the_timestep_shift(tmp_path):
     """``eval suite --timestep-shift`` and ``--noise-seed`` reach the teacher's sampler (default shift: its own 3)."""
     from talkstream.eval.evaluate import checkpoint_generator

@@ -59,3 +59,13 @@ def euler_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).float()
+
+
+def reference_sigmas(sigmas: torch.Tensor, start: float) -> torch.Tensor:
+    """A decreasing schedule (1 ... 0) cut to start at ``start`` in (0, 1]: ``start``, then the sigmas below it (the
+    schedule itself for ``start`` = 1). Sampling from a noised reference starts there (SDEdit)."""
+    if not 0 < start <= 1:
+        raise ValueError(f"the start sigma must lie in (0, 1], got {start}")
+    if start == 1:
+        return sigmas
+    return torch.cat([sigmas.new_tensor([start]), sigmas[sigmas < start]])

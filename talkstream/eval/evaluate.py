@@ -216,13 +216,14 @@ def load_suite_inputs(path: str | Path) -> dict:
 
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
                          steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
-                         timestep_shift: float | None = None, noise_seed: int = 0):
+                         timestep_shift: float | None = None, noise_seed: int = 0, reference_init: float = 1.0):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
     first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
     ``inputs`` (``prepare_suite``): precomputed features and captions instead of running the encoders.
     ``timestep_shift``: of the sampling schedule (default: the samplers' own, 3). ``noise_seed``: the samplers'
-    initial noise (one seed's suite is one draw: run two to see the spread)."""
+    initial noise (one seed's suite is one draw: run two to see the spread). ``reference_init`` < 1: sampling (the teacher's windows,
+    the causal model's chunks) starts at that sigma from the noised reference latent."""
     import torch
 
     from ..models.checkpoint import load_checkpoint
@@ -245,7 +246,8 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
-        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **sampler),
+        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance,
+                                                    reference_init=reference_init, **sampler),
                         device=device, size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
@@ -255,7 +257,8 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         return generate
     from ..stream.offline import OfflineGenerator
 
-    gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance, **sampler)
+    gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance,
+                           reference_init=reference_init, **sampler)
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
         feats, emb, mask = encoded(clip)

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..diffusion.flow import add_noise, euler_sigmas, sigmas_from_timesteps
+from ..diffusion.flow import add_noise, euler_sigmas, reference_sigmas, sigmas_from_timesteps
 from ..models.dit import WanDiT
 from ..models.kv_cache import KVCache
 from ..models.vae import CausalVAE, FeatureCache, TinyDecoder
@@ -58,6 +58,7 @@ class StreamConfig:
     refine_every: int = 0
     refine_sigma: float = 0.3
     refine_steps: int = 3
+    reference_init: float = 1.0  # < 1: each chunk starts at this sigma from the reference latent noised to it
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,11 +70,15 @@ class StreamConfig:
             raise ValueError("chunk, anchor_copies and short_term must be >= 1 and window >= 0")
         if not 0 < self.refine_sigma < 1:
             raise ValueError(f"refine_sigma must be in (0, 1), got {self.refine_sigma}")
+        if not 0 < self.reference_init <= 1:
+            raise ValueError(f"reference_init must be in (0, 1], got {self.reference_init}")
 
     def sigmas(self) -> torch.Tensor:
         if self.sampler == "euler":
-            return euler_sigmas(self.steps, self.timestep_shift)
-        return sigmas_from_timesteps(list(self.timesteps), self.timestep_shift)
+            sig = euler_sigmas(self.steps, self.timestep_shift)
+        else:
+            sig = sigmas_from_timesteps(list(self.timesteps), self.timestep_shift)
+        return reference_sigmas(sig, self.reference_init)
 
     @property
     def cache_window(self) -> int:
@@ -214,6 +219,8 @@ class StreamEngine:
         k = c.chunk
         h, w = self.reference.shape[-2:]
         noise = torch.randn(1, self.dit.cfg.in_dim, k, h, w, generator=self.gen, device=dev).to(self.dtype)
+        if self.sigmas[0] < 1:  # reference_init: the chunk starts as the reference noised to sigmas[0]
+            noise = (1 - self.sigmas[0]) * self.reference.expand_as(noise) + self.sigmas[0] * noise
         a = None if audio is None else audio[None].to(dev, self.dtype)
         t0 = time.perf_counter()
         z = denoise_chunk(self.dit, self.cache, noise, self.sigmas, self.text, a, self.text_mask, generator=self.gen,

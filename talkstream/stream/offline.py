@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.flow import euler_sigmas
+from ..diffusion.flow import euler_sigmas, reference_sigmas
 from ..diffusion.samplers import guided_velocity
 from ..models.checkpoint import load_checkpoint
 from ..models.dit import WanDiT
@@ -67,6 +67,8 @@ class OfflineGenerator:
     device: str = "cpu"
     seed: int = 0
     decode_latents: int = 8  # latents per VAE decode call (causal feature cache): memory stays bounded by this
+    reference_init: float = 1.0  # < 1: new latents start at this sigma from the reference latent noised to it
+    # (SDEdit from the reference: the layout comes from the reference frame), 1: from pure noise
 
     @torch.no_grad()
     def generate(self, reference: np.ndarray, audio_features: np.ndarray, n_frames: int,
@@ -87,7 +89,7 @@ class OfflineGenerator:
             text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
         h = self.size // self.vae.cfg.spatial_factor
         window, motion = teacher_window(dit)
-        sig = euler_sigmas(self.steps, self.timestep_shift).to(dev)
+        sig = reference_sigmas(euler_sigmas(self.steps, self.timestep_shift), self.reference_init).to(dev)
         done = torch.zeros(1, dit.cfg.in_dim, 0, h, h, device=dev)
         while done.shape[2] < n_latent:
             k = min(motion, done.shape[2])
@@ -95,12 +97,14 @@ class OfflineGenerator:
             n_new = min(window - k, n_latent - done.shape[2])
             a = audio[:, start:start + k + n_new]
             z = torch.randn(1, dit.cfg.in_dim, n_new, h, h, generator=g, device=dev)
+            if sig[0] < 1:
+                z = (1 - sig[0]) * ref.expand_as(z) + sig[0] * z
             ctx = done[:, :, start:]
             if forced_motion is not None:
                 ctx = forced_motion[:, :, start:start + k].to(dev)
                 if ctx.shape[2] != k:
                     raise ValueError(f"forced_motion has {forced_motion.shape[2]} latents, the windows need {start + k}")
-            for i in range(self.steps):
+            for i in range(len(sig) - 1):
                 t = torch.cat([torch.zeros(1, k, device=dev), torch.full((1, n_new), float(sig[i]) * 1000, device=dev)], 1)
                 x = torch.cat([ctx, z], 2)
                 v = dit(x, t, text, a, ref, context_mask=text_mask)
