@@ -19,12 +19,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[900_005, 900_006, 900_007], help="world clips (held out)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--decoder", default="tiny")
+    ap.add_argument("--reference-init", type=float, help="StreamConfig.reference_init (default: the engine's own)")
     ap.add_argument("--out")
     a = ap.parse_args()
-    av = Avatar.from_pretrained(steps=a.steps, decoder=a.decoder)
+    opts = {} if a.reference_init is None else dict(reference_init=a.reference_init)
+    av = Avatar.from_pretrained(steps=a.steps, decoder=a.decoder, **opts)
     probe = load_frame_probe()
     r = np.stack([seam_ratio(av, probe, s) for s in a.seeds])
     report(dict(columns=["jaw_open", "yaw", "pitch"], seeds=a.seeds, steps=a.steps, decoder=a.decoder,
+                reference_init=av.cfg.reference_init,
                 per_clip=r.tolist(), mean=r.mean(0).tolist(), machine=describe()), a.out)
 
 
