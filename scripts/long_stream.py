@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--refine-every", type=int, default=4, help="memory_bank: memory refinement interval (chunks)")
     ap.add_argument("--model", default=None, help="a folder with causal / vae / tiny_decoder weights (default: embedded)")
     ap.add_argument("--seed", type=int, default=0, help="the stream's noise seed (another draw of the same stream)")
-    ap.add_argument("--reference-init", type=float, default=1.0,
-                    help="each chunk starts at this sigma from the noised reference (StreamConfig.reference_init)")
+    ap.add_argument("--reference-init", type=float,
+                    help="each chunk starts at this sigma from the noised reference (default: the engine's own)")
     ap.add_argument("--reference-seed", type=int, default=900_002, help="the world clip whose first frame is the reference")
     ap.add_argument("--out", default="benchmarks/results/long_stream_cpu.json")
     ap.add_argument("--plot", default="", help="the plot (default: --out with .png)")
@@ -63,7 +63,8 @@ def main() -> None:
     ref = next(iter(render_states(clip.identity, clip.states[:1], 256)))
     extra = dict(refine_every=a.refine_every) if a.anchor == "memory_bank" else {}
     avatar = Avatar.from_pretrained(a.model, device=a.device, decoder=a.decoder, steps=a.steps, anchor=a.anchor,
-                                    seed=a.seed, reference_init=a.reference_init, **extra)
+                                    seed=a.seed, **extra, **({} if a.reference_init is None else
+                                                              dict(reference_init=a.reference_init)))
     probe = load_frame_probe()
     ref_id = probe.read(ref[None])["identity"][0]
     n_total, per = int(a.minutes * 60 * 25), int(a.every * 25)
@@ -96,7 +97,8 @@ def main() -> None:
                    if len(rows) > 2 else 0.0,
                    black_frames=sum(r["black"] for r in rows), frozen_runs=sum(r["frozen_runs"] for r in rows))
     res = dict(machine=describe(), model=a.model or "embedded", device=a.device, decoder=a.decoder, anchor=a.anchor,
-               steps=a.steps, seed=a.seed, reference_seed=a.reference_seed, reference_init=a.reference_init, **extra,
+               steps=a.steps, seed=a.seed, reference_seed=a.reference_seed,
+               reference_init=avatar.cfg.reference_init, **extra,
                note="measured length is video_minutes; growth figures extrapolate per minute", summary=summary,
                rows=rows)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ def _generate(args) -> None:
     opts = dict(anchor=args.anchor, steps=args.steps, audio_guidance=args.audio_guidance, seed=args.seed)
     if args.sampler:
         opts["sampler"] = args.sampler
+    if args.reference_init is not None:
+        opts["reference_init"] = args.reference_init
     avatar = Avatar.from_pretrained(args.weights, device=args.device, decoder=args.decoder, size=args.size, **opts)
     res = avatar.generate(args.image, audio=args.audio, say=args.say, prompt=args.prompt, out=args.out,
                           progress=not args.quiet)
@@ -274,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--steps", type=int, default=steps, help="euler steps per chunk")
         q.add_argument("--audio-guidance", type=float, default=1.0)
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--reference-init", type=float,
+                       help="each chunk starts at this sigma from the noised reference (1: from noise; default 0.9)")
         q.add_argument("--quiet", action="store_true")
 
     g = sub.add_parser("generate", help="reference image + audio (or text to say) -> mp4 with the audio muxed")

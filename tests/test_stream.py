@@ -252,6 +252,9 @@ def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(model
     _, near, _, _ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=4, reference_init=1e-6), _features(), n_chunks=2)
     assert torch.allclose(near, _ref().expand_as(near), atol=1e-4) and not torch.allclose(plain, near, atol=1e-2)
     assert StreamConfig(steps=4, reference_init=0.5).sigmas()[0] == 0.5
+    from talkstream.stream.avatar import REFERENCE_INIT, stream_config  # trained checkpoints start from it
+    assert stream_config(dit).reference_init == REFERENCE_INIT < 1
+    assert stream_config(dit, reference_init=1.0).reference_init == 1.0
     with pytest.raises(ValueError, match="reference_init"):
         StreamConfig(reference_init=1.5)
 

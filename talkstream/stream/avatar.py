@@ -144,10 +144,15 @@ class LiveAudio:
 
 
 # -- the avatar -----------------------------------------------------------------------------------------
+REFERENCE_INIT = 0.9  # trained checkpoints stream each chunk from the reference noised to this sigma: the plain start
+# (1, pure noise) melts faces and lets identity drift (session 15: docs/results.md; suite clips 0.047 -> 0.032 on CPU)
+
+
 def stream_config(dit, **options) -> StreamConfig:
-    """The stream settings for a causal checkpoint: its trained chunk size, then ``options`` on top."""
+    """The stream settings for a causal checkpoint: its trained chunk size and the reference start
+    (``REFERENCE_INIT``), then ``options`` on top."""
     info = getattr(dit, "checkpoint_info", {}) or {}
-    return replace(StreamConfig(chunk=int(info.get("chunk") or 3)), **options)
+    return replace(StreamConfig(chunk=int(info.get("chunk") or 3), reference_init=REFERENCE_INIT), **options)
 
 
 class Avatar:
