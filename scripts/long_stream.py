@@ -62,9 +62,9 @@ def main() -> None:
     clip = make_clip(a.reference_seed, 1.0)
     ref = next(iter(render_states(clip.identity, clip.states[:1], 256)))
     extra = dict(refine_every=a.refine_every) if a.anchor == "memory_bank" else {}
+    start = {} if a.reference_init is None else dict(reference_init=a.reference_init)  # (default: the engine's)
     avatar = Avatar.from_pretrained(a.model, device=a.device, decoder=a.decoder, steps=a.steps, anchor=a.anchor,
-                                    seed=a.seed, **extra, **({} if a.reference_init is None else
-                                                              dict(reference_init=a.reference_init)))
+                                    seed=a.seed, **extra, **start)
     probe = load_frame_probe()
     ref_id = probe.read(ref[None])["identity"][0]
     n_total, per = int(a.minutes * 60 * 25), int(a.every * 25)

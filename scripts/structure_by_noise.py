@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from talkstream.diffusion.flow import euler_sigmas
+from talkstream.diffusion.flow import add_noise, euler_sigmas, reference_sigmas
 from talkstream.diffusion.samplers import guided_velocity
 from talkstream.eval.evaluate import load_suite_inputs
 from talkstream.eval.metrics import silhouette_iou
@@ -33,9 +33,8 @@ def denoise_from(dit, x0: torch.Tensor, s: float, noise: torch.Tensor, steps: in
                  text, text_mask, audio, ref) -> torch.Tensor:
     """x0 [1, C, L, h, w] noised to sigma ``s`` (flow matching: (1 - s) x0 + s noise), then the Euler steps of the
     ``steps``-step schedule that lie below ``s`` (the first one starts at ``s`` itself)."""
-    sig = euler_sigmas(steps, shift)
-    sig = torch.cat([torch.tensor([s]), sig[sig < s]])
-    z = (1 - s) * x0 + s * noise
+    sig = reference_sigmas(euler_sigmas(steps, shift), s)
+    z = add_noise(x0, noise, s)
     for i in range(len(sig) - 1):
         t = torch.full((1, z.shape[2]), float(sig[i]) * 1000)
         v = dit(z, t, text, audio, ref, context_mask=text_mask)

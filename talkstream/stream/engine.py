@@ -219,8 +219,8 @@ class StreamEngine:
         k = c.chunk
         h, w = self.reference.shape[-2:]
         noise = torch.randn(1, self.dit.cfg.in_dim, k, h, w, generator=self.gen, device=dev).to(self.dtype)
-        if self.sigmas[0] < 1:  # reference_init: the chunk starts as the reference noised to sigmas[0]
-            noise = (1 - self.sigmas[0]) * self.reference.expand_as(noise) + self.sigmas[0] * noise
+        if c.reference_init < 1:  # the chunk starts as the reference noised to the schedule's first sigma
+            noise = add_noise(self.reference.expand_as(noise), noise, c.reference_init)
         a = None if audio is None else audio[None].to(dev, self.dtype)
         t0 = time.perf_counter()
         z = denoise_chunk(self.dit, self.cache, noise, self.sigmas, self.text, a, self.text_mask, generator=self.gen,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.flow import euler_sigmas, reference_sigmas
+from ..diffusion.flow import add_noise, euler_sigmas, reference_sigmas
 from ..diffusion.samplers import guided_velocity
 from ..models.checkpoint import load_checkpoint
 from ..models.dit import WanDiT
@@ -97,8 +97,8 @@ class OfflineGenerator:
             n_new = min(window - k, n_latent - done.shape[2])
             a = audio[:, start:start + k + n_new]
             z = torch.randn(1, dit.cfg.in_dim, n_new, h, h, generator=g, device=dev)
-            if sig[0] < 1:
-                z = (1 - sig[0]) * ref.expand_as(z) + sig[0] * z
+            if self.reference_init < 1:
+                z = add_noise(ref.expand_as(z), z, self.reference_init)
             ctx = done[:, :, start:]
             if forced_motion is not None:
                 ctx = forced_motion[:, :, start:start + k].to(dev)
