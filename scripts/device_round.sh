@@ -4,7 +4,7 @@
 # carry a 49 MiB DiT checkpoint instead (64 MiB travel per call). Each call hands back what it made, so a machine
 # lost between calls costs only what that call had not yet returned.
 #
-#   bash scripts/device_round.sh setup      (carry data/dit_pack.npz data/suite_inputs.pkl data/keep .whl .carry):
+#   bash scripts/device_round.sh setup      (carry data/keep data/suite_inputs.pkl .whl .carry, + data/dit_pack.npz to train):
 #                                           install the wheel there
 #   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU, or take one each on a machine of
@@ -28,12 +28,18 @@
 #                                           session 12 lost two calls of tiny-decoder training to that)
 #   bash scripts/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
 #                                           return (a third DiT beside two)
+#   bash scripts/device_round.sh export OUT [OUT ...]   DiT runs stopped before their end (killed; session 16 stopped
+#                                           four whose budgets outlasted the lease): each one's last state.pt
+#                                           (every ckpt_every steps) as its checkpoint, handed back as fetch does
+#   (a run's time_budget counts from the stage's start: latents, the lip reader's fit and compiling come out of it;
+#   until session 16 it counted only the training loop, and those ~6 minutes ran past the budget)
 #   bash scripts/device_round.sh vae_suite VAE NAME [VAE NAME ...]   the suite on VAE round trips of the true renders
 #                                           (the mouth error any DiT in that latent space can reach at best)
 #   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
 #                                           CFG=2: the audio guidance scale; SHIFT=1: the sampling schedule's
-#                                           shift, default the samplers' 3)
+#                                           shift, default the samplers' 3; REFINIT=0.9: start each window /
+#                                           chunk from the reference noised to sigma 0.9, default 1 = pure noise)
 # At most 8 files of 16 MiB, 64 MiB together, come back from a call: train / wait / fetch hand back each shard of
 # 8 MiB or more as a file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 files and 48 MiB last,
 # and all that is smaller (the DiT's last shard, indexes, the tiny decoder, each run's logs tar) in one small.tar
@@ -53,9 +59,12 @@
 # beside it, 1,850 did not.
 set -uo pipefail
 mode=$1; shift
-if [ "$mode" != setup ] && { [ ! -f data/dit_pack.npz ] || [ ! -f /tmp/site/.ready ]; }; then
-  echo "fresh machine: run 'setup' (carrying data .whl .carry) first"; exit 3
+if [ "$mode" != setup ] && [ ! -f /tmp/site/.ready ]; then
+  echo "fresh machine: run 'setup' (carrying .whl .carry data/keep, and what the mode reads) first"; exit 3
 fi
+case $mode in latents|latents_bg|train|start)  # the suites need only data/keep and data/suite_inputs.pkl
+  [ -f data/dit_pack.npz ] || { echo "no training pack here: carry data/dit_pack.npz (setup) first"; exit 3; } ;;
+esac
 source "$(dirname "$0")/device_env.sh"
 
 hand_back() {  # OUT...: the runs' checkpoints and logs to $OUT within a call's limits (8 files, 64 MiB together):
@@ -166,6 +175,9 @@ wait)  # wait SECONDS OUT...: wait for runs `start` began; when all have ended, 
   finish "$@" ;;
 fetch)
   hand_back "$@"; ls -laR "$OUT" ;;
+export)  # runs stopped before they exported (killed, or out of time): their last state.pt as checkpoints, handed back
+  for out in "$@"; do python3 -m talkstream.cli train export --run "$out"; done
+  hand_back "$@"; ls -laR "$OUT" ;;
 py)
   python3 "$@" ;;
 vae_suite)
@@ -184,7 +196,7 @@ suite)
       tag=$name; [ "${SEEDS:-0}" != 0 ] && tag=${name}_s$seed
       sample=(); [ $first = 1 ] && sample=(--sample "$OUT/sample_$name.gif"); first=0
       python3 -m talkstream.cli eval suite --model "$model" --vae "${VAE:-data/keep/vae.safetensors}" --steps "$steps" \
-        --audio-guidance "${CFG:-2}" ${SHIFT:+--timestep-shift "$SHIFT"} --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
+        --audio-guidance "${CFG:-2}" ${SHIFT:+--timestep-shift "$SHIFT"} ${REFINIT:+--reference-init "$REFINIT"} --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
         "${sample[@]}" > "runs/suite_$tag.txt" 2>&1
       echo "$tag exit $?"; tail -n 8 "runs/suite_$tag.txt"
     done

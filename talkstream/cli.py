@@ -185,6 +185,15 @@ def _train(args) -> None:
     print(json.dumps(metrics, indent=2, default=str))
 
 
+def _export(args) -> None:
+    from .train.stages import export_run
+
+    if args.run is None:
+        raise SystemExit("train export: give the run's folder with --run (it holds config.json and state.pt)")
+    for path in export_run(args.run):
+        print(f"wrote {path}")
+
+
 def _pack(args) -> None:
     from .train.data import make_pack
 
@@ -230,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--audio-guidance", type=float, default=2.0, help="suite: audio CFG scale")
     e.add_argument("--timestep-shift", type=float, help="suite: sampling schedule shift (default: 3, the samplers' own)")
     e.add_argument("--noise-seed", type=int, default=0, help="suite: the samplers' initial noise (a suite is one draw)")
-    e.add_argument("--reference-init", type=float, default=1.0,
-                   help="suite: start sampling (teacher windows, causal chunks) at this sigma from the noised reference (1: noise)")
+    e.add_argument("--reference-init", type=float,
+                   help="suite: start sampling (teacher windows, causal chunks) at this sigma from the noised reference "
+                   "(1: pure noise; default: each sampler's own, teacher 0.8, causal 0.7)")
     e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
     e.add_argument("--inputs", type=Path, help="suite: precomputed clips/features/captions (from --save-inputs)")
     e.add_argument("--save-inputs", type=Path, help="suite: compute the clips' audio features and captions "
@@ -252,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path)
     b.set_defaults(func=_bench)
 
-    t = sub.add_parser("train", help="train a stage: vae | decoder | teacher | causal | pack (make a world pack)")
-    t.add_argument("stage", choices=["vae", "decoder", "teacher", "causal", "pack"])
+    t = sub.add_parser("train", help="train a stage: vae | decoder | teacher | causal | pack (make a world pack) | "
+                       "export (a stopped DiT run's last state as its checkpoint)")
+    t.add_argument("stage", choices=["vae", "decoder", "teacher", "causal", "pack", "export"])
+    t.add_argument("--run", type=Path, help="export: the run's folder (its config.json and state.pt)")
     t.add_argument("--config", type=Path, help="YAML training config (configs/*.yaml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--out", type=Path, help="pack: output .npz")
@@ -261,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seconds", type=float, default=3.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-audio", action="store_true", help="pack: states only (enough for the VAE)")
-    t.set_defaults(func=lambda a: _pack(a) if a.stage == "pack" else _train(a))
+    t.set_defaults(func=lambda a: {"pack": _pack, "export": _export}.get(a.stage, _train)(a))
 
     def stream_options(q, steps: int) -> None:
         q.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
@@ -277,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--audio-guidance", type=float, default=1.0)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--reference-init", type=float,
-                       help="each chunk starts at this sigma from the noised reference (1: from noise; default 0.9)")
+                       help="each chunk starts at this sigma from the noised reference (1: from noise; default 0.7)")
         q.add_argument("--quiet", action="store_true")
 
     g = sub.add_parser("generate", help="reference image + audio (or text to say) -> mp4 with the audio muxed")

@@ -11,7 +11,7 @@ from talkstream.train.config import TrainConfig
 from talkstream.train.data import dequantize_features, load_pack, make_pack, mouth_maps, quantize_features, render_pack
 from talkstream.models.config import dit_config
 from talkstream.models.dit import WanDiT
-from talkstream.train.stages import LatentBank, audio_reliance, run_stage
+from talkstream.train.stages import LatentBank, audio_reliance, export_run, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,17 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     assert model.checkpoint_info["chunk"] == 3
     before = load_checkpoint(teacher).state_dict()
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a stopped run's last state exports as the checkpoint the run wrote (its EMA, its chunk, its step)
+    trained = model.state_dict()
+    (tmp_path / "causal" / "causal.safetensors").unlink()
+    assert [p.name for p in export_run(tmp_path / "causal")] == ["causal.safetensors"]
+    exported = load_checkpoint(tmp_path / "causal" / "causal.safetensors")
+    assert all(torch.equal(trained[k], v) for k, v in exported.state_dict().items())
+    assert exported.checkpoint_info["chunk"] == 3 and exported.checkpoint_info["train"]["step"] == 3
+    with pytest.raises(ValueError, match="DiT runs"):
+        export_run(tmp_path / "vae")
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        export_run(tmp_path)
 
 
 def test_bad_config_is_clear(tmp_path):
@@ -313,3 +324,32 @@ def test_lr_mult_gives_a_prefix_its_own_rate_and_rejects_a_name_that_matches_not
     step_main = (model.patch_embedding.weight - before["patch_embedding.weight"]).abs()
     assert torch.allclose(step_ref, torch.full_like(step_ref, 1e-2), rtol=1e-3)
     assert torch.allclose(step_main, torch.full_like(step_main, 1e-3), rtol=1e-3)
+
+
+def test_time_budget_counts_the_whole_stage(tmp_path, capsys):
+    """The seconds a stage spent before its first step (latents, lip reader, compile) come out of its time budget:
+    a budget already spent trains no step and keeps the weights it started from; the rest trains as asked."""
+    import time
+    from dataclasses import replace
+
+    from talkstream.train.runner import Runner
+
+    model = torch.nn.Linear(2, 1)
+
+    def loss_fn(m, batch):
+        return (m(batch) ** 2).mean() + 1.0, {}
+
+    x = torch.randn(4, 2)
+    cfg = TrainConfig(stage="teacher", data="x", out=str(tmp_path / "spent"), steps=5, time_budget=60, ema=0,
+                      warmup=0)
+    before = model.weight.detach().clone()
+    runner = Runner(cfg, model, loss_fn, lambda gen: x, "cpu", started=time.perf_counter() - 61)
+    runner.train()
+    assert runner.step == 0 and torch.equal(model.weight, before)
+    assert "61s spent before the first step, 0s to train" in capsys.readouterr().out
+    assert (tmp_path / "spent" / "state.pt").exists()  # (saved, so `train export` can write it)
+    runner = Runner(replace(cfg, out=str(tmp_path / "left")), model, loss_fn, lambda gen: x, "cpu",
+                    started=time.perf_counter() - 10)
+    assert 49 < runner.loop_budget(time.perf_counter()) <= 50
+    runner.train()
+    assert runner.step == 5 and not torch.equal(model.weight, before)

@@ -16,7 +16,8 @@ class TrainConfig:
     out: str = "runs/run"
     model: str = "small"  # DiT or VAE size name
     steps: int = 1000
-    time_budget: float = 0.0  # seconds of training after which the run stops and exports (0: no limit)
+    time_budget: float = 0.0  # seconds of the whole stage (data, latents, lip reader, training loop) after which
+    # the run stops and exports (0: no limit); the export's evaluation after it is not counted
     batch: int = 8
     lr: float = 2e-4
     weight_decay: float = 0.01

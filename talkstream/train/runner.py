@@ -100,8 +100,10 @@ def param_groups(model: torch.nn.Module, lr_mult: dict) -> list[dict]:
 
 class Runner:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn,
-                 sample_batch: Callable[[torch.Generator], Batch], device: str) -> None:
-        self.cfg, self.loss_fn, self.sample_batch = cfg, loss_fn, sample_batch
+                 sample_batch: Callable[[torch.Generator], Batch], device: str, started: float | None = None) -> None:
+        """``started``: the stage's ``time.perf_counter()`` at its start, so ``cfg.time_budget`` bounds the whole
+        stage (data, latents, lip reader, compile: all before the first step) and not only the training loop."""
+        self.cfg, self.loss_fn, self.sample_batch, self.started = cfg, loss_fn, sample_batch, started
         self.rank, self.world = init_distributed()
         self.device = device
         torch.manual_seed(cfg.seed + self.rank)
@@ -210,29 +212,47 @@ class Runner:
         return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
     # -- loop ---------------------------------------------------------------------------------------
+    def loop_budget(self, now: float) -> float | None:
+        """Seconds the training loop may run (None: no time budget): ``cfg.time_budget`` less what the stage spent
+        before its first step (rank 0's figure on every rank). The learning rate's cosine runs over these seconds."""
+        c = self.cfg
+        if not c.time_budget:
+            return None
+        before = 0.0 if self.started is None else now - self.started
+        if self.world > 1:
+            t = torch.tensor([before], dtype=torch.float64, device=self.device)
+            dist.broadcast(t, 0)
+            before = float(t)
+        left = max(0.0, c.time_budget - before)
+        if self.rank == 0 and self.started is not None:
+            print(f"time budget {c.time_budget:.0f}s: {before:.0f}s spent before the first step, {left:.0f}s to train"
+                  + ("" if left else " (none: the run exports the weights it started from)"))
+        return left
+
     def train(self) -> dict:
         c = self.cfg
         log_file = self.out / "log.jsonl"
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.stage}", disable=self.rank != 0,
                    mininterval=5)
         t0 = time.perf_counter()
+        budget = self.loop_budget(t0)
         last = {}
         use_bf16 = c.bf16 and self.device.startswith("cuda")
         shared = 0.0
         while self.step < c.steps:
             elapsed = time.perf_counter() - t0
-            if self.world > 1 and c.time_budget:  # rank 0's clock for all: one learning rate, one last step
+            if self.world > 1 and budget is not None:  # rank 0's clock for all: one learning rate, one last step
                 if self.step % CLOCK_EVERY == 0:
                     clock = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
                     dist.broadcast(clock, 0)
                     shared = float(clock)
                 elapsed = shared
-            if c.time_budget and elapsed > c.time_budget:
+            if budget is not None and elapsed >= budget:
                 if self.rank == 0:
                     print(f"time budget of {c.time_budget:.0f}s reached at step {self.step}")
                 self.save_state()
                 break
-            spent = elapsed / c.time_budget if c.time_budget else 0.0
+            spent = elapsed / budget if budget else 0.0
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step, spent) * g.get("lr_mult", 1.0)
             batch = self.sample_batch(self.gen)

@@ -84,7 +84,7 @@ def to_video(frames_uint8: torch.Tensor) -> torch.Tensor:
 
 
 # -- VAE -----------------------------------------------------------------------------------------------
-def train_vae(cfg: TrainConfig, log=print) -> dict:
+def train_vae(cfg: TrainConfig, log=print, started: float | None = None) -> dict:
     device = train_device()
     pack = load_pack(cfg.data)
     tr, ho = _split(pack.n_clips)
@@ -134,7 +134,7 @@ def train_vae(cfg: TrainConfig, log=print) -> dict:
         x, m = bank.sample(g, cfg.batch, crop, with_mouth=True)
         return dict(x=x, mouth=m)
 
-    runner = Runner(cfg, vae, loss_fn, sample, device)
+    runner = Runner(cfg, vae, loss_fn, sample, device, started)
     last = runner.train()
     model = runner.final_model()
     if model is None:  # (torchrun: rank 0 evaluates and writes)
@@ -242,7 +242,7 @@ def tiny_decoder_loss(y: torch.Tensor, x: torch.Tensor, mouth: torch.Tensor | No
     return loss, info
 
 
-def train_decoder(cfg: TrainConfig, log=print) -> dict:
+def train_decoder(cfg: TrainConfig, log=print, started: float | None = None) -> dict:
     device = train_device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
     pack = load_pack(cfg.data)
@@ -274,7 +274,7 @@ def train_decoder(cfg: TrainConfig, log=print) -> dict:
         return tiny_decoder_loss(model(b["z"]), b["x"], b["mouth"], l2=l2_w, ms_ssim_weight=cfg.ms_ssim_weight,
                                  mouth_weight=mouth_w, target=b["target"], distill_weight=distill_w)
 
-    runner = Runner(cfg, dec, loss_fn, sample, device)
+    runner = Runner(cfg, dec, loss_fn, sample, device, started)
     last = runner.train()
     model = runner.final_model()
     if model is None:  # (torchrun: rank 0 evaluates and writes)
@@ -495,7 +495,7 @@ def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_laten
     return best
 
 
-def train_dit(cfg: TrainConfig, log=print) -> dict:
+def train_dit(cfg: TrainConfig, log=print, started: float | None = None) -> dict:
     causal = cfg.stage == "causal"
     device = train_device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
@@ -508,12 +508,13 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     log(f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
     n_latent = 1 + (cfg.frames - 1) // 4
     reader, reader_metrics = fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
-    model = WanDiT(DiTConfig.from_dict({**dit_config(cfg.model).to_dict(), **cfg.dit}))
+    model = build_dit(cfg)
     if cfg.init:
         # additions the file lacks (e.g. ref_embedding with dit={ref_concat: true}) keep their zero init
         load_dit_weights(model, load_checkpoint(cfg.init).state_dict())
     model.gradient_checkpointing = cfg.grad_checkpointing
-    runner = Runner(cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device)
+    runner = Runner(cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device,
+                    started)
     if cfg.compile:  # after the Runner made its EMA copy, so only the trained model's blocks are compiled
         for block in runner.model.blocks:
             block.compile_parts()
@@ -526,14 +527,43 @@ def train_dit(cfg: TrainConfig, log=print) -> dict:
     seen = audio_reliance(final, bank, n_latent=n_latent, seed=cfg.seed)  # far above the held-out figure: memorised
     log(f"audio reliance on training clips: {seen['mean_gain']:.3f}")
     reliance["training_clips_mean_gain"] = seen["mean_gain"]
-    name = "causal.safetensors" if causal else "teacher.safetensors"
     metrics = dict(train=last, audio_reliance=reliance, lip_reader=reader_metrics)
     (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    extra = dict(stage=cfg.stage, **metrics, config=cfg.to_dict(), look_back=cfg.look_back, look_ahead=cfg.look_ahead,
-                 chunk=cfg.chunk if causal else None, window_latents=n_latent,
-                 motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
-    save_checkpoint(Path(cfg.out) / name, final.cpu(), "dit", final.cfg, extra=extra, dtype=torch.bfloat16)
+    save_dit(cfg, final, metrics)
     return metrics
+
+
+def build_dit(cfg: TrainConfig) -> WanDiT:
+    """The DiT a teacher / causal run trains: its size's config with the run's ``dit`` overrides."""
+    return WanDiT(DiTConfig.from_dict({**dit_config(cfg.model).to_dict(), **cfg.dit}))
+
+
+def save_dit(cfg: TrainConfig, model: WanDiT, metrics: dict) -> list[Path]:
+    """Write a run's DiT (bf16) as ``OUT/teacher.safetensors`` or ``OUT/causal.safetensors`` with what sampling
+    reads from its metadata (a causal model's chunk, the teacher's window and motion latents) and ``metrics``."""
+    causal = cfg.stage == "causal"
+    extra = dict(stage=cfg.stage, **metrics, config=cfg.to_dict(), look_back=cfg.look_back, look_ahead=cfg.look_ahead,
+                 chunk=cfg.chunk if causal else None, window_latents=1 + (cfg.frames - 1) // 4,
+                 motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
+    name = "causal.safetensors" if causal else "teacher.safetensors"
+    return save_checkpoint(Path(cfg.out) / name, model.cpu(), "dit", model.cfg, extra=extra, dtype=torch.bfloat16)
+
+
+def export_run(run: str | Path) -> list[Path]:
+    """A teacher / causal run's last saved state (``state.pt``: every ``ckpt_every`` steps and at its time budget's
+    end) written as the checkpoint the run writes when it finishes: the EMA weights (the model's where it kept no
+    EMA), the same metadata, and the step reached. For a run stopped before it could export (a machine or a device
+    budget that ran out, a killed process); the held-out audio-reliance figures are not computed."""
+    run = Path(run)
+    if not (run / "config.json").exists() or not (run / "state.pt").exists():
+        raise FileNotFoundError(f"{run}: not a training run (needs config.json and state.pt)")
+    cfg = TrainConfig.load(run / "config.json", dict(out=str(run)))
+    if cfg.stage not in ("teacher", "causal"):
+        raise ValueError(f"{run}: export writes DiT runs (teacher, causal), not {cfg.stage!r}")
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=False)
+    model = build_dit(cfg)
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    return save_dit(cfg, model, dict(train=dict(step=int(state["step"])), exported_from="state.pt"))
 
 
 STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=train_dit)
@@ -542,5 +572,6 @@ STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=tr
 def run_stage(cfg: TrainConfig, log=print) -> dict:
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {sorted(STAGES)}")
+    started = time.perf_counter()  # cfg.time_budget counts from here: the whole stage, not only its training loop
     torch.manual_seed(cfg.seed)  # models trained from scratch start from the same weights, on every rank
-    return STAGES[cfg.stage](cfg, log)
+    return STAGES[cfg.stage](cfg, log, started)
