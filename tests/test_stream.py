@@ -260,9 +260,11 @@ def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(model
 
 
 def test_suite_generator_passes_the_timestep_shift(tmp_path):
-    """``eval suite --timestep-shift`` and ``--noise-seed`` reach the teacher's sampler (default shift: its own 3)."""
+    """``eval suite --timestep-shift``, ``--noise-seed`` and ``--reference-init`` reach the teacher's sampler (default
+    shift: its own 3; default start: the teacher's ``TEACHER_REFERENCE_INIT``)."""
     from talkstream.eval.evaluate import checkpoint_generator
     from talkstream.models.checkpoint import save_checkpoint
+    from talkstream.stream.offline import TEACHER_REFERENCE_INIT
     from talkstream.models.config import dit_config, vae_config
     from talkstream.models.dit import WanDiT
     from talkstream.models.vae import CausalVAE
@@ -276,17 +278,23 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
     inputs = {"clips": {1: dict(audio_features=np.zeros((20, 384), np.float16), text=torch.zeros(1, 4, 384),
                                 text_mask=None)}}
     ref = np.zeros((32, 32, 3), np.uint8)
-    for shift, mid in ((None, 0.75), (1.0, 0.5)):  # 2 Euler steps: sigma 1, then the schedule's middle
+    def timesteps(**kw):
         seen = []
         gen = checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
-                                   audio_guidance=1.0, inputs=inputs, timestep_shift=shift)
+                                   audio_guidance=1.0, inputs=inputs, **kw)
         handle = torch.nn.modules.module.register_module_forward_pre_hook(  # the generator's own DiT
             lambda m, args: seen.append(args[1].flatten()[-1].item()) if isinstance(m, WanDiT) else None)
         try:
             gen(ref, clip)
         finally:
             handle.remove()
-        assert seen[1] / seen[0] == pytest.approx(mid)
+        return seen
+
+    for shift, mid in ((None, 0.75), (1.0, 0.5)):  # 2 Euler steps from pure noise: sigma 1, then the middle
+        seen = timesteps(timestep_shift=shift, reference_init=1.0)
+        assert seen[0] == pytest.approx(1000) and seen[1] / seen[0] == pytest.approx(mid)
+    assert timesteps()[0] == pytest.approx(1000 * TEACHER_REFERENCE_INIT) and TEACHER_REFERENCE_INIT < 1
+    assert timesteps(reference_init=0.5)[0] == pytest.approx(500)
     draws = [checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
                                   audio_guidance=1.0, inputs=inputs, noise_seed=s)(ref, clip) for s in (0, 0, 1)]
     assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])  # --noise-seed

@@ -216,14 +216,17 @@ def load_suite_inputs(path: str | Path) -> dict:
 
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
                          steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
-                         timestep_shift: float | None = None, noise_seed: int = 0, reference_init: float = 1.0):
+                         timestep_shift: float | None = None, noise_seed: int = 0,
+                         reference_init: float | None = None):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
     first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
     ``inputs`` (``prepare_suite``): precomputed features and captions instead of running the encoders.
     ``timestep_shift``: of the sampling schedule (default: the samplers' own, 3). ``noise_seed``: the samplers'
-    initial noise (one seed's suite is one draw: run two to see the spread). ``reference_init`` < 1: sampling (the teacher's windows,
-    the causal model's chunks) starts at that sigma from the noised reference latent."""
+    initial noise (one seed's suite is one draw: run two to see the spread). ``reference_init`` < 1: sampling (the
+    teacher's windows, the causal model's chunks) starts at that sigma from the noised reference latent; 1: from
+    pure noise; None: as each sampler does by default (the engine's ``REFERENCE_INIT``, the teacher's
+    ``TEACHER_REFERENCE_INIT``)."""
     import torch
 
     from ..models.checkpoint import load_checkpoint
@@ -243,11 +246,12 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         return _encode_clip(clip, *encoders)
 
     sampler = dict(seed=noise_seed) | ({} if timestep_shift is None else dict(timestep_shift=timestep_shift))
+    start = {} if reference_init is None else dict(reference_init=reference_init)
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
-        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance,
-                                                    reference_init=reference_init, **sampler),
+        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **start,
+                                                    **sampler),
                         device=device, size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
@@ -255,10 +259,10 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
             return np.stack(list(avatar.from_features(reference, feats, clip.n_frames, emb, mask)))
 
         return generate
-    from ..stream.offline import OfflineGenerator
+    from ..stream.offline import TEACHER_REFERENCE_INIT, OfflineGenerator
 
     gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance,
-                           reference_init=reference_init, **sampler)
+                           **(dict(reference_init=TEACHER_REFERENCE_INIT) | start), **sampler)
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
         feats, emb, mask = encoded(clip)

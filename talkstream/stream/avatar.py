@@ -144,8 +144,9 @@ class LiveAudio:
 
 
 # -- the avatar -----------------------------------------------------------------------------------------
-REFERENCE_INIT = 0.9  # trained checkpoints stream each chunk from the reference noised to this sigma: the plain start
-# (1, pure noise) melts faces and lets identity drift (session 15: docs/results.md; suite clips 0.047 -> 0.032 on CPU)
+REFERENCE_INIT = 0.7  # trained checkpoints stream each chunk from the reference noised to this sigma: the plain start
+# (1, pure noise) melts faces and lets identity drift (session 15: docs/results.md). Session 16, 4 clips x 4 GPU
+# draws of c6: 0.0444 from pure noise, 0.0331 / 0.0317 / 0.0312 from 0.9 / 0.8 / 0.7
 
 
 def stream_config(dit, **options) -> StreamConfig:
