@@ -42,6 +42,8 @@ def _generate(args) -> None:
         opts["sampler"] = args.sampler
     if args.reference_init is not None:
         opts["reference_init"] = args.reference_init
+    if args.start_from is not None:
+        opts["start_from"] = args.start_from
     avatar = Avatar.from_pretrained(args.weights, device=args.device, decoder=args.decoder, size=args.size, **opts)
     res = avatar.generate(args.image, audio=args.audio, say=args.say, prompt=args.prompt, out=args.out,
                           progress=not args.quiet)
@@ -113,7 +115,7 @@ def _eval_suite(args) -> None:
     if args.model != "world":
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
         gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance, inputs,
-                                   args.timestep_shift, args.noise_seed, args.reference_init)
+                                   args.timestep_shift, args.noise_seed, args.reference_init, args.start_from)
     res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=seeds, inputs=inputs,
                     keep_frames=bool(args.sample))
     if args.sample:  # the first clip: an mp4 with its audio, or a GIF of its first 4 s
@@ -241,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--noise-seed", type=int, default=0, help="suite: the samplers' initial noise (a suite is one draw)")
     e.add_argument("--reference-init", type=float,
                    help="suite: start sampling (teacher windows, causal chunks) at this sigma from the noised reference "
-                   "(1: pure noise; default: each sampler's own, teacher 0.8, causal 0.7)")
+                   "(1: pure noise; default: each sampler's own, teacher 0.8, causal 0.9)")
+    e.add_argument("--start-from", choices=["reference", "previous"],
+                   help="suite, causal model: each chunk starts from the reference (default) or the last latent")
     e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
     e.add_argument("--inputs", type=Path, help="suite: precomputed clips/features/captions (from --save-inputs)")
     e.add_argument("--save-inputs", type=Path, help="suite: compute the clips' audio features and captions "
@@ -289,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--audio-guidance", type=float, default=1.0)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--reference-init", type=float,
-                       help="each chunk starts at this sigma from the noised reference (1: from noise; default 0.7)")
+                       help="each chunk starts at this sigma from the noised reference (1: from noise; default 0.9; lower: "
+                       "a little better lip-sync, a stiller head)")
+        q.add_argument("--start-from", choices=["reference", "previous"],
+                       help="what each chunk after the first starts from: the reference (default) or the last "
+                       "latent (the head's pose carries on instead of returning to the reference's)")
         q.add_argument("--quiet", action="store_true")
 
     g = sub.add_parser("generate", help="reference image + audio (or text to say) -> mp4 with the audio muxed")

@@ -154,6 +154,14 @@ def test_suite_on_ground_truth(probe):
     assert res["summary"]["offset_measured_clips"] >= 1
     assert res["summary"]["flagged_clips"] == 0
     assert res["summary"]["silhouette_iou"] == 1.0
+    assert all(r["head_motion"] > 1.0 for r in res["rows"])  # the world's heads sway (degrees of probe-read pose)
+
+
+def test_suite_head_motion_sees_a_head_held_still(probe):
+    """A model can keep the face whole by holding the reference's pose: head motion tells (a still copy reads 0)."""
+    still = run_suite(generate=lambda ref, clip: np.repeat(ref[None], clip.n_frames, 0), seeds=(900_000,),
+                      seconds=4.0, probe=probe)
+    assert still["rows"][0]["head_motion"] < 0.05 and "frozen" in still["rows"][0]["flags"]
 
 
 def test_bench_harness_measures_a_stream():

@@ -259,6 +259,26 @@ def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(model
         StreamConfig(reference_init=1.5)
 
 
+def test_start_from_previous_starts_each_later_chunk_from_the_last_committed_latent(models):
+    """``start_from="previous"``: the first chunk starts from the reference, each later one from the last latent
+    the stream committed (near sigma 0 a chunk commits its start, so what it started from reads back)."""
+    dit, vae = models
+    other = torch.randn_like(_ref())
+    for start_from, expect in (("reference", _ref()), ("previous", other)):
+        cfg = StreamConfig(chunk=2, window=4, steps=4, reference_init=1e-6, start_from=start_from)
+        eng = StreamEngine(dit, vae, cfg)
+        eng.start(_ref())
+        audio = torch.zeros(2, dit.cfg.audio_tokens_per_frame, dit.cfg.audio_dim)
+        first = eng.next_chunk(audio).latents
+        assert torch.allclose(first, _ref().expand_as(first), atol=1e-4)  # the first chunk: from the reference
+        assert torch.equal(eng.last_latent, first[:, :, -1:])
+        eng.last_latent = other  # (as if the stream had moved the head)
+        second = eng.next_chunk(audio).latents
+        assert torch.allclose(second, expect.expand_as(second), atol=1e-4)
+    with pytest.raises(ValueError, match="start_from"):
+        StreamConfig(start_from="noise")
+
+
 def test_suite_generator_passes_the_timestep_shift(tmp_path):
     """``eval suite --timestep-shift``, ``--noise-seed`` and ``--reference-init`` reach the teacher's sampler (default
     shift: its own 3; default start: the teacher's ``TEACHER_REFERENCE_INIT``)."""

@@ -217,7 +217,7 @@ def load_suite_inputs(path: str | Path) -> dict:
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
                          steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
                          timestep_shift: float | None = None, noise_seed: int = 0,
-                         reference_init: float | None = None):
+                         reference_init: float | None = None, start_from: str | None = None):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
     first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
@@ -226,7 +226,7 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
     initial noise (one seed's suite is one draw: run two to see the spread). ``reference_init`` < 1: sampling (the
     teacher's windows, the causal model's chunks) starts at that sigma from the noised reference latent; 1: from
     pure noise; None: as each sampler does by default (the engine's ``REFERENCE_INIT``, the teacher's
-    ``TEACHER_REFERENCE_INIT``)."""
+    ``TEACHER_REFERENCE_INIT``). ``start_from`` (causal model): ``StreamConfig.start_from``."""
     import torch
 
     from ..models.checkpoint import load_checkpoint
@@ -250,8 +250,9 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
+        more = {} if start_from is None else dict(start_from=start_from)
         avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **start,
-                                                    **sampler),
+                                                    **more, **sampler),
                         device=device, size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
@@ -369,6 +370,13 @@ def seam_ratio(avatar, probe: FrameProbe, seed: int, seconds: float = 3.0) -> np
     return jumps[boundary].mean(0) / np.maximum(2.5 * jumps[inside].mean(0), truth_jump)
 
 
+def head_motion(values: dict) -> float:
+    """How much the head moves: the mean of the probe-read yaw / pitch / roll standard deviations (degrees) over a
+    clip (``metrics.motion``). The truth's own figure is the target: a sampler anchored to the reference frame
+    can keep the face whole by holding the head still, which the other suite figures do not see."""
+    return float(np.mean([values["yaw_std"], values["pitch_std"], values["roll_std"]]))
+
+
 def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, seconds: float = 8.0, size: int = 256,
               seeds: tuple[int, ...] = SUITE_SEEDS, probe: FrameProbe | None = None, inputs: dict | None = None,
               keep_frames: bool = False) -> dict:
@@ -396,7 +404,8 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         rows.append(dict(seed=seed, mouth_error=v["mouth_error"], best_offset=v["best_offset"],
                          sync_confidence=v["sync_confidence"], identity_distance=v["identity_distance_mean"],
                          drift_per_minute=v["drift_per_minute"], flicker=v["flicker"], flags=v["flags"],
-                         silhouette_iou=shape["silhouette_iou"], **mouth_error_by_speed(rep.series["mouth_read"], truth),
+                         silhouette_iou=shape["silhouette_iou"], head_motion=head_motion(v),
+                         **mouth_error_by_speed(rep.series["mouth_read"], truth),
                          **mouth_amplitude(rep.series["mouth_read"], truth)))
     gallery = np.stack(refs)
     for k, (row, x) in enumerate(zip(rows, ids)):
@@ -404,7 +413,7 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         row["identity_nn_accuracy"] = float(np.mean(nearest == k))
     keys = ("mouth_error", "mouth_error_fast", "mouth_error_slow", "mouth_gain", "mouth_corr", "sync_confidence",
             "identity_distance",
-            "identity_nn_accuracy", "silhouette_iou", "drift_per_minute", "flicker")
+            "identity_nn_accuracy", "silhouette_iou", "head_motion", "drift_per_minute", "flicker")
     summary = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
     measured = [r for r in rows if r["best_offset"] != "not measurable"]
     summary["offset_zero_fraction"] = float(np.mean([r["best_offset"] == 0 for r in measured])) if measured else None

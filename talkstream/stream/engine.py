@@ -39,6 +39,7 @@ from .chunk import SAMPLERS, denoise_chunk
 FPS = 25
 FEATURE_RATE = 50  # Whisper encoder frames per second
 ANCHORS = ("reference", "anchor_heavy", "rolling_sink", "memory_bank")
+START_FROM = ("reference", "previous")  # what a chunk starts from under reference_init < 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class StreamConfig:
     refine_sigma: float = 0.3
     refine_steps: int = 3
     reference_init: float = 1.0  # < 1: each chunk starts at this sigma from the reference latent noised to it
+    start_from: str = "reference"  # what a chunk starts from when reference_init < 1: "reference" (the identity frame,
+    # every chunk) or "previous" (the first from the reference, then each from the last committed latent: the pose
+    # carries on from chunk to chunk instead of returning to the reference's)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class StreamConfig:
             raise ValueError(f"refine_sigma must be in (0, 1), got {self.refine_sigma}")
         if not 0 < self.reference_init <= 1:
             raise ValueError(f"reference_init must be in (0, 1], got {self.reference_init}")
+        if self.start_from not in START_FROM:
+            raise ValueError(f"unknown start_from {self.start_from!r}; choose one of {START_FROM}")
 
     def sigmas(self) -> torch.Tensor:
         if self.sampler == "euler":
@@ -204,6 +210,7 @@ class StreamEngine:
         self.long_term: deque[torch.Tensor] = deque(maxlen=c.long_term_size)
         self.short_term: torch.Tensor | None = None
         self.last_audio: torch.Tensor | None = None
+        self.last_latent: torch.Tensor | None = None
         self.refinements = 0
         sinks = self.reference.repeat(1, 1, c.anchor_copies, 1, 1) if c.anchor == "anchor_heavy" else self.reference
         self._set_sinks(sinks)
@@ -219,13 +226,14 @@ class StreamEngine:
         k = c.chunk
         h, w = self.reference.shape[-2:]
         noise = torch.randn(1, self.dit.cfg.in_dim, k, h, w, generator=self.gen, device=dev).to(self.dtype)
-        if c.reference_init < 1:  # the chunk starts as the reference noised to the schedule's first sigma
-            noise = add_noise(self.reference.expand_as(noise), noise, c.reference_init)
+        if c.reference_init < 1:  # the chunk starts as the reference (or the last latent) noised to the first sigma
+            start = self.last_latent if c.start_from == "previous" and self.last_latent is not None else self.reference
+            noise = add_noise(start.expand_as(noise), noise, c.reference_init)
         a = None if audio is None else audio[None].to(dev, self.dtype)
         t0 = time.perf_counter()
         z = denoise_chunk(self.dit, self.cache, noise, self.sigmas, self.text, a, self.text_mask, generator=self.gen,
                           sampler=c.sampler, audio_guidance=c.audio_guidance)
-        self.last_audio = a
+        self.last_audio, self.last_latent = a, z[:, :, -1:]
         chunk = Chunk(self.n_chunks, z, 0 if self.next_latent == 0 else 1 + (self.next_latent - 1) * 4)
         self.n_chunks += 1
         self.next_latent += k
