@@ -196,7 +196,7 @@ suite)
     first=1
     for seed in ${SEEDS:-0}; do
       tag=$name; [ "${SEEDS:-0}" != 0 ] && tag=${name}_s$seed
-      sample=(); [ $first = 1 ] && sample=(--sample "$OUT/sample_$name.gif"); first=0
+      sample=(); [ $first = 1 ] && sample=(--sample "$OUT/sample_$tag.gif"); first=0
       python3 -m talkstream.cli eval suite --model "$model" --vae "${VAE:-data/keep/vae.safetensors}" --steps "$steps" \
         --audio-guidance "${CFG:-2}" ${SHIFT:+--timestep-shift "$SHIFT"} ${REFINIT:+--reference-init "$REFINIT"} ${START_FROM:+--start-from "$START_FROM"} --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
         "${sample[@]}" > "runs/suite_$tag.txt" 2>&1

@@ -482,11 +482,12 @@ def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_laten
     best = None
     for attempt in range(max(1, cfg.lip_reader_tries)):
         torch.manual_seed(cfg.seed + attempt)  # the reader's initial weights
+        t0 = time.perf_counter()
         reader, metrics = train_lip_reader(lambda gen: bank.sample(gen, 64, n_latent), bank.latents.shape[1],
                                            bank.lips.shape[-1], cfg.lip_reader_steps, device,
                                            torch.Generator().manual_seed(cfg.seed + 7 + attempt), held=held_batch)
         metrics["fits"] = attempt + 1
-        log(f"lip reader, fit {attempt + 1}: {metrics}")
+        log(f"lip reader, fit {attempt + 1} in {time.perf_counter() - t0:.1f}s: {metrics}")
         if best is None or metrics["held_jaw_error"] < best[1]["held_jaw_error"]:
             best = (reader, metrics)
         if metrics["held_jaw_error"] <= cfg.lip_reader_max_error:
