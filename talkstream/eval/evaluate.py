@@ -246,13 +246,12 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         return _encode_clip(clip, *encoders)
 
     sampler = dict(seed=noise_seed) | ({} if timestep_shift is None else dict(timestep_shift=timestep_shift))
-    start = {} if reference_init is None else dict(reference_init=reference_init)
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine
         from ..stream.avatar import Avatar, stream_config
 
-        more = {} if start_from is None else dict(start_from=start_from)
+        start = {k: v for k, v in dict(reference_init=reference_init, start_from=start_from).items() if v is not None}
         avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **start,
-                                                    **more, **sampler),
+                                                    **sampler),
                         device=device, size=size)
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
@@ -263,7 +262,8 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
     from ..stream.offline import TEACHER_REFERENCE_INIT, OfflineGenerator
 
     gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance,
-                           **(dict(reference_init=TEACHER_REFERENCE_INIT) | start), **sampler)
+                           reference_init=TEACHER_REFERENCE_INIT if reference_init is None else reference_init,
+                           **sampler)
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
         feats, emb, mask = encoded(clip)

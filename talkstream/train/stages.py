@@ -507,7 +507,7 @@ def train_dit(cfg: TrainConfig, log=print, started: float | None = None) -> dict
     # a 24 GiB CPU machine (the run was killed)
     bank, held = (LatentBank(cfg, vae, device, clips, pack, encode_clips=per_call) for clips in (tr, ho))
     log(f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
-    n_latent = 1 + (cfg.frames - 1) // 4
+    n_latent = window_latents(cfg)
     reader, reader_metrics = fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
     model = build_dit(cfg)
     if cfg.init:
@@ -534,6 +534,11 @@ def train_dit(cfg: TrainConfig, log=print, started: float | None = None) -> dict
     return metrics
 
 
+def window_latents(cfg: TrainConfig) -> int:
+    """The latents of a DiT run's training window: its ``frames`` through the VAE's 4x causal time compression."""
+    return 1 + (cfg.frames - 1) // 4
+
+
 def build_dit(cfg: TrainConfig) -> WanDiT:
     """The DiT a teacher / causal run trains: its size's config with the run's ``dit`` overrides."""
     return WanDiT(DiTConfig.from_dict({**dit_config(cfg.model).to_dict(), **cfg.dit}))
@@ -544,7 +549,7 @@ def save_dit(cfg: TrainConfig, model: WanDiT, metrics: dict) -> list[Path]:
     reads from its metadata (a causal model's chunk, the teacher's window and motion latents) and ``metrics``."""
     causal = cfg.stage == "causal"
     extra = dict(stage=cfg.stage, **metrics, config=cfg.to_dict(), look_back=cfg.look_back, look_ahead=cfg.look_ahead,
-                 chunk=cfg.chunk if causal else None, window_latents=1 + (cfg.frames - 1) // 4,
+                 chunk=cfg.chunk if causal else None, window_latents=window_latents(cfg),
                  motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
     name = "causal.safetensors" if causal else "teacher.safetensors"
     return save_checkpoint(Path(cfg.out) / name, model.cpu(), "dit", model.cfg, extra=extra, dtype=torch.bfloat16)
