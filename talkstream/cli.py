@@ -103,7 +103,7 @@ def _eval_suite(args) -> None:
 
     from .eval.evaluate import SUITE_SEEDS, checkpoint_generator, load_suite_inputs, prepare_suite, run_suite
 
-    seeds = SUITE_SEEDS[: args.clips]
+    seeds = tuple(args.seeds) if args.seeds else SUITE_SEEDS[: args.clips]
     if args.save_inputs:
         args.save_inputs.parent.mkdir(parents=True, exist_ok=True)
         with open(args.save_inputs, "wb") as f:
@@ -115,7 +115,8 @@ def _eval_suite(args) -> None:
     if args.model != "world":
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
         gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance, inputs,
-                                   args.timestep_shift, args.noise_seed, args.reference_init, args.start_from)
+                                   args.timestep_shift, args.noise_seed, args.reference_init, args.start_from,
+                                   args.captions)
     res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=seeds, inputs=inputs,
                     keep_frames=bool(args.sample))
     if args.sample:  # the first clip: an mp4 with its audio, or a GIF of its first 4 s
@@ -140,6 +141,8 @@ def _eval_suite(args) -> None:
         from .machine import describe
 
         res["machine"] = describe()
+        if gen is not None:
+            res["captions"] = args.captions
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
 
@@ -246,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(1: pure noise; default: each sampler's own, teacher 0.8, causal 0.9)")
     e.add_argument("--start-from", choices=["reference", "previous"],
                    help="suite, causal model: each chunk starts from the reference (default) or the last latent")
+    e.add_argument("--captions", choices=["timeline", "first_spoken"], default="timeline",
+                   help="suite: the text prompt follows each clip's behaviour plan (default) or is its first spoken "
+                   "segment's caption throughout (every suite before session 17)")
     e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
+    e.add_argument("--seeds", type=int, nargs="+", help="suite: these world seeds instead of the held-out clips (e.g. "
+                   "training clips, whose error beside the held-out one's is the generalisation gap)")
     e.add_argument("--inputs", type=Path, help="suite: precomputed clips/features/captions (from --save-inputs)")
     e.add_argument("--save-inputs", type=Path, help="suite: compute the clips' audio features and captions "
                    "(espeak-ng, Whisper, MiniLM) into this file and stop")

@@ -206,6 +206,9 @@ def test_suite_inputs_replace_the_encoders(tmp_path, probe):
     inputs = pickle.loads(pickle.dumps(inputs))  # what travels is a pickle
     c = inputs["clips"][900_002]
     assert c["audio_features"].shape[1] == 384 and len(c["audio_features"]) >= 2 * c["clip"].n_frames
+    captions = c["clip"].captions_per_frame()  # the caption timeline: one encoded caption per behaviour
+    assert len(c["track"].of_frame) == len(captions) and len(c["track"].text) == len(set(captions))
+    assert [captions[i] for i in np.unique(c["track"].of_frame, return_index=True)[1]] == list(dict.fromkeys(captions))
     a = run_suite(seeds=(900_002,), seconds=2.0, probe=probe)
     b = run_suite(seeds=(900_002,), seconds=2.0, probe=probe, inputs=inputs)
     assert abs(a["summary"]["mouth_error"] - b["summary"]["mouth_error"]) < 1e-6

@@ -295,9 +295,19 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
                     extra=dict(look_back=0, look_ahead=0, window_latents=3))
     save_checkpoint(tmp_path / "v.safetensors", vae, "vae", vae.cfg)
     clip = type("Clip", (), dict(seed=1, n_frames=5))()
-    inputs = {"clips": {1: dict(audio_features=np.zeros((20, 384), np.float16), text=torch.zeros(1, 4, 384),
-                                text_mask=None)}}
+    from talkstream.stream.prompts import PromptTrack
+
+    old = dict(audio_features=np.zeros((20, 384), np.float16), text=torch.zeros(1, 4, 384), text_mask=None)
+    inputs = {"clips": {1: old | dict(track=PromptTrack(torch.zeros(1, 4, 384), None, np.zeros(5, np.int64)))}}
     ref = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="no caption timelines"):  # inputs written before session 17
+        checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
+                             inputs={"clips": {1: old}})(ref, clip)
+    with pytest.raises(ValueError, match="captions must be one of"):
+        checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", captions="speaking")
+    assert checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
+                                audio_guidance=1.0, inputs={"clips": {1: old}}, captions="first_spoken")(ref, clip).shape \
+        == (5, 32, 32, 3)
     def timesteps(**kw):
         seen = []
         gen = checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
@@ -330,3 +340,56 @@ def test_a_moving_sink_keeps_the_identity_reference_for_ref_concat(models):
                         n_chunks=3)
     torch.testing.assert_close(eng.sinks, lat[:, :, :1])  # the sink moved to the first generated frame...
     torch.testing.assert_close(eng.cache.ref_tokens, rc.embed_reference(_ref()))  # ...the reference did not
+
+
+def test_a_prompt_track_gives_each_window_its_middle_latents_caption():
+    from talkstream.stream.prompts import PromptTrack
+
+    text = torch.arange(2.0)[:, None, None].expand(2, 3, 4)
+    track = PromptTrack(text, torch.ones(2, 3, dtype=torch.bool), np.array([0] * 10 + [1] * 10))
+    # latents 0..2 -> middle latent 1 = frame 4; latents 2..4 -> latent 3 = frame 12; past the end: the last frame
+    assert [track.index_for(f, 3) for f in (0, 2, 4)] == [0, 1, 1]
+    emb, mask = track.for_latents(2, 3)
+    assert emb.shape == (1, 3, 4) and emb.unique().item() == 1 and mask.shape == (1, 3)
+    calls = []
+
+    def encode(caps):
+        calls.append(caps)
+        return torch.randn(len(caps), 5, 4), torch.ones(len(caps), 5, dtype=torch.bool)
+
+    built = PromptTrack.from_captions(["idle", "idle", "speaks", "idle"], encode)
+    assert calls == [["idle", "speaks"]] and built.of_frame.tolist() == [0, 0, 1, 0]
+    with pytest.raises(ValueError, match="caption indices"):
+        PromptTrack(text, None, np.array([0, 2]))
+    with pytest.raises(ValueError, match="per video frame"):
+        PromptTrack(text, None, np.zeros(0, int))
+    with pytest.raises(ValueError, match="at least one"):
+        PromptTrack.from_captions([], encode)
+
+
+def test_teacher_and_engine_follow_a_prompt_track(models):
+    """A track that never changes is the one caption (bit-equal); one that changes moves only what comes after
+    the change: the teacher's later windows, the engine's later chunks."""
+    from talkstream.stream.avatar import Avatar
+    from talkstream.stream.offline import OfflineGenerator
+    from talkstream.stream.prompts import PromptTrack
+
+    dit, vae = models
+    dit.checkpoint_info = dict(window_latents=3, motion_latents=1, look_back=0, look_ahead=0)
+    ref = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    feats = _features(1.0)
+    text = torch.randn(2, 4, A, generator=torch.Generator().manual_seed(3))
+    one = PromptTrack(text, None, np.zeros(21, np.int64))
+    later = PromptTrack(text, None, np.array([0] * 12 + [1] * 9))  # changes at frame 12 (latent 3)
+    gen = OfflineGenerator(dit, vae, size=32, steps=2, audio_guidance=1.0)
+    plain = gen.generate(ref, feats, 21, text[:1])
+    assert np.array_equal(gen.generate(ref, feats, 21, one), plain)
+    moved = gen.generate(ref, feats, 21, later)  # windows: latents 0-2 (caption 0), 2-4 and 4-5 (caption 1)
+    assert np.array_equal(moved[:9], plain[:9]) and not np.array_equal(moved[9:], plain[9:])
+    avatar = Avatar(dit, vae, cfg=StreamConfig(chunk=2, window=4, steps=2), size=32)
+    stream = lambda t: np.stack(list(avatar.from_features(ref, feats, 21, t)))
+    plain = stream(text[:1])
+    assert np.array_equal(stream(one), plain)
+    moved = stream(later)  # chunks: latents 0-1 (frames 0-4, caption 0), then 2-3 and 4-5 (caption 1)
+    assert np.array_equal(moved[:5], plain[:5]) and not np.array_equal(moved[5:], plain[5:])
+    del dit.checkpoint_info

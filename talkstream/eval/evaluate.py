@@ -173,33 +173,42 @@ def world_truth_generator(seed: int, size: int) -> np.ndarray:
 
 
 def speaking_caption(clip) -> str:
-    """The caption of a clip's first spoken segment (or of its first segment): the suite's text prompt."""
+    """The caption of a clip's first spoken segment (or of its first segment): the suite's one text prompt before
+    session 17 (``captions="first_spoken"``)."""
     return next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
 
 
+CAPTION_MODES = ("timeline", "first_spoken")  # the suite's text prompt: the clip's behaviour plan, or one caption
+
+
 def _encode_clip(clip, whisper, text):
-    """A suite clip's Whisper features (with half a second of look-ahead room) and its encoded caption."""
+    """A suite clip's Whisper features (with half a second of look-ahead room), its encoded first spoken caption
+    and its caption timeline (a ``PromptTrack``: the caption of each frame's behaviour segment)."""
+    from ..stream.prompts import PromptTrack
+
     emb, mask = text.encode([speaking_caption(clip)])
-    return whisper.encode(np.pad(clip.audio, (0, clip.sample_rate // 2))), emb, mask
+    track = PromptTrack.from_captions(clip.captions_per_frame(), text.encode)
+    return whisper.encode(np.pad(clip.audio, (0, clip.sample_rate // 2))), emb, mask, track
 
 
 def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) -> dict:
     """What the suite needs from espeak-ng, Whisper and MiniLM, computed once: per seed the planned clip, its
-    Whisper features and its encoded caption. Pickled (`eval suite --save-inputs`) it lets the suite run on a
-    machine without those (a lent GPU)."""
+    Whisper features, its encoded first spoken caption and its caption timeline. Pickled (`eval suite
+    --save-inputs`) it lets the suite run on a machine without those (a lent GPU)."""
     from ..models.encoders import TextEncoder, WhisperFeatures
 
     whisper, text = WhisperFeatures(), TextEncoder()
     out = {}
     for seed in seeds:
         clip = make_clip(seed, seconds)
-        feats, emb, mask = _encode_clip(clip, whisper, text)
+        feats, emb, mask, track = _encode_clip(clip, whisper, text)
         # kept small (it travels to GPU machines): the segments' own copies of the speech audio are dropped
         # (the clip's audio has it all), arrays are stored in float16
         segments = [dataclasses.replace(sg, speech=None if sg.speech is None else dataclasses.replace(
             sg.speech, audio=np.zeros(0, np.float32))) for sg in clip.segments]
         clip = dataclasses.replace(clip, segments=segments, audio=clip.audio.astype(np.float16))
-        out[seed] = dict(clip=clip, audio_features=feats.astype(np.float16), text=emb.half(), text_mask=mask)
+        out[seed] = dict(clip=clip, audio_features=feats.astype(np.float16), text=emb.half(), text_mask=mask,
+                         track=dataclasses.replace(track, text=track.text.half()))
     return dict(seconds=seconds, clips=out)
 
 
@@ -217,16 +226,22 @@ def load_suite_inputs(path: str | Path) -> dict:
 def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
                          steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
                          timestep_shift: float | None = None, noise_seed: int = 0,
-                         reference_init: float | None = None, start_from: str | None = None):
-    """A suite generator from trained checkpoints: Whisper features of the clip's audio, the caption of its
-    first spoken segment, the reference frame -> generated frames. A causal checkpoint (it records its chunk)
+                         reference_init: float | None = None, start_from: str | None = None,
+                         captions: str = "timeline"):
+    """A suite generator from trained checkpoints: Whisper features of the clip's audio, its captions (see
+    ``captions``), the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
     ``inputs`` (``prepare_suite``): precomputed features and captions instead of running the encoders.
     ``timestep_shift``: of the sampling schedule (default: the samplers' own, 3). ``noise_seed``: the samplers'
     initial noise (one seed's suite is one draw: run two to see the spread). ``reference_init`` < 1: sampling (the
     teacher's windows, the causal model's chunks) starts at that sigma from the noised reference latent; 1: from
     pure noise; None: as each sampler does by default (the engine's ``REFERENCE_INIT``, the teacher's
-    ``TEACHER_REFERENCE_INIT``). ``start_from`` (causal model): ``StreamConfig.start_from``."""
+    ``TEACHER_REFERENCE_INIT``). ``start_from`` (causal model): ``StreamConfig.start_from``. ``captions``:
+    "timeline" (default since session 17): the text prompt follows the clip's behaviour plan, each window or chunk
+    getting its segment's caption as in training (a conversation's planner knows when the avatar speaks or
+    listens); "first_spoken": the first spoken segment's caption for the whole clip (every suite before)."""
+    if captions not in CAPTION_MODES:
+        raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
     import torch
 
     from ..models.checkpoint import load_checkpoint
@@ -236,14 +251,22 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
     encoders: list = []
 
     def encoded(clip):
+        """(features, text, text_mask) for a clip: ``text`` its caption timeline or its first spoken caption."""
         if inputs is not None:
             c = inputs["clips"][clip.seed]
-            return c["audio_features"].astype(np.float32), c["text"].float(), c["text_mask"]
-        if not encoders:
-            from ..models.encoders import TextEncoder, WhisperFeatures
+            if captions == "timeline" and "track" not in c:
+                raise ValueError("these suite inputs have no caption timelines (written before session 17): write "
+                                 "them again with `talkstream eval suite --save-inputs`, or pass captions='first_spoken'")
+            feats, emb, mask, track = c["audio_features"], c["text"], c["text_mask"], c.get("track")
+        else:
+            if not encoders:
+                from ..models.encoders import TextEncoder, WhisperFeatures
 
-            encoders.extend([WhisperFeatures(), TextEncoder()])
-        return _encode_clip(clip, *encoders)
+                encoders.extend([WhisperFeatures(), TextEncoder()])
+            feats, emb, mask, track = _encode_clip(clip, *encoders)
+        if captions == "timeline":
+            return feats.astype(np.float32), dataclasses.replace(track, text=track.text.float()), None
+        return feats.astype(np.float32), emb.float(), mask
 
     sampler = dict(seed=noise_seed) | ({} if timestep_shift is None else dict(timestep_shift=timestep_shift))
     if (getattr(dit, "checkpoint_info", {}) or {}).get("chunk"):  # a causal model: the streaming engine

@@ -26,6 +26,7 @@ from ..media import SAMPLE_RATE, MediaError, read_audio, resample, write_video
 from ..models.checkpoint import load_checkpoint
 from .engine import FPS, AudioFeed, StreamConfig, StreamEngine, StreamStats
 from .offline import audio_span, frames_to_video
+from .prompts import PromptTrack
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 MIN_SIDE = 16
@@ -244,7 +245,11 @@ class Avatar:
     def from_features(self, image, features: np.ndarray, n_frames: int, text=None, text_mask=None,
                       stats: StreamStats | None = None) -> Iterator[np.ndarray]:
         """Stream ``n_frames`` frames from precomputed 50 Hz Whisper features [>= 2 n_frames (+ look-ahead), 384]
-        and an encoded prompt (``text`` [1, L, 384], ``text_mask``), e.g. on a machine without the encoders."""
+        and an encoded prompt (``text`` [1, L, 384], ``text_mask``), e.g. on a machine without the encoders.
+        ``text`` may be a ``PromptTrack``: each chunk then gets the caption of its middle latent frame."""
+        track = text if isinstance(text, PromptTrack) else None
+        if track is not None:
+            text, text_mask = track.for_latents(0, self.cfg.chunk)
         engine = self._engine(image, None, text, text_mask)
         feed = self._feed()
         feed.push(np.asarray(features, np.float32))
@@ -255,6 +260,8 @@ class Avatar:
         def audio_for(first: int, k: int):
             if first * 4 - 3 >= n_frames:
                 raise StopIteration
+            if track is not None:
+                engine.set_prompt(*track.for_latents(first, k))
             return feed.windows(first, k)
 
         for idx, img in engine.frames(audio_for, stats=stats):

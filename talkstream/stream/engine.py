@@ -200,8 +200,7 @@ class StreamEngine:
         """reference: the clean reference latent [1, C, 1, h, w] (normalised VAE latent)."""
         c = self.cfg
         self.reference = reference.to(self.device, self.dtype)
-        self.text = None if text is None else text.to(self.device, self.dtype)
-        self.text_mask = None if text_mask is None else text_mask.to(self.device)
+        self.set_prompt(text, text_mask)
         self.cache = self.dit.new_cache(window=c.cache_window)
         self.gen = torch.Generator(device=self.device).manual_seed(c.seed)
         self.sigmas = c.sigmas().to(self.device, torch.float32)
@@ -214,6 +213,12 @@ class StreamEngine:
         self.refinements = 0
         sinks = self.reference.repeat(1, 1, c.anchor_copies, 1, 1) if c.anchor == "anchor_heavy" else self.reference
         self._set_sinks(sinks)
+
+    def set_prompt(self, text: torch.Tensor | None, text_mask: torch.Tensor | None = None) -> None:
+        """The encoded caption [1, L, D] for the chunks from the next one on (a behaviour change mid-stream:
+        speaking -> listening); committed frames keep the keys and values they were made with."""
+        self.text = None if text is None else text.to(self.device, self.dtype)
+        self.text_mask = None if text_mask is None else text_mask.to(self.device)
 
     def _set_sinks(self, sinks: torch.Tensor) -> None:
         self.sinks = sinks

@@ -20,6 +20,7 @@ from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
 from ..models.vae import CausalVAE
 from .engine import ChunkDecoder
+from .prompts import PromptTrack
 
 FPS = 25
 
@@ -76,9 +77,11 @@ class OfflineGenerator:
 
     @torch.no_grad()
     def generate(self, reference: np.ndarray, audio_features: np.ndarray, n_frames: int,
-                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                 text: torch.Tensor | PromptTrack | None = None, text_mask: torch.Tensor | None = None,
                  forced_motion: torch.Tensor | None = None) -> np.ndarray:
         """reference uint8 [H, W, 3]; 50 Hz Whisper features [>= 2 n_frames, 384] -> uint8 frames [n_frames, ...].
+        ``text``: one encoded caption [1, L, 384] (with ``text_mask``) for the whole clip, or a ``PromptTrack``:
+        each window then gets the caption of its middle latent frame, as the teacher's training windows did.
         ``forced_motion`` (analysis; normalised latents [1, C, L, h, w], e.g. the true clip's): each window's motion
         latents are taken from it instead of from the windows generated before (teacher forcing), which shows
         what the window-by-window drift costs (`scripts/motion_drift.py`)."""
@@ -89,7 +92,8 @@ class OfflineGenerator:
         lb, la = audio_span(dit)
         audio = audio_windows(torch.as_tensor(audio_features, dtype=torch.float32), n_latent, look_back=lb,
                               look_ahead=la)[None].to(dev)
-        if text is not None:
+        track = text if isinstance(text, PromptTrack) else None
+        if text is not None and track is None:
             text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
         h = self.size // self.vae.cfg.spatial_factor
         window, motion = teacher_window(dit)
@@ -104,6 +108,9 @@ class OfflineGenerator:
             if self.reference_init < 1:
                 z = add_noise(ref.expand_as(z), z, self.reference_init)
             ctx = done[:, :, start:]
+            if track is not None:
+                text, text_mask = track.for_latents(start, k + n_new)
+                text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
             if forced_motion is not None:
                 ctx = forced_motion[:, :, start:start + k].to(dev)
                 if ctx.shape[2] != k:
