@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from talkstream.models.checkpoint import (CheckpointError, diffusers_to_wan, load_checkpoint, load_dit_weights,
+from talkstream.models.checkpoint import (CheckpointError, deepen_dit_state, diffusers_to_wan, load_checkpoint,
+                                          load_dit_weights,
                                           normalize_dit_state_dict, read_state_dict, save_checkpoint,
                                           wan_to_diffusers)
 from talkstream.models.config import DiTConfig, TinyDecoderConfig, dit_config, vae_config
@@ -113,3 +114,30 @@ def test_checkpoint_errors_name_what_mismatched(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="not a talkstream checkpoint"):
         load_checkpoint(tmp_path / "plain.safetensors")
+
+
+def test_a_deepened_dit_computes_what_the_shallow_one_did():
+    """Depth growth: blocks 2 -> 4 (each followed by a copy whose outputs are zero) leaves the function as it was,
+    and the copies train (their outputs get gradients)."""
+    torch.manual_seed(0)
+    cfg = dit_config("tiny")
+    small = WanDiT(cfg).eval()
+    with torch.no_grad():
+        for p in small.parameters():
+            p.normal_(0, 0.1)
+    deep = WanDiT(DiTConfig.from_dict({**cfg.to_dict(), "num_layers": 4})).eval()
+    load_dit_weights(deep, deepen_dit_state(small.state_dict(), 4))
+    x, t = torch.randn(1, cfg.in_dim, 2, 8, 8), torch.tensor([[500.0, 500.0]])
+    text, audio = torch.randn(1, 5, 384), torch.randn(1, 2, cfg.audio_tokens_per_frame, 384)
+    want = small(x, t, text, audio)
+    got = deep(x, t, text, audio)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(small(x, t, text, torch.zeros_like(audio)), want)  # (the audio path is live)
+    assert torch.equal(deep.blocks[2].ffn[0].weight, small.blocks[1].ffn[0].weight)
+    assert not deep.blocks[3].self_attn.o.weight.any() and deep.blocks[3].self_attn.q.weight.any()
+    got.square().sum().backward()
+    assert deep.blocks[3].ffn[2].weight.grad.abs().sum() > 0
+    with pytest.raises(CheckpointError, match="multiple of 2"):
+        deepen_dit_state(small.state_dict(), 3)
+    with pytest.raises(CheckpointError, match="no blocks"):
+        deepen_dit_state({"head.head.weight": torch.zeros(1)}, 4)

@@ -145,6 +145,12 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     teacher = tmp_path / "teacher" / "teacher.safetensors"
     info = load_checkpoint(teacher).checkpoint_info
     assert info["window_latents"] == 7 and info["motion_latents"] == 2
+    # depth growth: a 4-block teacher from the 2-block one (the copies' outputs start at zero), trained a step
+    run_stage(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, out=str(tmp_path / "grown"),
+                   init=str(teacher), grow_depth=True, dit={"num_layers": 4}, steps=1))
+    assert load_checkpoint(tmp_path / "grown" / "teacher.safetensors").cfg.num_layers == 4
+    with pytest.raises(ValueError, match="set init"):
+        run_stage(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), grow_depth=True, dit={"num_layers": 4}))
     c = run_stage(_cfg(tmp_path, pack, "causal", vae=str(vae_file), frames=25, init=str(teacher), chunk=3,
                        mouth_weight=4.0, lip_read_weight=0.5, lip_reader_steps=5, lip_reader_max_error=0.0))
     assert np.isfinite(c["train"]["loss"]) and c["train"]["lip_read"] > 0

@@ -189,6 +189,31 @@ def load_dit_weights(model: torch.nn.Module, sd: dict, strict_additions: bool = 
     return dict(missing_additions=[k for k in own if k not in sd])
 
 
+# a block's output projections: zero, the block adds nothing to its input (x + 0)
+BLOCK_OUTPUTS = ("self_attn.o.weight", "self_attn.o.bias", "cross_attn.o.weight", "cross_attn.o.bias",
+                 "ffn.2.weight", "ffn.2.bias", "audio_attn.attn.o.weight", "audio_attn.attn.o.bias")
+
+
+def deepen_dit_state(sd: dict, num_layers: int) -> dict:
+    """A DiT's weights for ``num_layers`` blocks from weights with fewer (depth growth): the file's block i becomes
+    block i r (r = num_layers / its blocks) and is followed by r - 1 copies of itself whose output projections
+    (``BLOCK_OUTPUTS``) are zero, so each copy passes its input through: the deeper DiT computes exactly what the
+    file's did, and training makes the copies useful."""
+    ids = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    if not ids or ids != set(range(len(ids))):
+        raise CheckpointError(f"no blocks 0..n-1 to grow from (found {sorted(ids)[:8]})")
+    if num_layers % len(ids):
+        raise CheckpointError(f"cannot grow {len(ids)} blocks to {num_layers}: use a multiple of {len(ids)}")
+    r = num_layers // len(ids)
+    out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            for j in range(r):
+                out[f"blocks.{int(i) * r + j}.{rest}"] = torch.zeros_like(v) if j and rest in BLOCK_OUTPUTS else v.clone()
+    return out
+
+
 # -- our own files -------------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, kind: str, config, extra: dict | None = None,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:

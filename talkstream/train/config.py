@@ -44,6 +44,8 @@ class TrainConfig:
     vae: str = ""  # a trained VAE checkpoint (decoder / teacher / causal stages)
     # DiT
     init: str = ""  # initialise from this DiT checkpoint (causal from teacher)
+    grow_depth: bool = False  # init has fewer blocks than the model (dit={num_layers: ...}): each of its blocks is
+    # followed by copies whose outputs start at zero (models.checkpoint.deepen_dit_state): the same function, more depth
     timestep_shift: float = 3.0
     chunk: int = 3  # latent frames per chunk (causal)
     window: int | None = None

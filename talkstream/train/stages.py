@@ -14,7 +14,7 @@ import torch
 from ..diffusion.flow import add_noise, sample_training_sigmas, velocity_target
 from ..diffusion.samplers import apply_dropout, drop_conditions
 from ..media import atomic_path
-from ..models.checkpoint import load_checkpoint, load_dit_weights, save_checkpoint
+from ..models.checkpoint import deepen_dit_state, load_checkpoint, load_dit_weights, save_checkpoint
 from ..models.config import DiTConfig, TinyDecoderConfig, dit_config, vae_config
 from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
@@ -497,6 +497,8 @@ def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_laten
 
 
 def train_dit(cfg: TrainConfig, log=print, started: float | None = None) -> dict:
+    if cfg.grow_depth and not cfg.init:
+        raise ValueError("grow_depth grows the init checkpoint: set init")
     causal = cfg.stage == "causal"
     device = train_device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
@@ -512,7 +514,11 @@ def train_dit(cfg: TrainConfig, log=print, started: float | None = None) -> dict
     model = build_dit(cfg)
     if cfg.init:
         # additions the file lacks (e.g. ref_embedding with dit={ref_concat: true}) keep their zero init
-        load_dit_weights(model, load_checkpoint(cfg.init).state_dict())
+        sd = load_checkpoint(cfg.init).state_dict()
+        if cfg.grow_depth:
+            sd = deepen_dit_state(sd, model.cfg.num_layers)
+            log(f"grew {cfg.init} to {model.cfg.num_layers} blocks ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M)")
+        load_dit_weights(model, sd)
     model.gradient_checkpointing = cfg.grad_checkpointing
     runner = Runner(cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device,
                     started)
