@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 KEYS = ("mouth_error", "mouth_error_fast", "mouth_error_slow", "mouth_gain", "mouth_corr", "identity_distance",
-        "identity_nn_accuracy", "silhouette_iou", "flicker")
+        "identity_nn_accuracy", "silhouette_iou", "head_motion", "flicker")
 
 
 def collect(folder: Path) -> dict:

@@ -41,7 +41,12 @@
 #                                           shift, default the samplers' 3; REFINIT=0.9: start each window /
 #                                           chunk from the reference noised to sigma 0.9, default: the samplers'
 #                                           own, teacher 0.8, causal 0.9; START_FROM=previous: the causal model's
-#                                           later chunks start from the last latent instead of the reference)
+#                                           later chunks start from the last latent instead of the reference;
+#                                           CAPTIONS=first_spoken: one caption for the whole clip, as before
+#                                           session 17; default the clip's caption timeline; CLIPS=196,588,...
+#                                           CLIP_SECONDS=3 INPUTS=data/suite_inputs_3s.pkl: other world clips, e.g.
+#                                           training clips beside held-out ones of the same length; SAMPLE=0:
+#                                           no GIF)
 # At most 8 files of 16 MiB, 64 MiB together, come back from a call: train / wait / fetch hand back each shard of
 # 8 MiB or more as a file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 files and 48 MiB last,
 # and all that is smaller (the DiT's last shard, indexes, the tiny decoder, each run's logs tar) in one small.tar
@@ -196,9 +201,9 @@ suite)
     first=1
     for seed in ${SEEDS:-0}; do
       tag=$name; [ "${SEEDS:-0}" != 0 ] && tag=${name}_s$seed
-      sample=(); [ $first = 1 ] && sample=(--sample "$OUT/sample_$tag.gif"); first=0
+      sample=(); [ $first = 1 ] && [ "${SAMPLE:-1}" = 1 ] && sample=(--sample "$OUT/sample_$tag.gif"); first=0
       python3 -m talkstream.cli eval suite --model "$model" --vae "${VAE:-data/keep/vae.safetensors}" --steps "$steps" \
-        --audio-guidance "${CFG:-2}" ${SHIFT:+--timestep-shift "$SHIFT"} ${REFINIT:+--reference-init "$REFINIT"} ${START_FROM:+--start-from "$START_FROM"} --clips 4 --noise-seed "$seed" --inputs data/suite_inputs.pkl --device cuda --out "$OUT/suite_$tag.json" \
+        --audio-guidance "${CFG:-2}" ${SHIFT:+--timestep-shift "$SHIFT"} ${REFINIT:+--reference-init "$REFINIT"} ${START_FROM:+--start-from "$START_FROM"} ${CAPTIONS:+--captions "$CAPTIONS"} --clips 4 ${CLIPS:+--seeds ${CLIPS//,/ } --seconds "${CLIP_SECONDS:-8}"} --noise-seed "$seed" --inputs "${INPUTS:-data/suite_inputs.pkl}" --device cuda --out "$OUT/suite_$tag.json" \
         "${sample[@]}" > "runs/suite_$tag.txt" 2>&1
       echo "$tag exit $?"; tail -n 8 "runs/suite_$tag.txt"
     done

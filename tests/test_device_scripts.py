@@ -1,6 +1,7 @@
 """The device round's hand-back keeps within what one call can return (8 files, 64 MiB together): session 14 lost a
 DiT's shards from a call that held two."""
 
+import os
 import subprocess
 import tarfile
 from pathlib import Path
@@ -84,3 +85,36 @@ def test_nproc_runs_each_run_as_a_torchrun_on_gpus_of_its_own(tmp_path):
     calls = (tmp_path / "calls.txt").read_text().splitlines()[2:]
     assert sorted(c.split(" --config")[0] for c in calls) == ["0 -m talkstream.cli train causal",
                                                               "3 -m talkstream.cli train teacher"]
+
+
+def test_suite_plans_start_every_line_once_and_collect(tmp_path):
+    """`device_suites.sh`: every plan line runs at once with its own variables, GPUs taken in turn and a thread
+    limit (session 17's first lease let 36 suites take 192 threads each); a plan started again skips what started;
+    `wait` hands every JSON back in one tar."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho GPU 0\necho GPU 1\n")
+    (bin_ / "nvidia-smi").chmod(0o755)
+    stub = tmp_path / "stub.sh"  # stands in for `device_round.sh suite`: its log and JSON under the same names
+    stub.write_text('tag=$3; [ "${SEEDS:-0}" != 0 ] && tag=${tag}_s$SEEDS; mkdir -p runs; touch runs/suite_$tag.txt\n'
+                    'echo "gpu=$CUDA_VISIBLE_DEVICES threads=$OMP_NUM_THREADS ri=${REFINIT:-} cap=${CAPTIONS:-} $*"\n'
+                    'echo {} > "$OUT/suite_$tag.json"\n')
+    plan = tmp_path / "p.plan"
+    plan.write_text("# a comment\nSEEDS=0 REFINIT=0.8 data/t3/teacher.safetensors 30 t3\n\n"
+                    "SEEDS=1 CAPTIONS=first_spoken data/t3/teacher.safetensors 30 t3\n"
+                    "SEEDS=2 data/c6/causal.safetensors 8 c6\n")
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SUITES_ROOT=str(tmp_path / "suites"),
+               SUITE_CMD=f"bash {stub}", START_WAIT="1", OUT=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    run = lambda *a: subprocess.run(["bash", str(ROOT / "scripts" / "device_suites.sh"), *a], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, check=True).stdout
+    assert "started 3 suites on 2 GPUs" in run("start", str(plan))
+    assert "started 0 suites" in run("start", str(plan))  # started again: nothing twice
+    assert "3 of 3 suites written" in run("wait", "10")
+    logs = {p.stem: p.read_text().strip() for p in (tmp_path / "suites" / "p.plan").glob("*.log")}
+    assert logs == {"t3": "gpu=0 threads=4 ri=0.8 cap= data/t3/teacher.safetensors 30 t3",
+                    "t3_s1": "gpu=1 threads=4 ri= cap=first_spoken data/t3/teacher.safetensors 30 t3",
+                    "c6_s2": "gpu=0 threads=4 ri= cap= data/c6/causal.safetensors 8 c6"}
+    with tarfile.open(tmp_path / "out" / "suites.tar") as t:
+        names = {Path(n).name for n in t.getnames()}
+    assert {"suite_t3.json", "suite_t3_s1.json", "suite_c6_s2.json", "suite_t3.txt"} <= names
