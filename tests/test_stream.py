@@ -359,6 +359,9 @@ def test_a_prompt_track_gives_each_window_its_middle_latents_caption():
 
     built = PromptTrack.from_captions(["idle", "idle", "speaks", "idle"], encode)
     assert calls == [["idle", "speaks"]] and built.of_frame.tolist() == [0, 0, 1, 0]
+    half = track.to(dtype=torch.float16)  # (the suite's inputs travel in half precision)
+    assert half.text.dtype == torch.float16 and torch.equal(half.mask, track.mask)
+    assert torch.equal(half.to(dtype=torch.float32).text, text) and half.of_frame is track.of_frame
     with pytest.raises(ValueError, match="caption indices"):
         PromptTrack(text, None, np.array([0, 2]))
     with pytest.raises(ValueError, match="per video frame"):

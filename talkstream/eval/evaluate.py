@@ -195,6 +195,8 @@ def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) ->
     """What the suite needs from espeak-ng, Whisper and MiniLM, computed once: per seed the planned clip, its
     Whisper features, its encoded first spoken caption and its caption timeline. Pickled (`eval suite
     --save-inputs`) it lets the suite run on a machine without those (a lent GPU)."""
+    import torch
+
     from ..models.encoders import TextEncoder, WhisperFeatures
 
     whisper, text = WhisperFeatures(), TextEncoder()
@@ -208,7 +210,7 @@ def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) ->
             sg.speech, audio=np.zeros(0, np.float32))) for sg in clip.segments]
         clip = dataclasses.replace(clip, segments=segments, audio=clip.audio.astype(np.float16))
         out[seed] = dict(clip=clip, audio_features=feats.astype(np.float16), text=emb.half(), text_mask=mask,
-                         track=dataclasses.replace(track, text=track.text.half()))
+                         track=track.to(dtype=torch.float16))
     return dict(seconds=seconds, clips=out)
 
 
@@ -265,7 +267,7 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
                 encoders.extend([WhisperFeatures(), TextEncoder()])
             feats, emb, mask, track = _encode_clip(clip, *encoders)
         if captions == "timeline":
-            return feats.astype(np.float32), dataclasses.replace(track, text=track.text.float()), None
+            return feats.astype(np.float32), track.to(dtype=torch.float32), None
         return feats.astype(np.float32), emb.float(), mask
 
     sampler = dict(seed=noise_seed) | ({} if timestep_shift is None else dict(timestep_shift=timestep_shift))

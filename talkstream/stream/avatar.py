@@ -247,7 +247,7 @@ class Avatar:
         """Stream ``n_frames`` frames from precomputed 50 Hz Whisper features [>= 2 n_frames (+ look-ahead), 384]
         and an encoded prompt (``text`` [1, L, 384], ``text_mask``), e.g. on a machine without the encoders.
         ``text`` may be a ``PromptTrack``: each chunk then gets the caption of its middle latent frame."""
-        track = text if isinstance(text, PromptTrack) else None
+        track = text.to(self.device) if isinstance(text, PromptTrack) else None  # (moved once, not every chunk)
         if track is not None:
             text, text_mask = track.for_latents(0, self.cfg.chunk)
         engine = self._engine(image, None, text, text_mask)

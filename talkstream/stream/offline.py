@@ -92,7 +92,7 @@ class OfflineGenerator:
         lb, la = audio_span(dit)
         audio = audio_windows(torch.as_tensor(audio_features, dtype=torch.float32), n_latent, look_back=lb,
                               look_ahead=la)[None].to(dev)
-        track = text if isinstance(text, PromptTrack) else None
+        track = text.to(dev, torch.float32) if isinstance(text, PromptTrack) else None
         if text is not None and track is None:
             text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
         h = self.size // self.vae.cfg.spatial_factor
@@ -110,7 +110,6 @@ class OfflineGenerator:
             ctx = done[:, :, start:]
             if track is not None:
                 text, text_mask = track.for_latents(start, k + n_new)
-                text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
             if forced_motion is not None:
                 ctx = forced_motion[:, :, start:start + k].to(dev)
                 if ctx.shape[2] != k:

@@ -7,7 +7,7 @@ gives a sampler the caption of the latent frames it is about to make, chosen by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ class PromptTrack:
             raise ValueError(f"caption indices must lie in [0, {len(self.text)}), got {of_frame.min()}..{of_frame.max()}")
         if self.mask is not None and self.mask.shape[:2] != self.text.shape[:2]:
             raise ValueError(f"mask {tuple(self.mask.shape)} does not match captions {tuple(self.text.shape)}")
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "PromptTrack":
+        """The same track with its encoded captions on ``device`` / in ``dtype`` (masks follow the device)."""
+        return replace(self, text=self.text.to(device, dtype),
+                       mask=None if self.mask is None else self.mask.to(device))
 
     @staticmethod
     def from_captions(captions: list[str], encode) -> "PromptTrack":
