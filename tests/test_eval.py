@@ -219,6 +219,8 @@ def test_missing_suite_inputs_say_how_to_make_them(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="--save-inputs"):
         load_suite_inputs(tmp_path / "nope.pkl")
+    with pytest.raises(ValueError, match=r"no clip for seeds \[7\].*--save-inputs"):  # (eval suite --seeds 7)
+        run_suite(seeds=(7,), inputs={"clips": {900_000: None}})
 
 
 def test_report_prints_what_it_is_shown_and_writes_everything(tmp_path, capsys):

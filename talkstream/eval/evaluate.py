@@ -411,6 +411,9 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
 
     Identity NN accuracy: the fraction of frames whose probe identity is nearer to their own reference than
     to any other suite clip's reference."""
+    if inputs is not None and (missing := [s for s in seeds if s not in inputs["clips"]]):
+        raise ValueError(f"the suite inputs hold no clip for seeds {missing} (they hold {sorted(inputs['clips'])}): "
+                         "write inputs for them with `talkstream eval suite --save-inputs F --seeds ...`")
     probe = probe or load_frame_probe()
     rows, ids, refs, kept = [], [], [], {}
     for seed in seeds:
