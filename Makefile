@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 # a checkout kept across a replaced environment: the stamp is stale when the package does not import from outside it
 ifneq ($(shell cd / && $(PYTHON) -c "import talkstream" 2>/dev/null && echo ok),ok)
@@ -25,7 +25,11 @@ install: $(STAMP)
 demo: install
 	$(PYTHON) -m talkstream.cli demo --out out/demo.mp4
 
-test: install
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install lint
 	$(PYTHON) -m pytest -q -n 2 -p no:benchmark
 
 bench: install

@@ -28,11 +28,14 @@ def main() -> None:
         lat = []
         for i in range(0, len(audio), enc.hop_samples):
             t = time.perf_counter()
-            stream.push(audio[i:i + enc.hop_samples])
+            stream.push(audio[i : i + enc.hop_samples])
             lat.append(time.perf_counter() - t)
-        res[f"whisper_hop_{hop}s"] = dict(window_s=enc.window, offline_s_per_audio_s=round(offline, 4),
-                                           live_ms_per_hop_p50=round(1000 * float(np.median(lat)), 2),
-                                           live_s_per_audio_s=round(sum(lat) / secs, 4))
+        res[f"whisper_hop_{hop}s"] = dict(
+            window_s=enc.window,
+            offline_s_per_audio_s=round(offline, 4),
+            live_ms_per_hop_p50=round(1000 * float(np.median(lat)), 2),
+            live_s_per_audio_s=round(sum(lat) / secs, 4),
+        )
     te = TextEncoder()
     te.encode(["warm up"])
     t = time.perf_counter()

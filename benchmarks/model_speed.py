@@ -29,11 +29,15 @@ from talkstream.models.dit import WanDiT  # noqa: E402
 from talkstream.stream.chunk import denoise_chunk  # noqa: E402
 
 CASES = {
-    "cpu": [dict(config="tiny", height=64, width=64, chunk=3, window=9, steps=4, text_len=16, chunks=4),
-            dict(config="small", height=256, width=256, chunk=3, window=9, steps=4, text_len=16, chunks=3)],
-    "gpu": [dict(config="wan1.3b", height=480, width=832, chunk=3, window=9, steps=4, text_len=512, chunks=8),
-            dict(config="wan1.3b", height=512, width=512, chunk=3, window=9, steps=4, text_len=512, chunks=8),
-            dict(config="small", height=256, width=256, chunk=3, window=9, steps=4, text_len=16, chunks=8)],
+    "cpu": [
+        dict(config="tiny", height=64, width=64, chunk=3, window=9, steps=4, text_len=16, chunks=4),
+        dict(config="small", height=256, width=256, chunk=3, window=9, steps=4, text_len=16, chunks=3),
+    ],
+    "gpu": [
+        dict(config="wan1.3b", height=480, width=832, chunk=3, window=9, steps=4, text_len=512, chunks=8),
+        dict(config="wan1.3b", height=512, width=512, chunk=3, window=9, steps=4, text_len=512, chunks=8),
+        dict(config="small", height=256, width=256, chunk=3, window=9, steps=4, text_len=16, chunks=8),
+    ],
 }
 
 
@@ -42,8 +46,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_case(config: str, height: int, width: int, chunk: int, window: int, steps: int, text_len: int,
-               chunks: int, device: str, dtype: torch.dtype, compile: bool = False) -> dict:
+def bench_case(
+    config: str,
+    height: int,
+    width: int,
+    chunk: int,
+    window: int,
+    steps: int,
+    text_len: int,
+    chunks: int,
+    device: str,
+    dtype: torch.dtype,
+    compile: bool = False,
+) -> dict:
     cfg = dit_config(config)
     torch.manual_seed(0)
     with torch.device(device):
@@ -64,8 +79,9 @@ def bench_case(config: str, height: int, width: int, chunk: int, window: int, st
 
     ref, ctx = rnd(1, cfg.in_dim, 1, h, w), rnd(1, text_len, cfg.text_dim)
     audio = rnd(1, chunk, cfg.audio_tokens_per_frame, cfg.audio_dim)
-    sigmas = sigmas_from_timesteps([1000, 750, 500, 250][:steps] if steps <= 4 else
-                                   torch.linspace(1000, 1000 / steps, steps).tolist()).to(device)
+    sigmas = sigmas_from_timesteps(
+        [1000, 750, 500, 250][:steps] if steps <= 4 else torch.linspace(1000, 1000 / steps, steps).tolist()
+    ).to(device)
 
     def generate_chunk(cache, step_times=None):
         if step_times is not None:  # time one denoising step on its own (read-only, no commit)
@@ -103,13 +119,27 @@ def bench_case(config: str, height: int, width: int, chunk: int, window: int, st
             _sync(device)
             chunk_times.append(time.perf_counter() - t0)
     chunk_s = statistics.median(chunk_times)
-    res = dict(config=config, height=height, width=width, latent=(h, w), tokens_per_frame=(h // 2) * (w // 2),
-               chunk=chunk, window=window, steps=steps, text_len=text_len, dtype=str(dtype).replace("torch.", ""),
-               compiled=compile, weights="random (real shapes)", params=sum(p.numel() for p in model.parameters()),
-               chunk_ms_median=round(1000 * chunk_s, 2), chunk_ms_all=[round(1000 * c, 2) for c in chunk_times],
-               step_ms_median=round(1000 * statistics.median(step_times), 2),
-               fps_decode_excluded=round(4 * chunk / chunk_s, 2),
-               ttff_denoise_s=round(ttff, 3), cache_mib=round(cache.nbytes() / 2**20, 1))
+    res = dict(
+        config=config,
+        height=height,
+        width=width,
+        latent=(h, w),
+        tokens_per_frame=(h // 2) * (w // 2),
+        chunk=chunk,
+        window=window,
+        steps=steps,
+        text_len=text_len,
+        dtype=str(dtype).replace("torch.", ""),
+        compiled=compile,
+        weights="random (real shapes)",
+        params=sum(p.numel() for p in model.parameters()),
+        chunk_ms_median=round(1000 * chunk_s, 2),
+        chunk_ms_all=[round(1000 * c, 2) for c in chunk_times],
+        step_ms_median=round(1000 * statistics.median(step_times), 2),
+        fps_decode_excluded=round(4 * chunk / chunk_s, 2),
+        ttff_denoise_s=round(ttff, 3),
+        cache_mib=round(cache.nbytes() / 2**20, 1),
+    )
     if device.startswith("cuda"):
         res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return res
@@ -126,11 +156,15 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     results = []
     for case in cases:
-        for comp in ([False, True] if args.compile and case is cases[0] else [False]):
+        for comp in [False, True] if args.compile and case is cases[0] else [False]:
             r = bench_case(**case, device=args.device, dtype=dtype, compile=comp)
             print(json.dumps(r), flush=True)
             results.append(r)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"model_speed_{args.device.split(':')[0]}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / f"model_speed_{args.device.split(':')[0]}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=describe(), results=results), indent=2))
     print(f"wrote {out}")

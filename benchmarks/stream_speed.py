@@ -28,12 +28,16 @@ from talkstream.stream.avatar import WEIGHTS  # noqa: E402
 from talkstream.stream.engine import StreamConfig, StreamEngine, StreamStats  # noqa: E402
 
 CASES = {
-    "gpu": [dict(dit="embedded", height=256, width=256, decoder="vae", text_len=16),
-            dict(dit="embedded", height=256, width=256, decoder="tiny", text_len=16),
-            dict(dit="wan1.3b", height=480, width=832, decoder="tiny", text_len=512, compile=True),
-            dict(dit="wan1.3b", height=480, width=832, decoder="vae", text_len=512, compile=True)],
-    "cpu": [dict(dit="embedded", height=256, width=256, decoder="vae", text_len=16, chunks=6),
-            dict(dit="embedded", height=256, width=256, decoder="tiny", text_len=16, chunks=6)],
+    "gpu": [
+        dict(dit="embedded", height=256, width=256, decoder="vae", text_len=16),
+        dict(dit="embedded", height=256, width=256, decoder="tiny", text_len=16),
+        dict(dit="wan1.3b", height=480, width=832, decoder="tiny", text_len=512, compile=True),
+        dict(dit="wan1.3b", height=480, width=832, decoder="vae", text_len=512, compile=True),
+    ],
+    "cpu": [
+        dict(dit="embedded", height=256, width=256, decoder="vae", text_len=16, chunks=6),
+        dict(dit="embedded", height=256, width=256, decoder="tiny", text_len=16, chunks=6),
+    ],
 }
 
 
@@ -51,14 +55,17 @@ def build(dit: str, decoder: str, device: str, dtype: torch.dtype, compile: bool
             raise FileNotFoundError("no embedded causal model")
         model = load_checkpoint(WEIGHTS / "causal.safetensors", device=device, dtype=dtype)
         vae = load_checkpoint(WEIGHTS / "vae.safetensors", device=device, dtype=dtype)
-        dec = load_checkpoint(WEIGHTS / "tiny_decoder.safetensors", device=device, dtype=dtype) if decoder == "tiny" else vae
+        dec = (
+            load_checkpoint(WEIGHTS / "tiny_decoder.safetensors", device=device, dtype=dtype)
+            if decoder == "tiny"
+            else vae
+        )
         weights = "trained (embedded)"
     else:
         with torch.device(device):
             model = _random(WanDiT(dit_config(dit))).to(dtype).eval()
             vae = _random(CausalVAE(vae_config("small"))).to(dtype).eval()
-            dec = _random(TinyDecoder(TinyDecoderConfig(latent_dim=16))).to(dtype).eval() \
-                if decoder == "tiny" else vae
+            dec = _random(TinyDecoder(TinyDecoderConfig(latent_dim=16))).to(dtype).eval() if decoder == "tiny" else vae
         weights = "random (real shapes)"
     if compile:
         torch._dynamo.config.cache_size_limit = 64
@@ -67,8 +74,20 @@ def build(dit: str, decoder: str, device: str, dtype: torch.dtype, compile: bool
     return model, vae, dec, weights
 
 
-def bench(dit: str, height: int, width: int, decoder: str, text_len: int, device: str, dtype: torch.dtype,
-          chunks: int = 16, chunk: int = 3, window: int = 9, steps: int = 4, compile: bool = False) -> dict:
+def bench(
+    dit: str,
+    height: int,
+    width: int,
+    decoder: str,
+    text_len: int,
+    device: str,
+    dtype: torch.dtype,
+    chunks: int = 16,
+    chunk: int = 3,
+    window: int = 9,
+    steps: int = 4,
+    compile: bool = False,
+) -> dict:
     model, vae, dec, weights = build(dit, decoder, device, dtype, compile)
     h, w = height // 8, width // 8
     g = torch.Generator(device=device).manual_seed(0)
@@ -87,7 +106,7 @@ def bench(dit: str, height: int, width: int, decoder: str, text_len: int, device
 
         with torch.no_grad():
             eng.start(ref, text)
-            for idx, _ in eng.frames(audio_for, n_chunks=n, stats=stats):
+            for _idx, _ in eng.frames(audio_for, n_chunks=n, stats=stats):
                 stamps.append(time.perf_counter())
         return stats, stamps
 
@@ -99,10 +118,24 @@ def bench(dit: str, height: int, width: int, decoder: str, text_len: int, device
     per_chunk = 4 * chunk
     steady = stamps[-1 - per_chunk * (chunks // 2)], stamps[-1]  # the second half of the stream
     fps = per_chunk * (chunks // 2) / (steady[1] - steady[0])
-    res = dict(dit=dit, weights=weights, height=height, width=width, decoder=decoder, chunk=chunk, window=window,
-               steps=steps, dtype=str(dtype).replace("torch.", ""), compiled=compile, chunks=chunks,
-               frames=stats.frames, ttff_s=round(stats.ttff, 3), steady_fps_decode_included=round(fps, 2),
-               denoise_ms_per_chunk=round(1000 * stats.denoise_s / stats.chunks, 1), async_decode=True)
+    res = dict(
+        dit=dit,
+        weights=weights,
+        height=height,
+        width=width,
+        decoder=decoder,
+        chunk=chunk,
+        window=window,
+        steps=steps,
+        dtype=str(dtype).replace("torch.", ""),
+        compiled=compile,
+        chunks=chunks,
+        frames=stats.frames,
+        ttff_s=round(stats.ttff, 3),
+        steady_fps_decode_included=round(fps, 2),
+        denoise_ms_per_chunk=round(1000 * stats.denoise_s / stats.chunks, 1),
+        async_decode=True,
+    )
     if device.startswith("cuda"):
         res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return res

@@ -44,9 +44,14 @@ def main() -> None:
         t = time.perf_counter()
         make_world(d, clips=clips, seconds=8.0, size=256, workers=workers, progress=False)
         dt = time.perf_counter() - t
-    res["world_make"] = dict(clips=clips, seconds_per_clip=8.0, size=256, workers=workers,
-                             clips_per_min=round(clips / dt * 60, 1),
-                             video_seconds_per_wall_second=round(clips * 8.0 / dt, 2))
+    res["world_make"] = dict(
+        clips=clips,
+        seconds_per_clip=8.0,
+        size=256,
+        workers=workers,
+        clips_per_min=round(clips / dt * 60, 1),
+        video_seconds_per_wall_second=round(clips * 8.0 / dt, 2),
+    )
     report(res, Path(__file__).parent / "results" / "world_speed.json")
 
 

@@ -45,16 +45,29 @@ def _generate(args) -> None:
     if args.start_from is not None:
         opts["start_from"] = args.start_from
     avatar = Avatar.from_pretrained(args.weights, device=args.device, decoder=args.decoder, size=args.size, **opts)
-    res = avatar.generate(args.image, audio=args.audio, say=args.say, prompt=args.prompt, out=args.out,
-                          progress=not args.quiet)
-    print(json.dumps(dict(out=str(res.out), frames=res.frames, seconds=round(res.seconds, 2),
-                          ttff_s=round(res.ttff, 3), fps=round(res.fps, 2),
-                          real_time_factor=round(res.fps / 25.0, 3), device=args.device)))
+    res = avatar.generate(
+        args.image, audio=args.audio, say=args.say, prompt=args.prompt, out=args.out, progress=not args.quiet
+    )
+    print(
+        json.dumps(
+            dict(
+                out=str(res.out),
+                frames=res.frames,
+                seconds=round(res.seconds, 2),
+                ttff_s=round(res.ttff, 3),
+                fps=round(res.fps, 2),
+                real_time_factor=round(res.fps / 25.0, 3),
+                device=args.device,
+            )
+        )
+    )
 
 
 def _demo(args) -> None:
-    print("talkstream demo: the embedded causal model animates the bundled reference image, speaking a sentence "
-          "synthesised by espeak-ng (see talkstream/weights/MODEL_CARD.md for what this early model can do).")
+    print(
+        "talkstream demo: the embedded causal model animates the bundled reference image, speaking a sentence "
+        "synthesised by espeak-ng (see talkstream/weights/MODEL_CARD.md for what this early model can do)."
+    )
     args.image = Path(__file__).parent / "assets" / "reference.png"
     args.audio, args.say = None, args.say or DEMO_SENTENCE
     _generate(args)
@@ -114,11 +127,23 @@ def _eval_suite(args) -> None:
     gen = None
     if args.model != "world":
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
-        gen = checkpoint_generator(args.model, vae, args.size, args.device, args.steps, args.audio_guidance, inputs,
-                                   args.timestep_shift, args.noise_seed, args.reference_init, args.start_from,
-                                   args.captions)
-    res = run_suite(generate=gen, seconds=args.seconds, size=args.size, seeds=seeds, inputs=inputs,
-                    keep_frames=bool(args.sample))
+        gen = checkpoint_generator(
+            args.model,
+            vae,
+            args.size,
+            args.device,
+            args.steps,
+            args.audio_guidance,
+            inputs,
+            args.timestep_shift,
+            args.noise_seed,
+            args.reference_init,
+            args.start_from,
+            args.captions,
+        )
+    res = run_suite(
+        generate=gen, seconds=args.seconds, size=args.size, seeds=seeds, inputs=inputs, keep_frames=bool(args.sample)
+    )
     if args.sample:  # the first clip: an mp4 with its audio, or a GIF of its first 4 s
         from .media import write_gif, write_video
         from .world.behaviour import make_clip
@@ -130,12 +155,16 @@ def _eval_suite(args) -> None:
         else:
             clip = inputs["clips"][seed]["clip"] if inputs else make_clip(seed, args.seconds)
             write_video(args.sample, frames, 25, audio=clip.audio)
-    print(f"{'seed':>8} {'mouth err':>10} {'offset':>7} {'sync conf':>10} {'id dist':>8} {'drift/min':>10} "
-          f"{'flicker':>8}  flags")
+    print(
+        f"{'seed':>8} {'mouth err':>10} {'offset':>7} {'sync conf':>10} {'id dist':>8} {'drift/min':>10} "
+        f"{'flicker':>8}  flags"
+    )
     for r in res["rows"]:
-        print(f"{r['seed']:>8} {r['mouth_error']:>10.4f} {str(r['best_offset'])[:7]:>7} {r['sync_confidence']:>10.4f} "
-              f"{r['identity_distance']:>8.3f} {r['drift_per_minute']:>10.3f} {r['flicker']:>8.4f}  "
-              f"{', '.join(r['flags']) or '-'}")
+        print(
+            f"{r['seed']:>8} {r['mouth_error']:>10.4f} {str(r['best_offset'])[:7]:>7} {r['sync_confidence']:>10.4f} "
+            f"{r['identity_distance']:>8.3f} {r['drift_per_minute']:>10.3f} {r['flicker']:>8.4f}  "
+            f"{', '.join(r['flags']) or '-'}"
+        )
     print(json.dumps(res["summary"], indent=2))
     if args.out:
         from .machine import describe
@@ -158,8 +187,12 @@ def _bench(args) -> None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         src = dit_source(args.config, args.size, args.size, chunks=args.chunks, device=args.device, dtype=dtype)
     res = measure_stream(src, device=args.device)
-    res["source"] = dict(kind=args.source, config=args.config if args.source == "dit" else None, size=args.size,
-                         weights="random (real shapes)" if args.source == "dit" else None)
+    res["source"] = dict(
+        kind=args.source,
+        config=args.config if args.source == "dit" else None,
+        size=args.size,
+        weights="random (real shapes)" if args.source == "dit" else None,
+    )
     print(json.dumps(res, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    world = sub.add_parser("world", help="the synthetic talking-avatar world").add_subparsers(dest="world_cmd",
-                                                                                              required=True)
+    world = sub.add_parser("world", help="the synthetic talking-avatar world").add_subparsers(
+        dest="world_cmd", required=True
+    )
     m = world.add_parser("make", help="render a data set of world clips (resumable)")
     m.add_argument("--clips", type=int, required=True)
     m.add_argument("--seconds", type=float, default=8.0)
@@ -236,29 +270,57 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref", type=Path, help="reference image")
     e.add_argument("--truth", type=Path, help="world clip json (viseme truth for exact lip sync)")
     e.add_argument("--real", action="store_true", help="real-face metrics (dlib landmarks and descriptors)")
-    e.add_argument("--model", default="world",
-                   help="for 'suite': 'world' (ground-truth renders) or a DiT checkpoint (.safetensors)")
+    e.add_argument(
+        "--model",
+        default="world",
+        help="for 'suite': 'world' (ground-truth renders) or a DiT checkpoint (.safetensors)",
+    )
     e.add_argument("--vae", type=Path, help="for 'suite' with a checkpoint: the VAE (default: the shipped one)")
     e.add_argument("--size", type=int, default=256)
     e.add_argument("--steps", type=int, default=30, help="sampling steps (teacher: in all; causal: per chunk)")
     e.add_argument("--audio-guidance", type=float, default=2.0, help="suite: audio CFG scale")
-    e.add_argument("--timestep-shift", type=float, help="suite: sampling schedule shift (default: 3, the samplers' own)")
+    e.add_argument(
+        "--timestep-shift", type=float, help="suite: sampling schedule shift (default: 3, the samplers' own)"
+    )
     e.add_argument("--noise-seed", type=int, default=0, help="suite: the samplers' initial noise (a suite is one draw)")
-    e.add_argument("--reference-init", type=float,
-                   help="suite: start sampling (teacher windows, causal chunks) at this sigma from the noised reference "
-                   "(1: pure noise; default: each sampler's own, teacher 0.8, causal 0.9)")
-    e.add_argument("--start-from", choices=["reference", "previous"],
-                   help="suite, causal model: each chunk starts from the reference (default) or the last latent")
-    e.add_argument("--captions", choices=["timeline", "first_spoken"], default="timeline",
-                   help="suite: the text prompt follows each clip's behaviour plan (default) or is its first spoken "
-                   "segment's caption throughout (every suite before session 17)")
+    e.add_argument(
+        "--reference-init",
+        type=float,
+        help="suite: start sampling (teacher windows, causal chunks) at this sigma from the noised reference "
+        "(1: pure noise; default: each sampler's own, teacher 0.8, causal 0.9)",
+    )
+    e.add_argument(
+        "--start-from",
+        choices=["reference", "previous"],
+        help="suite, causal model: each chunk starts from the reference (default) or the last latent",
+    )
+    e.add_argument(
+        "--captions",
+        choices=["timeline", "first_spoken"],
+        default="timeline",
+        help="suite: the text prompt follows each clip's behaviour plan (default) or is its first spoken "
+        "segment's caption throughout (every suite before session 17)",
+    )
     e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
-    e.add_argument("--seeds", type=int, nargs="+", help="suite: these world seeds instead of the held-out clips (e.g. "
-                   "training clips, whose error beside the held-out one's is the generalisation gap)")
+    e.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="suite: these world seeds instead of the held-out clips (e.g. "
+        "training clips, whose error beside the held-out one's is the generalisation gap)",
+    )
     e.add_argument("--inputs", type=Path, help="suite: precomputed clips/features/captions (from --save-inputs)")
-    e.add_argument("--save-inputs", type=Path, help="suite: compute the clips' audio features and captions "
-                   "(espeak-ng, Whisper, MiniLM) into this file and stop")
-    e.add_argument("--sample", type=Path, help="suite: write the first clip's generated video here (.mp4 with audio, or .gif: its first 4 s)")
+    e.add_argument(
+        "--save-inputs",
+        type=Path,
+        help="suite: compute the clips' audio features and captions "
+        "(espeak-ng, Whisper, MiniLM) into this file and stop",
+    )
+    e.add_argument(
+        "--sample",
+        type=Path,
+        help="suite: write the first clip's generated video here (.mp4 with audio, or .gif: its first 4 s)",
+    )
     e.add_argument("--device", default="cpu")
     e.add_argument("--seconds", type=float, default=8.0)
     e.add_argument("--out", type=Path)
@@ -274,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path)
     b.set_defaults(func=_bench)
 
-    t = sub.add_parser("train", help="train a stage: vae | decoder | teacher | causal | pack (make a world pack) | "
-                       "export (a stopped DiT run's last state as its checkpoint)")
+    t = sub.add_parser(
+        "train",
+        help="train a stage: vae | decoder | teacher | causal | pack (make a world pack) | "
+        "export (a stopped DiT run's last state as its checkpoint)",
+    )
     t.add_argument("stage", choices=["vae", "decoder", "teacher", "causal", "pack", "export"])
     t.add_argument("--run", type=Path, help="export: the run's folder (its config.json and state.pt)")
     t.add_argument("--config", type=Path, help="YAML training config (configs/*.yaml)")
@@ -294,18 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="cpu")
         q.add_argument("--decoder", default="vae", choices=["vae", "tiny"])
         q.add_argument("--size", type=int, default=256)
-        q.add_argument("--anchor", default="reference",
-                       choices=["reference", "anchor_heavy", "rolling_sink", "memory_bank"])
+        q.add_argument(
+            "--anchor", default="reference", choices=["reference", "anchor_heavy", "rolling_sink", "memory_bank"]
+        )
         q.add_argument("--sampler", choices=["euler", "few_step"])
         q.add_argument("--steps", type=int, default=steps, help="euler steps per chunk")
         q.add_argument("--audio-guidance", type=float, default=1.0)
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--reference-init", type=float,
-                       help="each chunk starts at this sigma from the noised reference (1: from noise; default 0.9; lower: "
-                       "a little better lip-sync, a stiller head)")
-        q.add_argument("--start-from", choices=["reference", "previous"],
-                       help="what each chunk after the first starts from: the reference (default) or the last "
-                       "latent (the head's pose carries on instead of returning to the reference's)")
+        q.add_argument(
+            "--reference-init",
+            type=float,
+            help="each chunk starts at this sigma from the noised reference (1: from noise; default 0.9; lower: "
+            "a little better lip-sync, a stiller head)",
+        )
+        q.add_argument(
+            "--start-from",
+            choices=["reference", "previous"],
+            help="what each chunk after the first starts from: the reference (default) or the last "
+            "latent (the head's pose carries on instead of returning to the reference's)",
+        )
         q.add_argument("--quiet", action="store_true")
 
     g = sub.add_parser("generate", help="reference image + audio (or text to say) -> mp4 with the audio muxed")

@@ -10,9 +10,13 @@ from pathlib import Path
 
 
 def describe() -> dict:
-    info = dict(python=platform.python_version(), platform=platform.platform(), processor=platform.processor(),
-                cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else None)
+    info = dict(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        processor=platform.processor(),
+        cpu_count=os.cpu_count(),
+        affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    )
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -26,9 +30,13 @@ def describe() -> dict:
         info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
-            info["gpu"] = dict(name=p.name, memory_gib=round(p.total_memory / 2**30, 1),
-                               multiprocessors=p.multi_processor_count, count=torch.cuda.device_count(),
-                               cuda=torch.version.cuda)
+            info["gpu"] = dict(
+                name=p.name,
+                memory_gib=round(p.total_memory / 2**30, 1),
+                multiprocessors=p.multi_processor_count,
+                count=torch.cuda.device_count(),
+                cuda=torch.version.cuda,
+            )
     except ImportError:
         pass
     return info

@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from math import gcd
 from pathlib import Path
-from typing import Iterable, Iterator
 
 try:
     import av
@@ -115,9 +115,15 @@ def write_gif(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float 
     return path
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float = 25,
-                audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
-                preset: str = "veryfast") -> Path:
+def write_video(
+    path: str | os.PathLike,
+    frames: Iterable[np.ndarray] | np.ndarray,
+    fps: float = 25,
+    audio: np.ndarray | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    crf: int = 18,
+    preset: str = "veryfast",
+) -> Path:
     """Write RGB uint8 frames (and optional mono audio, muxed as AAC) to an H.264 mp4."""
     _need_av()
     path = Path(path)
@@ -216,8 +222,9 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = S
     return path
 
 
-def read_video(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_frames: int | None = None,
-               start_frame: int = 0) -> Video:
+def read_video(
+    path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_frames: int | None = None, start_frame: int = 0
+) -> Video:
     """Decode an mp4 (or any video) to RGB frames, its frame rate and its mono audio (None if absent)."""
     container = _open(path)
     try:

@@ -43,9 +43,16 @@ def test_reference_huge_image_is_reduced(tmp_path):
     assert out.shape == (64, 64, 3) and out.std() > 5
 
 
-@pytest.mark.parametrize("case,match", [("one_pixel", "at least"), ("flat", "no usable content"),
-                                        ("text", "not an image"), ("missing", "no such"),
-                                        ("truncated", "truncated|not an image")])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("one_pixel", "at least"),
+        ("flat", "no usable content"),
+        ("text", "not an image"),
+        ("missing", "no such"),
+        ("truncated", "truncated|not an image"),
+    ],
+)
 def test_reference_errors(tmp_path, case, match):
     p = tmp_path / "x.png"
     if case == "one_pixel":
@@ -138,9 +145,35 @@ def test_cli_generate(tiny_weights, tmp_path, capsys):
     Image.fromarray(_face()).save(tmp_path / "ref.png")
     (tmp_path / "notimg.png").write_text("nope")
     base = ["--weights", str(tiny_weights), "--size", "32", "--steps", "1", "--quiet"]
-    assert main(["generate", "--image", str(tmp_path / "notimg.png"), "--say", "hi", "--out",
-                 str(tmp_path / "x.mp4"), *base]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--image",
+                str(tmp_path / "notimg.png"),
+                "--say",
+                "hi",
+                "--out",
+                str(tmp_path / "x.mp4"),
+                *base,
+            ]
+        )
+        == 2
+    )
     assert "not an image" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
-    assert main(["generate", "--image", str(tmp_path / "ref.png"), "--say", "Hello there.", "--out",
-                 str(tmp_path / "y.mp4"), *base]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--image",
+                str(tmp_path / "ref.png"),
+                "--say",
+                "Hello there.",
+                "--out",
+                str(tmp_path / "y.mp4"),
+                *base,
+            ]
+        )
+        == 0
+    )
     assert '"frames"' in capsys.readouterr().out and len(read_video(tmp_path / "y.mp4").frames) > 10

@@ -4,10 +4,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from talkstream.models.checkpoint import (CheckpointError, deepen_dit_state, diffusers_to_wan, load_checkpoint,
-                                          load_dit_weights,
-                                          normalize_dit_state_dict, read_state_dict, save_checkpoint,
-                                          wan_to_diffusers)
+from talkstream.models.checkpoint import (
+    CheckpointError,
+    deepen_dit_state,
+    diffusers_to_wan,
+    load_checkpoint,
+    load_dit_weights,
+    normalize_dit_state_dict,
+    read_state_dict,
+    save_checkpoint,
+    wan_to_diffusers,
+)
 from talkstream.models.config import DiTConfig, TinyDecoderConfig, dit_config, vae_config
 from talkstream.models.dit import WanDiT
 from talkstream.models.vae import CausalVAE, TinyDecoder
@@ -16,9 +23,20 @@ from talkstream.models.vae import CausalVAE, TinyDecoder
 def _diffusers_wan(**kw):
     from diffusers import WanTransformer3DModel
 
-    args = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6)
+    args = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=12,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=8960,
+        num_layers=30,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+    )
     args.update(kw)
     return WanTransformer3DModel(**args)
 
@@ -37,8 +55,16 @@ def test_diffusers_wan13b_every_key_maps_and_shapes_agree():
 
 def test_diffusers_model_output_is_reproduced_exactly():
     torch.manual_seed(0)
-    ref = _diffusers_wan(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4, text_dim=32,
-                         freq_dim=16, ffn_dim=64, num_layers=2).eval()
+    ref = _diffusers_wan(
+        num_attention_heads=2,
+        attention_head_dim=24,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=64,
+        num_layers=2,
+    ).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.1)
@@ -58,16 +84,27 @@ def test_original_wan_selfforcing_and_sharded_files(tmp_path):
     m = WanDiT(dit_config("tiny"))
     base = {k: v for k, v in m.state_dict().items() if "audio" not in k}
     save_file(base, str(tmp_path / "wan.safetensors"))  # original Wan layout
-    torch.save({"generator": {f"model.{k}": v for k, v in base.items()},
-                "generator_ema": {f"model._fsdp_wrapped_module.{k}": v * 0 + 1 for k, v in base.items()}},
-               tmp_path / "selfforcing.pt")
+    torch.save(
+        {
+            "generator": {f"model.{k}": v for k, v in base.items()},
+            "generator_ema": {f"model._fsdp_wrapped_module.{k}": v * 0 + 1 for k, v in base.items()},
+        },
+        tmp_path / "selfforcing.pt",
+    )
     keys = sorted(base)
     save_file({k: base[k] for k in keys[: len(keys) // 2]}, str(tmp_path / "m-00001-of-00002.safetensors"))
-    save_file({k: base[k] for k in keys[len(keys) // 2:]}, str(tmp_path / "m-00002-of-00002.safetensors"))
-    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: f"m-0000{1 + (i >= len(keys) // 2)}-of-00002.safetensors" for i, k in enumerate(keys)}}))
-    for name, ema, expect_ones in (("wan.safetensors", True, False), ("selfforcing.pt", True, True),
-                                   ("selfforcing.pt", False, False), ("m.safetensors.index.json", True, False)):
+    save_file({k: base[k] for k in keys[len(keys) // 2 :]}, str(tmp_path / "m-00002-of-00002.safetensors"))
+    (tmp_path / "m.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {k: f"m-0000{1 + (i >= len(keys) // 2)}-of-00002.safetensors" for i, k in enumerate(keys)}}
+        )
+    )
+    for name, ema, expect_ones in (
+        ("wan.safetensors", True, False),
+        ("selfforcing.pt", True, True),
+        ("selfforcing.pt", False, False),
+        ("m.safetensors.index.json", True, False),
+    ):
         sd, _ = read_state_dict(tmp_path / name, ema=ema)
         fresh = WanDiT(dit_config("tiny"))
         load_dit_weights(fresh, normalize_dit_state_dict(sd))

@@ -41,7 +41,7 @@ def test_window_sampling_aligns_audio_and_truth(world, rng):
     w = ds.window(rng, 20)
     assert w.frames.shape[0] == 20 and w.states.shape[0] == 20 and len(w.audio) == 20 * 640
     full = ds.load(ds.names.index(w.name))
-    assert np.array_equal(full.states[w.start:w.start + 20], w.states)
+    assert np.array_equal(full.states[w.start : w.start + 20], w.states)
     with pytest.raises(DatasetError, match="fewer than"):
         ds.window(rng, 500)
 
@@ -69,8 +69,11 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
         make_world(blocker / "sub", clips=1, seconds=1.0, size=32, progress=False)
     with pytest.raises(MediaError, match="cannot write"):
         write_video(blocker / "x.mp4", np.zeros((2, 16, 16, 3), np.uint8))
-    r = subprocess.run([sys.executable, "-m", "talkstream.cli", "world", "make", "--clips", "1", "--out",
-                        str(blocker / "sub")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "talkstream.cli", "world", "make", "--clips", "1", "--out", str(blocker / "sub")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "cannot write" in r.stderr
 
 
@@ -78,8 +81,13 @@ def test_real_video_folder_reader(tmp_path, rng):
     # a 'real' clip at 30 fps with 44.1 kHz audio: read back at 25 fps / 16 kHz
     frames = rng.integers(0, 255, (60, 48, 64, 3), dtype=np.uint8)
     t = np.arange(2 * 44100) / 44100
-    write_video(tmp_path / "spk1" / "a.mp4", frames, 30, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
-                sample_rate=44100)
+    write_video(
+        tmp_path / "spk1" / "a.mp4",
+        frames,
+        30,
+        (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
+        sample_rate=44100,
+    )
     write_video(tmp_path / "b.mp4", frames[:30], 25)  # no audio track
     ds = open_dataset(tmp_path)
     assert isinstance(ds, VideoFolder) and ds.names == ["b.mp4", "spk1/a.mp4"]

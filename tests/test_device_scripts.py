@@ -11,11 +11,16 @@ MIB = 1024 * 1024
 
 
 def hand_back(tmp_path: Path, *runs: str) -> subprocess.CompletedProcess:
-    script = (ROOT / "scripts" / "device_round.sh").read_text()
-    body = script[script.index("hand_back() {"):]
-    body = body[:body.index("\n}\n") + 3]  # the function alone, not the script's mode dispatch
-    return subprocess.run(["bash", "-c", f'{body}\nOUT="$1"; shift; hand_back "$@"', "_", "out", *runs],
-                          cwd=tmp_path, capture_output=True, text=True, check=True)
+    script = (ROOT / "tools" / "device" / "device_round.sh").read_text()
+    body = script[script.index("hand_back() {") :]
+    body = body[: body.index("\n}\n") + 3]  # the function alone, not the script's mode dispatch
+    return subprocess.run(
+        ["bash", "-c", f'{body}\nOUT="$1"; shift; hand_back "$@"', "_", "out", *runs],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
 
 def make_dit(folder: Path) -> None:  # a DiT's shards as the runs write them (sparse: sizes without the bytes)
@@ -35,12 +40,17 @@ def test_two_dits_come_back_one_per_call_within_the_limits(tmp_path):
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) <= 8 and sum(p.stat().st_size for p in files) <= 64 * MIB
     assert sorted(p.name for p in (tmp_path / "out" / "t3").iterdir()) == [
-        f"teacher-0000{i}-of-00004.safetensors" for i in (1, 2, 3)]
+        f"teacher-0000{i}-of-00004.safetensors" for i in (1, 2, 3)
+    ]
     assert not (tmp_path / "out" / "c5").exists() and "runs/c5: checkpoint not handed back" in r.stdout
     with tarfile.open(tmp_path / "out" / "small.tar") as t:
         names = {Path(n).as_posix().lstrip("./") for n in t.getnames()}
-    assert {"t3/teacher-00004-of-00004.safetensors", "t3/teacher.safetensors.index.json", "t3_logs.tar",
-            "c5_logs.tar"} <= names  # the run left behind still sends its logs
+    assert {
+        "t3/teacher-00004-of-00004.safetensors",
+        "t3/teacher.safetensors.index.json",
+        "t3_logs.tar",
+        "c5_logs.tar",
+    } <= names  # the run left behind still sends its logs
 
     (tmp_path / "out").rename(tmp_path / "first_call")  # the next call's fetch, into an emptied $OUT
     (tmp_path / "out").mkdir()
@@ -49,14 +59,20 @@ def test_two_dits_come_back_one_per_call_within_the_limits(tmp_path):
 
 
 def test_nproc_runs_each_run_as_a_torchrun_on_gpus_of_its_own(tmp_path):
-    (tmp_path / "scripts").mkdir()
+    (tmp_path / "tools" / "device").mkdir(parents=True)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dit_pack.npz").write_bytes(b"")
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / ".ready").write_bytes(b"")
-    script = (ROOT / "scripts" / "device_round.sh").read_text().replace("/tmp/site/.ready", str(tmp_path / "site/.ready"))
-    (tmp_path / "scripts" / "device_round.sh").write_text(script)
-    (tmp_path / "scripts" / "device_env.sh").write_text((ROOT / "scripts" / "device_env.sh").read_text())
+    script = (
+        (ROOT / "tools" / "device" / "device_round.sh")
+        .read_text()
+        .replace("/tmp/site/.ready", str(tmp_path / "site/.ready"))
+    )
+    (tmp_path / "tools" / "device" / "device_round.sh").write_text(script)
+    (tmp_path / "tools" / "device" / "device_env.sh").write_text(
+        (ROOT / "tools" / "device" / "device_env.sh").read_text()
+    )
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     bin_ = tmp_path / "bin"
     bin_.mkdir()
@@ -67,8 +83,13 @@ def test_nproc_runs_each_run_as_a_torchrun_on_gpus_of_its_own(tmp_path):
     env = {"PATH": f"{bin_}:/usr/bin:/bin", "START_WAIT": "1", "GPU": "0", "NPROC": "2", "HOME": str(tmp_path)}
 
     def start(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "scripts/device_round.sh", "start", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            ["bash", "tools/device/device_round.sh", "start", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
 
     assert start("teacher", "runs/t", "lr=1e-4", "--", "causal", "runs/c").returncode == 0
     calls = sorted((tmp_path / "calls.txt").read_text().splitlines())
@@ -83,8 +104,10 @@ def test_nproc_runs_each_run_as_a_torchrun_on_gpus_of_its_own(tmp_path):
     env.update(NPROC="1")  # one process a run, run k on GPU (3 + k) mod 4
     assert start("teacher", "runs/t3", "--", "causal", "runs/c3").returncode == 0
     calls = (tmp_path / "calls.txt").read_text().splitlines()[2:]
-    assert sorted(c.split(" --config")[0] for c in calls) == ["0 -m talkstream.cli train causal",
-                                                              "3 -m talkstream.cli train teacher"]
+    assert sorted(c.split(" --config")[0] for c in calls) == [
+        "0 -m talkstream.cli train causal",
+        "3 -m talkstream.cli train teacher",
+    ]
 
 
 def test_suite_plans_start_every_line_once_and_collect(tmp_path):
@@ -96,25 +119,45 @@ def test_suite_plans_start_every_line_once_and_collect(tmp_path):
     (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho GPU 0\necho GPU 1\n")
     (bin_ / "nvidia-smi").chmod(0o755)
     stub = tmp_path / "stub.sh"  # stands in for `device_round.sh suite`: its log and JSON under the same names
-    stub.write_text('tag=$3; [ "${SEEDS:-0}" != 0 ] && tag=${tag}_s$SEEDS; mkdir -p runs; touch runs/suite_$tag.txt\n'
-                    'echo "gpu=$CUDA_VISIBLE_DEVICES threads=$OMP_NUM_THREADS ri=${REFINIT:-} cap=${CAPTIONS:-} $*"\n'
-                    'echo {} > "$OUT/suite_$tag.json"\n')
+    stub.write_text(
+        'tag=$3; [ "${SEEDS:-0}" != 0 ] && tag=${tag}_s$SEEDS; mkdir -p runs; touch runs/suite_$tag.txt\n'
+        'echo "gpu=$CUDA_VISIBLE_DEVICES threads=$OMP_NUM_THREADS ri=${REFINIT:-} cap=${CAPTIONS:-} $*"\n'
+        'echo {} > "$OUT/suite_$tag.json"\n'
+    )
     plan = tmp_path / "p.plan"
-    plan.write_text("# a comment\nSEEDS=0 REFINIT=0.8 data/t3/teacher.safetensors 30 t3\n\n"
-                    "SEEDS=1 CAPTIONS=first_spoken data/t3/teacher.safetensors 30 t3\n"
-                    "SEEDS=2 data/c6/causal.safetensors 8 c6\n")
-    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SUITES_ROOT=str(tmp_path / "suites"),
-               SUITE_CMD=f"bash {stub}", START_WAIT="1", OUT=str(tmp_path / "out"))
+    plan.write_text(
+        "# a comment\nSEEDS=0 REFINIT=0.8 data/t3/teacher.safetensors 30 t3\n\n"
+        "SEEDS=1 CAPTIONS=first_spoken data/t3/teacher.safetensors 30 t3\n"
+        "SEEDS=2 data/c6/causal.safetensors 8 c6\n"
+    )
+    env = dict(
+        os.environ,
+        PATH=f"{bin_}:{os.environ['PATH']}",
+        SUITES_ROOT=str(tmp_path / "suites"),
+        SUITE_CMD=f"bash {stub}",
+        START_WAIT="1",
+        OUT=str(tmp_path / "out"),
+    )
     (tmp_path / "out").mkdir()
-    run = lambda *a: subprocess.run(["bash", str(ROOT / "scripts" / "device_suites.sh"), *a], cwd=tmp_path, env=env,
-                                    capture_output=True, text=True, check=True).stdout
+    run = lambda *a: (
+        subprocess.run(
+            ["bash", str(ROOT / "tools" / "device" / "device_suites.sh"), *a],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert "started 3 suites on 2 GPUs" in run("start", str(plan))
     assert "started 0 suites" in run("start", str(plan))  # started again: nothing twice
     assert "3 of 3 suites written" in run("wait", "10")
     logs = {p.stem: p.read_text().strip() for p in (tmp_path / "suites" / "p.plan").glob("*.log")}
-    assert logs == {"t3": "gpu=0 threads=4 ri=0.8 cap= data/t3/teacher.safetensors 30 t3",
-                    "t3_s1": "gpu=1 threads=4 ri= cap=first_spoken data/t3/teacher.safetensors 30 t3",
-                    "c6_s2": "gpu=0 threads=4 ri= cap= data/c6/causal.safetensors 8 c6"}
+    assert logs == {
+        "t3": "gpu=0 threads=4 ri=0.8 cap= data/t3/teacher.safetensors 30 t3",
+        "t3_s1": "gpu=1 threads=4 ri= cap=first_spoken data/t3/teacher.safetensors 30 t3",
+        "c6_s2": "gpu=0 threads=4 ri= cap= data/c6/causal.safetensors 8 c6",
+    }
     with tarfile.open(tmp_path / "out" / "suites.tar") as t:
         names = {Path(n).name for n in t.getnames()}
     assert {"suite_t3.json", "suite_t3_s1.json", "suite_c6_s2.json", "suite_t3.txt"} <= names

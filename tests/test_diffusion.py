@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from talkstream.diffusion.flow import (add_noise, euler_sigmas, sample_training_sigmas, shift_sigma,
-                                       sigmas_from_timesteps, velocity_target, x0_from_velocity)
+from talkstream.diffusion.flow import (
+    add_noise,
+    euler_sigmas,
+    sample_training_sigmas,
+    shift_sigma,
+    sigmas_from_timesteps,
+    velocity_target,
+    x0_from_velocity,
+)
 from talkstream.diffusion.samplers import guided_velocity, sample_euler, sample_few_step
 
 
@@ -55,8 +62,9 @@ def test_euler_sampler_on_a_toy_2d_flow():
 def test_few_step_sampler_with_a_timestep_list():
     mu, s = torch.tensor([1.0, 1.0]), 0.2
     noise = torch.randn(20000, 2, generator=torch.Generator().manual_seed(1))
-    out = sample_few_step(_gaussian_velocity(mu, s), noise, sigmas_from_timesteps([1000, 750, 500, 250]),
-                          torch.Generator().manual_seed(2))
+    out = sample_few_step(
+        _gaussian_velocity(mu, s), noise, sigmas_from_timesteps([1000, 750, 500, 250]), torch.Generator().manual_seed(2)
+    )
     assert torch.allclose(out.mean(0), mu, atol=0.03)
     assert (out.std(0) < 0.25).all()  # the posterior mean at sigma=0.25 is a little narrower than the data
 
@@ -80,4 +88,6 @@ def test_condition_dropout_rates_and_null():
     assert (d["audio"] & d["text"] & d["ref"]).float().mean() >= 0.045
     cond = torch.ones(4, 3, 2)
     out = apply_dropout(torch.tensor([True, False, True, False]), cond)
-    assert out[0].abs().sum() == 0 and torch.equal(out[1], cond[1]) and apply_dropout(torch.ones(1).bool(), None) is None
+    assert (
+        out[0].abs().sum() == 0 and torch.equal(out[1], cond[1]) and apply_dropout(torch.ones(1).bool(), None) is None
+    )

@@ -29,14 +29,41 @@ def setup(tmp_path_factory):
 
 
 def _torchrun(d: Path, pack: Path, out: str, procs: int = 2, **kw) -> subprocess.CompletedProcess:
-    cfg = dict(data=str(pack), vae=str(d / "vae.safetensors"), out=str(d / out), model="tiny", steps=3, batch=2,
-               size=64, frames=9, workers=1, log_every=1, ckpt_every=1, warmup=1, look_back=0, look_ahead=0,
-               lr=1e-2, ema=0.9, p_motion=0.0)
+    cfg = dict(
+        data=str(pack),
+        vae=str(d / "vae.safetensors"),
+        out=str(d / out),
+        model="tiny",
+        steps=3,
+        batch=2,
+        size=64,
+        frames=9,
+        workers=1,
+        log_every=1,
+        ckpt_every=1,
+        warmup=1,
+        look_back=0,
+        look_ahead=0,
+        lr=1e-2,
+        ema=0.9,
+        p_motion=0.0,
+    )
     cfg.update(kw)
     (d / f"{out}.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "talkstream.cli", "train", "teacher", "--config", str(d / f"{out}.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={procs}",
+        "-m",
+        "talkstream.cli",
+        "train",
+        "teacher",
+        "--config",
+        str(d / f"{out}.yaml"),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return run

@@ -22,9 +22,13 @@ def _model(seed=0, **over):
 
 def _inputs(B=1, Fr=9, H=8, W=12, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return dict(x=torch.randn(B, 8, Fr, H, W, generator=g), t=torch.rand(B, Fr, generator=g) * 1000,
-                context=torch.randn(B, 5, 384, generator=g), audio=torch.randn(B, Fr, 8, 384, generator=g),
-                ref=torch.randn(B, 8, 1, H, W, generator=g))
+    return dict(
+        x=torch.randn(B, 8, Fr, H, W, generator=g),
+        t=torch.rand(B, Fr, generator=g) * 1000,
+        context=torch.randn(B, 5, 384, generator=g),
+        audio=torch.randn(B, Fr, 8, 384, generator=g),
+        ref=torch.randn(B, 8, 1, H, W, generator=g),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(DIT_CONFIGS))
@@ -33,9 +37,14 @@ def test_shapes_every_config(name):
     with torch.device("meta"):
         m = WanDiT(cfg)
         x = torch.randn(1, cfg.in_dim, 3, 8, 8)
-        out = m(x, torch.full((1,), 500.0), torch.randn(1, 4, cfg.text_dim),
-                torch.randn(1, 3, cfg.audio_tokens_per_frame, cfg.audio_dim), torch.randn(1, cfg.in_dim, 1, 8, 8),
-                chunk=1)
+        out = m(
+            x,
+            torch.full((1,), 500.0),
+            torch.randn(1, 4, cfg.text_dim),
+            torch.randn(1, 3, cfg.audio_tokens_per_frame, cfg.audio_dim),
+            torch.randn(1, cfg.in_dim, 1, 8, 8),
+            chunk=1,
+        )
     assert out.shape == x.shape
 
 
@@ -92,8 +101,17 @@ def test_kv_cache_streaming_equals_block_causal(window):
         offline = m(**inp, chunk=3, window=window)
         cache = m.new_cache(window if window is not None else 1000)
         m.prefill_sinks(inp["ref"], cache, inp["context"])
-        outs = [m.forward_chunk(inp["x"][:, :, i:i + 3], inp["t"][:, i:i + 3], cache, inp["context"],
-                                inp["audio"][:, i:i + 3], commit=True) for i in range(0, 12, 3)]
+        outs = [
+            m.forward_chunk(
+                inp["x"][:, :, i : i + 3],
+                inp["t"][:, i : i + 3],
+                cache,
+                inp["context"],
+                inp["audio"][:, i : i + 3],
+                commit=True,
+            )
+            for i in range(0, 12, 3)
+        ]
     streamed = torch.cat(outs, dim=2)
     assert (streamed - offline).abs().max() < 1e-4
     if window is not None:
@@ -239,8 +257,20 @@ def test_ref_concat_starts_as_the_model_without_it_and_streams_like_the_full_blo
         assert (full - other).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-4  # every frame sees the reference
         cache = m.new_cache(1000)
         m.prefill_sinks(inp["ref"], cache, inp["context"])
-        streamed = torch.cat([m.forward_chunk(inp["x"][:, :, i:i + 3], inp["t"][:, i:i + 3], cache, inp["context"],
-                                              inp["audio"][:, i:i + 3], commit=True) for i in range(0, 12, 3)], 2)
+        streamed = torch.cat(
+            [
+                m.forward_chunk(
+                    inp["x"][:, :, i : i + 3],
+                    inp["t"][:, i : i + 3],
+                    cache,
+                    inp["context"],
+                    inp["audio"][:, i : i + 3],
+                    commit=True,
+                )
+                for i in range(0, 12, 3)
+            ],
+            2,
+        )
         assert (streamed - full).abs().max() < 1e-4
         # sinks that change during a stream (rolling / memory-bank anchors) keep the identity reference's tokens
         moved = m.new_cache(1000)

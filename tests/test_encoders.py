@@ -22,7 +22,7 @@ def test_whisper_features_shape_rate_and_streaming_equality(whisper):
     hops = -(-len(s.audio) // whisper.hop_samples)
     assert f.shape == (hops * 24, AUDIO_DIM) and np.isfinite(f).all()
     stream = whisper.stream()
-    parts = [stream.push(s.audio[i:i + 777]) for i in range(0, len(s.audio), 777)] + [stream.flush()]
+    parts = [stream.push(s.audio[i : i + 777]) for i in range(0, len(s.audio), 777)] + [stream.flush()]
     assert np.array_equal(np.concatenate(parts), f)  # live == offline, exactly
     print(f"whisper encoder: {cost:.3f} s per second of audio")
 

@@ -7,8 +7,12 @@ import pytest
 
 from talkstream.eval import metrics
 from talkstream.eval.evaluate import NotMeasurable, evaluate_clip, evaluate_files, read_image, run_suite
-from talkstream.eval.probes import (evaluate_behaviour_probe, evaluate_frame_probe, load_behaviour_probe,
-                                    load_frame_probe)
+from talkstream.eval.probes import (
+    evaluate_behaviour_probe,
+    evaluate_frame_probe,
+    load_behaviour_probe,
+    load_frame_probe,
+)
 from talkstream.media import read_video, write_audio, write_video
 from talkstream.world.behaviour import make_clip
 from talkstream.world.render import render_states
@@ -65,8 +69,12 @@ def test_corruptions_are_flagged(clip_and_frames, probe):
     flicker[::2] += 25
     other = make_clip(900_004, 8.0)
     swapped = np.stack(list(render_states(other.identity, clip.states)))
-    cases = {"frozen": frozen, "black frames": black, "flickering": np.clip(flicker, 0, 255).astype(np.uint8),
-             "identity mismatch": swapped}
+    cases = {
+        "frozen": frozen,
+        "black frames": black,
+        "flickering": np.clip(flicker, 0, 255).astype(np.uint8),
+        "identity mismatch": swapped,
+    }
     for flag, f in cases.items():
         v = evaluate_clip(f, clip.audio, ref, truth, probe).values
         assert flag in v["flags"], (flag, v["flags"])
@@ -80,7 +88,8 @@ def test_frechet_distance_and_motion(clip_and_frames, probe):
     feats = probe.read(frames)["features"]
     rng = np.random.default_rng(0)
     assert metrics.frechet_distance(feats[::2], feats[1::2]) < metrics.frechet_distance(
-        feats, feats + rng.normal(0, 1.0, feats.shape))
+        feats, feats + rng.normal(0, 1.0, feats.shape)
+    )
     looped = np.tile(clip.states[:50], (4, 1))
     assert metrics.motion(looped)["repetition"] > 0.9 > metrics.motion(clip.states)["repetition"]
 
@@ -112,14 +121,32 @@ def test_eval_cli_writes_json_and_png(tmp_path, clip_and_frames):
     meta = tmp_path / "truth.json"
     meta.write_text(json.dumps({"segments": [s.to_dict() for s in clip.segments]}))
     out = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, "-m", "talkstream.cli", "eval", "--video", str(path), "--ref",
-                        str(tmp_path / "ref.png"), "--truth", str(meta), "--out", str(out)], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "talkstream.cli",
+            "eval",
+            "--video",
+            str(path),
+            "--ref",
+            str(tmp_path / "ref.png"),
+            "--truth",
+            str(meta),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     v = json.loads(out.read_text())
     assert v["best_offset"] == 0 and v["flags"] == [] and out.with_suffix(".png").stat().st_size > 10_000
-    r = subprocess.run([sys.executable, "-m", "talkstream.cli", "eval", "--video", str(tmp_path / "nope.mp4")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "talkstream.cli", "eval", "--video", str(tmp_path / "nope.mp4")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
@@ -135,6 +162,7 @@ def test_mouth_error_by_speed_splits_fast_from_slow():
 
 def test_mouth_amplitude_reads_gain_and_correlation():
     from talkstream.eval.evaluate import mouth_amplitude
+
     truth = 0.5 + 0.4 * np.sin(np.linspace(0, 12, 200))
     half = mouth_amplitude(0.45 * truth + 0.1, truth)  # a hedging model: the right timing, under half the opening
     assert half["mouth_gain"] == pytest.approx(0.45) and half["mouth_corr"] == pytest.approx(1.0)
@@ -159,8 +187,9 @@ def test_suite_on_ground_truth(probe):
 
 def test_suite_head_motion_sees_a_head_held_still(probe):
     """A model can keep the face whole by holding the reference's pose: head motion tells (a still copy reads 0)."""
-    still = run_suite(generate=lambda ref, clip: np.repeat(ref[None], clip.n_frames, 0), seeds=(900_000,),
-                      seconds=4.0, probe=probe)
+    still = run_suite(
+        generate=lambda ref, clip: np.repeat(ref[None], clip.n_frames, 0), seeds=(900_000,), seconds=4.0, probe=probe
+    )
     assert still["rows"][0]["head_motion"] < 0.05 and "frozen" in still["rows"][0]["flags"]
 
 
@@ -273,8 +302,9 @@ def test_mouth_scores_gathers_error_speed_halves_and_amplitude_over_the_common_f
     read = 0.8 * np.roll(truth, 2)[:100]  # shorter, late and smaller
     s = mouth_scores(read, truth)
     assert s["mouth_error"] == np.abs(read - truth[:100]).mean()
-    assert s == dict(mouth_error=s["mouth_error"], **mouth_error_by_speed(read, truth[:100]),
-                     **mouth_amplitude(read, truth[:100]))
+    assert s == dict(
+        mouth_error=s["mouth_error"], **mouth_error_by_speed(read, truth[:100]), **mouth_amplitude(read, truth[:100])
+    )
 
 
 def test_silhouette_iou_sees_a_shifted_or_damaged_outline():

@@ -26,16 +26,25 @@ def _toy_batch(gen, batch=32, frames=2, size=8):
     mouth = torch.zeros(batch, frames, size, size)
     ys, xs = torch.randint(1, size - 2, (2, batch), generator=gen)
     for b in range(batch):
-        mouth[b, :, ys[b]:ys[b] + 2, xs[b]:xs[b] + 2] = 1
-        z[b, 0, :, ys[b]:ys[b] + 2, xs[b]:xs[b] + 2] = 3 * jaw[b, :, None, None]
+        mouth[b, :, ys[b] : ys[b] + 2, xs[b] : xs[b] + 2] = 1
+        z[b, 0, :, ys[b] : ys[b] + 2, xs[b] : xs[b] + 2] = 3 * jaw[b, :, None, None]
     return dict(x0=z, mouth=mouth, lips=jaw[..., None])
 
 
 def test_reader_learns_to_read_the_mouth():
     torch.manual_seed(0)
     held = _toy_batch(torch.Generator().manual_seed(1), batch=64)
-    reader, m = train_lip_reader(_toy_batch, latent_dim=4, outputs=1, steps=300, device="cpu",
-                                 gen=torch.Generator().manual_seed(0), held=held, noise_max=0.1, lr=3e-3)
+    reader, m = train_lip_reader(
+        _toy_batch,
+        latent_dim=4,
+        outputs=1,
+        steps=300,
+        device="cpu",
+        gen=torch.Generator().manual_seed(0),
+        held=held,
+        noise_max=0.1,
+        lr=3e-3,
+    )
     baseline = float((held["lips"] - held["lips"].mean()).abs().mean())  # a constant guess: ~0.25
     assert m["held_jaw_error"] < 0.3 * baseline
     assert not any(p.requires_grad for p in reader.parameters())
@@ -65,8 +74,9 @@ def test_lip_read_loss_reaches_the_velocity_and_skips_context_frames():
 def test_reader_training_is_seeded():
     def fit():
         torch.manual_seed(3)  # (train_dit seeds the reader's initial weights the same way)
-        r, _ = train_lip_reader(_toy_batch, latent_dim=4, outputs=1, steps=3, device="cpu",
-                                gen=torch.Generator().manual_seed(0))
+        r, _ = train_lip_reader(
+            _toy_batch, latent_dim=4, outputs=1, steps=3, device="cpu", gen=torch.Generator().manual_seed(0)
+        )
         return r.state_dict()
 
     a, b = fit(), fit()

@@ -26,10 +26,10 @@ def _open_mouth(img, landmarks, amount):
     h = 36
     if amount <= 0:
         return f
-    region = Image.fromarray(np.ascontiguousarray(img[top:top + h, x0:x1]))
+    region = Image.fromarray(np.ascontiguousarray(img[top : top + h, x0:x1]))
     stretched = np.asarray(region.resize((x1 - x0, h + amount), Image.BICUBIC)).copy()
     stretched[:amount] = (stretched[:amount] * 0.15).astype(np.uint8)
-    f[top:top + h + amount, x0:x1] = stretched[: f.shape[0] - top]
+    f[top : top + h + amount, x0:x1] = stretched[: f.shape[0] - top]
     return f
 
 

@@ -32,8 +32,8 @@ def test_voiced_phonemes_carry_energy_and_pauses_are_quiet():
     vowels = [p for p in s.phonemes if p.symbol[:1] in "aAeEiIoOuV@3" and p.end - p.start > 0.04]
     pauses = [p for p in s.phonemes if p.is_pause and p.end - p.start > 0.08]
     assert vowels and pauses
-    vowel_rms = np.median([_rms(a[int(p.start * sr):int(p.end * sr)]) for p in vowels])
-    pause_rms = np.median([_rms(a[int((p.start + 0.02) * sr):int((p.end - 0.02) * sr)]) for p in pauses])
+    vowel_rms = np.median([_rms(a[int(p.start * sr) : int(p.end * sr)]) for p in vowels])
+    pause_rms = np.median([_rms(a[int((p.start + 0.02) * sr) : int((p.end - 0.02) * sr)]) for p in pauses])
     assert vowel_rms > 8 * pause_rms, (vowel_rms, pause_rms)
 
 

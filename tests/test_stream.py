@@ -50,7 +50,7 @@ def _run(dit, vae, cfg, feats, step=None, n_chunks=None):
                     raise StopIteration
                 break
             n = step or len(feats)
-            feed.push(feats[pos[0]:pos[0] + n])
+            feed.push(feats[pos[0] : pos[0] + n])
             pos[0] += n
         if first * 4 - 3 >= len(feats) // 2:
             raise StopIteration
@@ -85,8 +85,18 @@ def test_streamed_equals_offline_and_chunked_decode(models):
     ref = []
     for a in range(0, n_lat, cfg.chunk):
         noise = torch.randn(1, 8, cfg.chunk, 4, 4, generator=g)
-        ref.append(denoise_chunk(dit, cache, noise, euler_sigmas(3, cfg.timestep_shift), None, aw[:, a:a + cfg.chunk],
-                                 generator=g, sampler="euler"))
+        ref.append(
+            denoise_chunk(
+                dit,
+                cache,
+                noise,
+                euler_sigmas(3, cfg.timestep_shift),
+                None,
+                aw[:, a : a + cfg.chunk],
+                generator=g,
+                sampler="euler",
+            )
+        )
     torch.testing.assert_close(lat_all, torch.cat(ref, 2)[:, :, :n_lat], atol=1e-5, rtol=1e-5)
     # frames: chunk-by-chunk (async) decode == decoding all latents at once; indices are consecutive
     idx = [i for i, _ in frames_all]
@@ -118,16 +128,22 @@ def test_anchor_reference_and_anchor_heavy(models):
     eng, *_ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=2), _features(1.0), n_chunks=2)
     assert eng.cache.n_sink == 1
     torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, _ref()))
-    eng, *_ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="anchor_heavy", anchor_copies=3),
-                   _features(1.0), n_chunks=2)
+    eng, *_ = _run(
+        dit,
+        vae,
+        StreamConfig(chunk=2, window=4, steps=2, anchor="anchor_heavy", anchor_copies=3),
+        _features(1.0),
+        n_chunks=2,
+    )
     assert eng.cache.n_sink == 3
     torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, _ref().repeat(1, 1, 3, 1, 1)))
 
 
 def test_anchor_rolling_sink_replaces_reference_by_first_generated_frame(models):
     dit, vae = models
-    eng, lat, *_ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="rolling_sink"),
-                        _features(2.0), n_chunks=3)
+    eng, lat, *_ = _run(
+        dit, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="rolling_sink"), _features(2.0), n_chunks=3
+    )
     assert eng.cache.n_sink == 1
     torch.testing.assert_close(eng.sinks, lat[:, :, :1])
     torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, lat[:, :, :1]))
@@ -140,7 +156,9 @@ def test_anchor_memory_bank_and_refinement(models):
     eng, lat, *_ = _run(dit, vae, cfg, _features(6.0), n_chunks=8)
     assert len(eng.long_term) == 3 and eng.cache.n_sink == 4  # reference + 3 long-term latents
     torch.testing.assert_close(eng.sinks[:, :, :1], _ref())
-    torch.testing.assert_close(eng.sinks[:, :, 1:], torch.cat([lat[:, :, 2 * c * 2 - 1:2 * c * 2] for c in (2, 3, 4)], 2))
+    torch.testing.assert_close(
+        eng.sinks[:, :, 1:], torch.cat([lat[:, :, 2 * c * 2 - 1 : 2 * c * 2] for c in (2, 3, 4)], 2)
+    )
     assert eng.cache.n_context == 2  # short-term memory: the latest latents
     eng_r, lat_r, *_ = _run(dit, vae, StreamConfig(**{**cfg.__dict__, "refine_every": 2}), _features(6.0), n_chunks=2)
     eng_n, lat_n, *_ = _run(dit, vae, cfg, _features(6.0), n_chunks=2)
@@ -151,8 +169,9 @@ def test_anchor_memory_bank_and_refinement(models):
 
 def test_memory_and_positions_bounded_over_a_long_stream(models):
     dit, vae = models
-    eng = StreamEngine(dit, vae, StreamConfig(chunk=2, short_term=2, steps=1, anchor="memory_bank", long_term_every=3,
-                                              refine_every=5))
+    eng = StreamEngine(
+        dit, vae, StreamConfig(chunk=2, short_term=2, steps=1, anchor="memory_bank", long_term_every=3, refine_every=5)
+    )
     eng.start(_ref())
     feed = AudioFeed(0, 0)
     sizes, buffered = [], []
@@ -212,9 +231,9 @@ def test_teacher_generates_window_by_window():
 def test_reference_init_starts_the_teachers_sampling_from_the_noised_reference():
     """``reference_init`` s < 1: the schedule starts at s (then the sigmas below it), and the new latents start as the
     reference latent noised to s, so s -> 0 returns the reference itself in every frame; 1 is the plain sampler."""
+    from talkstream.diffusion.flow import reference_sigmas
     from talkstream.models.config import dit_config, vae_config
     from talkstream.stream.engine import ChunkDecoder
-    from talkstream.diffusion.flow import reference_sigmas
     from talkstream.stream.offline import OfflineGenerator, frames_to_video
 
     sig = euler_sigmas(8, 3.0)
@@ -228,9 +247,10 @@ def test_reference_init_starts_the_teachers_sampling_from_the_noised_reference()
     ref = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     feats = np.random.default_rng(1).standard_normal((60, 384)).astype(np.float32)
     plain = OfflineGenerator(dit, vae, size=32, steps=4, audio_guidance=1.0)
-    assert np.array_equal(plain.generate(ref, feats, 9),
-                          OfflineGenerator(dit, vae, size=32, steps=4, audio_guidance=1.0, reference_init=1.0)
-                          .generate(ref, feats, 9))
+    assert np.array_equal(
+        plain.generate(ref, feats, 9),
+        OfflineGenerator(dit, vae, size=32, steps=4, audio_guidance=1.0, reference_init=1.0).generate(ref, feats, 9),
+    )
     near = OfflineGenerator(dit, vae, size=32, steps=4, audio_guidance=1.0, reference_init=1e-6).generate(ref, feats, 9)
     with torch.no_grad():  # the reference latent in all 3 latents, decoded
         still = vae.encode(frames_to_video(ref[None], 32))
@@ -247,12 +267,17 @@ def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(model
     dit, vae = models
     cfg = StreamConfig(chunk=2, window=4, steps=4)
     _, plain, _, _ = _run(dit, vae, cfg, _features(), n_chunks=2)
-    _, same, _, _ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=4, reference_init=1.0), _features(), n_chunks=2)
+    _, same, _, _ = _run(
+        dit, vae, StreamConfig(chunk=2, window=4, steps=4, reference_init=1.0), _features(), n_chunks=2
+    )
     assert torch.equal(plain, same)
-    _, near, _, _ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=4, reference_init=1e-6), _features(), n_chunks=2)
+    _, near, _, _ = _run(
+        dit, vae, StreamConfig(chunk=2, window=4, steps=4, reference_init=1e-6), _features(), n_chunks=2
+    )
     assert torch.allclose(near, _ref().expand_as(near), atol=1e-4) and not torch.allclose(plain, near, atol=1e-2)
     assert StreamConfig(steps=4, reference_init=0.5).sigmas()[0] == 0.5
     from talkstream.stream.avatar import REFERENCE_INIT, stream_config  # trained checkpoints start from it
+
     assert stream_config(dit).reference_init == REFERENCE_INIT < 1
     assert stream_config(dit, reference_init=1.0).reference_init == 1.0
     with pytest.raises(ValueError, match="reference_init"):
@@ -284,15 +309,16 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
     shift: its own 3; default start: the teacher's ``TEACHER_REFERENCE_INIT``)."""
     from talkstream.eval.evaluate import checkpoint_generator
     from talkstream.models.checkpoint import save_checkpoint
-    from talkstream.stream.offline import TEACHER_REFERENCE_INIT
     from talkstream.models.config import dit_config, vae_config
     from talkstream.models.dit import WanDiT
     from talkstream.models.vae import CausalVAE
+    from talkstream.stream.offline import TEACHER_REFERENCE_INIT
 
     torch.manual_seed(0)
     dit, vae = WanDiT(dit_config("tiny")).eval(), CausalVAE(vae_config("tiny")).eval()
-    save_checkpoint(tmp_path / "t.safetensors", dit, "dit", dit.cfg,
-                    extra=dict(look_back=0, look_ahead=0, window_latents=3))
+    save_checkpoint(
+        tmp_path / "t.safetensors", dit, "dit", dit.cfg, extra=dict(look_back=0, look_ahead=0, window_latents=3)
+    )
     save_checkpoint(tmp_path / "v.safetensors", vae, "vae", vae.cfg)
     clip = type("Clip", (), dict(seed=1, n_frames=5))()
     from talkstream.stream.prompts import PromptTrack
@@ -301,19 +327,35 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
     inputs = {"clips": {1: old | dict(track=PromptTrack(torch.zeros(1, 4, 384), None, np.zeros(5, np.int64)))}}
     ref = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(ValueError, match="no caption timelines"):  # inputs written before session 17
-        checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
-                             inputs={"clips": {1: old}})(ref, clip)
+        checkpoint_generator(
+            tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2, inputs={"clips": {1: old}}
+        )(ref, clip)
     with pytest.raises(ValueError, match="captions must be one of"):
         checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", captions="speaking")
-    assert checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
-                                audio_guidance=1.0, inputs={"clips": {1: old}}, captions="first_spoken")(ref, clip).shape \
-        == (5, 32, 32, 3)
+    assert checkpoint_generator(
+        tmp_path / "t.safetensors",
+        tmp_path / "v.safetensors",
+        size=32,
+        steps=2,
+        audio_guidance=1.0,
+        inputs={"clips": {1: old}},
+        captions="first_spoken",
+    )(ref, clip).shape == (5, 32, 32, 3)
+
     def timesteps(**kw):
         seen = []
-        gen = checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
-                                   audio_guidance=1.0, inputs=inputs, **kw)
+        gen = checkpoint_generator(
+            tmp_path / "t.safetensors",
+            tmp_path / "v.safetensors",
+            size=32,
+            steps=2,
+            audio_guidance=1.0,
+            inputs=inputs,
+            **kw,
+        )
         handle = torch.nn.modules.module.register_module_forward_pre_hook(  # the generator's own DiT
-            lambda m, args: seen.append(args[1].flatten()[-1].item()) if isinstance(m, WanDiT) else None)
+            lambda m, args: seen.append(args[1].flatten()[-1].item()) if isinstance(m, WanDiT) else None
+        )
         try:
             gen(ref, clip)
         finally:
@@ -325,8 +367,18 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
         assert seen[0] == pytest.approx(1000) and seen[1] / seen[0] == pytest.approx(mid)
     assert timesteps()[0] == pytest.approx(1000 * TEACHER_REFERENCE_INIT) and TEACHER_REFERENCE_INIT < 1
     assert timesteps(reference_init=0.5)[0] == pytest.approx(500)
-    draws = [checkpoint_generator(tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2,
-                                  audio_guidance=1.0, inputs=inputs, noise_seed=s)(ref, clip) for s in (0, 0, 1)]
+    draws = [
+        checkpoint_generator(
+            tmp_path / "t.safetensors",
+            tmp_path / "v.safetensors",
+            size=32,
+            steps=2,
+            audio_guidance=1.0,
+            inputs=inputs,
+            noise_seed=s,
+        )(ref, clip)
+        for s in (0, 0, 1)
+    ]
     assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])  # --noise-seed
 
 
@@ -336,8 +388,9 @@ def test_a_moving_sink_keeps_the_identity_reference_for_ref_concat(models):
     rc.load_state_dict(dit.state_dict(), strict=False)
     with torch.no_grad():
         rc.ref_embedding.weight.normal_(0, 0.05)
-    eng, lat, *_ = _run(rc, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="rolling_sink"), _features(2.0),
-                        n_chunks=3)
+    eng, lat, *_ = _run(
+        rc, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="rolling_sink"), _features(2.0), n_chunks=3
+    )
     torch.testing.assert_close(eng.sinks, lat[:, :, :1])  # the sink moved to the first generated frame...
     torch.testing.assert_close(eng.cache.ref_tokens, rc.embed_reference(_ref()))  # ...the reference did not
 

@@ -8,8 +8,9 @@ from talkstream.eval.evaluate import seam_ratio
 from talkstream.eval.probes import load_frame_probe
 from talkstream.stream.avatar import WEIGHTS, Avatar
 
-pytestmark = pytest.mark.skipif(not (WEIGHTS / "causal.safetensors.index.json").exists(),
-                                reason="the embedded causal model is not installed")
+pytestmark = pytest.mark.skipif(
+    not (WEIGHTS / "causal.safetensors.index.json").exists(), reason="the embedded causal model is not installed"
+)
 
 
 def test_no_seam_at_chunk_boundaries():

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from talkstream.models.checkpoint import load_checkpoint
-from talkstream.train.config import TrainConfig
-from talkstream.train.data import dequantize_features, load_pack, make_pack, mouth_maps, quantize_features, render_pack
 from talkstream.models.config import dit_config
 from talkstream.models.dit import WanDiT
+from talkstream.train.config import TrainConfig
+from talkstream.train.data import dequantize_features, load_pack, make_pack, mouth_maps, quantize_features, render_pack
 from talkstream.train.stages import LatentBank, audio_reliance, export_run, run_stage
 
 
@@ -42,7 +42,7 @@ def test_packs_join_with_merged_captions(pack, tmp_path):
                 old, new = part.caption_ids[i, t], both.caption_ids[offset + i, t]
                 assert part.captions[old] == both.captions[new]
                 m = part.caption_mask[old]
-                assert np.array_equal(both.caption_emb[new, :len(m)][m], part.caption_emb[old][m])
+                assert np.array_equal(both.caption_emb[new, : len(m)][m], part.caption_emb[old][m])
                 assert both.caption_mask[new].sum() == m.sum()
     with pytest.raises(ValueError, match="share clips"):
         load_pack([pack, pack])
@@ -75,8 +75,22 @@ def test_mouth_maps_peak_at_the_mouth(pack):
 
 
 def _cfg(tmp, pack, stage, **kw):
-    base = dict(stage=stage, data=str(pack), out=str(tmp / stage), model="tiny", steps=3, batch=2, size=64,
-                frames=9, workers=2, log_every=1, ckpt_every=2, warmup=1, look_back=0, look_ahead=0)
+    base = dict(
+        stage=stage,
+        data=str(pack),
+        out=str(tmp / stage),
+        model="tiny",
+        steps=3,
+        batch=2,
+        size=64,
+        frames=9,
+        workers=2,
+        log_every=1,
+        ckpt_every=2,
+        warmup=1,
+        look_back=0,
+        look_ahead=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -92,12 +106,22 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     # resume: asking for more steps continues from the saved state
     m2 = run_stage(_cfg(tmp_path, pack, "vae", steps=4))
     assert m2["train"]["step"] == 4
-    d = run_stage(_cfg(tmp_path, pack, "decoder", vae=str(vae_file), extra={"channels": 16, "mouth_weight": 5.0, "crop": 32}))
+    d = run_stage(
+        _cfg(tmp_path, pack, "decoder", vae=str(vae_file), extra={"channels": 16, "mouth_weight": 5.0, "crop": 32})
+    )
     assert "tiny_psnr_db" in d and d["tiny_speedup"] > 0
     # decoder-only fine-tuning: the encoder (so the latent space and its statistics) stays exactly as it was
-    run_stage(_cfg(tmp_path, pack, "vae", out=str(tmp_path / "vae_ft"), init=str(vae_file),
-                   lr=1e-2, extra={"freeze_encoder": True, "crop": 32, "mouth_weight": 5.0, "motion_weight": 2.0,
-                                              "l2_weight": 10.0}))
+    run_stage(
+        _cfg(
+            tmp_path,
+            pack,
+            "vae",
+            out=str(tmp_path / "vae_ft"),
+            init=str(vae_file),
+            lr=1e-2,
+            extra={"freeze_encoder": True, "crop": 32, "mouth_weight": 5.0, "motion_weight": 2.0, "l2_weight": 10.0},
+        )
+    )
     assert "lips_motion" in json.loads((tmp_path / "vae_ft" / "log.jsonl").read_text().splitlines()[-1])
     ft = load_checkpoint(tmp_path / "vae_ft" / "vae.safetensors").state_dict()
     base = load_checkpoint(vae_file).state_dict()  # (re-exported by the resumed run)
@@ -108,32 +132,59 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     rel = t["audio_reliance"]  # lips error with own / shuffled / no audio on held-out clips
     assert set(rel["sigma_0.5"]) == {"own", "shuffled", "none", "gain"} and np.isfinite(rel["mean_gain"])
     assert np.isfinite(rel["training_clips_mean_gain"])  # the same measure on training clips (memorisation)
-    bank = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3),
-                      load_pack(pack))
+    bank = LatentBank(
+        _cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3), load_pack(pack)
+    )
     assert bank.lips.shape == (3, bank.L, 16)
-    one_by_one = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25), vae, "cpu", slice(0, 3),
-                            load_pack(pack), encode_clips=1)  # (the VAE encodes each clip on its own)
+    one_by_one = LatentBank(
+        _cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25),
+        vae,
+        "cpu",
+        slice(0, 3),
+        load_pack(pack),
+        encode_clips=1,
+    )  # (the VAE encodes each clip on its own)
     # (bf16 latents: a last-bit difference of the fp32 encoder flips one bf16 step, 0.4% of the value)
     assert torch.allclose(one_by_one.latents.float(), bank.latents.float(), atol=1e-2, rtol=1e-2)
     assert torch.allclose(one_by_one.refs.float(), bank.refs.float(), atol=1e-2, rtol=1e-2)
     cache = tmp_path / "latents"
-    cached = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), vae,
-                        "cpu", slice(0, 3), load_pack(pack))
+    cached = LatentBank(
+        _cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)),
+        vae,
+        "cpu",
+        slice(0, 3),
+        load_pack(pack),
+    )
     assert len(list(cache.glob("clip_*.pt"))) == 3 and torch.equal(cached.latents, bank.latents)
     for f in cache.glob("clip_*.pt"):  # a second bank reads the cache (proof: what it reads is what it gets)
         saved = torch.load(f)
         torch.save(dict(latents=saved["latents"] + 1, refs=saved["refs"]), f)
-    again = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), vae,
-                       "cpu", slice(0, 3), load_pack(pack))
+    again = LatentBank(
+        _cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)),
+        vae,
+        "cpu",
+        slice(0, 3),
+        load_pack(pack),
+    )
     assert torch.equal(again.latents, bank.latents + 1) and torch.equal(again.refs, bank.refs)
-    shifted = LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), vae,
-                         "cpu", slice(2, 4), load_pack(pack))  # another split: clip 2 read back, clip 3 encoded
+    shifted = LatentBank(
+        _cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)),
+        vae,
+        "cpu",
+        slice(2, 4),
+        load_pack(pack),
+    )  # another split: clip 2 read back, clip 3 encoded
     assert len(list(cache.glob("clip_*.pt"))) == 4 and torch.equal(shifted.latents[0], bank.latents[2] + 1)
     assert torch.equal(shifted.refs[0], bank.refs[2])
     other_vae = load_checkpoint(vae_file)  # other weights: another key, encoded afresh
     torch.nn.init.zeros_(next(other_vae.parameters()))
-    LatentBank(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)), other_vae,
-               "cpu", slice(0, 3), load_pack(pack))
+    LatentBank(
+        _cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, latent_cache=str(cache)),
+        other_vae,
+        "cpu",
+        slice(0, 3),
+        load_pack(pack),
+    )
     assert len(list(cache.glob("clip_*.pt"))) == 7
     fresh = WanDiT(dit_config("tiny"))  # zero-initialised audio adapters: the audio cannot matter
     assert audio_reliance(fresh, bank, n_latent=7)["mean_gain"] == 0
@@ -146,13 +197,38 @@ def test_all_stages_run_and_resume(tmp_path, pack):
     info = load_checkpoint(teacher).checkpoint_info
     assert info["window_latents"] == 7 and info["motion_latents"] == 2
     # depth growth: a 4-block teacher from the 2-block one (the copies' outputs start at zero), trained a step
-    run_stage(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), frames=25, out=str(tmp_path / "grown"),
-                   init=str(teacher), grow_depth=True, dit={"num_layers": 4}, steps=1))
+    run_stage(
+        _cfg(
+            tmp_path,
+            pack,
+            "teacher",
+            vae=str(vae_file),
+            frames=25,
+            out=str(tmp_path / "grown"),
+            init=str(teacher),
+            grow_depth=True,
+            dit={"num_layers": 4},
+            steps=1,
+        )
+    )
     assert load_checkpoint(tmp_path / "grown" / "teacher.safetensors").cfg.num_layers == 4
     with pytest.raises(ValueError, match="set init"):
         run_stage(_cfg(tmp_path, pack, "teacher", vae=str(vae_file), grow_depth=True, dit={"num_layers": 4}))
-    c = run_stage(_cfg(tmp_path, pack, "causal", vae=str(vae_file), frames=25, init=str(teacher), chunk=3,
-                       mouth_weight=4.0, lip_read_weight=0.5, lip_reader_steps=5, lip_reader_max_error=0.0))
+    c = run_stage(
+        _cfg(
+            tmp_path,
+            pack,
+            "causal",
+            vae=str(vae_file),
+            frames=25,
+            init=str(teacher),
+            chunk=3,
+            mouth_weight=4.0,
+            lip_read_weight=0.5,
+            lip_reader_steps=5,
+            lip_reader_max_error=0.0,
+        )
+    )
     assert np.isfinite(c["train"]["loss"]) and c["train"]["lip_read"] > 0
     assert c["lip_reader"]["steps"] == 5 and np.isfinite(c["lip_reader"]["held_jaw_error"])
     assert c["lip_reader"]["fits"] == 2  # a 5-step reader misses any bound: refitted once, then the better one used
@@ -263,19 +339,25 @@ def test_tiny_decoder_loss_parts():
     mouth[..., 10:20, 12:22] = 1
     plain, info = tiny_decoder_loss(y, x, ms_ssim_weight=0.1)
     assert set(info) == {"truth"} and torch.allclose(plain, reconstruction_loss(y, x, ms_ssim_weight=0.1))
-    full, info = tiny_decoder_loss(y, x, mouth, l2=20.0, ms_ssim_weight=0.1, mouth_weight=3.0, target=target,
-                                   distill_weight=0.5)
+    full, info = tiny_decoder_loss(
+        y, x, mouth, l2=20.0, ms_ssim_weight=0.1, mouth_weight=3.0, target=target, distill_weight=0.5
+    )
     assert set(info) == {"truth", "distill", "lips"}
-    want = (reconstruction_loss(y, x, l2=20.0, ms_ssim_weight=0.1) + 0.5 * reconstruction_loss(y, target, ms_ssim_weight=0.0)
-            + 3.0 * masked_l1(y, x, mouth))
+    want = (
+        reconstruction_loss(y, x, l2=20.0, ms_ssim_weight=0.1)
+        + 0.5 * reconstruction_loss(y, target, ms_ssim_weight=0.0)
+        + 3.0 * masked_l1(y, x, mouth)
+    )
     assert torch.allclose(full, want)
-    assert tiny_decoder_loss(x, x, mouth, mouth_weight=3.0)[1]["lips"] == 0  # a perfect decode loses nothing at the lips
+    assert (
+        tiny_decoder_loss(x, x, mouth, mouth_weight=3.0)[1]["lips"] == 0
+    )  # a perfect decode loses nothing at the lips
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_clean_context_gets_history_corruption_only_when_asked(causal):
     """The teacher's motion latents (p_motion) and the causal model's context chunks are given at timestep 0; with
-    history corruption (motion_corruption / history_corruption = 1) they carry a little noise, without it they are x0."""
+    history corruption (motion_corruption / history_corruption = 1) they carry a little noise, else they are x0."""
     from talkstream.train.stages import _dit_loss
 
     seen = {}
@@ -285,11 +367,19 @@ def test_clean_context_gets_history_corruption_only_when_asked(causal):
         return torch.zeros_like(xt)
 
     x0 = torch.randn(4, 16, 6, 4, 4, generator=torch.Generator().manual_seed(0))
-    batch = dict(x0=x0, audio=torch.zeros(4, 6, 16, 384), text=torch.zeros(4, 3, 384), ref=torch.zeros(4, 16, 1, 4, 4),
-                 mouth=torch.zeros(4, 6, 4, 4), text_mask=torch.ones(4, 3, dtype=torch.bool))
+    batch = dict(
+        x0=x0,
+        audio=torch.zeros(4, 6, 16, 384),
+        text=torch.zeros(4, 3, 384),
+        ref=torch.zeros(4, 16, 1, 4, 4),
+        mouth=torch.zeros(4, 6, 4, 4),
+        text_mask=torch.ones(4, 3, dtype=torch.bool),
+    )
     key = "history_corruption" if causal else "motion_corruption"
     for p in (0.0, 1.0):
-        cfg = TrainConfig(stage="causal" if causal else "teacher", data="", p_motion=1.0, history_max_sigma=0.3, **{key: p})
+        cfg = TrainConfig(
+            stage="causal" if causal else "teacher", data="", p_motion=1.0, history_max_sigma=0.3, **{key: p}
+        )
         for seed in range(8):  # the causal model gives clean context to half its samples: draw until some have it
             torch.manual_seed(seed)
             _dit_loss(cfg, causal)(model, batch)
@@ -316,8 +406,17 @@ def test_lr_mult_gives_a_prefix_its_own_rate_and_rejects_a_name_that_matches_not
 
     # one optimiser step: the multiplied group moves at its rate (weight decay off, so AdamW's first step moves
     # each weight by lr x sign(grad) and the two rates read back exactly)
-    cfg = TrainConfig(stage="teacher", data="x", out=str(tmp_path / "run"), lr=1e-3, warmup=0, weight_decay=0.0,
-                      ema=0, lr_mult={"ref_embedding": 10}, steps=1)
+    cfg = TrainConfig(
+        stage="teacher",
+        data="x",
+        out=str(tmp_path / "run"),
+        lr=1e-3,
+        warmup=0,
+        weight_decay=0.0,
+        ema=0,
+        lr_mult={"ref_embedding": 10},
+        steps=1,
+    )
     x = torch.randn(1, model.cfg.in_dim, 1, 4, 4)
 
     def loss_fn(m, batch):
@@ -346,16 +445,16 @@ def test_time_budget_counts_the_whole_stage(tmp_path, capsys):
         return (m(batch) ** 2).mean() + 1.0, {}
 
     x = torch.randn(4, 2)
-    cfg = TrainConfig(stage="teacher", data="x", out=str(tmp_path / "spent"), steps=5, time_budget=60, ema=0,
-                      warmup=0)
+    cfg = TrainConfig(stage="teacher", data="x", out=str(tmp_path / "spent"), steps=5, time_budget=60, ema=0, warmup=0)
     before = model.weight.detach().clone()
     runner = Runner(cfg, model, loss_fn, lambda gen: x, "cpu", started=time.perf_counter() - 61)
     runner.train()
     assert runner.step == 0 and torch.equal(model.weight, before)
     assert "61s spent before the first step, 0s to train" in capsys.readouterr().out
     assert (tmp_path / "spent" / "state.pt").exists()  # (saved, so `train export` can write it)
-    runner = Runner(replace(cfg, out=str(tmp_path / "left")), model, loss_fn, lambda gen: x, "cpu",
-                    started=time.perf_counter() - 10)
+    runner = Runner(
+        replace(cfg, out=str(tmp_path / "left")), model, loss_fn, lambda gen: x, "cpu", started=time.perf_counter() - 10
+    )
     assert 49 < runner.loop_budget(time.perf_counter()) <= 50
     runner.train()
     assert runner.step == 5 and not torch.equal(model.weight, before)

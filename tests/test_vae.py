@@ -28,7 +28,7 @@ def test_vae_chunked_equals_whole():
         z_chunks = torch.cat([v.encode(x[:, :, :1], c), v.encode(x[:, :, 1:9], c), v.encode(x[:, :, 9:], c)], 2)
         y = v.decode(z)
         c = FeatureCache()
-        y_chunks = torch.cat([v.decode(z[:, :, i:i + 2], c) for i in range(0, z.shape[2], 2)], 2)
+        y_chunks = torch.cat([v.decode(z[:, :, i : i + 2], c) for i in range(0, z.shape[2], 2)], 2)
     assert (z - z_chunks).abs().max() < 1e-5
     assert (y - y_chunks).abs().max() < 1e-5
     # causality: changing the last frames never changes earlier latents
@@ -100,6 +100,7 @@ def test_temporal_receptive_field_is_bounded():
 @pytest.mark.parametrize("k,stride,pad", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (2, 2, 0)])
 def test_conv3d_as_2d_equals_conv3d(k, stride, pad):
     from talkstream.models.vae import conv3d_as_2d
+
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 5, 9, 8, 8, generator=g), torch.randn(7, 5, k, 3, 3, generator=g), torch.randn(7)
     ref = torch.nn.functional.conv3d(x, w, b, stride=(stride, 1, 1), padding=(0, pad, pad))

@@ -94,8 +94,9 @@ def test_zero_length_clip_is_rejected():
         make_clip(0, seconds=0)
 
 
-@pytest.mark.parametrize("seed,pose", [(0, (0, 0, 0, 0, 0)), (1, (20, 8, 10, 0.05, -0.03)),
-                                       (2, (-25, -6, -12, -0.05, 0.04))])
+@pytest.mark.parametrize(
+    "seed,pose", [(0, (0, 0, 0, 0, 0)), (1, (20, 8, 10, 0.05, -0.03)), (2, (-25, -6, -12, -0.05, 0.04))]
+)
 def test_mouth_center_is_where_the_mouth_is_drawn(seed, pose):
     """Only the lips change between two renders that differ in lip width: their changed pixels are centred
     on mouth_center (turned, tilted, shifted heads included)."""

@@ -38,8 +38,9 @@ def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma
 
 
-def sample_training_sigmas(n: int, generator: torch.Generator | None = None, shift: float = 1.0,
-                           logit_normal: bool = True, device=None) -> torch.Tensor:
+def sample_training_sigmas(
+    n: int, generator: torch.Generator | None = None, shift: float = 1.0, logit_normal: bool = True, device=None
+) -> torch.Tensor:
     """Training noise levels: logit-normal (as in SD3) or uniform, then shifted."""
     u = torch.randn(n, generator=generator, device=device) if logit_normal else None
     s = torch.sigmoid(u) if logit_normal else torch.rand(n, generator=generator, device=device)

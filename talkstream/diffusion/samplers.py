@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,8 +28,9 @@ def sample_euler(model: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, pro
 
 
 @torch.no_grad()
-def sample_few_step(model: Velocity, noise: torch.Tensor, sigmas: torch.Tensor,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_few_step(
+    model: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Few-step sampling as distilled students use it (Self-Forcing / DMD): predict x0 at each level,
     then re-noise it with fresh noise to the next level. ``sigmas`` from ``sigmas_from_timesteps``."""
     x = noise
@@ -58,8 +59,15 @@ def guided_velocity(predictions: Sequence[torch.Tensor], scales: Sequence[float]
     return v
 
 
-def drop_conditions(generator: torch.Generator | None, batch: int, p_audio: float = 0.1, p_text: float = 0.1,
-                    p_ref: float = 0.05, p_all: float = 0.05, device=None) -> dict[str, torch.Tensor]:
+def drop_conditions(
+    generator: torch.Generator | None,
+    batch: int,
+    p_audio: float = 0.1,
+    p_text: float = 0.1,
+    p_ref: float = 0.05,
+    p_all: float = 0.05,
+    device=None,
+) -> dict[str, torch.Tensor]:
     """Per-sample classifier-free-guidance dropout: which samples lose their audio / text / reference.
 
     Each condition drops independently with its own probability, and all drop together with ``p_all``
@@ -67,8 +75,7 @@ def drop_conditions(generator: torch.Generator | None, batch: int, p_audio: floa
     """
     u = torch.rand(4, batch, generator=generator, device=device)
     everything = u[3] < p_all
-    return dict(audio=(u[0] < p_audio) | everything, text=(u[1] < p_text) | everything,
-                ref=(u[2] < p_ref) | everything)
+    return dict(audio=(u[0] < p_audio) | everything, text=(u[1] < p_text) | everything, ref=(u[2] < p_ref) | everything)
 
 
 def apply_dropout(drop: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor | None:

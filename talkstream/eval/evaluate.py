@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -41,9 +41,14 @@ def read_image(path: str | Path) -> np.ndarray:
         raise NotMeasurable(f"{path}: not a readable image ({e})") from None
 
 
-def evaluate_clip(frames: np.ndarray, audio: np.ndarray | None, reference: np.ndarray | None,
-                  mouth_truth: np.ndarray | None = None, probe: FrameProbe | None = None,
-                  fps: float = FPS) -> metrics.ClipReport:
+def evaluate_clip(
+    frames: np.ndarray,
+    audio: np.ndarray | None,
+    reference: np.ndarray | None,
+    mouth_truth: np.ndarray | None = None,
+    probe: FrameProbe | None = None,
+    fps: float = FPS,
+) -> metrics.ClipReport:
     """Every metric that the inputs allow; what they do not allow is reported as 'not measurable'."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 3:
         raise NotMeasurable(f"need at least 3 RGB frames, got shape {frames.shape}")
@@ -78,16 +83,16 @@ def evaluate_clip(frames: np.ndarray, audio: np.ndarray | None, reference: np.nd
     return report
 
 
-def evaluate_files(video: str | Path, audio: str | Path | None = None, ref: str | Path | None = None,
-                   truth: str | Path | None = None) -> metrics.ClipReport:
+def evaluate_files(
+    video: str | Path, audio: str | Path | None = None, ref: str | Path | None = None, truth: str | Path | None = None
+) -> metrics.ClipReport:
     try:
         v = read_video(video)
     except MediaError as e:
         raise NotMeasurable(str(e)) from None
     frames = v.frames
     if abs(v.fps - FPS) > 0.01:
-        idx = np.minimum(np.round(np.arange(int(len(frames) * FPS / v.fps)) * v.fps / FPS).astype(int),
-                         len(frames) - 1)
+        idx = np.minimum(np.round(np.arange(int(len(frames) * FPS / v.fps)) * v.fps / FPS).astype(int), len(frames) - 1)
         frames = frames[idx]
     if audio is not None:
         try:
@@ -99,8 +104,9 @@ def evaluate_files(video: str | Path, audio: str | Path | None = None, ref: str 
     if sound is not None:
         gap = abs(len(sound) / 16000 - len(frames) / FPS)
         if gap > MAX_LENGTH_MISMATCH:
-            raise NotMeasurable(f"mismatched lengths: video {len(frames) / FPS:.2f} s, audio "
-                                f"{len(sound) / 16000:.2f} s")
+            raise NotMeasurable(
+                f"mismatched lengths: video {len(frames) / FPS:.2f} s, audio {len(sound) / 16000:.2f} s"
+            )
     reference = read_image(ref) if ref is not None else None
     mouth_truth = None
     if truth is not None:
@@ -206,11 +212,20 @@ def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) ->
         feats, emb, mask, track = _encode_clip(clip, whisper, text)
         # kept small (it travels to GPU machines): the segments' own copies of the speech audio are dropped
         # (the clip's audio has it all), arrays are stored in float16
-        segments = [dataclasses.replace(sg, speech=None if sg.speech is None else dataclasses.replace(
-            sg.speech, audio=np.zeros(0, np.float32))) for sg in clip.segments]
+        segments = [
+            dataclasses.replace(
+                sg, speech=None if sg.speech is None else dataclasses.replace(sg.speech, audio=np.zeros(0, np.float32))
+            )
+            for sg in clip.segments
+        ]
         clip = dataclasses.replace(clip, segments=segments, audio=clip.audio.astype(np.float16))
-        out[seed] = dict(clip=clip, audio_features=feats.astype(np.float16), text=emb.half(), text_mask=mask,
-                         track=track.to(dtype=torch.float16))
+        out[seed] = dict(
+            clip=clip,
+            audio_features=feats.astype(np.float16),
+            text=emb.half(),
+            text_mask=mask,
+            track=track.to(dtype=torch.float16),
+        )
     return dict(seconds=seconds, clips=out)
 
 
@@ -225,11 +240,20 @@ def load_suite_inputs(path: str | Path) -> dict:
         return pickle.load(f)
 
 
-def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int = 256, device: str = "cpu",
-                         steps: int = 30, audio_guidance: float = 2.0, inputs: dict | None = None,
-                         timestep_shift: float | None = None, noise_seed: int = 0,
-                         reference_init: float | None = None, start_from: str | None = None,
-                         captions: str = "timeline"):
+def checkpoint_generator(
+    dit_path: str | Path,
+    vae_path: str | Path,
+    size: int = 256,
+    device: str = "cpu",
+    steps: int = 30,
+    audio_guidance: float = 2.0,
+    inputs: dict | None = None,
+    timestep_shift: float | None = None,
+    noise_seed: int = 0,
+    reference_init: float | None = None,
+    start_from: str | None = None,
+    captions: str = "timeline",
+):
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, its captions (see
     ``captions``), the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
@@ -257,8 +281,10 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         if inputs is not None:
             c = inputs["clips"][clip.seed]
             if captions == "timeline" and "track" not in c:
-                raise ValueError("these suite inputs have no caption timelines (written before session 17): write "
-                                 "them again with `talkstream eval suite --save-inputs`, or pass captions='first_spoken'")
+                raise ValueError(
+                    "these suite inputs have no caption timelines (written before session 17): write "
+                    "them again with `talkstream eval suite --save-inputs`, or pass captions='first_spoken'"
+                )
             feats, emb, mask, track = c["audio_features"], c["text"], c["text_mask"], c.get("track")
         else:
             if not encoders:
@@ -275,9 +301,13 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         from ..stream.avatar import Avatar, stream_config
 
         start = {k: v for k, v in dict(reference_init=reference_init, start_from=start_from).items() if v is not None}
-        avatar = Avatar(dit, vae, cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **start,
-                                                    **sampler),
-                        device=device, size=size)
+        avatar = Avatar(
+            dit,
+            vae,
+            cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **start, **sampler),
+            device=device,
+            size=size,
+        )
 
         def generate(reference: np.ndarray, clip) -> np.ndarray:
             feats, emb, mask = encoded(clip)
@@ -286,9 +316,16 @@ def checkpoint_generator(dit_path: str | Path, vae_path: str | Path, size: int =
         return generate
     from ..stream.offline import TEACHER_REFERENCE_INIT, OfflineGenerator
 
-    gen = OfflineGenerator(dit, vae, device=device, size=size, steps=steps, audio_guidance=audio_guidance,
-                           reference_init=TEACHER_REFERENCE_INIT if reference_init is None else reference_init,
-                           **sampler)
+    gen = OfflineGenerator(
+        dit,
+        vae,
+        device=device,
+        size=size,
+        steps=steps,
+        audio_guidance=audio_guidance,
+        reference_init=TEACHER_REFERENCE_INIT if reference_init is None else reference_init,
+        **sampler,
+    )
 
     def generate(reference: np.ndarray, clip) -> np.ndarray:
         feats, emb, mask = encoded(clip)
@@ -308,7 +345,7 @@ def vae_roundtrip(vae, frames: np.ndarray, segment: int = 33) -> np.ndarray:
     dev = next(vae.parameters()).device
     out = []
     for s in range(0, len(frames), segment):
-        seg = frames[s:s + segment]
+        seg = frames[s : s + segment]
         n = 1 + 4 * ((len(seg) - 1) // 4)
         with torch.no_grad():
             y = video_to_frames(vae.decode(vae.encode(frames_to_video(seg[:n], seg.shape[1]).to(dev))))
@@ -317,7 +354,7 @@ def vae_roundtrip(vae, frames: np.ndarray, segment: int = 33) -> np.ndarray:
 
 
 def clip_mouth_truth(clip) -> np.ndarray:
-    """A world clip's per-frame jaw-opening truth (from its speech segments), what the probe's readings are scored on."""
+    """Per-frame jaw-opening truth (from its speech segments): what the probe's readings are scored on."""
     return metrics.mouth_truth_from_segments([s.to_dict() for s in clip.segments], clip.n_frames)
 
 
@@ -325,8 +362,11 @@ def mouth_scores(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
     """Over the frames both have, at offset 0: the mean mouth error, its fast / slow halves and the amplitude."""
     n = min(len(mouth_read), len(mouth_truth))
     read, truth = np.asarray(mouth_read[:n]), np.asarray(mouth_truth[:n])
-    return dict(mouth_error=float(np.abs(read - truth).mean()), **mouth_error_by_speed(read, truth),
-                **mouth_amplitude(read, truth))
+    return dict(
+        mouth_error=float(np.abs(read - truth).mean()),
+        **mouth_error_by_speed(read, truth),
+        **mouth_amplitude(read, truth),
+    )
 
 
 def mouth_error_by_speed(mouth_read: np.ndarray, mouth_truth: np.ndarray) -> dict:
@@ -402,9 +442,15 @@ def head_motion(values: dict) -> float:
     return float(np.mean([values["yaw_std"], values["pitch_std"], values["roll_std"]]))
 
 
-def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, seconds: float = 8.0, size: int = 256,
-              seeds: tuple[int, ...] = SUITE_SEEDS, probe: FrameProbe | None = None, inputs: dict | None = None,
-              keep_frames: bool = False) -> dict:
+def run_suite(
+    generate: Callable[[int, object], np.ndarray] | None = None,
+    seconds: float = 8.0,
+    size: int = 256,
+    seeds: tuple[int, ...] = SUITE_SEEDS,
+    probe: FrameProbe | None = None,
+    inputs: dict | None = None,
+    keep_frames: bool = False,
+) -> dict:
     """For each held-out seed: the world clip's first frame is the reference, its audio drives the model,
     and ``generate(reference, clip)`` returns frames. ``generate=None`` evaluates the ground-truth renders
     (the row every model is compared to). ``inputs`` (``prepare_suite``) supplies the planned clips.
@@ -412,8 +458,10 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
     Identity NN accuracy: the fraction of frames whose probe identity is nearer to their own reference than
     to any other suite clip's reference."""
     if inputs is not None and (missing := [s for s in seeds if s not in inputs["clips"]]):
-        raise ValueError(f"the suite inputs hold no clip for seeds {missing} (they hold {sorted(inputs['clips'])}): "
-                         "write inputs for them with `talkstream eval suite --save-inputs F --seeds ...`")
+        raise ValueError(
+            f"the suite inputs hold no clip for seeds {missing} (they hold {sorted(inputs['clips'])}): "
+            "write inputs for them with `talkstream eval suite --save-inputs F --seeds ...`"
+        )
     probe = probe or load_frame_probe()
     rows, ids, refs, kept = [], [], [], {}
     for seed in seeds:
@@ -429,19 +477,40 @@ def run_suite(generate: Callable[[int, object], np.ndarray] | None = None, secon
         refs.append(probe.read(truth_frames[:1])["identity"][0])
         if keep_frames:
             kept[seed] = frames
-        rows.append(dict(seed=seed, mouth_error=v["mouth_error"], best_offset=v["best_offset"],
-                         sync_confidence=v["sync_confidence"], identity_distance=v["identity_distance_mean"],
-                         drift_per_minute=v["drift_per_minute"], flicker=v["flicker"], flags=v["flags"],
-                         silhouette_iou=shape["silhouette_iou"], head_motion=head_motion(v),
-                         **mouth_error_by_speed(rep.series["mouth_read"], truth),
-                         **mouth_amplitude(rep.series["mouth_read"], truth)))
+        rows.append(
+            dict(
+                seed=seed,
+                mouth_error=v["mouth_error"],
+                best_offset=v["best_offset"],
+                sync_confidence=v["sync_confidence"],
+                identity_distance=v["identity_distance_mean"],
+                drift_per_minute=v["drift_per_minute"],
+                flicker=v["flicker"],
+                flags=v["flags"],
+                silhouette_iou=shape["silhouette_iou"],
+                head_motion=head_motion(v),
+                **mouth_error_by_speed(rep.series["mouth_read"], truth),
+                **mouth_amplitude(rep.series["mouth_read"], truth),
+            )
+        )
     gallery = np.stack(refs)
     for k, (row, x) in enumerate(zip(rows, ids)):
         nearest = np.argmin(((x[:, None] - gallery[None]) ** 2).sum(-1), axis=1)
         row["identity_nn_accuracy"] = float(np.mean(nearest == k))
-    keys = ("mouth_error", "mouth_error_fast", "mouth_error_slow", "mouth_gain", "mouth_corr", "sync_confidence",
-            "identity_distance",
-            "identity_nn_accuracy", "silhouette_iou", "head_motion", "drift_per_minute", "flicker")
+    keys = (
+        "mouth_error",
+        "mouth_error_fast",
+        "mouth_error_slow",
+        "mouth_gain",
+        "mouth_corr",
+        "sync_confidence",
+        "identity_distance",
+        "identity_nn_accuracy",
+        "silhouette_iou",
+        "head_motion",
+        "drift_per_minute",
+        "flicker",
+    )
     summary = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
     measured = [r for r in rows if r["best_offset"] != "not measurable"]
     summary["offset_zero_fraction"] = float(np.mean([r["best_offset"] == 0 for r in measured])) if measured else None

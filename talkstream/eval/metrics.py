@@ -45,8 +45,13 @@ def lip_sync_truth(mouth_pred: np.ndarray, mouth_truth: np.ndarray, max_offset: 
     errs = [float(np.abs(x - y).mean()) for x, y in (_shifted_pairs(a, b, -o) for o in offsets)]
     best = int(np.argmin(errs))
     conf = float(np.median(errs) - errs[best])
-    res = dict(mouth_error=errs[max_offset], best_offset=offsets[best], sync_distance=errs[best],
-               sync_confidence=conf, error_by_offset=dict(zip(offsets, errs)))
+    res = dict(
+        mouth_error=errs[max_offset],
+        best_offset=offsets[best],
+        sync_distance=errs[best],
+        sync_confidence=conf,
+        error_by_offset=dict(zip(offsets, errs)),
+    )
     if b.std() < 0.05 or conf < MIN_CONFIDENCE_TRUTH:  # too little speech to locate the offset
         res["best_offset"] = "not measurable"
     return res
@@ -56,13 +61,14 @@ def audio_envelope(audio: np.ndarray, n_frames: int, fps: float = 25.0, sample_r
     hop = sample_rate / fps
     out = np.zeros(n_frames)
     for i in range(n_frames):
-        seg = audio[int(i * hop):int((i + 1) * hop)]
+        seg = audio[int(i * hop) : int((i + 1) * hop)]
         out[i] = np.sqrt(np.mean(seg.astype(np.float64) ** 2)) if len(seg) else 0.0
     return out
 
 
-def lip_sync_energy(mouth_pred: np.ndarray, audio: np.ndarray, fps: float = 25.0, max_offset: int = 5,
-                    sample_rate: int = 16000) -> dict:
+def lip_sync_energy(
+    mouth_pred: np.ndarray, audio: np.ndarray, fps: float = 25.0, max_offset: int = 5, sample_rate: int = 16000
+) -> dict:
     """For any audio: correlation of mouth opening with the audio's loudness, with an offset search."""
     env = audio_envelope(audio, len(mouth_pred), fps, sample_rate)
     offsets = list(range(-max_offset, max_offset + 1))
@@ -72,8 +78,13 @@ def lip_sync_energy(mouth_pred: np.ndarray, audio: np.ndarray, fps: float = 25.0
         corrs.append(float(np.corrcoef(x, y)[0, 1]) if x.std() > 1e-9 and y.std() > 1e-9 else 0.0)
     best = int(np.argmax(corrs))
     conf = float(corrs[best] - np.median(corrs))
-    res = dict(energy_correlation=corrs[max_offset], best_offset=offsets[best], best_correlation=corrs[best],
-               sync_confidence=conf, correlation_by_offset=dict(zip(offsets, corrs)))
+    res = dict(
+        energy_correlation=corrs[max_offset],
+        best_offset=offsets[best],
+        best_correlation=corrs[best],
+        sync_confidence=conf,
+        correlation_by_offset=dict(zip(offsets, corrs)),
+    )
     if env.std() < 1e-4 or conf < MIN_CONFIDENCE_ENERGY:
         res["best_offset"] = "not measurable"
     return res
@@ -96,9 +107,13 @@ def identity_drift(identity_pred: np.ndarray, reference: np.ndarray, fps: float 
     d = np.sqrt(((identity_pred - reference[None]) ** 2).sum(1))
     t = np.arange(len(d)) / fps
     slope = float(np.polyfit(t, d, 1)[0]) if len(d) > 2 else 0.0
-    return dict(identity_distance_mean=float(d.mean()), identity_distance_max=float(d.max()),
-                drift_per_minute=slope * 60.0, identity_mismatch=bool(np.median(d) > IDENTITY_LIMIT),
-                distance_per_frame=d)
+    return dict(
+        identity_distance_mean=float(d.mean()),
+        identity_distance_max=float(d.max()),
+        drift_per_minute=slope * 60.0,
+        identity_mismatch=bool(np.median(d) > IDENTITY_LIMIT),
+        distance_per_frame=d,
+    )
 
 
 def stability(frames: np.ndarray) -> dict:
@@ -109,8 +124,7 @@ def stability(frames: np.ndarray) -> dict:
     black = np.nonzero(means < BLACK_LEVEL)[0]
     blank = np.nonzero((stds < BLANK_STD) & (means >= BLACK_LEVEL))[0]
     diffs = np.abs(np.diff(x, axis=0)).mean(axis=(1, 2, 3)) if len(x) > 1 else np.zeros(0)
-    flicker_per_frame = (np.abs(x[1:-1] - 0.5 * (x[:-2] + x[2:])).mean(axis=(1, 2, 3)) if len(x) > 2
-                         else np.zeros(0))
+    flicker_per_frame = np.abs(x[1:-1] - 0.5 * (x[:-2] + x[2:])).mean(axis=(1, 2, 3)) if len(x) > 2 else np.zeros(0)
     runs, start = [], None
     for i, still in enumerate(diffs < FROZEN_DIFF):
         if still and start is None:
@@ -121,9 +135,16 @@ def stability(frames: np.ndarray) -> dict:
                 runs.append((start, end))
             start = None
     flicker = float(flicker_per_frame.mean()) if len(flicker_per_frame) else 0.0
-    return dict(flicker=flicker, flickering=flicker > FLICKER_LIMIT, black_frames=black.tolist(),
-                blank_frames=blank.tolist(), frozen_runs=runs, frozen=bool(runs),
-                mean_change=float(diffs.mean()) if len(diffs) else 0.0, flicker_per_frame=flicker_per_frame)
+    return dict(
+        flicker=flicker,
+        flickering=flicker > FLICKER_LIMIT,
+        black_frames=black.tolist(),
+        blank_frames=blank.tolist(),
+        frozen_runs=runs,
+        frozen=bool(runs),
+        mean_change=float(diffs.mean()) if len(diffs) else 0.0,
+        flicker_per_frame=flicker_per_frame,
+    )
 
 
 def person_mask(frames: np.ndarray, background: np.ndarray, threshold: float = SILHOUETTE_THRESHOLD) -> np.ndarray:
@@ -175,8 +196,7 @@ def motion(states: np.ndarray, fps: float = 25.0) -> dict:
         if denom > 1e-9:
             ac = [float((p[k:] * p[:-k]).sum() / denom * len(p) / (len(p) - k)) for k in range(lag0, len(p) // 2)]
             rep = max(ac) if ac else 0.0
-    return dict(yaw_std=float(variety[0]), pitch_std=float(variety[1]), roll_std=float(variety[2]),
-                repetition=rep)
+    return dict(yaw_std=float(variety[0]), pitch_std=float(variety[1]), roll_std=float(variety[2]), repetition=rep)
 
 
 @dataclass

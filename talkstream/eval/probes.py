@@ -29,8 +29,23 @@ FRAME_PROBE_FILE = WEIGHTS_DIR / "frame_probe.safetensors"
 BEHAVIOUR_PROBE_FILE = WEIGHTS_DIR / "behaviour_probe.safetensors"
 
 # per-field scale: the net predicts value / scale (all targets ~ unit range)
-STATE_SCALE = dict(jaw_open=1, lip_width=1, lip_round=1, teeth=1, tongue=1, yaw=25, pitch=12, roll=10, tx=0.04,
-                   ty=0.03, blink=1, gaze_x=1, gaze_y=1, brow=1, smile=1)
+STATE_SCALE = dict(
+    jaw_open=1,
+    lip_width=1,
+    lip_round=1,
+    teeth=1,
+    tongue=1,
+    yaw=25,
+    pitch=12,
+    roll=10,
+    tx=0.04,
+    ty=0.03,
+    blink=1,
+    gaze_x=1,
+    gaze_y=1,
+    brow=1,
+    smile=1,
+)
 _SCALE = torch.tensor([STATE_SCALE[f] for f in STATE_FIELDS], dtype=torch.float32)
 ID_DIM = len(Identity.sample(0).vector())
 FACE_BOX = (48, 176, 64, 192)  # y0, y1, x0, x1 at 256x256
@@ -44,11 +59,25 @@ class FrameProbe(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         w = width
-        self.face = nn.Sequential(_conv(3, w, 2), _conv(w, w), _conv(w, 2 * w, 2), _conv(2 * w, 2 * w),
-                                  _conv(2 * w, 3 * w, 2), _conv(3 * w, 4 * w, 2), _conv(4 * w, 4 * w, 2),
-                                  nn.AdaptiveAvgPool2d(2), nn.Flatten())  # 128 -> 4 -> 2x2
-        self.glob = nn.Sequential(_conv(3, w, 2), _conv(w, 2 * w, 2), _conv(2 * w, 3 * w, 2), _conv(3 * w, 4 * w, 2),
-                                  nn.AdaptiveAvgPool2d(2), nn.Flatten())  # 64 -> 4 -> 2x2
+        self.face = nn.Sequential(
+            _conv(3, w, 2),
+            _conv(w, w),
+            _conv(w, 2 * w, 2),
+            _conv(2 * w, 2 * w),
+            _conv(2 * w, 3 * w, 2),
+            _conv(3 * w, 4 * w, 2),
+            _conv(4 * w, 4 * w, 2),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )  # 128 -> 4 -> 2x2
+        self.glob = nn.Sequential(
+            _conv(3, w, 2),
+            _conv(w, 2 * w, 2),
+            _conv(2 * w, 3 * w, 2),
+            _conv(3 * w, 4 * w, 2),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )  # 64 -> 4 -> 2x2
         self.embed = nn.Sequential(nn.Linear(2 * 16 * w, 256), nn.ReLU(inplace=True))
         self.state_head = nn.Linear(256, len(STATE_FIELDS))
         self.id_head = nn.Linear(256, ID_DIM)
@@ -72,24 +101,36 @@ class FrameProbe(nn.Module):
         self.eval()
         states, ids, feats = [], [], []
         for i in range(0, len(frames), batch):
-            face, glob = self.prepare(frames[i:i + batch])
+            face, glob = self.prepare(frames[i : i + batch])
             s, d, h = self(face, glob)
             states.append(s * _SCALE)
             ids.append(d)
             feats.append(h)
-        return dict(states=torch.cat(states).numpy(), identity=torch.cat(ids).numpy(),
-                    features=torch.cat(feats).numpy())
+        return dict(
+            states=torch.cat(states).numpy(), identity=torch.cat(ids).numpy(), features=torch.cat(feats).numpy()
+        )
 
 
 def random_state(rng: np.random.Generator) -> FrameState:
     """A frame state drawn to cover (and slightly exceed) what world clips produce."""
     u = rng.uniform
     return FrameState(
-        jaw_open=float(u(0, 1) if rng.random() < 0.7 else 0.0), lip_width=float(u(0.2, 0.9)),
-        lip_round=float(u(0, 1)), teeth=float(u(0, 1)), tongue=float(u(0, 1)),
-        yaw=float(u(-25, 25)), pitch=float(u(-12, 12)), roll=float(u(-10, 10)), tx=float(u(-0.035, 0.035)),
-        ty=float(u(-0.025, 0.025)), blink=float(0.0 if rng.random() < 0.5 else u(0, 1)),
-        gaze_x=float(u(-1, 1)), gaze_y=float(u(-1, 1)), brow=float(u(-0.4, 1)), smile=float(u(0, 1)))
+        jaw_open=float(u(0, 1) if rng.random() < 0.7 else 0.0),
+        lip_width=float(u(0.2, 0.9)),
+        lip_round=float(u(0, 1)),
+        teeth=float(u(0, 1)),
+        tongue=float(u(0, 1)),
+        yaw=float(u(-25, 25)),
+        pitch=float(u(-12, 12)),
+        roll=float(u(-10, 10)),
+        tx=float(u(-0.035, 0.035)),
+        ty=float(u(-0.025, 0.025)),
+        blink=float(0.0 if rng.random() < 0.5 else u(0, 1)),
+        gaze_x=float(u(-1, 1)),
+        gaze_y=float(u(-1, 1)),
+        brow=float(u(-0.4, 1)),
+        smile=float(u(0, 1)),
+    )
 
 
 def render_probe_set(n: int, seed: int, identities: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,8 +162,9 @@ def _render_part(args):
     return face.half(), glob.half(), states, ids
 
 
-def render_training_set(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor, np.ndarray,
-                                                                      np.ndarray]:
+def render_training_set(
+    n: int, seed: int, workers: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Prepared probe inputs for n frames (1 identity per 4 frames), rendered over ``workers`` processes."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -134,12 +176,24 @@ def render_training_set(n: int, seed: int, workers: int = 1) -> tuple[torch.Tens
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
             out = list(pool.map(_render_part, jobs))
-    return (torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), np.concatenate([o[2] for o in out]),
-            np.concatenate([o[3] for o in out]))
+    return (
+        torch.cat([o[0] for o in out]),
+        torch.cat([o[1] for o in out]),
+        np.concatenate([o[2] for o in out]),
+        np.concatenate([o[3] for o in out]),
+    )
 
 
-def train_frame_probe(n_train: int = 12000, epochs: int = 6, seed: int = 0, batch: int = 64, lr: float = 2e-3,
-                      workers: int = 1, device: str = "cpu", log=print) -> tuple[FrameProbe, dict]:
+def train_frame_probe(
+    n_train: int = 12000,
+    epochs: int = 6,
+    seed: int = 0,
+    batch: int = 64,
+    lr: float = 2e-3,
+    workers: int = 1,
+    device: str = "cpu",
+    log=print,
+) -> tuple[FrameProbe, dict]:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     face, glob, states, ids = render_training_set(n_train, 1 + seed, workers)
@@ -158,7 +212,7 @@ def train_frame_probe(n_train: int = 12000, epochs: int = 6, seed: int = 0, batc
         perm = torch.randperm(n_train, generator=g).to(device)
         tot = 0.0
         for i in range(0, n_train - batch + 1, batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             s, d, _ = model(face[idx].float(), glob[idx].float())
             loss = F.smooth_l1_loss(s, y_state[idx], beta=0.05) + 0.5 * F.smooth_l1_loss(d, y_id[idx], beta=0.05)
             opt.zero_grad(set_to_none=True)
@@ -205,14 +259,29 @@ def evaluate_frame_probe(model: FrameProbe, n: int = 600, n_identities: int = 10
     return ProbeAccuracy(
         mouth_open_mae=float(err[:, f["jaw_open"]].mean()),
         mouth_mae={k: float(err[:, f[k]].mean()) for k in ("lip_width", "lip_round", "teeth", "tongue")},
-        blink_f1=float(f1), yaw_mae_deg=float(err[:, f["yaw"]].mean()), pitch_mae_deg=float(err[:, f["pitch"]].mean()),
-        roll_mae_deg=float(err[:, f["roll"]].mean()), identity_nn_accuracy=acc)
+        blink_f1=float(f1),
+        yaw_mae_deg=float(err[:, f["yaw"]].mean()),
+        pitch_mae_deg=float(err[:, f["pitch"]].mean()),
+        roll_mae_deg=float(err[:, f["roll"]].mean()),
+        identity_nn_accuracy=acc,
+    )
 
 
 # -- behaviour ------------------------------------------------------------------------------------------
 BEHAVIOUR_WINDOW = 25  # frames (1 s)
-_BEHAVIOUR_FIELDS = ("jaw_open", "lip_width", "lip_round", "yaw", "pitch", "roll", "blink", "gaze_x", "gaze_y",
-                     "brow", "smile")
+_BEHAVIOUR_FIELDS = (
+    "jaw_open",
+    "lip_width",
+    "lip_round",
+    "yaw",
+    "pitch",
+    "roll",
+    "blink",
+    "gaze_x",
+    "gaze_y",
+    "brow",
+    "smile",
+)
 _BIDX = [STATE_FIELDS.index(k) for k in _BEHAVIOUR_FIELDS]
 
 
@@ -222,9 +291,15 @@ class BehaviourProbe(nn.Module):
     def __init__(self, width: int = 48) -> None:
         super().__init__()
         c = len(_BEHAVIOUR_FIELDS)
-        self.net = nn.Sequential(nn.Conv1d(c, width, 5, padding=2), nn.ReLU(), nn.Conv1d(width, width, 5, padding=2),
-                                 nn.ReLU(), nn.Conv1d(width, width, 5, padding=4, dilation=2), nn.ReLU(),
-                                 nn.Conv1d(width, len(STATES), 1))
+        self.net = nn.Sequential(
+            nn.Conv1d(c, width, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(width, width, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(width, width, 5, padding=4, dilation=2),
+            nn.ReLU(),
+            nn.Conv1d(width, len(STATES), 1),
+        )
 
     @staticmethod
     def features(states: np.ndarray) -> torch.Tensor:
@@ -241,8 +316,9 @@ class BehaviourProbe(nn.Module):
         return self(self.features(states))[0].argmax(0).numpy()
 
 
-def train_behaviour_probe(n_clips: int = 300, seconds: float = 12.0, epochs: int = 30, seed: int = 0,
-                          noise: float = 0.05, log=print) -> tuple[BehaviourProbe, dict]:
+def train_behaviour_probe(
+    n_clips: int = 300, seconds: float = 12.0, epochs: int = 30, seed: int = 0, noise: float = 0.05, log=print
+) -> tuple[BehaviourProbe, dict]:
     """Trained on world clips' per-frame truth plus readout-sized noise (no rendering needed)."""
     torch.manual_seed(seed)
     clips = [make_clip(50_000 + seed * 10_000 + i, seconds) for i in range(n_clips)]
@@ -251,10 +327,10 @@ def train_behaviour_probe(n_clips: int = 300, seconds: float = 12.0, epochs: int
     model = BehaviourProbe()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
-    for ep in range(epochs):
+    for _ep in range(epochs):
         perm = torch.randperm(n_clips, generator=g)
         for i in range(0, n_clips, 16):
-            idx = perm[i:i + 16]
+            idx = perm[i : i + 16]
             xb = x[idx] + noise * torch.randn(x[idx].shape, generator=g)
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad()
@@ -289,6 +365,8 @@ def _load(model: nn.Module, path) -> nn.Module:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"probe weights {path} are missing: train them with `python scripts/train_probes.py`")
+        raise FileNotFoundError(
+            f"probe weights {path} are missing: train them with `python experiments/train_probes.py`"
+        )
     model.load_state_dict(load_file(str(path)))
     return model.eval()

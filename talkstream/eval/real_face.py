@@ -59,8 +59,13 @@ def mouth_aspect_ratio(landmarks: np.ndarray) -> float:
     return float(vertical / (3 * np.linalg.norm(p[60] - p[64]) + 1e-9))
 
 
-def evaluate_real(frames: np.ndarray, audio: np.ndarray | None, reference: np.ndarray | None,
-                  analyzer: FaceAnalyzer | None = None, fps: float = 25.0) -> dict:
+def evaluate_real(
+    frames: np.ndarray,
+    audio: np.ndarray | None,
+    reference: np.ndarray | None,
+    analyzer: FaceAnalyzer | None = None,
+    fps: float = 25.0,
+) -> dict:
     analyzer = analyzer or FaceAnalyzer()
     out: dict = dict(frames=len(frames))
     ref_desc = None

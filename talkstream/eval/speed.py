@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_stream(source: Callable[[], Iterator[np.ndarray]], fps: float = 25.0, max_chunks: int | None = None,
-                   device: str = "cpu") -> dict:
+def measure_stream(
+    source: Callable[[], Iterator[np.ndarray]], fps: float = 25.0, max_chunks: int | None = None, device: str = "cpu"
+) -> dict:
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -61,16 +62,24 @@ def measure_stream(source: Callable[[], Iterator[np.ndarray]], fps: float = 25.0
     total = time.perf_counter() - t_start
     steady = lat[1:] if len(lat) > 1 else lat
     chunk_frames = frames / len(lat)
-    out = dict(ttff_s=round(ttff, 4), frames=frames, chunks=len(lat), seconds=round(total, 3),
-               steady_fps=round(chunk_frames * len(steady) / sum(steady), 2) if sum(steady) > 0 else None,
-               real_time_factor=round(chunk_frames * len(steady) / sum(steady) / fps, 3) if sum(steady) > 0 else None,
-               chunk_latency_ms=dict(p50=round(1000 * float(np.percentile(steady, 50)), 2),
-                                     p95=round(1000 * float(np.percentile(steady, 95)), 2),
-                                     p99=round(1000 * float(np.percentile(steady, 99)), 2)),
-               rss_mib=dict(start=round(rss[0], 1), end=round(rss[-1], 1), max=round(max(rss), 1)))
+    out = dict(
+        ttff_s=round(ttff, 4),
+        frames=frames,
+        chunks=len(lat),
+        seconds=round(total, 3),
+        steady_fps=round(chunk_frames * len(steady) / sum(steady), 2) if sum(steady) > 0 else None,
+        real_time_factor=round(chunk_frames * len(steady) / sum(steady) / fps, 3) if sum(steady) > 0 else None,
+        chunk_latency_ms=dict(
+            p50=round(1000 * float(np.percentile(steady, 50)), 2),
+            p95=round(1000 * float(np.percentile(steady, 95)), 2),
+            p99=round(1000 * float(np.percentile(steady, 99)), 2),
+        ),
+        rss_mib=dict(start=round(rss[0], 1), end=round(rss[-1], 1), max=round(max(rss), 1)),
+    )
     if gpu:
-        out["gpu_mib"] = dict(start=round(gpu[0], 1), end=round(gpu[-1], 1),
-                              peak=round(torch.cuda.max_memory_allocated() / 2**20, 1))
+        out["gpu_mib"] = dict(
+            start=round(gpu[0], 1), end=round(gpu[-1], 1), peak=round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        )
     out["machine"] = describe()
     return out
 
@@ -83,14 +92,23 @@ def world_source(seconds: float = 10.0, size: int = 256, chunk_frames: int = 12,
         clip = make_clip(seed, seconds)
         r = Renderer(clip.identity, size)
         for a in range(0, clip.n_frames, chunk_frames):
-            yield np.stack([r.render(FrameState.from_array(s)) for s in clip.states[a:a + chunk_frames]])
+            yield np.stack([r.render(FrameState.from_array(s)) for s in clip.states[a : a + chunk_frames]])
 
     return run
 
 
-def dit_source(config: str = "small", height: int = 256, width: int = 256, chunk: int = 3, window: int = 9,
-               steps: int = 4, chunks: int = 20, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0):
+def dit_source(
+    config: str = "small",
+    height: int = 256,
+    width: int = 256,
+    chunk: int = 3,
+    window: int = 9,
+    steps: int = 4,
+    chunks: int = 20,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     """Random-weight DiT streaming + tiny-decoder decode: the real cost of the real shapes."""
     from ..diffusion.flow import sigmas_from_timesteps
     from ..models.config import TinyDecoderConfig, dit_config
@@ -112,8 +130,9 @@ def dit_source(config: str = "small", height: int = 256, width: int = 256, chunk
         sig = sigmas_from_timesteps([1000, 750, 500, 250][:steps]).to(device)
         ref = torch.randn(1, cfg.in_dim, 1, h, w, generator=g, device=device, dtype=dtype)
         ctx = torch.randn(1, 16, cfg.text_dim, generator=g, device=device, dtype=dtype)
-        audio = torch.randn(1, chunk, cfg.audio_tokens_per_frame, cfg.audio_dim, generator=g, device=device,
-                            dtype=dtype)
+        audio = torch.randn(
+            1, chunk, cfg.audio_tokens_per_frame, cfg.audio_dim, generator=g, device=device, dtype=dtype
+        )
         cache = model.new_cache(window)
         dec_cache = FeatureCache()
         with torch.no_grad():

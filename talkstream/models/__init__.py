@@ -1,1 +1,1 @@
-"""Models: the Wan2.1-style DiT with audio/reference conditioning, the causal VAE, tiny decoder, encoders, checkpoints."""
+"""Models: the Wan2.1-style DiT with audio/reference conditioning, causal VAE, tiny decoder, encoders, checkpoints."""

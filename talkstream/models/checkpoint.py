@@ -91,7 +91,7 @@ def _strip_wrappers(key: str) -> str:
         changed = False
         for p in _WRAPPER_PREFIXES:
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key.replace("._fsdp_wrapped_module", "").replace("._checkpoint_wrapped_module", "")
 
 
@@ -176,8 +176,11 @@ def load_dit_weights(model: torch.nn.Module, sd: dict, strict_additions: bool = 
         cfg = getattr(model, "cfg", None)
         lines = [f"checkpoint does not fit the {getattr(cfg, 'name', 'model')} config"]
         if mismatched:
-            lines.append("shape mismatch: " + "; ".join(f"{k} {a} in file vs {b} in model" for k, a, b in mismatched[:4])
-                         + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
+            lines.append(
+                "shape mismatch: "
+                + "; ".join(f"{k} {a} in file vs {b} in model" for k, a, b in mismatched[:4])
+                + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else "")
+            )
         if missing:
             lines.append(f"missing {len(missing)}: {missing[:4]}")
         if unexpected:
@@ -190,8 +193,16 @@ def load_dit_weights(model: torch.nn.Module, sd: dict, strict_additions: bool = 
 
 
 # a block's output projections: zero, the block adds nothing to its input (x + 0)
-BLOCK_OUTPUTS = ("self_attn.o.weight", "self_attn.o.bias", "cross_attn.o.weight", "cross_attn.o.bias",
-                 "ffn.2.weight", "ffn.2.bias", "audio_attn.attn.o.weight", "audio_attn.attn.o.bias")
+BLOCK_OUTPUTS = (
+    "self_attn.o.weight",
+    "self_attn.o.bias",
+    "cross_attn.o.weight",
+    "cross_attn.o.bias",
+    "ffn.2.weight",
+    "ffn.2.bias",
+    "audio_attn.attn.o.weight",
+    "audio_attn.attn.o.bias",
+)
 
 
 def deepen_dit_state(sd: dict, num_layers: int) -> dict:
@@ -210,19 +221,30 @@ def deepen_dit_state(sd: dict, num_layers: int) -> dict:
         if k.startswith("blocks."):
             _, i, rest = k.split(".", 2)
             for j in range(r):
-                out[f"blocks.{int(i) * r + j}.{rest}"] = torch.zeros_like(v) if j and rest in BLOCK_OUTPUTS else v.clone()
+                out[f"blocks.{int(i) * r + j}.{rest}"] = (
+                    torch.zeros_like(v) if j and rest in BLOCK_OUTPUTS else v.clone()
+                )
     return out
 
 
 # -- our own files -------------------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, kind: str, config, extra: dict | None = None,
-                    dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    kind: str,
+    config,
+    extra: dict | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> list[Path]:
     """Write ``model`` to ``path`` (.safetensors), sharded into ``path-00001-of-0000N.safetensors`` plus an
     index when larger than ``max_shard_bytes``. The config and ``extra`` travel in the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-          for k, v in model.state_dict().items()}
+    sd = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     meta = {"talkstream": json.dumps(dict(kind=kind, config=config.to_dict(), extra=extra or {}))}
     shards: list[dict] = [{}]
     size = 0
@@ -243,13 +265,13 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, kind: str, 
     for name, shard in zip(names, shards):
         save_file(shard, str(path.parent / name), metadata=meta)
     index = path.parent / f"{stem}.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": meta, "weight_map": {k: n for n, s in zip(names, shards) for k in s}},
-                                indent=1))
+    index.write_text(
+        json.dumps({"metadata": meta, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}, indent=1)
+    )
     return [path.parent / n for n in names] + [index]
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None):
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Build and load a model saved by ``save_checkpoint`` (the config comes from the file)."""
     from .dit import WanDiT
     from .vae import CausalVAE, TinyDecoder
@@ -264,8 +286,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if path.name.endswith(".index.json") and not meta:
         meta = json.loads(path.read_text()).get("metadata", {})
     if "talkstream" not in meta:
-        raise CheckpointError(f"{path}: not a talkstream checkpoint (no config in its metadata); "
-                              "use normalize_dit_state_dict + load_dit_weights for Wan files")
+        raise CheckpointError(
+            f"{path}: not a talkstream checkpoint (no config in its metadata); "
+            "use normalize_dit_state_dict + load_dit_weights for Wan files"
+        )
     info = json.loads(meta["talkstream"])
     kind, cfgd = info["kind"], info["config"]
     if kind == "dit":

@@ -43,7 +43,7 @@ class DiTConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
-    def validate(self) -> "DiTConfig":
+    def validate(self) -> DiTConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"{self.name}: dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
@@ -54,7 +54,7 @@ class DiTConfig:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "DiTConfig":
+    def from_dict(d: dict) -> DiTConfig:
         d = dict(d)
         d["patch_size"] = tuple(d["patch_size"])
         if d.get("audio_layers") is not None:
@@ -67,10 +67,22 @@ class DiTConfig:
 
 
 DIT_CONFIGS: dict[str, DiTConfig] = {
-    "tiny": DiTConfig("tiny", dim=64, num_layers=2, num_heads=4, ffn_dim=128, in_dim=8, out_dim=8, text_dim=384,
-                      freq_dim=64, audio_tokens_per_frame=8, audio_adaln=True),
-    "small": DiTConfig("small", dim=384, num_layers=8, num_heads=6, ffn_dim=1536, in_dim=16, out_dim=16,
-                       text_dim=384, freq_dim=256),
+    "tiny": DiTConfig(
+        "tiny",
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        ffn_dim=128,
+        in_dim=8,
+        out_dim=8,
+        text_dim=384,
+        freq_dim=64,
+        audio_tokens_per_frame=8,
+        audio_adaln=True,
+    ),
+    "small": DiTConfig(
+        "small", dim=384, num_layers=8, num_heads=6, ffn_dim=1536, in_dim=16, out_dim=16, text_dim=384, freq_dim=256
+    ),
     "wan1.3b": DiTConfig("wan1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
     "wan14b": DiTConfig("wan14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
 }
@@ -100,8 +112,10 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         if len(self.temporal_down) != len(self.channel_mult) - 1:
-            raise ValueError(f"VAE {self.name}: temporal_down needs one entry per stage transition "
-                             f"({len(self.channel_mult) - 1}), got {len(self.temporal_down)}")
+            raise ValueError(
+                f"VAE {self.name}: temporal_down needs one entry per stage transition "
+                f"({len(self.channel_mult) - 1}), got {len(self.temporal_down)}"
+            )
 
     def receptive_latents(self) -> int:
         """How many latents (this one included) one decoded latent depends on, through the latent-rate convs."""
@@ -119,7 +133,7 @@ class VAEConfig:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "VAEConfig":
+    def from_dict(d: dict) -> VAEConfig:
         d = dict(d)
         d["channel_mult"] = tuple(d["channel_mult"])
         d["temporal_down"] = tuple(d["temporal_down"])
@@ -131,10 +145,21 @@ class VAEConfig:
 VAE_CONFIGS: dict[str, VAEConfig] = {
     "tiny": VAEConfig("tiny", latent_dim=8, base_channels=16, channel_mult=(1, 2, 2, 2)),  # 8x spatial
     "small": VAEConfig("small", latent_dim=16, base_channels=48, channel_mult=(1, 2, 4, 4)),  # 8x spatial
-    "wanlike": VAEConfig("wanlike", latent_dim=16, base_channels=32, channel_mult=(1, 2, 4, 4),
-                         temporal_kernel=3, temporal_everywhere=True),
-    "small16": VAEConfig("small16", latent_dim=16, base_channels=32, channel_mult=(1, 2, 4, 4, 4),
-                         temporal_down=(False, False, True, True)),  # 16x spatial
+    "wanlike": VAEConfig(
+        "wanlike",
+        latent_dim=16,
+        base_channels=32,
+        channel_mult=(1, 2, 4, 4),
+        temporal_kernel=3,
+        temporal_everywhere=True,
+    ),
+    "small16": VAEConfig(
+        "small16",
+        latent_dim=16,
+        base_channels=32,
+        channel_mult=(1, 2, 4, 4, 4),
+        temporal_down=(False, False, True, True),
+    ),  # 16x spatial
 }
 
 
@@ -151,9 +176,11 @@ class TinyDecoderConfig:
         if isinstance(self.channels, list):
             object.__setattr__(self, "channels", tuple(self.channels))
         n = len(self.stage_channels())
-        if 2 ** n != self.spatial_factor:
-            raise ValueError(f"tiny decoder: {n} stages (x2 each, then a x2 pixel shuffle) give "
-                             f"{2 ** n}x, not spatial_factor {self.spatial_factor}")
+        if 2**n != self.spatial_factor:
+            raise ValueError(
+                f"tiny decoder: {n} stages (x2 each, then a x2 pixel shuffle) give "
+                f"{2**n}x, not spatial_factor {self.spatial_factor}"
+            )
 
     def stage_channels(self) -> tuple[int, ...]:
         """Channels of the stages at 1x, 2x, ... the latent resolution (the last one at half the output's)."""

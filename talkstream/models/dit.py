@@ -62,8 +62,9 @@ class LayerNorm(nn.LayerNorm):
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L, H, D] layout in and out."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attn_mask=mask).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
 
 
 class SelfAttention(nn.Module):
@@ -186,7 +187,7 @@ class _GroupAttention:
             cos, sin = rope_cos_sin(pos, grid.h, grid.w, head_dim)
             q_off = keys.index(qs)
             S = grid.tokens
-            self.rope.append((cos[q_off * S:(q_off + qe - qs) * S], sin[q_off * S:(q_off + qe - qs) * S], cos, sin))
+            self.rope.append((cos[q_off * S : (q_off + qe - qs) * S], sin[q_off * S : (q_off + qe - qs) * S], cos, sin))
 
     def __call__(self, layer: int, q, k, v):
         out = []
@@ -206,7 +207,7 @@ class _CachedAttention:
         n_prev = 0 if mode == "sink" else cache.n_sink + cache.n_context
         cos, sin = rope_cos_sin(torch.arange(n_prev + n_query, device=device), grid.h, grid.w, head_dim)
         S = grid.tokens
-        self.q_rope = (cos[n_prev * S:], sin[n_prev * S:])
+        self.q_rope = (cos[n_prev * S :], sin[n_prev * S :])
         self.k_rope = (cos, sin)
 
     def __call__(self, layer: int, q, k, v):
@@ -218,8 +219,9 @@ class _CachedAttention:
         elif self.mode == "commit":
             self.cache.append(layer, k, v)
         nq = q.shape[1]
-        out = _sdpa(apply_rope(q.flatten(1, 2), *self.q_rope), apply_rope(keys.flatten(1, 2), *self.k_rope),
-                    vals.flatten(1, 2))
+        out = _sdpa(
+            apply_rope(q.flatten(1, 2), *self.q_rope), apply_rope(keys.flatten(1, 2), *self.k_rope), vals.flatten(1, 2)
+        )
         return out.unflatten(1, (nq, -1))
 
 
@@ -240,10 +242,16 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.audio_proj = nn.Sequential(nn.Linear(cfg.audio_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.audio_pos = nn.Parameter(torch.zeros(cfg.audio_tokens_per_frame, d))
-        self.audio_embedding = (nn.Sequential(nn.Linear(cfg.audio_tokens_per_frame * cfg.audio_dim, d), nn.SiLU(),
-                                              nn.Linear(d, d)) if cfg.audio_adaln else None)
-        self.ref_embedding = (nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-                              if cfg.ref_concat else None)
+        self.audio_embedding = (
+            nn.Sequential(nn.Linear(cfg.audio_tokens_per_frame * cfg.audio_dim, d), nn.SiLU(), nn.Linear(d, d))
+            if cfg.audio_adaln
+            else None
+        )
+        self.ref_embedding = (
+            nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+            if cfg.ref_concat
+            else None
+        )
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -302,7 +310,7 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.cfg.freq_dim).to(self.head.head.weight.dtype))
         if audio_emb is not None:
             e = e.view(B, Fr, -1)
-            e = torch.cat([e[:, :Fr - audio_emb.shape[1]], e[:, Fr - audio_emb.shape[1]:] + audio_emb.to(e.dtype)], 1)
+            e = torch.cat([e[:, : Fr - audio_emb.shape[1]], e[:, Fr - audio_emb.shape[1] :] + audio_emb.to(e.dtype)], 1)
             e = e.flatten(0, 1)
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return e.view(B, Fr, -1).float(), e0.view(B, Fr, 6, -1).float()
@@ -321,8 +329,10 @@ class WanDiT(nn.Module):
             return None, None
         na = self.cfg.audio_tokens_per_frame
         if audio.ndim != 4 or audio.shape[1] != n_frames or audio.shape[2:] != (na, self.cfg.audio_dim):
-            raise ValueError(f"audio must be [B, {n_frames}, {na}, {self.cfg.audio_dim}] (one window per latent "
-                             f"frame), got {tuple(audio.shape)}")
+            raise ValueError(
+                f"audio must be [B, {n_frames}, {na}, {self.cfg.audio_dim}] (one window per latent "
+                f"frame), got {tuple(audio.shape)}"
+            )
         a = audio.to(self.head.head.weight.dtype)
         emb = None if self.audio_embedding is None else self.audio_embedding(a.flatten(2))
         return self.audio_proj(a) + self.audio_pos.to(a.dtype), emb
@@ -357,9 +367,18 @@ class WanDiT(nn.Module):
         return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, C, Fr, grid.h * ph, grid.w * pw)
 
     # -- the three modes ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None, audio: torch.Tensor | None = None,
-                ref: torch.Tensor | None = None, *, chunk: int | None = None, window: int | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t,
+        context: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        ref: torch.Tensor | None = None,
+        *,
+        chunk: int | None = None,
+        window: int | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predict the flow velocity of noisy latents ``x`` [B, C, F, H, W] at timesteps ``t`` (0..1000).
 
         ``ref`` [B, C, R, H, W]: clean reference latent frame(s), prepended as sinks at timestep 0.
@@ -383,16 +402,23 @@ class WanDiT(nn.Module):
             t = torch.cat([t.new_zeros(B, n_sink), t], dim=1)
         visible = full_mask(n_sink, Fr) if chunk is None else block_causal_mask(n_sink, Fr, chunk, window)
         attend = _GroupAttention(visible, grid, self.cfg.head_dim, x.device)
-        out = self._run(tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr),
-                        attend, n_sink)
+        out = self._run(
+            tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr), attend, n_sink
+        )
         return self.unpatchify(out, grid).to(x.dtype)
 
     def new_cache(self, window: int) -> KVCache:
         return KVCache(self.cfg.num_layers, window)
 
     @torch.no_grad()
-    def prefill_sinks(self, sinks: torch.Tensor, cache: KVCache, context: torch.Tensor | None = None,
-                      context_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
+    def prefill_sinks(
+        self,
+        sinks: torch.Tensor,
+        cache: KVCache,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> None:
         """Run clean sink frames (the reference) at timestep 0 and store their keys/values as the sinks.
         ``reference`` (default: the first sink): the identity latent that ``ref_concat`` adds to every chunk's
         frames (sinks may change during a stream; the reference does not)."""
@@ -409,9 +435,17 @@ class WanDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, e0, ctx, context_mask, None, attend, i, R)
 
-    def forward_chunk(self, x: torch.Tensor, t, cache: KVCache, context: torch.Tensor | None = None,
-                      audio: torch.Tensor | None = None, *, commit: bool = False,
-                      context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        t,
+        cache: KVCache,
+        context: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        *,
+        commit: bool = False,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Streaming: one chunk [B, C, k, H, W] attends [sinks | cached window | itself].
 
         With ``commit=True`` the chunk's keys/values enter the cache (use it for the pass on the clean,
@@ -424,8 +458,7 @@ class WanDiT(nn.Module):
             tokens = tokens + cache.ref_tokens
         t = self._timesteps(t, B, Fr, x.device)
         attend = _CachedAttention(cache, Fr, grid, self.cfg.head_dim, x.device, "commit" if commit else "read")
-        out = self._run(tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr),
-                        attend, 0)
+        out = self._run(tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr), attend, 0)
         if commit:
             cache.advance(Fr)
         return self.unpatchify(out, grid).to(x.dtype)

@@ -59,7 +59,7 @@ def _mel_filters() -> np.ndarray:
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_pts[2:N_MELS + 2] - mel_pts[:N_MELS]))[:, None]  # slaney area normalisation
+    weights *= (2.0 / (mel_pts[2 : N_MELS + 2] - mel_pts[:N_MELS]))[:, None]  # slaney area normalisation
     return weights.T.astype(np.float32)
 
 
@@ -90,8 +90,9 @@ class WhisperFeatures:
             raise ValueError(f"need 0 < hop <= window <= 30 s, got hop={self.hop}, window={self.window}")
         if round(self.hop * FEATURE_RATE) != self.hop * FEATURE_RATE:
             raise ValueError(f"hop must be a multiple of 20 ms, got {self.hop}")
-        self._model = ct2.models.Whisper(str(models.get_model_path()), device="cpu", compute_type=self.compute_type,
-                                         intra_threads=self.threads)
+        self._model = ct2.models.Whisper(
+            str(models.get_model_path()), device="cpu", compute_type=self.compute_type, intra_threads=self.threads
+        )
         self._ct2 = ct2
 
     @property
@@ -116,16 +117,21 @@ class WhisperFeatures:
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono [samples], got shape {audio.shape}")
         n_hops = max(1, -(-len(audio) // self.hop_samples))
-        padded = np.concatenate([np.zeros(self.window_samples - self.hop_samples, np.float32), audio,
-                                 np.zeros(n_hops * self.hop_samples - len(audio), np.float32)])
+        padded = np.concatenate(
+            [
+                np.zeros(self.window_samples - self.hop_samples, np.float32),
+                audio,
+                np.zeros(n_hops * self.hop_samples - len(audio), np.float32),
+            ]
+        )
         starts = np.arange(n_hops) * self.hop_samples
         out = []
         for i in range(0, n_hops, batch):
-            wins = np.stack([padded[s:s + self.window_samples] for s in starts[i:i + batch]])
+            wins = np.stack([padded[s : s + self.window_samples] for s in starts[i : i + batch]])
             out.append(self._encode_windows(wins).reshape(-1, AUDIO_DIM))
         return np.concatenate(out)
 
-    def stream(self) -> "WhisperStream":
+    def stream(self) -> WhisperStream:
         return WhisperStream(self)
 
 
@@ -142,7 +148,7 @@ class WhisperStream:
         out = []
         h = self.enc.hop_samples
         while len(self.pending) >= h:
-            self.buffer = np.concatenate([self.buffer, self.pending[:h]])[-self.enc.window_samples:]
+            self.buffer = np.concatenate([self.buffer, self.pending[:h]])[-self.enc.window_samples :]
             self.pending = self.pending[h:]
             out.append(self.enc._encode_windows(self.buffer[None])[0])
         return np.concatenate(out) if out else np.zeros((0, AUDIO_DIM), np.float32)
@@ -154,8 +160,13 @@ class WhisperStream:
         return self.push(np.zeros(self.enc.hop_samples - len(self.pending), np.float32))
 
 
-def audio_windows(features: np.ndarray | torch.Tensor, n_latent: int, temporal_factor: int = 4,
-                  look_back: int = 0, look_ahead: int = 0) -> torch.Tensor:
+def audio_windows(
+    features: np.ndarray | torch.Tensor,
+    n_latent: int,
+    temporal_factor: int = 4,
+    look_back: int = 0,
+    look_ahead: int = 0,
+) -> torch.Tensor:
     """50 Hz features [N, A] -> per-latent-frame windows [n_latent, 2 * (tf + look_back + look_ahead), A].
 
     Latent frame 0 covers video frame 0; latent j >= 1 covers video frames 4j-3 .. 4j (tf = 4). Each
@@ -192,7 +203,8 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+        tok = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         out = self.model(**tok).last_hidden_state
         return out, tok["attention_mask"].bool()

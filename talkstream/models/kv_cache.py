@@ -50,17 +50,23 @@ class KVCache:
 
     def advance(self, n_frames: int) -> None:
         ids = self.frame_ids + list(range(self.next_frame, self.next_frame + n_frames))
-        self.frame_ids = ids[max(0, len(ids) - self.window):]
+        self.frame_ids = ids[max(0, len(ids) - self.window) :]
         self.next_frame += n_frames
 
     def clear_window(self) -> None:
         """Forget the context window (sinks stay); ``next_frame`` keeps counting."""
         self.k, self.v, self.frame_ids = [None] * self.num_layers, [None] * self.num_layers, []
 
-    def sinks_only(self) -> "KVCache":
+    def sinks_only(self) -> KVCache:
         """A cache that shares this one's sinks and has an empty window (for repair passes)."""
-        return KVCache(self.num_layers, self.window, list(self.sink_k), list(self.sink_v), next_frame=self.next_frame,
-                       ref_tokens=self.ref_tokens)
+        return KVCache(
+            self.num_layers,
+            self.window,
+            list(self.sink_k),
+            list(self.sink_v),
+            next_frame=self.next_frame,
+            ref_tokens=self.ref_tokens,
+        )
 
     def context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """[sinks | window] keys and values of a layer (None if empty)."""
@@ -71,5 +77,9 @@ class KVCache:
         return (torch.cat(ks, 1), torch.cat(vs, 1)) if len(ks) > 1 else (ks[0], vs[0])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for lst in (self.sink_k, self.sink_v, self.k, self.v)
-                   for t in lst if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for lst in (self.sink_k, self.sink_v, self.k, self.v)
+            for t in lst
+            if t is not None
+        )

@@ -62,8 +62,9 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
 
 
-def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, l2: float = 0.0,
-                        ms_ssim_weight: float = 0.2) -> torch.Tensor:
+def reconstruction_loss(
+    x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, l2: float = 0.0, ms_ssim_weight: float = 0.2
+) -> torch.Tensor:
     """Videos [B, 3, T, H, W] in [-1, 1]: weighted L1 + L2 + (1 - MS-SSIM) over all frames."""
     loss = l1 * (x - y).abs().mean() + l2 * (x - y).pow(2).mean()
     if ms_ssim_weight:

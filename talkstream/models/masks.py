@@ -29,7 +29,7 @@ def block_causal_mask(n_sink: int, n_frames: int, chunk: int, window: int | None
     for start in range(0, n_frames, chunk):
         end = min(start + chunk, n_frames)
         lo = 0 if window is None else max(0, start - window)
-        m[n_sink + start:n_sink + end, n_sink + lo:n_sink + end] = True
+        m[n_sink + start : n_sink + end, n_sink + lo : n_sink + end] = True
     return m
 
 

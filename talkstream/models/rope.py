@@ -20,8 +20,14 @@ def _angles(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
     return pos.to(torch.float64)[:, None] * inv[None, :]  # [N, dim / 2]
 
 
-def rope_cos_sin(frame_pos: torch.Tensor, height: int, width: int, head_dim: int, theta: float = 10000.0,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    frame_pos: torch.Tensor,
+    height: int,
+    width: int,
+    head_dim: int,
+    theta: float = 10000.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each [len(frame_pos) * height * width, head_dim], tokens ordered frame, row, column."""
     dt, dh, dw = rope_split(head_dim)
     dev = frame_pos.device
@@ -29,9 +35,14 @@ def rope_cos_sin(frame_pos: torch.Tensor, height: int, width: int, head_dim: int
     ah = _angles(torch.arange(height, device=dev), dh, theta)
     aw = _angles(torch.arange(width, device=dev), dw, theta)
     F = len(frame_pos)
-    ang = torch.cat([at[:, None, None, :].expand(F, height, width, -1),
-                     ah[None, :, None, :].expand(F, height, width, -1),
-                     aw[None, None, :, :].expand(F, height, width, -1)], dim=-1).reshape(F * height * width, -1)
+    ang = torch.cat(
+        [
+            at[:, None, None, :].expand(F, height, width, -1),
+            ah[None, :, None, :].expand(F, height, width, -1),
+            aw[None, None, :, :].expand(F, height, width, -1),
+        ],
+        dim=-1,
+    ).reshape(F * height * width, -1)
     ang = ang.repeat_interleave(2, dim=-1)  # interleaved pairs
     return ang.cos().to(dtype), ang.sin().to(dtype)
 

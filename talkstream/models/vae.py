@@ -33,8 +33,9 @@ class ChannelRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * w
 
 
-def conv3d_as_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, time_stride: int = 1,
-                 padding: int = 0) -> torch.Tensor:
+def conv3d_as_2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, time_stride: int = 1, padding: int = 0
+) -> torch.Tensor:
     """A 3D convolution without time padding, computed as one 2D convolution over stacked time windows.
 
     x [B, C, T, H, W], weight [O, C, k, kh, kw] -> [B, O, T', H', W'] with T' = (T - k) // time_stride + 1.
@@ -43,7 +44,7 @@ def conv3d_as_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     B, C, T, H, W = x.shape
     O, _, k = weight.shape[:3]
     n = (T - k) // time_stride + 1
-    win = torch.stack([x[:, :, j: j + time_stride * (n - 1) + 1: time_stride] for j in range(k)], dim=2)
+    win = torch.stack([x[:, :, j : j + time_stride * (n - 1) + 1 : time_stride] for j in range(k)], dim=2)
     win = win.permute(0, 3, 1, 2, 4, 5).reshape(B * n, C * k, H, W)  # [B n, C k, H, W]: C major, k minor
     y = F.conv2d(win, weight.reshape(O, C * k, *weight.shape[3:]), bias, padding=padding)
     return y.view(B, n, O, *y.shape[2:]).transpose(1, 2)
@@ -64,7 +65,7 @@ class CausalConv3d(nn.Conv3d):
                 prev = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
             x = torch.cat([prev, x], dim=2)
             if cache is not None:
-                cache[id(self)] = x[:, :, -self.time_pad:].detach()
+                cache[id(self)] = x[:, :, -self.time_pad :].detach()
         return conv3d_as_2d(x, self.weight, self.bias, padding=self.padding[1])
 
 
@@ -120,7 +121,12 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         if self.temporal is not None:
             B, C, T, H, W = x.shape
-            y = conv3d_as_2d(x, self.temporal.weight, self.temporal.bias).view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
+            y = (
+                conv3d_as_2d(x, self.temporal.weight, self.temporal.bias)
+                .view(B, 2, C, T, H, W)
+                .permute(0, 2, 3, 1, 4, 5)
+                .reshape(B, C, 2 * T, H, W)
+            )
             first = cache is None or not cache.get(id(self))
             x = y[:, :, 1:] if first else y
             if cache is not None:
@@ -136,8 +142,9 @@ class Encoder(nn.Module):
         self.conv_in = CausalConv3d(cfg.image_channels, ch[0], time_kernel=tk_hi)
         self.stages = nn.ModuleList()
         for i in range(len(ch)):
-            blocks = nn.ModuleList([ResBlock(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], tk_hi)
-                                    for j in range(cfg.num_res_blocks)])
+            blocks = nn.ModuleList(
+                [ResBlock(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], tk_hi) for j in range(cfg.num_res_blocks)]
+            )
             down = Downsample(ch[i], cfg.temporal_down[i]) if i < len(ch) - 1 else None
             self.stages.append(nn.ModuleDict(dict(blocks=blocks, down=down) if down else dict(blocks=blocks)))
         self.mid = ResBlock(ch[-1], ch[-1], tk)
@@ -165,8 +172,9 @@ class Decoder(nn.Module):
         self.mid = ResBlock(ch[0], ch[0], tk)
         self.stages = nn.ModuleList()
         for i in range(len(ch)):
-            blocks = nn.ModuleList([ResBlock(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], tk_hi)
-                                    for j in range(cfg.num_res_blocks + 1)])
+            blocks = nn.ModuleList(
+                [ResBlock(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], tk_hi) for j in range(cfg.num_res_blocks + 1)]
+            )
             up = Upsample(ch[i], tdown[i]) if i < len(ch) - 1 else None
             self.stages.append(nn.ModuleDict(dict(blocks=blocks, up=up) if up else dict(blocks=blocks)))
         self.norm_out = ChannelRMSNorm(ch[-1])
@@ -209,8 +217,9 @@ class CausalVAE(nn.Module):
         mean, logvar = self.encoder(x, cache).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, x: torch.Tensor, cache: FeatureCache | None = None, sample: bool = False,
-               normalize: bool = True) -> torch.Tensor:
+    def encode(
+        self, x: torch.Tensor, cache: FeatureCache | None = None, sample: bool = False, normalize: bool = True
+    ) -> torch.Tensor:
         mean, logvar = self.encode_moments(x, cache)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
         return self.normalize(z) if normalize else z
@@ -255,11 +264,13 @@ class TinyDecoder(nn.Module):
         self.cfg = cfg
         chans = cfg.stage_channels()
         self.conv_in = nn.Conv2d(cfg.latent_dim, chans[0], 3, padding=1)
-        self.stages = nn.ModuleList([nn.ModuleList([_MemBlock(c) for _ in range(cfg.blocks_per_stage)])
-                                     for c in chans])
-        self.ups = nn.ModuleList([nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                                nn.Conv2d(a, b, 3, padding=1), nn.ReLU())
-                                  for a, b in zip(chans[:-1], chans[1:])])
+        self.stages = nn.ModuleList([nn.ModuleList([_MemBlock(c) for _ in range(cfg.blocks_per_stage)]) for c in chans])
+        self.ups = nn.ModuleList(
+            [
+                nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1), nn.ReLU())
+                for a, b in zip(chans[:-1], chans[1:])
+            ]
+        )
         self.conv_out = nn.Conv2d(chans[-1], cfg.image_channels * cfg.temporal_factor * 4, 3, padding=1)
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_dim))
         self.register_buffer("latent_std", torch.ones(cfg.latent_dim))
@@ -291,4 +302,4 @@ class TinyDecoder(nn.Module):
         tf = self.cfg.temporal_factor
         y = y.view(B, T, tf, self.cfg.image_channels, *y.shape[2:]).permute(0, 3, 1, 2, 4, 5)
         y = y.reshape(B, self.cfg.image_channels, T * tf, *y.shape[4:])
-        return y[:, :, tf - 1:] if first else y
+        return y[:, :, tf - 1 :] if first else y

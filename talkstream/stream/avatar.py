@@ -14,9 +14,9 @@ from __future__ import annotations
 import io
 import queue
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -159,16 +159,18 @@ def stream_config(dit, **options) -> StreamConfig:
 
 
 class Avatar:
-    def __init__(self, dit, vae, decoder=None, cfg: StreamConfig | None = None, device: str = "cpu",
-                 size: int = 256) -> None:
+    def __init__(
+        self, dit, vae, decoder=None, cfg: StreamConfig | None = None, device: str = "cpu", size: int = 256
+    ) -> None:
         self.dit, self.vae, self.device, self.size = dit, vae, device, size
         self.decoder = decoder if decoder is not None else vae
         self.cfg = cfg or stream_config(dit)
         self._whisper = self._text = None
 
     @staticmethod
-    def from_pretrained(path: str | Path | None = None, device: str = "cpu", decoder: str = "vae", size: int = 256,
-                        **stream_options) -> "Avatar":
+    def from_pretrained(
+        path: str | Path | None = None, device: str = "cpu", decoder: str = "vae", size: int = 256, **stream_options
+    ) -> Avatar:
         """Load ``causal.safetensors`` + ``vae.safetensors`` (+ ``tiny_decoder.safetensors``) from a folder
         (default: the embedded weights)."""
         root = Path(path) if path else WEIGHTS
@@ -216,8 +218,14 @@ class Avatar:
         lb, la = audio_span(self.dit)
         return AudioFeed(lb, la)
 
-    def stream(self, image, audio_chunks: Iterable[np.ndarray], prompt: str | None = None,
-               sample_rate: int = SAMPLE_RATE, stats: StreamStats | None = None) -> Iterator[Frame]:
+    def stream(
+        self,
+        image,
+        audio_chunks: Iterable[np.ndarray],
+        prompt: str | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        stats: StreamStats | None = None,
+    ) -> Iterator[Frame]:
         """Frames as they are generated from live audio chunks (float arrays at ``sample_rate``). An empty
         chunk means "no audio now": half a chunk of silence is added so the avatar keeps moving."""
         engine = self._engine(image, prompt)
@@ -242,8 +250,9 @@ class Avatar:
         for idx, img in engine.frames(audio_for, stats=stats):
             yield Frame(idx, idx / FPS, img)
 
-    def from_features(self, image, features: np.ndarray, n_frames: int, text=None, text_mask=None,
-                      stats: StreamStats | None = None) -> Iterator[np.ndarray]:
+    def from_features(
+        self, image, features: np.ndarray, n_frames: int, text=None, text_mask=None, stats: StreamStats | None = None
+    ) -> Iterator[np.ndarray]:
         """Stream ``n_frames`` frames from precomputed 50 Hz Whisper features [>= 2 n_frames (+ look-ahead), 384]
         and an encoded prompt (``text`` [1, L, 384], ``text_mask``), e.g. on a machine without the encoders.
         ``text`` may be a ``PromptTrack``: each chunk then gets the caption of its middle latent frame."""
@@ -269,9 +278,17 @@ class Avatar:
                 return
             yield img
 
-    def generate(self, image, audio=None, say: str | None = None, prompt: str | None = None,
-                 out: str | Path | None = None, sample_rate: int | None = None, progress: bool = True,
-                 seconds: float | None = None) -> GenerateResult:
+    def generate(
+        self,
+        image,
+        audio=None,
+        say: str | None = None,
+        prompt: str | None = None,
+        out: str | Path | None = None,
+        sample_rate: int | None = None,
+        progress: bool = True,
+        seconds: float | None = None,
+    ) -> GenerateResult:
         """Whole-file generation (audio path/array, or ``say`` text spoken by espeak-ng) -> an mp4 with the
         audio muxed (written atomically: nothing is left half-written on failure)."""
         from tqdm import tqdm
@@ -305,8 +322,13 @@ class Avatar:
         finally:
             bar.close()
         elapsed = time.perf_counter() - stats.started
-        return GenerateResult(written[0], n_frames / FPS, stats.ttff or 0.0, written[0] / max(elapsed, 1e-9),
-                              None if out is None else Path(out))
+        return GenerateResult(
+            written[0],
+            n_frames / FPS,
+            stats.ttff or 0.0,
+            written[0] / max(elapsed, 1e-9),
+            None if out is None else Path(out),
+        )
 
 
 __all__ = ["Avatar", "stream_config", "Frame", "GenerateResult", "LiveAudio", "load_audio", "load_reference", "speak"]

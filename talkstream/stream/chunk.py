@@ -21,8 +21,16 @@ from ..models.kv_cache import KVCache
 SAMPLERS = ("euler", "few_step")
 
 
-def chunk_velocity(model: WanDiT, cache: KVCache, x: torch.Tensor, sigma: torch.Tensor, context, audio,
-                   context_mask, audio_guidance: float = 1.0) -> torch.Tensor:
+def chunk_velocity(
+    model: WanDiT,
+    cache: KVCache,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    context,
+    audio,
+    context_mask,
+    audio_guidance: float = 1.0,
+) -> torch.Tensor:
     t = sigma * NUM_TRAIN_TIMESTEPS
     v = model.forward_chunk(x, t, cache, context, audio, context_mask=context_mask)
     if audio_guidance != 1.0 and audio is not None:
@@ -32,10 +40,19 @@ def chunk_velocity(model: WanDiT, cache: KVCache, x: torch.Tensor, sigma: torch.
 
 
 @torch.no_grad()
-def denoise_chunk(model: WanDiT, cache: KVCache, noise: torch.Tensor, sigmas: torch.Tensor,
-                  context: torch.Tensor | None = None, audio: torch.Tensor | None = None,
-                  context_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  commit: bool = True, sampler: str = "few_step", audio_guidance: float = 1.0) -> torch.Tensor:
+def denoise_chunk(
+    model: WanDiT,
+    cache: KVCache,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    context: torch.Tensor | None = None,
+    audio: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    commit: bool = True,
+    sampler: str = "few_step",
+    audio_guidance: float = 1.0,
+) -> torch.Tensor:
     """noise [B, C, k, h, w] at sigmas[0] -> clean chunk (``sigmas`` ends with 0)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")

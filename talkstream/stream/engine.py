@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..diffusion.flow import add_noise, euler_sigmas, reference_sigmas, sigmas_from_timesteps
 from ..models.dit import WanDiT
-from ..models.kv_cache import KVCache
 from ..models.vae import CausalVAE, FeatureCache, TinyDecoder
 from .chunk import SAMPLERS, denoise_chunk
 
@@ -188,15 +187,22 @@ class StreamStats:
 class StreamEngine:
     """Generates latent chunks for one stream; ``frames()`` turns them into decoded frames asynchronously."""
 
-    def __init__(self, dit: WanDiT, decoder: CausalVAE | TinyDecoder, cfg: StreamConfig = StreamConfig(),
-                 device: str = "cpu", async_decode: bool = True) -> None:
+    def __init__(
+        self,
+        dit: WanDiT,
+        decoder: CausalVAE | TinyDecoder,
+        cfg: StreamConfig = StreamConfig(),
+        device: str = "cpu",
+        async_decode: bool = True,
+    ) -> None:
         self.dit, self.decoder, self.cfg, self.device = dit.eval(), decoder.eval(), cfg, device
         self.async_decode = async_decode
         self.dtype = next(dit.parameters()).dtype  # bf16 weights: run the stream in bf16
 
     # -- state ----------------------------------------------------------------------------------------
-    def start(self, reference: torch.Tensor, text: torch.Tensor | None = None,
-              text_mask: torch.Tensor | None = None) -> None:
+    def start(
+        self, reference: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+    ) -> None:
         """reference: the clean reference latent [1, C, 1, h, w] (normalised VAE latent)."""
         c = self.cfg
         self.reference = reference.to(self.device, self.dtype)
@@ -236,8 +242,18 @@ class StreamEngine:
             noise = add_noise(start.expand_as(noise), noise, c.reference_init)
         a = None if audio is None else audio[None].to(dev, self.dtype)
         t0 = time.perf_counter()
-        z = denoise_chunk(self.dit, self.cache, noise, self.sigmas, self.text, a, self.text_mask, generator=self.gen,
-                          sampler=c.sampler, audio_guidance=c.audio_guidance)
+        z = denoise_chunk(
+            self.dit,
+            self.cache,
+            noise,
+            self.sigmas,
+            self.text,
+            a,
+            self.text_mask,
+            generator=self.gen,
+            sampler=c.sampler,
+            audio_guidance=c.audio_guidance,
+        )
         self.last_audio, self.last_latent = a, z[:, :, -1:]
         chunk = Chunk(self.n_chunks, z, 0 if self.next_latent == 0 else 1 + (self.next_latent - 1) * 4)
         self.n_chunks += 1
@@ -251,7 +267,7 @@ class StreamEngine:
         if c.anchor == "rolling_sink" and self.n_chunks == 1:  # adaptive sink: the model's own first frame
             self._set_sinks(z[:, :, :1])
         elif c.anchor == "memory_bank":
-            self.short_term = z[:, :, -c.short_term:]
+            self.short_term = z[:, :, -c.short_term :]
             if self.n_chunks % c.long_term_every == 0:
                 self.long_term.append(z[:, :, -1:])
                 self._set_sinks(torch.cat([self.reference, *self.long_term], dim=2))
@@ -265,9 +281,19 @@ class StreamEngine:
         x0 = self.short_term
         noise = torch.randn(x0.shape, generator=self.gen, device=x0.device).to(x0.dtype)
         sig = torch.linspace(c.refine_sigma, 0.0, c.refine_steps + 1, device=x0.device)
-        audio = None if self.last_audio is None else self.last_audio[:, -x0.shape[2]:]
-        repaired = denoise_chunk(self.dit, self.cache.sinks_only(), add_noise(x0, noise, sig[0]), sig, self.text,
-                                 audio, self.text_mask, generator=self.gen, commit=False, sampler="euler")
+        audio = None if self.last_audio is None else self.last_audio[:, -x0.shape[2] :]
+        repaired = denoise_chunk(
+            self.dit,
+            self.cache.sinks_only(),
+            add_noise(x0, noise, sig[0]),
+            sig,
+            self.text,
+            audio,
+            self.text_mask,
+            generator=self.gen,
+            commit=False,
+            sampler="euler",
+        )
         self.cache.clear_window()
         self.cache.next_frame -= repaired.shape[2]  # the repaired latents take their old frame ids back
         self.dit.forward_chunk(repaired, 0.0, self.cache, self.text, audio, commit=True, context_mask=self.text_mask)
@@ -275,8 +301,12 @@ class StreamEngine:
         self.refinements += 1
 
     # -- frames ---------------------------------------------------------------------------------------
-    def frames(self, audio_chunks: Callable[[int, int], torch.Tensor | None], n_chunks: int | None = None,
-               stats: StreamStats | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(
+        self,
+        audio_chunks: Callable[[int, int], torch.Tensor | None],
+        n_chunks: int | None = None,
+        stats: StreamStats | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (absolute frame index, uint8 frame) for chunk after chunk.
 
         ``audio_chunks(first_latent, k)`` returns that chunk's audio windows, or raises StopIteration when

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from ..diffusion.flow import add_noise, euler_sigmas, reference_sigmas
 from ..diffusion.samplers import guided_velocity
-from ..models.checkpoint import load_checkpoint
 from ..models.dit import WanDiT
 from ..models.encoders import audio_windows
 from ..models.vae import CausalVAE
@@ -76,22 +75,29 @@ class OfflineGenerator:
     # (SDEdit from the reference: the layout comes from the reference frame), 1: from pure noise
 
     @torch.no_grad()
-    def generate(self, reference: np.ndarray, audio_features: np.ndarray, n_frames: int,
-                 text: torch.Tensor | PromptTrack | None = None, text_mask: torch.Tensor | None = None,
-                 forced_motion: torch.Tensor | None = None) -> np.ndarray:
+    def generate(
+        self,
+        reference: np.ndarray,
+        audio_features: np.ndarray,
+        n_frames: int,
+        text: torch.Tensor | PromptTrack | None = None,
+        text_mask: torch.Tensor | None = None,
+        forced_motion: torch.Tensor | None = None,
+    ) -> np.ndarray:
         """reference uint8 [H, W, 3]; 50 Hz Whisper features [>= 2 n_frames, 384] -> uint8 frames [n_frames, ...].
         ``text``: one encoded caption [1, L, 384] (with ``text_mask``) for the whole clip, or a ``PromptTrack``:
         each window then gets the caption of its middle latent frame, as the teacher's training windows did.
         ``forced_motion`` (analysis; normalised latents [1, C, L, h, w], e.g. the true clip's): each window's motion
         latents are taken from it instead of from the windows generated before (teacher forcing), which shows
-        what the window-by-window drift costs (`scripts/motion_drift.py`)."""
+        what the window-by-window drift costs (`experiments/motion_drift.py`)."""
         dev, dit = self.device, self.dit
         g = torch.Generator(device=dev).manual_seed(self.seed)
         n_latent = 1 + -(-(n_frames - 1) // self.vae.cfg.temporal_factor)
         ref = self.vae.encode(frames_to_video(reference[None], self.size).to(dev))
         lb, la = audio_span(dit)
-        audio = audio_windows(torch.as_tensor(audio_features, dtype=torch.float32), n_latent, look_back=lb,
-                              look_ahead=la)[None].to(dev)
+        audio = audio_windows(
+            torch.as_tensor(audio_features, dtype=torch.float32), n_latent, look_back=lb, look_ahead=la
+        )[None].to(dev)
         track = text.to(dev, torch.float32) if isinstance(text, PromptTrack) else None
         if text is not None and track is None:
             text, text_mask = text.to(dev, torch.float32), None if text_mask is None else text_mask.to(dev)
@@ -103,7 +109,7 @@ class OfflineGenerator:
             k = min(motion, done.shape[2])
             start = done.shape[2] - k
             n_new = min(window - k, n_latent - done.shape[2])
-            a = audio[:, start:start + k + n_new]
+            a = audio[:, start : start + k + n_new]
             z = torch.randn(1, dit.cfg.in_dim, n_new, h, h, generator=g, device=dev)
             if self.reference_init < 1:
                 z = add_noise(ref.expand_as(z), z, self.reference_init)
@@ -111,11 +117,15 @@ class OfflineGenerator:
             if track is not None:
                 text, text_mask = track.for_latents(start, k + n_new)
             if forced_motion is not None:
-                ctx = forced_motion[:, :, start:start + k].to(dev)
+                ctx = forced_motion[:, :, start : start + k].to(dev)
                 if ctx.shape[2] != k:
-                    raise ValueError(f"forced_motion has {forced_motion.shape[2]} latents, the windows need {start + k}")
+                    raise ValueError(
+                        f"forced_motion has {forced_motion.shape[2]} latents, the windows need {start + k}"
+                    )
             for i in range(len(sig) - 1):
-                t = torch.cat([torch.zeros(1, k, device=dev), torch.full((1, n_new), float(sig[i]) * 1000, device=dev)], 1)
+                t = torch.cat(
+                    [torch.zeros(1, k, device=dev), torch.full((1, n_new), float(sig[i]) * 1000, device=dev)], 1
+                )
                 x = torch.cat([ctx, z], 2)
                 v = dit(x, t, text, a, ref, context_mask=text_mask)
                 if self.audio_guidance != 1.0:
@@ -124,4 +134,4 @@ class OfflineGenerator:
                 z = z + (sig[i + 1] - sig[i]) * v[:, :, k:]
             done = torch.cat([done, z], 2)
         decode, n = ChunkDecoder(self.vae), max(1, self.decode_latents)  # chunked == whole (tests/test_vae.py)
-        return np.concatenate([decode(done[:, :, i:i + n]) for i in range(0, done.shape[2], n)])[:n_frames]
+        return np.concatenate([decode(done[:, :, i : i + n]) for i in range(0, done.shape[2], n)])[:n_frames]

@@ -25,18 +25,19 @@ class PromptTrack:
         if of_frame.ndim != 1 or len(of_frame) == 0:
             raise ValueError(f"a prompt track needs a caption index per video frame, got shape {of_frame.shape}")
         if of_frame.min() < 0 or of_frame.max() >= len(self.text):
-            raise ValueError(f"caption indices must lie in [0, {len(self.text)}), got {of_frame.min()}..{of_frame.max()}")
+            raise ValueError(
+                f"caption indices must lie in [0, {len(self.text)}), got {of_frame.min()}..{of_frame.max()}"
+            )
         if self.mask is not None and self.mask.shape[:2] != self.text.shape[:2]:
             raise ValueError(f"mask {tuple(self.mask.shape)} does not match captions {tuple(self.text.shape)}")
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "PromptTrack":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> PromptTrack:
         """The same track with its encoded captions on ``device`` / in ``dtype`` (masks follow the device)."""
-        return replace(self, text=self.text.to(device, dtype),
-                       mask=None if self.mask is None else self.mask.to(device))
+        return replace(self, text=self.text.to(device, dtype), mask=None if self.mask is None else self.mask.to(device))
 
     @staticmethod
-    def from_captions(captions: list[str], encode) -> "PromptTrack":
-        """Per-frame caption strings + ``encode(list[str]) -> (emb [n, L, D], mask [n, L])`` (``TextEncoder.encode``)."""
+    def from_captions(captions: list[str], encode) -> PromptTrack:
+        """Per-frame captions + ``encode(list[str]) -> (emb [n, L, D], mask [n, L])`` (``TextEncoder.encode``)."""
         if not captions:
             raise ValueError("a prompt track needs at least one frame's caption")
         unique = list(dict.fromkeys(captions))
@@ -52,7 +53,7 @@ class PromptTrack:
     def for_latents(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(text [1, L, D], mask [1, L] or None) for latent frames ``first .. first + count - 1``."""
         i = self.index_for(first, count)
-        return self.text[i:i + 1], None if self.mask is None else self.mask[i:i + 1]
+        return self.text[i : i + 1], None if self.mask is None else self.mask[i : i + 1]
 
 
 __all__ = ["PromptTrack"]

@@ -74,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"fsdp must be auto, on or off, got {self.fsdp!r}")
 
     @staticmethod
-    def load(path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+    def load(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         d = yaml.safe_load(Path(path).read_text()) or {}
         d.update(overrides or {})
         known = {f.name for f in dataclasses.fields(TrainConfig)}

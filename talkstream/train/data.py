@@ -44,8 +44,15 @@ class WorldPack:
         return self.states.shape[1]
 
 
-def make_pack(out: str | Path, clips: int, seconds: float, seed: int = 0, audio: bool = True,
-              text: bool = True, progress: bool = True) -> Path:
+def make_pack(
+    out: str | Path,
+    clips: int,
+    seconds: float,
+    seed: int = 0,
+    audio: bool = True,
+    text: bool = True,
+    progress: bool = True,
+) -> Path:
     """Plan ``clips`` world clips (seeds seed..seed+clips-1) and write their pack."""
     from ..models.encoders import TextEncoder, WhisperFeatures
 
@@ -62,9 +69,14 @@ def make_pack(out: str | Path, clips: int, seconds: float, seed: int = 0, audio:
             f = whisper.encode(clip.audio)[: 2 * clip.n_frames]
             feats.append(f.astype(np.float16))
     captions = sorted(caption_index, key=caption_index.get)
-    arrays = dict(states=np.stack(states), behaviour=np.stack(behaviour), identities=np.array(ids),
-                  caption_ids=np.array(cap_ids, np.int16), captions=np.array(captions),
-                  seeds=np.arange(seed, seed + clips))
+    arrays = dict(
+        states=np.stack(states),
+        behaviour=np.stack(behaviour),
+        identities=np.array(ids),
+        caption_ids=np.array(cap_ids, np.int16),
+        captions=np.array(captions),
+        seeds=np.arange(seed, seed + clips),
+    )
     if feats:  # 8 bits per value: half the size of float16, so the pack travels beside more (quantize_features)
         q, lo, step = quantize_features(np.stack(feats))
         arrays.update(audio_features_q=q, audio_features_lo=lo, audio_features_step=step)
@@ -136,26 +148,40 @@ def concat_packs(packs: list[WorldPack]) -> WorldPack:
         mask = np.zeros((len(captions), n_tok), bool)
         for k, c in enumerate(captions):
             e, m = emb_of[c]
-            emb[k, :len(e)], mask[k, :len(m)] = e, m
-    audio = (np.concatenate([p.audio_features for p in packs])
-             if all(p.audio_features is not None for p in packs) else None)
-    return WorldPack(states=np.concatenate([p.states for p in packs]),
-                     behaviour=np.concatenate([p.behaviour for p in packs]),
-                     identities=[i for p in packs for i in p.identities], caption_ids=np.concatenate(remapped),
-                     captions=captions, caption_emb=emb, caption_mask=mask, audio_features=audio, seeds=seeds)
+            emb[k, : len(e)], mask[k, : len(m)] = e, m
+    audio = (
+        np.concatenate([p.audio_features for p in packs]) if all(p.audio_features is not None for p in packs) else None
+    )
+    return WorldPack(
+        states=np.concatenate([p.states for p in packs]),
+        behaviour=np.concatenate([p.behaviour for p in packs]),
+        identities=[i for p in packs for i in p.identities],
+        caption_ids=np.concatenate(remapped),
+        captions=captions,
+        caption_emb=emb,
+        caption_mask=mask,
+        audio_features=audio,
+        seeds=seeds,
+    )
 
 
 def _load_one(path: Path) -> WorldPack:
     with np.load(path, allow_pickle=False) as z:
-        get = (lambda k: z[k] if k in z.files else None)
+        get = lambda k: z[k] if k in z.files else None
         audio = get("audio_features")  # (packs written before quantization)
         if "audio_features_q" in z.files:
             audio = dequantize_features(z["audio_features_q"], z["audio_features_lo"], z["audio_features_step"])
-        return WorldPack(states=z["states"], behaviour=z["behaviour"],
-                         identities=[Identity.from_dict(json.loads(s)) for s in z["identities"]],
-                         caption_ids=z["caption_ids"], captions=[str(c) for c in z["captions"]],
-                         caption_emb=get("caption_emb"), caption_mask=get("caption_mask"),
-                         audio_features=audio, seeds=z["seeds"])
+        return WorldPack(
+            states=z["states"],
+            behaviour=z["behaviour"],
+            identities=[Identity.from_dict(json.loads(s)) for s in z["identities"]],
+            caption_ids=z["caption_ids"],
+            captions=[str(c) for c in z["captions"]],
+            caption_emb=get("caption_emb"),
+            caption_mask=get("caption_mask"),
+            audio_features=audio,
+            seeds=z["seeds"],
+        )
 
 
 def _render_clips(args) -> None:
@@ -171,8 +197,9 @@ def _render_clips(args) -> None:
         shm.close()
 
 
-def render_pack(pack: WorldPack, size: int = 256, workers: int = 1,
-                clips: slice | list[int] | None = None) -> np.ndarray:
+def render_pack(
+    pack: WorldPack, size: int = 256, workers: int = 1, clips: slice | list[int] | None = None
+) -> np.ndarray:
     """All frames of (a slice or a list of clips of) the pack, [N, T, size, size, 3] uint8, rendered over
     ``workers`` processes."""
     idx = list(clips) if isinstance(clips, (list, tuple)) else list(range(pack.n_clips))[clips or slice(None)]
@@ -180,7 +207,7 @@ def render_pack(pack: WorldPack, size: int = 256, workers: int = 1,
     shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
     try:
         jobs = [(k, pack.identities[i].to_json(), pack.states[i]) for k, i in enumerate(idx)]
-        parts = [(shm.name, shape, size, jobs[w::max(1, workers)]) for w in range(max(1, workers))]
+        parts = [(shm.name, shape, size, jobs[w :: max(1, workers)]) for w in range(max(1, workers))]
         if workers <= 1:
             _render_clips(parts[0])
         else:
@@ -192,8 +219,14 @@ def render_pack(pack: WorldPack, size: int = 256, workers: int = 1,
         shm.unlink()
 
 
-def mouth_maps(pack: WorldPack, clips: slice | None, n_latent: int, grid: int, temporal_factor: int = 4,
-               sigma: tuple[float, float] = (3.0, 2.0)) -> np.ndarray:
+def mouth_maps(
+    pack: WorldPack,
+    clips: slice | None,
+    n_latent: int,
+    grid: int,
+    temporal_factor: int = 4,
+    sigma: tuple[float, float] = (3.0, 2.0),
+) -> np.ndarray:
     """Where each latent frame's mouth is: [N, n_latent, grid, grid] float32 in [0, 1], a Gaussian (sigma in
     latent pixels, x then y) around the mean mouth centre of the video frames the latent covers (the first
     latent covers frame 0 alone, latent l > 0 frames 4l-3..4l). From the world's exact geometry."""
@@ -203,7 +236,7 @@ def mouth_maps(pack: WorldPack, clips: slice | None, n_latent: int, grid: int, t
     for k, centres in enumerate(per_frame):
         for t in range(n_latent):
             lo = max(0, temporal_factor * t - (temporal_factor - 1))
-            mx, my = centres[lo:temporal_factor * t + 1].mean(0)
+            mx, my = centres[lo : temporal_factor * t + 1].mean(0)
             out[k, t] = np.exp(-0.5 * (((xs - mx) / sigma[0]) ** 2 + ((ys - my) / sigma[1]) ** 2))
     return out
 
@@ -211,5 +244,7 @@ def mouth_maps(pack: WorldPack, clips: slice | None, n_latent: int, grid: int, t
 def mouth_pixels(pack: WorldPack, clips: slice | None, size: int) -> np.ndarray:
     """The mouth centre of every frame in pixels of a ``size`` x ``size`` render: [N, T, 2] float32 (x, y)."""
     idx = list(range(pack.n_clips))[clips or slice(None)]
-    return np.array([[mouth_center(pack.identities[i], FrameState.from_array(row)) for row in pack.states[i]]
-                     for i in idx], np.float32) * (size / UNITS)
+    return np.array(
+        [[mouth_center(pack.identities[i], FrameState.from_array(row)) for row in pack.states[i]] for i in idx],
+        np.float32,
+    ) * (size / UNITS)

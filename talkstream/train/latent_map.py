@@ -1,5 +1,7 @@
 """Carrying a tiny decoder over to a fine-tuned VAE whose encoder moved: the affine map between two VAEs' raw
-latents of the same frames, and its folding into the decoder's first convolution (``scripts/tiny_decoder_adapt.py``)."""
+latents of the same frames, and its folding into the decoder's first convolution
+(``experiments/tiny_decoder_adapt.py``)."""
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +12,9 @@ def fit_latent_map(old_raw: torch.Tensor, new_raw: torch.Tensor) -> tuple[torch.
     """Least-squares affine map ``old ≈ A @ new + b`` over every latent pixel of [N, C, ...] latents of the same
     frames. Returns A [C, C], b [C]."""
     if old_raw.shape != new_raw.shape:
-        raise ValueError(f"latents of the same frames must match in shape: {tuple(old_raw.shape)} vs {tuple(new_raw.shape)}")
+        raise ValueError(
+            f"latents of the same frames must match in shape: {tuple(old_raw.shape)} vs {tuple(new_raw.shape)}"
+        )
     c = old_raw.shape[1]
     x = new_raw.transpose(0, 1).reshape(c, -1).T.double()  # [P, C]
     y = old_raw.transpose(0, 1).reshape(c, -1).T.double()

@@ -58,8 +58,17 @@ class LatentLipReader(nn.Module):
         return self.head(pooled.to(x.dtype)).float().view(B, Fr, -1)
 
 
-def train_lip_reader(sample, latent_dim: int, outputs: int, steps: int, device: str, gen: torch.Generator,
-                     held: dict | None = None, noise_max: float = 0.2, lr: float = 2e-3) -> tuple[LatentLipReader, dict]:
+def train_lip_reader(
+    sample,
+    latent_dim: int,
+    outputs: int,
+    steps: int,
+    device: str,
+    gen: torch.Generator,
+    held: dict | None = None,
+    noise_max: float = 0.2,
+    lr: float = 2e-3,
+) -> tuple[LatentLipReader, dict]:
     """Fit a reader on clean latents (plus a little Gaussian noise, up to ``noise_max``, so it reads estimates that
     are not quite clean); ``sample(gen)`` gives dict(x0, mouth, lips). Returns the frozen reader and its mean
     absolute error on ``held`` (same keys) for the jaw (the suite's quantity) and for all fields. bf16 on CUDA."""
@@ -89,14 +98,25 @@ def train_lip_reader(sample, latent_dim: int, outputs: int, steps: int, device: 
 
 @torch.no_grad()
 def lip_reader_error(reader: LatentLipReader, b: dict, chunk: int = 64) -> dict:
-    preds = torch.cat([reader(b["x0"][i:i + chunk].float(), b["mouth"][i:i + chunk].float())
-                       for i in range(0, len(b["x0"]), chunk)])
+    preds = torch.cat(
+        [
+            reader(b["x0"][i : i + chunk].float(), b["mouth"][i : i + chunk].float())
+            for i in range(0, len(b["x0"]), chunk)
+        ]
+    )
     err = (preds - b["lips"].float()).abs()  # [B, F, 4 * tf]: the 4 lip fields of each frame in turn, jaw first
     return dict(held_jaw_error=float(err[..., 0::4].mean()), held_lips_error=float(err.mean()))
 
 
-def lip_read_loss(reader: LatentLipReader, xt: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-                  mouth: torch.Tensor, lips: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def lip_read_loss(
+    reader: LatentLipReader,
+    xt: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor,
+    mouth: torch.Tensor,
+    lips: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
     """L1 between the reader's view of the DiT's clean estimate ``xt - sigma * v`` and the true lip fields,
     per latent frame, averaged with ``weight`` [B, F] (0 on clean context frames). ``sigma`` [B, F] in 0..1."""
     x0 = xt.float() - sigma[:, None, :, None, None].float() * v.float()

@@ -17,13 +17,18 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -99,8 +104,15 @@ def param_groups(model: torch.nn.Module, lr_mult: dict) -> list[dict]:
 
 
 class Runner:
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn,
-                 sample_batch: Callable[[torch.Generator], Batch], device: str, started: float | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        sample_batch: Callable[[torch.Generator], Batch],
+        device: str,
+        started: float | None = None,
+    ) -> None:
         """``started``: the stage's ``time.perf_counter()`` at its start, so ``cfg.time_budget`` bounds the whole
         stage (data, latents, lip reader, compile: all before the first step) and not only the training loop."""
         self.cfg, self.loss_fn, self.sample_batch, self.started = cfg, loss_fn, sample_batch, started
@@ -122,17 +134,20 @@ class Runner:
                 shard(self.ema)
                 self.ema.to_empty(device=device).eval().requires_grad_(False)
                 with torch.no_grad():
-                    for e, m in zip((*self.ema.parameters(), *self.ema.buffers()),
-                                    (*model.parameters(), *model.buffers())):
+                    for e, m in zip(
+                        (*self.ema.parameters(), *self.ema.buffers()), (*model.parameters(), *model.buffers())
+                    ):
                         e.copy_(m)
         else:
             self.model = model.to(device)
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema > 0 else None
             ids = [torch.device(device).index] if device.startswith("cuda") else None
-            self.train_model = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-                                if self.world > 1 else self.model)
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(0.9, 0.99))
+            self.train_model = (
+                torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids) if self.world > 1 else self.model
+            )
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model, cfg.lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+        )
         self.step = 0
         self.out = Path(cfg.out)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
@@ -225,15 +240,16 @@ class Runner:
             before = float(t)
         left = max(0.0, c.time_budget - before)
         if self.rank == 0 and self.started is not None:
-            print(f"time budget {c.time_budget:.0f}s: {before:.0f}s spent before the first step, {left:.0f}s to train"
-                  + ("" if left else " (none: the run exports the weights it started from)"))
+            print(
+                f"time budget {c.time_budget:.0f}s: {before:.0f}s spent before the first step, {left:.0f}s to train"
+                + ("" if left else " (none: the run exports the weights it started from)")
+            )
         return left
 
     def train(self) -> dict:
         c = self.cfg
         log_file = self.out / "log.jsonl"
-        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.stage}", disable=self.rank != 0,
-                   mininterval=5)
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.stage}", disable=self.rank != 0, mininterval=5)
         t0 = time.perf_counter()
         budget = self.loop_budget(t0)
         last = {}
@@ -272,8 +288,14 @@ class Runner:
             self.step += 1
             bar.update()
             if self.step % c.log_every == 0 or self.step == c.steps:
-                last = dict(step=self.step, loss=float(loss.detach()), grad_norm=float(gn), lr=self.opt.param_groups[0]["lr"],
-                            seconds=round(time.perf_counter() - t0, 1), **{k: float(v) for k, v in info.items()})
+                last = dict(
+                    step=self.step,
+                    loss=float(loss.detach()),
+                    grad_norm=float(gn),
+                    lr=self.opt.param_groups[0]["lr"],
+                    seconds=round(time.perf_counter() - t0, 1),
+                    **{k: float(v) for k, v in info.items()},
+                )
                 if self.rank == 0:
                     with open(log_file, "a") as f:
                         f.write(json.dumps(last) + "\n")

@@ -62,14 +62,18 @@ class FrameBank:
             around = torch.rand(batch, generator=gen) < 0.5
             xs = torch.where(around, (m[:, 0] - jx).round().long().clamp(0, W - c), xs)
             ys = torch.where(around, (m[:, 1] - jy).round().long().clamp(0, H - c), ys)
-        x = torch.stack([self.frames[ii, aa:aa + self.F, y:y + c, x:x + c]
-                         for ii, aa, y, x in zip(i.tolist(), a.tolist(), ys.tolist(), xs.tolist())])
+        x = torch.stack(
+            [
+                self.frames[ii, aa : aa + self.F, y : y + c, x : x + c]
+                for ii, aa, y, x in zip(i.tolist(), a.tolist(), ys.tolist(), xs.tolist())
+            ]
+        )
         x = to_video(x.to(self.device, non_blocking=True))
         if not with_mouth:
             return x
         if self.mouths is None:
             raise ValueError("this FrameBank has no mouth positions")
-        m = torch.stack([self.mouths[ii, aa:aa + self.F] for ii, aa in zip(i.tolist(), a.tolist())])  # [B, F, 2]
+        m = torch.stack([self.mouths[ii, aa : aa + self.F] for ii, aa in zip(i.tolist(), a.tolist())])  # [B, F, 2]
         m = (m - torch.stack([xs, ys], 1)[:, None].float()).to(self.device)
         grid = torch.arange(c, device=self.device).float() + 0.5
         gx = (grid[None, None, :] - m[..., :1]) / self.MOUTH_SIGMA  # [B, F, c]
@@ -146,15 +150,28 @@ def train_vae(cfg: TrainConfig, log=print, started: float | None = None) -> dict
             model.latent_std.copy_(zs.std((0, 2, 3, 4)))
     metrics = evaluate_vae(model, held, EVAL_FRAMES, device, mouths=held_mouths)
     metrics["train"] = last
-    save_checkpoint(Path(cfg.out) / "vae.safetensors", model.cpu(), "vae", model.cfg,
-                    extra=dict(metrics=metrics, config=cfg.to_dict()), dtype=torch.bfloat16)
+    save_checkpoint(
+        Path(cfg.out) / "vae.safetensors",
+        model.cpu(),
+        "vae",
+        model.cfg,
+        extra=dict(metrics=metrics, config=cfg.to_dict()),
+        dtype=torch.bfloat16,
+    )
     (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 @torch.no_grad()
-def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
-                 decoder: TinyDecoder | None = None, batch: int = 8, mouths: np.ndarray | None = None) -> dict:
+def evaluate_vae(
+    vae: CausalVAE,
+    held: np.ndarray,
+    n_frames: int,
+    device: str,
+    decoder: TinyDecoder | None = None,
+    batch: int = 8,
+    mouths: np.ndarray | None = None,
+) -> dict:
     """PSNR of reconstructions of held-out clips (first ``n_frames`` of each), decode throughput, and how well
     the lips survive: the frame probe's mouth-open reading of each reconstruction vs of the true frame
     (``mouth_read_error``, mean absolute difference) and, with ``mouths`` ([N, T, 2] pixel centres), the PSNR
@@ -163,14 +180,14 @@ def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
     Decoding is timed on batches of ``batch`` clips after one warm-up batch, so the figure is the
     decoders' compute, not kernel-launch latency.
     """
-    from ..eval.probes import load_frame_probe
     from ..eval.metrics import F as STATE
+    from ..eval.probes import load_frame_probe
 
     vae = vae.to(device).eval()
     decoder = decoder.to(device).eval() if decoder is not None else None
     n_frames = min(n_frames, 1 + 4 * ((held.shape[1] - 1) // 4))
     x = to_video(torch.from_numpy(held[:, :n_frames]).to(device))
-    zs = [vae.encode(x[i:i + batch]) for i in range(0, len(x), batch)]
+    zs = [vae.encode(x[i : i + batch]) for i in range(0, len(x), batch)]
     names = ["vae"] + (["tiny"] if decoder is not None else [])
     fns = dict(vae=vae.decode, tiny=decoder)
     err = {n: [] for n in names}
@@ -185,12 +202,17 @@ def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
             _sync(device)
             secs[n] += time.perf_counter() - t
             y = y.float().clamp(-1, 1)
-            err[n].append((y - x[i * batch:(i + 1) * batch]).pow(2).mean((1, 2, 3, 4)))
+            err[n].append((y - x[i * batch : (i + 1) * batch]).pow(2).mean((1, 2, 3, 4)))
             recon[n].append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu())  # [b, T, H, W, 3]
     db = {n: float((10 * torch.log10(4.0 / torch.cat(err[n]))).mean()) for n in names}
     frames = len(x) * n_frames
-    out = dict(held_out_clips=len(x), frames=n_frames, size=int(x.shape[-1]), psnr_db=db["vae"],
-               vae_decode_fps=frames / secs["vae"])
+    out = dict(
+        held_out_clips=len(x),
+        frames=n_frames,
+        size=int(x.shape[-1]),
+        psnr_db=db["vae"],
+        vae_decode_fps=frames / secs["vae"],
+    )
     probe = load_frame_probe().to("cpu")
     truth = held[:, :n_frames].reshape(-1, *held.shape[2:])
     jaw_true = probe.read(truth)["states"][:, STATE["jaw_open"]]
@@ -201,8 +223,9 @@ def evaluate_vae(vae: CausalVAE, held: np.ndarray, n_frames: int, device: str,
         if mouths is not None:
             out[f"{key}lips_psnr_db"] = _lips_psnr(r, truth, mouths[:, :n_frames].reshape(-1, 2))
     if decoder is not None:
-        out.update(tiny_psnr_db=db["tiny"], tiny_decode_fps=frames / secs["tiny"],
-                   tiny_speedup=secs["vae"] / secs["tiny"])
+        out.update(
+            tiny_psnr_db=db["tiny"], tiny_decode_fps=frames / secs["tiny"], tiny_speedup=secs["vae"] / secs["tiny"]
+        )
     return out
 
 
@@ -212,8 +235,8 @@ def _lips_psnr(recon: np.ndarray, truth: np.ndarray, centres: np.ndarray, half: 
     vals = []
     for r, t, (cx, cy) in zip(recon, truth, centres):
         x0, y0 = int(np.clip(round(cx) - half, 0, W - 2 * half)), int(np.clip(round(cy) - half, 0, H - 2 * half))
-        a = r[y0:y0 + 2 * half, x0:x0 + 2 * half].astype(np.float64)
-        b = t[y0:y0 + 2 * half, x0:x0 + 2 * half].astype(np.float64)
+        a = r[y0 : y0 + 2 * half, x0 : x0 + 2 * half].astype(np.float64)
+        b = t[y0 : y0 + 2 * half, x0 : x0 + 2 * half].astype(np.float64)
         vals.append(10 * np.log10(255.0**2 / max(((a - b) ** 2).mean(), 1e-10)))
     return float(np.mean(vals))
 
@@ -224,9 +247,17 @@ def _sync(device: str) -> None:
 
 
 # -- tiny decoder ------------------------------------------------------------------------------------------
-def tiny_decoder_loss(y: torch.Tensor, x: torch.Tensor, mouth: torch.Tensor | None = None, *, l2: float = 0.0,
-                      ms_ssim_weight: float = 0.1, mouth_weight: float = 0.0, target: torch.Tensor | None = None,
-                      distill_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def tiny_decoder_loss(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    mouth: torch.Tensor | None = None,
+    *,
+    l2: float = 0.0,
+    ms_ssim_weight: float = 0.1,
+    mouth_weight: float = 0.0,
+    target: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """The tiny decoder's loss on its frames ``y`` against the true frames ``x`` ([B, 3, T, H, W]): reconstruction
     (L1 + ``l2`` L2 + MS-SSIM), + ``distill_weight`` x L1 against the VAE decoder's frames ``target``, +
     ``mouth_weight`` x L1 at the lips (``mouth``: [B, 1, T, H, W] weights). Returns the loss and its parts."""
@@ -252,9 +283,14 @@ def train_decoder(cfg: TrainConfig, log=print, started: float | None = None) -> 
     bank = FrameBank(frames[tr], cfg.frames, device, mouth_pixels(pack, tr, cfg.size) if mouth_w else None)
     held, held_mouths = frames[ho], mouth_pixels(pack, ho, cfg.size)
     channels = cfg.extra.get("channels", TinyDecoderConfig.channels)
-    dec = TinyDecoder(TinyDecoderConfig(latent_dim=vae.cfg.latent_dim, spatial_factor=vae.cfg.spatial_factor,
-                                        temporal_factor=vae.cfg.temporal_factor,
-                                        channels=tuple(channels) if isinstance(channels, list) else channels))
+    dec = TinyDecoder(
+        TinyDecoderConfig(
+            latent_dim=vae.cfg.latent_dim,
+            spatial_factor=vae.cfg.spatial_factor,
+            temporal_factor=vae.cfg.temporal_factor,
+            channels=tuple(channels) if isinstance(channels, list) else channels,
+        )
+    )
     if cfg.init:
         dec.load_state_dict(load_checkpoint(cfg.init, dtype=torch.float32).state_dict())
     dec.latent_mean.copy_(vae.latent_mean.cpu())
@@ -271,8 +307,16 @@ def train_decoder(cfg: TrainConfig, log=print, started: float | None = None) -> 
         return dict(x=x, z=z, target=target, mouth=m)
 
     def loss_fn(model, b):
-        return tiny_decoder_loss(model(b["z"]), b["x"], b["mouth"], l2=l2_w, ms_ssim_weight=cfg.ms_ssim_weight,
-                                 mouth_weight=mouth_w, target=b["target"], distill_weight=distill_w)
+        return tiny_decoder_loss(
+            model(b["z"]),
+            b["x"],
+            b["mouth"],
+            l2=l2_w,
+            ms_ssim_weight=cfg.ms_ssim_weight,
+            mouth_weight=mouth_w,
+            target=b["target"],
+            distill_weight=distill_w,
+        )
 
     runner = Runner(cfg, dec, loss_fn, sample, device, started)
     last = runner.train()
@@ -281,8 +325,14 @@ def train_decoder(cfg: TrainConfig, log=print, started: float | None = None) -> 
         return dict(train=last)
     metrics = evaluate_vae(vae, held, EVAL_FRAMES, device, decoder=model, mouths=held_mouths)
     metrics["train"] = last
-    save_checkpoint(Path(cfg.out) / "tiny_decoder.safetensors", model.cpu(), "tiny_decoder", model.cfg,
-                    extra=dict(metrics=metrics, config=cfg.to_dict()), dtype=torch.bfloat16)
+    save_checkpoint(
+        Path(cfg.out) / "tiny_decoder.safetensors",
+        model.cpu(),
+        "tiny_decoder",
+        model.cfg,
+        extra=dict(metrics=metrics, config=cfg.to_dict()),
+        dtype=torch.bfloat16,
+    )
     (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -297,9 +347,16 @@ def vae_fingerprint(vae: CausalVAE) -> str:
     return h.hexdigest()[:16]
 
 
-def encode_clips_latents(cfg: TrainConfig, vae: CausalVAE, device: str, pack: WorldPack, idx: list[int],
-                         encode_clips: int = 8, cache: str | Path | None = None,
-                         group: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_clips_latents(
+    cfg: TrainConfig,
+    vae: CausalVAE,
+    device: str,
+    pack: WorldPack,
+    idx: list[int],
+    encode_clips: int = 8,
+    cache: str | Path | None = None,
+    group: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Render and VAE-encode clips ``idx`` of the pack: latents [n, C, L, h, w] and 4 reference latents per clip
     (frames drawn by a generator seeded from ``cfg.seed`` and the clip's world seed) [n, 4, C, 1, h, w], bf16 on
     the device. Clips are rendered ``group`` at a time (host memory stays bounded for any pack size). With
@@ -319,18 +376,27 @@ def encode_clips_latents(cfg: TrainConfig, vae: CausalVAE, device: str, pack: Wo
                 out[i] = saved["latents"], saved["refs"]
     todo = [i for i in idx if i not in out]
     for g0 in range(0, len(todo), group):
-        some = todo[g0:g0 + group]
+        some = todo[g0 : g0 + group]
         frames = render_pack(pack, cfg.size, cfg.workers, some)
-        picks = torch.stack([torch.randint(T, (4,), generator=torch.Generator().manual_seed(
-            cfg.seed * 1_000_003 + int(pack.seeds[i]))) for i in some])  # 4 reference frames per clip
+        picks = torch.stack(
+            [
+                torch.randint(
+                    T, (4,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(pack.seeds[i]))
+                )
+                for i in some
+            ]
+        )  # 4 reference frames per clip
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             for k in range(0, len(some), encode_clips):
-                x = to_video(torch.from_numpy(frames[k:k + encode_clips, :T]).to(device))
+                x = to_video(torch.from_numpy(frames[k : k + encode_clips, :T]).to(device))
                 lat = vae.encode(x).to(torch.bfloat16)
-                singles = x[torch.arange(x.shape[0])[:, None], :, picks[k:k + encode_clips]]  # [b, 4, 3, H, W]
-                refs = (vae.encode(singles.reshape(-1, 3, 1, *x.shape[-2:]))
-                        .view(x.shape[0], 4, -1, 1, *lat.shape[-2:]).to(torch.bfloat16))
-                for j, i in enumerate(some[k:k + encode_clips]):
+                singles = x[torch.arange(x.shape[0])[:, None], :, picks[k : k + encode_clips]]  # [b, 4, 3, H, W]
+                refs = (
+                    vae.encode(singles.reshape(-1, 3, 1, *x.shape[-2:]))
+                    .view(x.shape[0], 4, -1, 1, *lat.shape[-2:])
+                    .to(torch.bfloat16)
+                )
+                for j, i in enumerate(some[k : k + encode_clips]):
                     out[i] = lat[j], refs[j]
                     if cache:  # (a temporary name of its own: under torchrun every rank encodes)
                         with atomic_path(paths[i]) as tmp:
@@ -344,24 +410,36 @@ class LatentBank:
     encoder call (8 x 73 frames at 256: ~7 GB of activations; fewer on a CPU). With ``cfg.latent_cache`` set,
     each clip's latents are kept there (``encode_clips_latents``)."""
 
-    def __init__(self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice, pack: WorldPack,
-                 encode_clips: int = 8) -> None:
+    def __init__(
+        self, cfg: TrainConfig, vae: CausalVAE, device: str, clips: slice, pack: WorldPack, encode_clips: int = 8
+    ) -> None:
         if pack.audio_features is None or pack.caption_emb is None:
             raise ValueError(f"{cfg.data}: the DiT stages need a pack with audio features and caption embeddings")
         idx = list(range(pack.n_clips))[clips]
         T = 1 + 4 * ((pack.n_frames - 1) // 4)
         self.L = 1 + (T - 1) // 4
-        self.latents, self.refs = encode_clips_latents(cfg, vae, device, pack, idx, encode_clips,
-                                                       cfg.latent_cache or None)  # [N, C, L, h, w], [N, 4, C, 1, h, w]
-        self.audio = torch.stack([audio_windows(torch.from_numpy(pack.audio_features[i].astype(np.float32)), self.L,
-                                                look_back=cfg.look_back, look_ahead=cfg.look_ahead)
-                                  for i in idx]).to(device, torch.bfloat16)  # [N, L, Na, A]
+        self.latents, self.refs = encode_clips_latents(
+            cfg, vae, device, pack, idx, encode_clips, cfg.latent_cache or None
+        )  # [N, C, L, h, w], [N, 4, C, 1, h, w]
+        self.audio = torch.stack(
+            [
+                audio_windows(
+                    torch.from_numpy(pack.audio_features[i].astype(np.float32)),
+                    self.L,
+                    look_back=cfg.look_back,
+                    look_ahead=cfg.look_ahead,
+                )
+                for i in idx
+            ]
+        ).to(device, torch.bfloat16)  # [N, L, Na, A]
         grid = self.latents.shape[-1]
         self.mouth = torch.from_numpy(mouth_maps(pack, clips, self.L, grid, vae.cfg.temporal_factor)).to(
-            device, torch.bfloat16)  # [N, L, h, w]
+            device, torch.bfloat16
+        )  # [N, L, h, w]
         self.lips = torch.from_numpy(lip_targets(pack.states[idx], self.L, vae.cfg.temporal_factor)).to(device)
         self.caption_of_latent = torch.from_numpy(
-            pack.caption_ids[idx][:, np.minimum(np.arange(self.L) * 4, pack.n_frames - 1)].astype(np.int64))
+            pack.caption_ids[idx][:, np.minimum(np.arange(self.L) * 4, pack.n_frames - 1)].astype(np.int64)
+        )
         self.caption_emb = torch.from_numpy(pack.caption_emb.astype(np.float32)).to(device, torch.bfloat16)
         self.caption_mask = torch.from_numpy(pack.caption_mask).to(device)
         self.n = len(idx)
@@ -377,9 +455,15 @@ class LatentBank:
             return t.movedim(dim, 1)[at].movedim(1, dim)
 
         cap = self.caption_of_latent[i, a + n_latent // 2].to(self.device)
-        return dict(x0=window(self.latents, 2).float(), audio=window(self.audio), mouth=window(self.mouth).float(),
-                    lips=window(self.lips), ref=self.refs[at[0][:, 0], r.to(self.device)],
-                    text=self.caption_emb[cap], text_mask=self.caption_mask[cap])
+        return dict(
+            x0=window(self.latents, 2).float(),
+            audio=window(self.audio),
+            mouth=window(self.mouth).float(),
+            lips=window(self.lips),
+            ref=self.refs[at[0][:, 0], r.to(self.device)],
+            text=self.caption_emb[cap],
+            text_mask=self.caption_mask[cap],
+        )
 
 
 def velocity_error_map(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -390,11 +474,13 @@ def velocity_error_map(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -
 def _dit_loss(cfg: TrainConfig, causal: bool, lip_reader=None):
     """Flow matching (the lips weighted ``1 + mouth_weight``), plus ``lip_read_weight`` x the lip-read loss when a
     frozen ``lip_reader`` is given."""
+
     def loss_fn(model, b):
         x0 = b["x0"]
         B, _, Fr = x0.shape[:3]
-        drop = drop_conditions(None, B, cfg.p_drop_audio, cfg.p_drop_text, cfg.p_drop_ref, cfg.p_drop_all,
-                               device=x0.device)
+        drop = drop_conditions(
+            None, B, cfg.p_drop_audio, cfg.p_drop_text, cfg.p_drop_ref, cfg.p_drop_all, device=x0.device
+        )
         audio = apply_dropout(drop["audio"], b["audio"])
         text = apply_dropout(drop["text"], b["text"])
         ref = apply_dropout(drop["ref"], b["ref"])
@@ -406,7 +492,8 @@ def _dit_loss(cfg: TrainConfig, causal: bool, lip_reader=None):
             # motion frames: some samples start with 1..motion_latents clean latents (timestep 0, no loss), so the
             # teacher can continue a video window by window (stream.offline)
             n_motion = torch.randint(1, cfg.motion_latents + 1, (B,), device=x0.device) * (
-                torch.rand(B, device=x0.device) < cfg.p_motion)
+                torch.rand(B, device=x0.device) < cfg.p_motion
+            )
             ctx = frame < n_motion[:, None]
             sigma = torch.where(ctx, torch.zeros_like(sigma), sigma)
             weight = (~ctx).float()
@@ -428,8 +515,16 @@ def _dit_loss(cfg: TrainConfig, causal: bool, lip_reader=None):
             hc = torch.rand(B, 1, device=x0.device) * cfg.history_max_sigma
             x_ctx = add_noise(x0, torch.randn_like(x0), torch.where(corrupt, hc.expand(B, Fr), 0.0))
         xt = torch.where(ctx[:, None, :, None, None], x_ctx, add_noise(x0, noise, sigma))
-        v = model(xt, sigma * 1000, text, audio, ref, chunk=cfg.chunk if causal else None, window=cfg.window,
-                  context_mask=b["text_mask"])
+        v = model(
+            xt,
+            sigma * 1000,
+            text,
+            audio,
+            ref,
+            chunk=cfg.chunk if causal else None,
+            window=cfg.window,
+            context_mask=b["text_mask"],
+        )
         err = velocity_error_map(v, x0, noise)
         mse = (err.mean((2, 3)) * weight).sum() / weight.sum().clamp_min(1)
         loss, info = mse, dict(mse=mse.detach())
@@ -446,8 +541,9 @@ def _dit_loss(cfg: TrainConfig, causal: bool, lip_reader=None):
 
 
 @torch.no_grad()
-def audio_reliance(model: WanDiT, bank: LatentBank, sigmas=(0.3, 0.5, 0.7, 0.9), batch: int = 16, n_latent: int = 9,
-                   seed: int = 0) -> dict:
+def audio_reliance(
+    model: WanDiT, bank: LatentBank, sigmas=(0.3, 0.5, 0.7, 0.9), batch: int = 16, n_latent: int = 9, seed: int = 0
+) -> dict:
     """Does the model use the audio? Its error on the lips (the world's mouth maps) with each window's own audio,
     with another clip's audio and with none, at fixed noise levels; ``gain`` = shuffled / own - 1 (0: ignored).
 
@@ -464,8 +560,14 @@ def audio_reliance(model: WanDiT, bank: LatentBank, sigmas=(0.3, 0.5, 0.7, 0.9),
         xt = add_noise(x0, noise, torch.full((x0.shape[0],), s, device=x0.device))
         errs = {}
         for name, audio in (("own", b["audio"]), ("shuffled", shuffled), ("none", torch.zeros_like(shuffled))):
-            v = model(xt.to(dtype), torch.full((x0.shape[0],), s * 1000, device=x0.device), b["text"].to(dtype),
-                      audio.to(dtype), b["ref"].to(dtype), context_mask=b["text_mask"])
+            v = model(
+                xt.to(dtype),
+                torch.full((x0.shape[0],), s * 1000, device=x0.device),
+                b["text"].to(dtype),
+                audio.to(dtype),
+                b["ref"].to(dtype),
+                context_mask=b["text_mask"],
+            )
             err = velocity_error_map(v, x0, noise)
             errs[name] = float((err * mouth).sum() / mouth.sum())
         errs["gain"] = errs["shuffled"] / errs["own"] - 1
@@ -483,9 +585,15 @@ def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_laten
     for attempt in range(max(1, cfg.lip_reader_tries)):
         torch.manual_seed(cfg.seed + attempt)  # the reader's initial weights
         t0 = time.perf_counter()
-        reader, metrics = train_lip_reader(lambda gen: bank.sample(gen, 64, n_latent), bank.latents.shape[1],
-                                           bank.lips.shape[-1], cfg.lip_reader_steps, device,
-                                           torch.Generator().manual_seed(cfg.seed + 7 + attempt), held=held_batch)
+        reader, metrics = train_lip_reader(
+            lambda gen: bank.sample(gen, 64, n_latent),
+            bank.latents.shape[1],
+            bank.lips.shape[-1],
+            cfg.lip_reader_steps,
+            device,
+            torch.Generator().manual_seed(cfg.seed + 7 + attempt),
+            held=held_batch,
+        )
         metrics["fits"] = attempt + 1
         log(f"lip reader, fit {attempt + 1} in {time.perf_counter() - t0:.1f}s: {metrics}")
         if best is None or metrics["held_jaw_error"] < best[1]["held_jaw_error"]:
@@ -508,20 +616,29 @@ def train_dit(cfg: TrainConfig, log=print, started: float | None = None) -> dict
     per_call = 8 if device.startswith("cuda") else 1  # clips per VAE encoder call: 8 x 73 frames at 256 px filled
     # a 24 GiB CPU machine (the run was killed)
     bank, held = (LatentBank(cfg, vae, device, clips, pack, encode_clips=per_call) for clips in (tr, ho))
-    log(f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"latents for {bank.n} + {held.n} held-out clips ({bank.L} latent frames each) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
     n_latent = window_latents(cfg)
-    reader, reader_metrics = fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
+    reader, reader_metrics = (
+        fit_lip_reader(cfg, bank, held, n_latent, device, log) if cfg.lip_read_weight else (None, None)
+    )
     model = build_dit(cfg)
     if cfg.init:
         # additions the file lacks (e.g. ref_embedding with dit={ref_concat: true}) keep their zero init
         sd = load_checkpoint(cfg.init).state_dict()
         if cfg.grow_depth:
             sd = deepen_dit_state(sd, model.cfg.num_layers)
-            log(f"grew {cfg.init} to {model.cfg.num_layers} blocks ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M)")
+            log(
+                f"grew {cfg.init} to {model.cfg.num_layers} blocks "
+                f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M)"
+            )
         load_dit_weights(model, sd)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    runner = Runner(cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device,
-                    started)
+    runner = Runner(
+        cfg, model, _dit_loss(cfg, causal, reader), lambda g: bank.sample(g, cfg.batch, n_latent), device, started
+    )
     if cfg.compile:  # after the Runner made its EMA copy, so only the trained model's blocks are compiled
         for block in runner.model.blocks:
             block.compile_parts()
@@ -530,7 +647,9 @@ def train_dit(cfg: TrainConfig, log=print, started: float | None = None) -> dict
     if final is None:  # (torchrun: rank 0 evaluates and writes)
         return dict(train=last)
     reliance = audio_reliance(final, held, n_latent=n_latent, seed=cfg.seed)
-    log(f"audio reliance on {held.n} held-out clips (lips error, shuffled / own audio - 1): {reliance['mean_gain']:.3f}")
+    log(
+        f"audio reliance on {held.n} held-out clips (lips error, shuffled / own audio - 1): {reliance['mean_gain']:.3f}"
+    )
     seen = audio_reliance(final, bank, n_latent=n_latent, seed=cfg.seed)  # far above the held-out figure: memorised
     log(f"audio reliance on training clips: {seen['mean_gain']:.3f}")
     reliance["training_clips_mean_gain"] = seen["mean_gain"]
@@ -554,9 +673,16 @@ def save_dit(cfg: TrainConfig, model: WanDiT, metrics: dict) -> list[Path]:
     """Write a run's DiT (bf16) as ``OUT/teacher.safetensors`` or ``OUT/causal.safetensors`` with what sampling
     reads from its metadata (a causal model's chunk, the teacher's window and motion latents) and ``metrics``."""
     causal = cfg.stage == "causal"
-    extra = dict(stage=cfg.stage, **metrics, config=cfg.to_dict(), look_back=cfg.look_back, look_ahead=cfg.look_ahead,
-                 chunk=cfg.chunk if causal else None, window_latents=window_latents(cfg),
-                 motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0)
+    extra = dict(
+        stage=cfg.stage,
+        **metrics,
+        config=cfg.to_dict(),
+        look_back=cfg.look_back,
+        look_ahead=cfg.look_ahead,
+        chunk=cfg.chunk if causal else None,
+        window_latents=window_latents(cfg),
+        motion_latents=cfg.motion_latents if cfg.p_motion > 0 and not causal else 0,
+    )
     name = "causal.safetensors" if causal else "teacher.safetensors"
     return save_checkpoint(Path(cfg.out) / name, model.cpu(), "dit", model.cfg, extra=extra, dtype=torch.bfloat16)
 

@@ -42,8 +42,9 @@ class Segment:
     speech: Speech | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        d = dict(state=self.state, start=self.start, end=self.end, caption=self.caption, text=self.text,
-                 smile=self.smile)
+        d = dict(
+            state=self.state, start=self.start, end=self.end, caption=self.caption, text=self.text, smile=self.smile
+        )
         if self.speech is not None:
             d["voice"] = self.speech.voice.__dict__
             d["phonemes"] = [(p.symbol, p.start + self.start, p.end + self.start) for p in self.speech.phonemes]
@@ -80,7 +81,7 @@ class Clip:
 
 def _smooth_noise(rng: np.random.Generator, n: int, sigma_frames: float) -> np.ndarray:
     """Unit-variance smooth noise (Gaussian-filtered white noise)."""
-    x = gaussian_filter1d(rng.standard_normal(n + 4 * int(sigma_frames)), sigma_frames)[2 * int(sigma_frames):][:n]
+    x = gaussian_filter1d(rng.standard_normal(n + 4 * int(sigma_frames)), sigma_frames)[2 * int(sigma_frames) :][:n]
     return x / (x.std() + 1e-8)
 
 
@@ -95,8 +96,9 @@ def _caption(state: str, rng: np.random.Generator, voice: Voice | None, smile: f
     return "idles, breathing calmly and blinking"
 
 
-def plan_segments(rng: np.random.Generator, seconds: float, sentences: SentenceGenerator,
-                  voice: Voice) -> list[Segment]:
+def plan_segments(
+    rng: np.random.Generator, seconds: float, sentences: SentenceGenerator, voice: Voice
+) -> list[Segment]:
     """A sequence of behaviour segments filling ``seconds``; speaking segments carry synthesized speech."""
     segs: list[Segment] = []
     t = 0.0
@@ -106,21 +108,26 @@ def plan_segments(rng: np.random.Generator, seconds: float, sentences: SentenceG
         if state == "speaking":
             speech = synthesize(sentences.utterance(2), voice)
             dur = speech.duration
-            seg = Segment(state, t, min(t + dur, seconds), _caption(state, rng, voice, smile), speech.text, smile,
-                          speech)
+            seg = Segment(
+                state, t, min(t + dur, seconds), _caption(state, rng, voice, smile), speech.text, smile, speech
+            )
         else:
             dur = float(rng.uniform(1.2, 3.5))
             seg = Segment(state, t, min(t + dur, seconds), _caption(state, rng, None, smile), smile=smile)
         segs.append(seg)
         t += dur
         # after speaking, a pause state; otherwise speak more often than not
-        state = str(rng.choice(["idle", "listening", "thinking"], p=[0.35, 0.45, 0.2])) if state == "speaking" \
+        state = (
+            str(rng.choice(["idle", "listening", "thinking"], p=[0.35, 0.45, 0.2]))
+            if state == "speaking"
             else str(rng.choice(["speaking", "listening", "idle"], p=[0.7, 0.2, 0.1]))
+        )
     return segs
 
 
-def make_clip(seed: int, seconds: float = 8.0, identity: Identity | None = None, voice: Voice | None = None,
-              fps: int = FPS) -> Clip:
+def make_clip(
+    seed: int, seconds: float = 8.0, identity: Identity | None = None, voice: Voice | None = None, fps: int = FPS
+) -> Clip:
     """Plan a clip: deterministic for a seed (espeak-ng's output is deterministic for a voice and text)."""
     if seconds <= 0:
         raise ValueError(f"a clip must last more than 0 seconds, got {seconds}")
@@ -131,8 +138,9 @@ def make_clip(seed: int, seconds: float = 8.0, identity: Identity | None = None,
     return compose(segments, identity, seconds, rng, fps, seed)
 
 
-def compose(segments: list[Segment], identity: Identity, seconds: float, rng: np.random.Generator, fps: int = FPS,
-            seed: int = 0) -> Clip:
+def compose(
+    segments: list[Segment], identity: Identity, seconds: float, rng: np.random.Generator, fps: int = FPS, seed: int = 0
+) -> Clip:
     """Turn segments into per-frame ground truth and audio."""
     n = int(round(seconds * fps))
     states = np.tile(FrameState().to_array(), (n, 1))
@@ -148,9 +156,9 @@ def compose(segments: list[Segment], identity: Identity, seconds: float, rng: np
         if seg.speech is not None:
             s0 = int(round(seg.start * SAMPLE_RATE))
             chunk = seg.speech.audio[: max(0, len(audio) - s0)]
-            audio[s0:s0 + len(chunk)] = chunk
+            audio[s0 : s0 + len(chunk)] = chunk
             mouth = mouth_track(seg.speech.phonemes, b - a, fps, offset=seg.start - a / fps)
-            states[a:b, _F["jaw_open"]:_F["tongue"] + 1] = mouth
+            states[a:b, _F["jaw_open"] : _F["tongue"] + 1] = mouth
     sig = 0.3 * fps  # transitions blend over ~0.3 s
     w = gaussian_filter1d(onehot, sig, axis=0, mode="nearest")
     w /= w.sum(1, keepdims=True) + 1e-8
@@ -181,7 +189,7 @@ def compose(segments: list[Segment], identity: Identity, seconds: float, rng: np
     while i < n:
         if rng.random() < rate[i] / fps:
             k = min(len(shape), n - i)
-            blink[i:i + k] = np.maximum(blink[i:i + k], shape[:k])
+            blink[i : i + k] = np.maximum(blink[i : i + k], shape[:k])
             i += 8
         i += 1
     states[:, _F["blink"]] = blink

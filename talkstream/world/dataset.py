@@ -70,9 +70,18 @@ def _write_clip(out: Path, index: int, seed: int, seconds: float, size: int) -> 
     with atomic_path(base.with_suffix(".npz")) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, states=clip.states, behaviour=clip.behaviour, identity=clip.identity.vector())
-    meta = dict(index=index, seed=seed, fps=clip.fps, size=size, n_frames=clip.n_frames,
-                sample_rate=clip.sample_rate, state_fields=list(STATE_FIELDS), behaviours=list(STATES),
-                identity=clip.identity.to_dict(), segments=[s.to_dict() for s in clip.segments])
+    meta = dict(
+        index=index,
+        seed=seed,
+        fps=clip.fps,
+        size=size,
+        n_frames=clip.n_frames,
+        sample_rate=clip.sample_rate,
+        state_fields=list(STATE_FIELDS),
+        behaviours=list(STATES),
+        identity=clip.identity.to_dict(),
+        segments=[s.to_dict() for s in clip.segments],
+    )
     with atomic_path(base.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(meta))
 
@@ -82,8 +91,15 @@ def _complete(out: Path, index: int) -> bool:
     return all(base.with_suffix(s).is_file() for s in _PARTS)
 
 
-def make_world(out: str | os.PathLike, clips: int, seconds: float = 8.0, size: int = 256, workers: int = 1,
-               seed: int = 0, progress: bool = True) -> dict:
+def make_world(
+    out: str | os.PathLike,
+    clips: int,
+    seconds: float = 8.0,
+    size: int = 256,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Render ``clips`` clips into ``out`` (resumable). Returns counts of made and skipped clips."""
     if clips <= 0 or seconds <= 0 or size < 16:
         raise ValueError(f"need clips > 0, seconds > 0 and size >= 16 (got {clips}, {seconds}, {size})")
@@ -149,9 +165,17 @@ class _Reader:
             raise DatasetError(f"{s.name} has {T} frames, fewer than the window's {n_frames}")
         a = int(rng.integers(T - n_frames + 1))
         sl = slice(a, a + n_frames)
-        return Window(s.frames[sl], _slice_audio(s.audio, a, n_frames, s.fps), s.fps, s.name,
-                      None if s.states is None else s.states[sl], None if s.behaviour is None else s.behaviour[sl],
-                      None if s.captions is None else s.captions[sl], s.identity, start=a)
+        return Window(
+            s.frames[sl],
+            _slice_audio(s.audio, a, n_frames, s.fps),
+            s.fps,
+            s.name,
+            None if s.states is None else s.states[sl],
+            None if s.behaviour is None else s.behaviour[sl],
+            None if s.captions is None else s.captions[sl],
+            s.identity,
+            start=a,
+        )
 
 
 class WorldDataset(_Reader):
@@ -177,14 +201,23 @@ class WorldDataset(_Reader):
             raise DatasetError(f"{base}: corrupted clip ({e})") from None
         T = meta["n_frames"]
         if len(video.frames) != T or len(states) != T:
-            raise DatasetError(f"{base}: corrupted clip ({len(video.frames)} video frames, {len(states)} truth rows,"
-                               f" expected {T})")
+            raise DatasetError(
+                f"{base}: corrupted clip ({len(video.frames)} video frames, {len(states)} truth rows, expected {T})"
+            )
         captions = [""] * T
         for seg in meta["segments"]:
             for f in range(int(round(seg["start"] * FPS)), min(int(round(seg["end"] * FPS)), T)):
                 captions[f] = seg["caption"]
-        return Sample(video.frames, _slice_audio(audio, 0, T, FPS), FPS, self.names[i], states, behaviour, captions,
-                      Identity.from_dict(meta["identity"]))
+        return Sample(
+            video.frames,
+            _slice_audio(audio, 0, T, FPS),
+            FPS,
+            self.names[i],
+            states,
+            behaviour,
+            captions,
+            Identity.from_dict(meta["identity"]),
+        )
 
 
 class VideoFolder(_Reader):

@@ -12,10 +12,23 @@ GLASSES = ("none", "round", "square")
 CLOTHING = ("tshirt", "collar", "hoodie", "suit")
 BACKGROUNDS = ("solid", "gradient", "wall", "vignette", "stripes")
 
-SKIN_TONES = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 130], [198, 134, 96], [160, 102, 66],
-                       [120, 74, 48], [88, 54, 36]], np.float32)
-HAIR_COLOURS = np.array([[20, 16, 14], [60, 40, 25], [110, 70, 35], [170, 120, 60], [220, 190, 120],
-                         [150, 60, 30], [190, 190, 195], [90, 90, 95]], np.float32)
+SKIN_TONES = np.array(
+    [[255, 224, 196], [241, 194, 160], [224, 172, 130], [198, 134, 96], [160, 102, 66], [120, 74, 48], [88, 54, 36]],
+    np.float32,
+)
+HAIR_COLOURS = np.array(
+    [
+        [20, 16, 14],
+        [60, 40, 25],
+        [110, 70, 35],
+        [170, 120, 60],
+        [220, 190, 120],
+        [150, 60, 30],
+        [190, 190, 195],
+        [90, 90, 95],
+    ],
+    np.float32,
+)
 EYE_COLOURS = np.array([[70, 45, 25], [110, 75, 40], [60, 110, 160], [70, 130, 90], [100, 100, 110]], np.float32)
 
 RGB = tuple[int, int, int]
@@ -53,7 +66,7 @@ class Identity:
     background_colours: tuple[RGB, RGB]
 
     @staticmethod
-    def sample(rng: np.random.Generator | int) -> "Identity":
+    def sample(rng: np.random.Generator | int) -> Identity:
         rng = np.random.default_rng(rng) if isinstance(rng, (int, np.integer)) else rng
         u = rng.uniform
         skin = SKIN_TONES[rng.integers(len(SKIN_TONES))] * u(0.93, 1.05, 3)
@@ -94,7 +107,7 @@ class Identity:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
-    def from_dict(d: dict) -> "Identity":
+    def from_dict(d: dict) -> Identity:
         names = {f.name for f in fields(Identity)}
         missing, extra = names - d.keys(), d.keys() - names
         if missing or extra:
@@ -107,13 +120,36 @@ class Identity:
 
     def vector(self) -> np.ndarray:
         """A numeric description (continuous values scaled to ~0..1, styles one-hot): identity ground truth."""
-        cont = [self.face_width / 0.22, self.face_height / 0.29, self.jaw_width, self.eye_size / 1.25,
-                self.eye_spacing / 1.15, self.eye_height * 10 + 0.5, self.brow_thickness / 1.5, self.brow_tilt + 0.5,
-                self.nose_length / 1.25, self.nose_width / 1.3, self.mouth_width / 1.2]
-        cols = [c / 255.0 for c in (*self.skin, *self.hair_colour, *self.eye_colour, *self.clothing_colour,
-                                    *self.background_colours[0], *self.background_colours[1])]
+        cont = [
+            self.face_width / 0.22,
+            self.face_height / 0.29,
+            self.jaw_width,
+            self.eye_size / 1.25,
+            self.eye_spacing / 1.15,
+            self.eye_height * 10 + 0.5,
+            self.brow_thickness / 1.5,
+            self.brow_tilt + 0.5,
+            self.nose_length / 1.25,
+            self.nose_width / 1.3,
+            self.mouth_width / 1.2,
+        ]
+        cols = [
+            c / 255.0
+            for c in (
+                *self.skin,
+                *self.hair_colour,
+                *self.eye_colour,
+                *self.clothing_colour,
+                *self.background_colours[0],
+                *self.background_colours[1],
+            )
+        ]
         onehots = []
-        for value, options in ((self.hair_style, HAIR_STYLES), (self.glasses, GLASSES), (self.clothing, CLOTHING),
-                               (self.background, BACKGROUNDS)):
+        for value, options in (
+            (self.hair_style, HAIR_STYLES),
+            (self.glasses, GLASSES),
+            (self.clothing, CLOTHING),
+            (self.background, BACKGROUNDS),
+        ):
             onehots += [float(value == o) for o in options]
         return np.asarray(cont + cols + onehots, np.float32)

@@ -9,8 +9,8 @@ radial shading follows the face so a turn is unmistakable. Pure function of its 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
-from typing import Iterator
 
 import numpy as np
 import skia
@@ -48,7 +48,7 @@ class FrameState:
         return np.asarray(astuple(self), np.float32)
 
     @staticmethod
-    def from_array(a: np.ndarray) -> "FrameState":
+    def from_array(a: np.ndarray) -> FrameState:
         return FrameState(*(float(x) for x in a))
 
 
@@ -179,19 +179,24 @@ class Renderer:
             y = H * sa
             if sa > 0:  # lower half: jaw
                 x *= idn.jaw_width + (1 - idn.jaw_width) * (1 - sa) ** 0.7
-                y += drop * sa ** 4
+                y += drop * sa**4
             (path.moveTo if i == 0 else path.lineTo)(cx + x, cy + y)
         path.close()
         lx = cx + W * math.sin(yaw) * 0.55 - W * 0.25
         ly = cy - H * 0.35 + H * math.sin(pitch) * 0.4
-        shade = skia.GradientShader.MakeRadial((lx, ly), max(W, H) * 1.45,
-                                               [_c(skin, 1.1), _c(skin, 0.98), _c(skin, 0.68)], [0.0, 0.45, 1.0])
+        shade = skia.GradientShader.MakeRadial(
+            (lx, ly), max(W, H) * 1.45, [_c(skin, 1.1), _c(skin, 0.98), _c(skin, 0.68)], [0.0, 0.45, 1.0]
+        )
         canvas.drawPath(path, _paint(0, shader=shade))
 
         def project(u: float, v: float, depth: float = 1.0) -> tuple[float, float, float, float]:
             """Surface angles -> canvas point and foreshortening (fx, fy)."""
-            return (cx + W * math.sin(u + yaw) * depth, cy + H * math.sin(v + pitch) * depth,
-                    max(math.cos(u + yaw), 0.0), max(math.cos(v + pitch), 0.0))
+            return (
+                cx + W * math.sin(u + yaw) * depth,
+                cy + H * math.sin(v + pitch) * depth,
+                max(math.cos(u + yaw), 0.0),
+                max(math.cos(v + pitch), 0.0),
+            )
 
         self._draw_eyes(canvas, s, project)
         self._draw_nose(canvas, s, project, W, H)
@@ -255,8 +260,9 @@ class Renderer:
         shift = W * math.sin(yaw) * 0.5  # the crown moves with the face
         if back:
             if style == "long":
-                r = skia.RRect.MakeRectXY(skia.Rect.MakeLTRB(cx - W * 1.22, cy - H * 1.02, cx + W * 1.22,
-                                                             cy + H * 1.25), W * 0.6, W * 0.6)
+                r = skia.RRect.MakeRectXY(
+                    skia.Rect.MakeLTRB(cx - W * 1.22, cy - H * 1.02, cx + W * 1.22, cy + H * 1.25), W * 0.6, W * 0.6
+                )
                 canvas.drawRRect(r, _paint(_c(col, 0.85)))
             elif style == "bob":
                 canvas.drawOval(_oval(cx, cy - H * 0.05, W * 1.22, H * 1.0), _paint(_c(col, 0.9)))
@@ -264,8 +270,9 @@ class Renderer:
                 canvas.drawCircle(cx + shift * 0.5, cy - H * 1.08, W * 0.42, _paint(_c(col, 0.95)))
             return
         if style == "bald":
-            canvas.drawOval(_oval(cx - W * 0.2 + shift * 0.6, cy - H * 0.8, W * 0.25, H * 0.08),
-                            _paint(_c(idn.skin, 1.15, 120)))
+            canvas.drawOval(
+                _oval(cx - W * 0.2 + shift * 0.6, cy - H * 0.8, W * 0.25, H * 0.08), _paint(_c(idn.skin, 1.15, 120))
+            )
             return
         if style == "mohawk":
             p = skia.Path()
@@ -286,19 +293,22 @@ class Renderer:
         if style == "side_part":
             fringe.quadTo(cx + shift + W * 0.3, fy - H * 0.25, cx + shift - W * 0.35, fy + H * 0.05)
         else:
-            fringe.quadTo(cx + shift, fy - H * 0.22, cx - W * 1.3, cy - H * 0.05 if style in ("bob", "long")
-                          else fy + H * 0.05)
+            fringe.quadTo(
+                cx + shift, fy - H * 0.22, cx - W * 1.3, cy - H * 0.05 if style in ("bob", "long") else fy + H * 0.05
+            )
         fringe.lineTo(cx - W * 1.3, fy)
         fringe.close()
-        shader = skia.GradientShader.MakeRadial((cx - W * 0.3 + shift, cy - H * 0.9), W * 1.6,
-                                                [_c(col, 1.25), _c(col, 0.85)])
+        shader = skia.GradientShader.MakeRadial(
+            (cx - W * 0.3 + shift, cy - H * 0.9), W * 1.6, [_c(col, 1.25), _c(col, 0.85)]
+        )
         canvas.drawPath(fringe, _paint(0, shader=shader))
         canvas.restore()
         if style == "curly":
             for i in range(11):
                 a = math.pi + math.pi * i / 10
-                canvas.drawCircle(cx + W * 1.02 * math.cos(a) + shift * 0.3, cy - 2 + H * 0.98 * math.sin(a),
-                                  W * 0.17, paint)
+                canvas.drawCircle(
+                    cx + W * 1.02 * math.cos(a) + shift * 0.3, cy - 2 + H * 0.98 * math.sin(a), W * 0.17, paint
+                )
 
     def _draw_eyes(self, canvas, s: FrameState, project) -> None:
         idn = self.identity
@@ -322,8 +332,9 @@ class Renderer:
             # upper eyelid closes down over the eye
             lid = min(max(s.blink, 0.0), 1.0)
             if lid > 0.01:
-                canvas.drawRect(skia.Rect.MakeLTRB(x - rx, y - ry, x + rx, y - ry + 2 * ry * lid),
-                                _paint(_c(idn.skin, 0.95)))
+                canvas.drawRect(
+                    skia.Rect.MakeLTRB(x - rx, y - ry, x + rx, y - ry + 2 * ry * lid), _paint(_c(idn.skin, 0.95))
+                )
             canvas.restore()
             lid_y = y - ry + 2 * ry * min(max(s.blink, 0.0), 1.0)
             arc = skia.Path()
@@ -333,8 +344,13 @@ class Renderer:
             # brow
             by = y - ry - 6 - 4 * s.brow
             tilt = idn.brow_tilt * 5 * side
-            canvas.drawLine(x - rx * 1.1 * side * -1 - side * rx * 2.2, by + tilt, x + side * rx * 1.15,
-                            by - tilt - 1.5, _paint(_c(idn.hair_colour, 0.8), 2.6 * idn.brow_thickness * fy))
+            canvas.drawLine(
+                x - rx * 1.1 * side * -1 - side * rx * 2.2,
+                by + tilt,
+                x + side * rx * 1.15,
+                by - tilt - 1.5,
+                _paint(_c(idn.hair_colour, 0.8), 2.6 * idn.brow_thickness * fy),
+            )
             if idn.glasses != "none":
                 gp = _paint(_c(idn.glasses_colour), 1.8)
                 if idn.glasses == "round":
@@ -342,8 +358,10 @@ class Renderer:
                 else:
                     canvas.drawRect(skia.Rect.MakeLTRB(x - rx * 1.45, y - 9 * fy, x + rx * 1.45, y + 11 * fy), gp)
         if idn.glasses != "none":
-            (x0, y0, _, _), (x1, y1, _, _) = (project(-0.4 * idn.eye_spacing + 0.2, -0.13 + idn.eye_height),
-                                              project(0.4 * idn.eye_spacing - 0.2, -0.13 + idn.eye_height))
+            (x0, y0, _, _), (x1, y1, _, _) = (
+                project(-0.4 * idn.eye_spacing + 0.2, -0.13 + idn.eye_height),
+                project(0.4 * idn.eye_spacing - 0.2, -0.13 + idn.eye_height),
+            )
             canvas.drawLine(x0, y0, x1, y1, _paint(_c(idn.glasses_colour), 1.8))
 
     def _draw_nose(self, canvas, s: FrameState, project, W, H) -> None:
@@ -360,8 +378,9 @@ class Renderer:
         canvas.drawPath(shadow, _paint(_c(idn.skin, 0.8, 170)))
         canvas.drawOval(_oval(tip_x, tip_y, w, 3.5), _paint(_c(idn.skin, 0.88)))
         for k in (-1, 1):
-            canvas.drawOval(_oval(tip_x + k * w * 0.5, tip_y + 1.2, 1.6 * (0.4 + 0.6 * fx), 1.0),
-                            _paint(_c(idn.skin, 0.45)))
+            canvas.drawOval(
+                _oval(tip_x + k * w * 0.5, tip_y + 1.2, 1.6 * (0.4 + 0.6 * fx), 1.0), _paint(_c(idn.skin, 0.45))
+            )
 
     def _draw_mouth(self, canvas, s: FrameState, project) -> None:
         idn = self.identity
@@ -383,11 +402,13 @@ class Renderer:
             canvas.clipPath(mouth, doAntiAlias=True)
             if s.teeth > 0.05:
                 th = min(open_h * 0.35, 4.5) * min(s.teeth * 1.5, 1.0)
-                canvas.drawRect(skia.Rect.MakeLTRB(x - half, upper - 3, x + half, upper + th),
-                                _paint(_c((240, 238, 230))))
+                canvas.drawRect(
+                    skia.Rect.MakeLTRB(x - half, upper - 3, x + half, upper + th), _paint(_c((240, 238, 230)))
+                )
             if s.tongue > 0.1:
-                canvas.drawOval(_oval(x, lower - 1, half * 0.6, open_h * 0.35 * s.tongue + 1),
-                                _paint(_c((200, 90, 100))))
+                canvas.drawOval(
+                    _oval(x, lower - 1, half * 0.6, open_h * 0.35 * s.tongue + 1), _paint(_c((200, 90, 100)))
+                )
             canvas.restore()
             canvas.drawPath(mouth, _paint(_c(lip_col), 2.6))
         else:

@@ -8,7 +8,7 @@ the audio to 16 kHz and convert the positions to seconds, so a mouth driven by t
 libespeak-ng keeps its state per process (one voice, one callback) and carries it from one utterance to the next:
 the same text and voice spoken again in one process comes out a few samples longer or shorter (the first time in a
 process ~780 samples at 22050 Hz, 35 ms, shorter than later times on clip 900005's sentence:
-``scripts/speech_determinism.py``), so a world clip made
+``experiments/speech_determinism.py``), so a world clip made
 from a seed depended on what the process had spoken before. ``synthesize`` therefore speaks each utterance in a
 forked child process whose espeak-ng starts fresh (``speak_fresh``): a text and voice give the same samples in any
 process, after anything. Nothing is loaded at import time.
@@ -73,7 +73,7 @@ class Voice:
     range: int = 50
 
     @staticmethod
-    def sample(rng: np.random.Generator) -> "Voice":
+    def sample(rng: np.random.Generator) -> Voice:
         names = ["en-us", "en", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-gb-x-gbcwmd", "en-gb-x-gbclan"]
         return Voice(
             name=str(rng.choice(names)),
@@ -125,14 +125,20 @@ def _find_library() -> str:
 class Espeak:
     """One libespeak-ng per process; ``speak`` is thread-safe."""
 
-    _instance: "Espeak | None" = None
+    _instance: Espeak | None = None
     _instance_lock = threading.Lock()
 
     def __init__(self, path: str | None = None) -> None:
         self._lib = ctypes.CDLL(path or _find_library())
         self._lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
-            ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
         ]
         self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INIT_PHONEME_EVENTS | _INIT_DONT_EXIT)
@@ -145,7 +151,7 @@ class Espeak:
         self._lib.espeak_SetSynthCallback(self._callback)
 
     @classmethod
-    def get(cls) -> "Espeak":
+    def get(cls) -> Espeak:
         with cls._instance_lock:
             if cls._instance is None:
                 cls._instance = cls()
@@ -168,8 +174,12 @@ class Espeak:
         with self._lock:
             if self._lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
                 raise EspeakError(f"espeak-ng has no voice named {voice.name!r}")
-            for param, value in ((_PARAM_RATE, voice.rate), (_PARAM_PITCH, voice.pitch), (_PARAM_RANGE, voice.range),
-                                 (_PARAM_VOLUME, 100)):
+            for param, value in (
+                (_PARAM_RATE, voice.rate),
+                (_PARAM_PITCH, voice.pitch),
+                (_PARAM_RANGE, voice.range),
+                (_PARAM_VOLUME, 100),
+            ):
                 self._lib.espeak_SetParameter(param, int(value), 0)
             self._chunks, self._events = [], []
             err = self._lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
@@ -249,23 +259,138 @@ def synthesize(text: str, voice: Voice | None = None, sample_rate: int = SAMPLE_
 
 # --- an unbounded supply of distinct utterances ----------------------------------------------------
 
-_SUBJECTS = ["I", "we", "you", "my friend", "the team", "our neighbour", "the teacher", "my sister", "the doctor",
-             "everyone", "nobody", "the new manager", "my brother", "the pilot", "a stranger", "the children"]
-_VERBS = ["found", "painted", "moved", "opened", "carried", "forgot", "bought", "fixed", "visited", "watched",
-          "cooked", "explained", "remembered", "borrowed", "cleaned", "described", "ordered", "wrote"]
-_ADJECTIVES = ["blue", "quiet", "enormous", "tiny", "old", "shiny", "broken", "wonderful", "strange", "warm",
-               "heavy", "bright", "simple", "golden", "noisy", "gentle", "rapid", "careful"]
-_NOUNS = ["window", "garden", "bicycle", "letter", "kitchen", "mountain", "piano", "market", "river", "lamp",
-          "station", "recipe", "camera", "bridge", "library", "harbour", "sandwich", "melody", "umbrella", "rocket"]
-_TIMES = ["yesterday", "this morning", "last week", "on Sunday", "after lunch", "at midnight", "in April",
-          "every day", "two years ago", "right now", "before dinner", "later tonight"]
-_PLACES = ["near the park", "in the city", "by the sea", "at the office", "under the bridge", "at home",
-           "on the train", "in the valley", "behind the school", "at the airport"]
-_QUESTION_STARTS = ["Did you see the", "Have you ever tried the", "Where is the", "Why did they paint the",
-                    "Can you tell me about the", "What happened to the", "How far is the", "Who moved the"]
-_REPLIES = ["Yes, of course.", "No, not really.", "I think so.", "That sounds great!", "Let me think about it.",
-            "Absolutely, go ahead.", "Hmm, maybe later.", "Thank you so much.", "I am not sure.", "Good idea!",
-            "Right, I see.", "Oh, really?", "Sure, why not.", "Well, it depends."]
+_SUBJECTS = [
+    "I",
+    "we",
+    "you",
+    "my friend",
+    "the team",
+    "our neighbour",
+    "the teacher",
+    "my sister",
+    "the doctor",
+    "everyone",
+    "nobody",
+    "the new manager",
+    "my brother",
+    "the pilot",
+    "a stranger",
+    "the children",
+]
+_VERBS = [
+    "found",
+    "painted",
+    "moved",
+    "opened",
+    "carried",
+    "forgot",
+    "bought",
+    "fixed",
+    "visited",
+    "watched",
+    "cooked",
+    "explained",
+    "remembered",
+    "borrowed",
+    "cleaned",
+    "described",
+    "ordered",
+    "wrote",
+]
+_ADJECTIVES = [
+    "blue",
+    "quiet",
+    "enormous",
+    "tiny",
+    "old",
+    "shiny",
+    "broken",
+    "wonderful",
+    "strange",
+    "warm",
+    "heavy",
+    "bright",
+    "simple",
+    "golden",
+    "noisy",
+    "gentle",
+    "rapid",
+    "careful",
+]
+_NOUNS = [
+    "window",
+    "garden",
+    "bicycle",
+    "letter",
+    "kitchen",
+    "mountain",
+    "piano",
+    "market",
+    "river",
+    "lamp",
+    "station",
+    "recipe",
+    "camera",
+    "bridge",
+    "library",
+    "harbour",
+    "sandwich",
+    "melody",
+    "umbrella",
+    "rocket",
+]
+_TIMES = [
+    "yesterday",
+    "this morning",
+    "last week",
+    "on Sunday",
+    "after lunch",
+    "at midnight",
+    "in April",
+    "every day",
+    "two years ago",
+    "right now",
+    "before dinner",
+    "later tonight",
+]
+_PLACES = [
+    "near the park",
+    "in the city",
+    "by the sea",
+    "at the office",
+    "under the bridge",
+    "at home",
+    "on the train",
+    "in the valley",
+    "behind the school",
+    "at the airport",
+]
+_QUESTION_STARTS = [
+    "Did you see the",
+    "Have you ever tried the",
+    "Where is the",
+    "Why did they paint the",
+    "Can you tell me about the",
+    "What happened to the",
+    "How far is the",
+    "Who moved the",
+]
+_REPLIES = [
+    "Yes, of course.",
+    "No, not really.",
+    "I think so.",
+    "That sounds great!",
+    "Let me think about it.",
+    "Absolutely, go ahead.",
+    "Hmm, maybe later.",
+    "Thank you so much.",
+    "I am not sure.",
+    "Good idea!",
+    "Right, I see.",
+    "Oh, really?",
+    "Sure, why not.",
+    "Well, it depends.",
+]
 
 
 class SentenceGenerator:

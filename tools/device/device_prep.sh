@@ -6,9 +6,9 @@
 # (data/keep, data/init, data/t0). Session 14 found all of these gone with the old checkout and re-made them with
 # this script.
 #
-#   bash scripts/device_prep.sh [PACK ...]     PACK: a b c d e f (default: a b c d); 1.5-4.5 min each on 2 cores (a-d: 14 min)
+#   bash tools/device/device_prep.sh [PACK ...]     PACK: a b c d e f (default: a b c d); 1.5-4.5 min each on 2 cores (a-d: 14 min)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 packs=${*:-a b c d}
 
 # skia-python for the lent machines' python3 (3.12, manylinux); its other needs are in their image

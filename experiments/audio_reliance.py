@@ -2,7 +2,7 @@
 another clip's audio / with its own, - 1) on some of its training clips and on the held-out split, two draws each.
 A figure far higher on training clips than on held-out ones means the mouths were memorised.
 
-    python scripts/audio_reliance.py --model talkstream/weights/teacher.safetensors --pack data/dit_pack.npz \
+    python experiments/audio_reliance.py --model talkstream/weights/teacher.safetensors --pack data/dit_pack.npz \
         --train-clips 30 --out benchmarks/results/audio_reliance_cpu.json        # ~20 min on 2 CPU cores
 """
 

@@ -5,9 +5,10 @@ noised to sigma s and denoised by the teacher from s down to 0 (the suite's samp
 s = 0.5 but not from 1 loses it while the layout is decided (the high-noise steps), where only the reference can
 pin it; one that loses it from small s too damages what it is given.
 
-    python scripts/structure_by_noise.py --model talkstream/weights/teacher.safetensors \
+    python experiments/structure_by_noise.py --model talkstream/weights/teacher.safetensors \
         --sigmas 0.2 0.4 0.6 0.8 1.0 --out benchmarks/results/structure_by_noise_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,19 @@ from talkstream.world.render import Renderer, render_states
 
 
 @torch.no_grad()
-def denoise_from(dit, x0: torch.Tensor, s: float, noise: torch.Tensor, steps: int, shift: float, guidance: float,
-                 text, text_mask, audio, ref) -> torch.Tensor:
+def denoise_from(
+    dit,
+    x0: torch.Tensor,
+    s: float,
+    noise: torch.Tensor,
+    steps: int,
+    shift: float,
+    guidance: float,
+    text,
+    text_mask,
+    audio,
+    ref,
+) -> torch.Tensor:
     """x0 [1, C, L, h, w] noised to sigma ``s`` (flow matching: (1 - s) x0 + s noise), then the Euler steps of the
     ``steps``-step schedule that lie below ``s`` (the first one starts at ``s`` itself)."""
     sig = reference_sigmas(euler_sigmas(steps, shift), s)
@@ -73,8 +85,9 @@ def main() -> None:
     x0 = vae.encode(frames_to_video(truth, size))
     ref = vae.encode(frames_to_video(truth[:1], size))
     lb, la = audio_span(dit)
-    audio = audio_windows(torch.as_tensor(c["audio_features"], dtype=torch.float32), x0.shape[2], look_back=lb,
-                          look_ahead=la)[None]
+    audio = audio_windows(
+        torch.as_tensor(c["audio_features"], dtype=torch.float32), x0.shape[2], look_back=lb, look_ahead=la
+    )[None]
     text, mask = c["text"].float(), c["text_mask"]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(a.noise_seed))
     rows = {}
@@ -83,10 +96,22 @@ def main() -> None:
     for s in a.sigmas:
         z = denoise_from(dit, x0, s, noise, a.steps, a.shift, a.audio_guidance, text, mask, audio, ref)
         per = silhouette_iou(ChunkDecoder(vae)(z), truth, background)["silhouette_iou_per_frame"]
-        rows[f"sigma_{s:g}"] = dict(silhouette_iou=float(per.mean()), last_quarter=float(per[-len(per) // 4:].mean()))
+        rows[f"sigma_{s:g}"] = dict(silhouette_iou=float(per.mean()), last_quarter=float(per[-len(per) // 4 :].mean()))
         print(f"sigma {s:g}: silhouette IoU {per.mean():.3f}", flush=True)
-    report(dict(model=a.model, seed=a.seed, frames=n_frames, noise_seed=a.noise_seed, steps=a.steps, shift=a.shift,
-                audio_guidance=a.audio_guidance, rows=rows, machine=describe()), a.out)
+    report(
+        dict(
+            model=a.model,
+            seed=a.seed,
+            frames=n_frames,
+            noise_seed=a.noise_seed,
+            steps=a.steps,
+            shift=a.shift,
+            audio_guidance=a.audio_guidance,
+            rows=rows,
+            machine=describe(),
+        ),
+        a.out,
+    )
 
 
 if __name__ == "__main__":

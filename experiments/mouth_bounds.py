@@ -1,10 +1,11 @@
+# ruff: noqa: E501
 """What mouth error can a model working in the VAE's latent space reach at best? Per suite clip, the frame probe's
 mouth error (offset 0, against the world's truth) on the true renders, on the same reading with each latent's
 4 frames held at their mean (a latent that keeps no motion inside it: ``latent_group_mean``) and shifted by one
-frame either way; beside them the suite on VAE round trips of the true renders (`scripts/vae_roundtrip_suite.py`)
+frame either way; beside them the suite on VAE round trips of the true renders (`experiments/vae_roundtrip_suite.py`)
 and the teacher's bound (1.5x the truth's error).
 
-    python scripts/mouth_bounds.py --inputs data/suite_inputs.pkl --clips 4 \
+    python experiments/mouth_bounds.py --inputs data/suite_inputs.pkl --clips 4 \
         --roundtrip benchmarks/results/suite_vae_roundtrip_4clips_cpu.json --out benchmarks/results/mouth_bounds_cpu.json
 """
 
@@ -37,10 +38,13 @@ def main() -> None:
         clip = inputs["clips"][seed]["clip"]
         truth = clip_mouth_truth(clip)
         read = probe.read(np.stack(list(render_states(clip.identity, clip.states, 256))))["states"][:, jaw]
-        row = dict(seed=seed, truth_render=mouth_scores(read, truth),
-                   latent_group_mean=mouth_scores(latent_group_mean(read), truth),
-                   shifted_later=mouth_scores(np.concatenate([read[:1], read[:-1]]), truth),
-                   shifted_earlier=mouth_scores(np.concatenate([read[1:], read[-1:]]), truth))
+        row = dict(
+            seed=seed,
+            truth_render=mouth_scores(read, truth),
+            latent_group_mean=mouth_scores(latent_group_mean(read), truth),
+            shifted_later=mouth_scores(np.concatenate([read[:1], read[:-1]]), truth),
+            shifted_earlier=mouth_scores(np.concatenate([read[1:], read[-1:]]), truth),
+        )
         if seed in trip:
             row["vae_roundtrip"] = {k: trip[seed][k] for k in ("mouth_error", "mouth_error_fast", "mouth_error_slow")}
         rows.append(row)

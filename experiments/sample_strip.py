@@ -1,8 +1,9 @@
 """A picture of generated frames under the true ones: row 1 the world's render of a suite clip, then one row per
 GIF written by ``talkstream eval suite --sample x.gif`` (the clip's first 4 s), one column every ``--every`` frames.
 
-    python scripts/sample_strip.py --gifs teacher.gif causal.gif --out docs/samples/truth_teacher_causal.png
+    python experiments/sample_strip.py --gifs teacher.gif causal.gif --out docs/samples/truth_teacher_causal.png
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,7 +3,7 @@ times in one process through one in-process espeak-ng (``Espeak.speak``, what ``
 and through ``speak_fresh`` (a fresh engine per utterance, what it uses now): lengths at 22050 Hz, whether every
 repeat equals the first, and the time per utterance.
 
-    python scripts/speech_determinism.py --out benchmarks/results/speech_determinism_cpu.json
+    python experiments/speech_determinism.py --out benchmarks/results/speech_determinism_cpu.json
 """
 
 import argparse
@@ -26,8 +26,11 @@ def main() -> None:
     rows = {}
     for name, speak in (("fresh_engine_per_utterance", speak_fresh), ("one_engine_per_process", Espeak.get().speak)):
         t0, audio = time.perf_counter(), [speak(TEXT, VOICE)[0] for _ in range(a.repeats)]
-        rows[name] = dict(lengths=[len(x) for x in audio], all_equal_first=all(np.array_equal(audio[0], x) for x in audio),
-                          seconds_per_utterance=(time.perf_counter() - t0) / a.repeats)
+        rows[name] = dict(
+            lengths=[len(x) for x in audio],
+            all_equal_first=all(np.array_equal(audio[0], x) for x in audio),
+            seconds_per_utterance=(time.perf_counter() - t0) / a.repeats,
+        )
     report(dict(text=TEXT, voice=vars(VOICE), rows=rows, machine=describe()), a.out)
 
 

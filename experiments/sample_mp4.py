@@ -1,18 +1,19 @@
 """A suite sample as an mp4 with its audio: the GIF that ``talkstream eval suite --sample x.gif`` writes on the GPU
 machine (the first clip's first 4 s; GIF colours are quantized to 256) muxed with that clip's speech.
 
-    python scripts/sample_mp4.py --gif sample_teacher.gif --out docs/samples/teacher_suite_900000.mp4
+    python experiments/sample_mp4.py --gif sample_teacher.gif --out docs/samples/teacher_suite_900000.mp4
 """
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 import numpy as np
+from sample_strip import gif_frames
 
 from talkstream.eval.evaluate import load_suite_inputs
 from talkstream.media import write_video
-from sample_strip import gif_frames
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """A side-by-side sample of the shipped autoencoders on a held-out suite clip: the true render | the VAE's
 reconstruction | the tiny decoder's (same latents), as an mp4 with the clip's audio.
 
-    python scripts/vae_sample.py --seconds 4 --out docs/samples/vae_tiny_roundtrip.mp4
+    python experiments/vae_sample.py --seconds 4 --out docs/samples/vae_tiny_roundtrip.mp4
 """
+
 from __future__ import annotations
 
 import argparse

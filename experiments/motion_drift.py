@@ -3,9 +3,10 @@ latents are the previous window's generated ones) and with the true clip's laten
 forcing), from the same noise; per window: mouth error (probe jaw reading vs the world's truth, offset 0), PSNR
 against the true render, probe identity distance to the true first frame.
 
-    python scripts/motion_drift.py --model data/s12/teacher/teacher.safetensors --vae data/s12/vae/vae.safetensors \
+    python experiments/motion_drift.py --model data/s12/teacher/teacher.safetensors --vae data/s12/vae/vae.safetensors \
         --seeds 900000 --out benchmarks/results/motion_drift_cpu.json    # ~17 min a clip on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def encode_chunked(vae, frames: np.ndarray, size: int, chunk: int = 32) -> torch
     cache, out = FeatureCache(), []
     with torch.no_grad():
         for s in range(0, len(frames), chunk):
-            seg = frames[s:s + chunk + 1] if s == 0 else frames[s + 1:s + chunk + 1]
+            seg = frames[s : s + chunk + 1] if s == 0 else frames[s + 1 : s + chunk + 1]
             if len(seg):
                 out.append(vae.encode(frames_to_video(seg, size), cache))
     return torch.cat(out, 2)
@@ -67,29 +68,55 @@ def main() -> None:
         mouth_truth = clip_mouth_truth(clip)
         truth_read = probe.read(truth)
         bounds = [0, 1 + 4 * (window - 1)]  # frames of each window: the first holds `window` latents, later ones
-        while bounds[-1] < len(truth):      # window - motion new latents
+        while bounds[-1] < len(truth):  # window - motion new latents
             bounds.append(min(len(truth), bounds[-1] + 4 * (window - motion)))
-        row = dict(seed=seed, window_frames=bounds, truth_mouth_error=per_window(
-            np.abs(truth_read["states"][:, jaw] - mouth_truth), bounds))
+        row = dict(
+            seed=seed,
+            window_frames=bounds,
+            truth_mouth_error=per_window(np.abs(truth_read["states"][:, jaw] - mouth_truth), bounds),
+        )
         for name, forced in (("own", None), ("forced", true_latents)):
             t0 = time.perf_counter()
-            frames = gen.generate(truth[0], c["audio_features"].astype(np.float32), len(truth), c["text"].float(),
-                                  c["text_mask"], forced_motion=forced)
+            frames = gen.generate(
+                truth[0],
+                c["audio_features"].astype(np.float32),
+                len(truth),
+                c["text"].float(),
+                c["text_mask"],
+                forced_motion=forced,
+            )
             read = probe.read(frames)
-            err = np.abs(read["states"][:, jaw] - mouth_truth[:len(frames)])
+            err = np.abs(read["states"][:, jaw] - mouth_truth[: len(frames)])
             mse = ((frames.astype(np.float64) - truth) ** 2).mean(axis=(1, 2, 3))
-            psnr = 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-9))
+            psnr = 10 * np.log10(255.0**2 / np.maximum(mse, 1e-9))
             ident = np.linalg.norm(read["identity"] - truth_read["identity"][:1], axis=1)
-            row[name] = dict(mouth_error=float(err.mean()), seconds=time.perf_counter() - t0,
-                             mouth_error_per_window=per_window(err, bounds), psnr_per_window=per_window(psnr, bounds),
-                             identity_distance_per_window=per_window(ident, bounds))
+            row[name] = dict(
+                mouth_error=float(err.mean()),
+                seconds=time.perf_counter() - t0,
+                mouth_error_per_window=per_window(err, bounds),
+                psnr_per_window=per_window(psnr, bounds),
+                identity_distance_per_window=per_window(ident, bounds),
+            )
             print(seed, name, f"mouth error {err.mean():.4f}", flush=True)
         rows.append(row)
-    report(dict(model=a.model, vae=a.vae, steps=a.steps, audio_guidance=a.audio_guidance, noise_seed=a.noise_seed,
-                window_latents=window, motion_latents=motion, rows=rows,
-                mean=dict(own=float(np.mean([r["own"]["mouth_error"] for r in rows])),
-                          forced=float(np.mean([r["forced"]["mouth_error"] for r in rows]))),
-                machine=describe()), a.out)
+    report(
+        dict(
+            model=a.model,
+            vae=a.vae,
+            steps=a.steps,
+            audio_guidance=a.audio_guidance,
+            noise_seed=a.noise_seed,
+            window_latents=window,
+            motion_latents=motion,
+            rows=rows,
+            mean=dict(
+                own=float(np.mean([r["own"]["mouth_error"] for r in rows])),
+                forced=float(np.mean([r["forced"]["mouth_error"] for r in rows])),
+            ),
+            machine=describe(),
+        ),
+        a.out,
+    )
 
 
 if __name__ == "__main__":

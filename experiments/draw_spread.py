@@ -3,7 +3,7 @@ each video's jaw opening with the frame probe, and compare each draw's mouth err
 mean reading (offset 0, against the world's truth). A mean far better than the draws: the model knows where the
 mouth goes and each draw scatters around it (sampling, guidance); a mean as bad as the draws: a shared bias.
 
-    python scripts/draw_spread.py --model talkstream/weights/teacher.safetensors --seed 900001 --draws 2 \
+    python experiments/draw_spread.py --model talkstream/weights/teacher.safetensors --seed 900001 --draws 2 \
         --inputs data/suite_inputs.pkl --out benchmarks/results/draw_spread_teacher_900001_cpu.json --plot x.png
 
 (one 8-s teacher draw: 8-14 min on 2 CPU cores.) ``--replot JSON --plot PNG`` draws an earlier result again.
@@ -33,9 +33,12 @@ def plot(res: dict, path: str) -> None:
     ax.plot(truth, "k-", lw=2, label="world truth")
     for s, r in enumerate(reads):
         ax.plot(r, "-", alpha=0.7, label=f"draw {s} ({res['draws'][s]['mouth_error']:.4f})")
-    ax.set(xlabel="video frame (25 fps)", ylabel="jaw opening (probe)",
-           title=f"{res['model'].split('/')[-1]} on suite clip {res['seed']}: mean of draws "
-                 f"{res['mean_of_draws']['mouth_error']:.4f}, truth render {res['truth_render']['mouth_error']:.4f}")
+    ax.set(
+        xlabel="video frame (25 fps)",
+        ylabel="jaw opening (probe)",
+        title=f"{res['model'].split('/')[-1]} on suite clip {res['seed']}: mean of draws "
+        f"{res['mean_of_draws']['mouth_error']:.4f}, truth render {res['truth_render']['mouth_error']:.4f}",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -67,8 +70,9 @@ def main() -> None:
     truth_frames = np.stack(list(render_states(clip.identity, clip.states, 256)))
     reads, draws, t0 = [], [], time.perf_counter()
     for s in range(a.draws):
-        gen = checkpoint_generator(a.model, a.vae, steps=a.steps, audio_guidance=a.audio_guidance, inputs=inputs,
-                                   noise_seed=s)
+        gen = checkpoint_generator(
+            a.model, a.vae, steps=a.steps, audio_guidance=a.audio_guidance, inputs=inputs, noise_seed=s
+        )
         t = time.perf_counter()
         frames = gen(truth_frames[0], clip)
         reads.append(probe.read(frames)["states"][:, jaw])
@@ -76,12 +80,21 @@ def main() -> None:
         print(draws[-1], flush=True)
     n = min(len(r) for r in reads)
     stack = np.stack([r[:n] for r in reads])
-    res = dict(model=a.model, seed=a.seed, steps=a.steps, audio_guidance=a.audio_guidance, draws=draws,
-               truth_render=mouth_scores(probe.read(truth_frames)["states"][:, jaw], truth),
-               mean_of_draws=mouth_scores(stack.mean(0), truth),
-               median_of_draws=mouth_scores(np.median(stack, 0), truth),
-               draw_spread=float(stack.std(0).mean()), readings=stack.round(4).tolist(),
-               truth=np.asarray(truth[:n]).round(4).tolist(), machine=describe(), seconds=time.perf_counter() - t0)
+    res = dict(
+        model=a.model,
+        seed=a.seed,
+        steps=a.steps,
+        audio_guidance=a.audio_guidance,
+        draws=draws,
+        truth_render=mouth_scores(probe.read(truth_frames)["states"][:, jaw], truth),
+        mean_of_draws=mouth_scores(stack.mean(0), truth),
+        median_of_draws=mouth_scores(np.median(stack, 0), truth),
+        draw_spread=float(stack.std(0).mean()),
+        readings=stack.round(4).tolist(),
+        truth=np.asarray(truth[:n]).round(4).tolist(),
+        machine=describe(),
+        seconds=time.perf_counter() - t0,
+    )
     report(res, a.out, show={k: res[k] for k in ("truth_render", "mean_of_draws", "median_of_draws", "draw_spread")})
     if a.plot:
         plot(res, a.plot)

@@ -4,38 +4,38 @@
 # carry a 49 MiB DiT checkpoint instead (64 MiB travel per call). Each call hands back what it made, so a machine
 # lost between calls costs only what that call had not yet returned.
 #
-#   bash scripts/device_round.sh setup      (carry data/keep data/suite_inputs.pkl .whl .carry, + data/dit_pack.npz to train):
+#   bash tools/device/device_round.sh setup      (carry data/keep data/suite_inputs.pkl .whl .carry, + data/dit_pack.npz to train):
 #                                           install the wheel there
-#   bash scripts/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
+#   bash tools/device/device_round.sh train CONFIG OUT [KEY=VAL ...] [-- CONFIG OUT [KEY=VAL ...]]   train into OUT (runs
 #                                           separated by '--' share the GPU, or take one each on a machine of
 #                                           several); checkpoints, then logs, to $OUT
 #   (GPU=k: the first run takes GPU k, so runs started by separate calls take separate GPUs; NPROC=n: each run is a
 #   torchrun of n ranks, DDP, on GPUs k .. k+n-1: every rank draws its own batch of `batch`, gradients averaged)
-#   bash scripts/device_round.sh start CONFIG OUT ...   the same runs, detached: the call returns after START_WAIT s (60)
+#   bash tools/device/device_round.sh start CONFIG OUT ...   the same runs, detached: the call returns after START_WAIT s (60)
 #                                           while they train on (keep calling within the idle release; give them
 #                                           a time_budget that ends them while the machine is still held)
-#   bash scripts/device_round.sh wait SECONDS OUT [OUT ...]   wait up to SECONDS for started runs; once all have
+#   bash tools/device/device_round.sh wait SECONDS OUT [OUT ...]   wait up to SECONDS for started runs; once all have
 #                                           ended, print and hand them back as train does
-#   bash scripts/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
+#   bash tools/device/device_round.sh latents PACKS   render and VAE-encode the packs' clips (comma-separated packs)
 #                                           into the latent cache data/latents, one file per clip (train with
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
-#   bash scripts/device_round.sh latents_bg PACK   the same, detached (GPU=k: on GPU k), so one call carries a pack and
+#   bash tools/device/device_round.sh latents_bg PACK   the same, detached (GPU=k: on GPU k), so one call carries a pack and
 #                                           returns at once while it encodes: a call per pack, the next pack travelling
 #                                           while the last one encodes (session 14, two GPUs)
-#   bash scripts/device_round.sh latents_wait SECONDS   wait up to SECONDS for every latents_bg to end; print them
-#   bash scripts/device_round.sh py SCRIPT [ARGS ...]   run a repo script (python3 SCRIPT ARGS) with the renderer and
-#                                           the package importable (a bare `python3 scripts/X.py` there finds neither:
+#   bash tools/device/device_round.sh latents_wait SECONDS   wait up to SECONDS for every latents_bg to end; print them
+#   bash tools/device/device_round.sh py SCRIPT [ARGS ...]   run a repo script (python3 SCRIPT ARGS) with the renderer and
+#                                           the package importable (a bare `python3 experiments/X.py` there finds neither:
 #                                           session 12 lost two calls of tiny-decoder training to that)
-#   bash scripts/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
+#   bash tools/device/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
 #                                           return (a third DiT beside two)
-#   bash scripts/device_round.sh export OUT [OUT ...]   DiT runs stopped before their end (killed; session 16 stopped
+#   bash tools/device/device_round.sh export OUT [OUT ...]   DiT runs stopped before their end (killed; session 16 stopped
 #                                           four whose budgets outlasted the lease): each one's last state.pt
 #                                           (every ckpt_every steps) as its checkpoint, handed back as fetch does
 #   (a run's time_budget counts from the stage's start: latents, the lip reader's fit and compiling come out of it;
 #   until session 16 it counted only the training loop, and those ~6 minutes ran past the budget)
-#   bash scripts/device_round.sh vae_suite VAE NAME [VAE NAME ...]   the suite on VAE round trips of the true renders
+#   bash tools/device/device_round.sh vae_suite VAE NAME [VAE NAME ...]   the suite on VAE round trips of the true renders
 #                                           (the mouth error any DiT in that latent space can reach at best)
-#   bash scripts/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
+#   bash tools/device/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
 #                                           (SEEDS="0 1": one suite per noise seed; VAE=path: another VAE;
 #                                           CFG=2: the audio guidance scale; SHIFT=1: the sampling schedule's
 #                                           shift, default the samplers' 3; REFINIT=0.9: start each window /
@@ -190,7 +190,7 @@ py)
 vae_suite)
   while [ $# -ge 2 ]; do
     mkdir -p runs
-    python3 scripts/vae_roundtrip_suite.py --vae "$1" --clips 4 --inputs data/suite_inputs.pkl --device cuda \
+    python3 experiments/vae_roundtrip_suite.py --vae "$1" --clips 4 --inputs data/suite_inputs.pkl --device cuda \
       --out "$OUT/suite_vae_roundtrip_$2.json" > "runs/vae_suite_$2.txt" 2>&1
     echo "$2 exit $?"; tail -n 16 "runs/vae_suite_$2.txt"; shift 2
   done ;;

@@ -1,7 +1,7 @@
 """Chunk seams of the embedded causal model (what tests/test_stream_seams.py asserts), as numbers: per clip and the
 mean over clips, jaw open / yaw / pitch, each as a fraction of its limit (<= 1 passes).
 
-    python scripts/seam_ratios.py --out benchmarks/results/seams_causal_cpu.json
+    python experiments/seam_ratios.py --out benchmarks/results/seams_causal_cpu.json
 """
 
 import argparse
@@ -26,9 +26,19 @@ def main() -> None:
     av = Avatar.from_pretrained(steps=a.steps, decoder=a.decoder, **opts)
     probe = load_frame_probe()
     r = np.stack([seam_ratio(av, probe, s) for s in a.seeds])
-    report(dict(columns=["jaw_open", "yaw", "pitch"], seeds=a.seeds, steps=a.steps, decoder=a.decoder,
-                reference_init=av.cfg.reference_init,
-                per_clip=r.tolist(), mean=r.mean(0).tolist(), machine=describe()), a.out)
+    report(
+        dict(
+            columns=["jaw_open", "yaw", "pitch"],
+            seeds=a.seeds,
+            steps=a.steps,
+            decoder=a.decoder,
+            reference_init=av.cfg.reference_init,
+            per_clip=r.tolist(),
+            mean=r.mean(0).tolist(),
+            machine=describe(),
+        ),
+        a.out,
+    )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 # sharing the GPU), then the held-out suite on what they made, then an optional command. Each device call
 # lasts at most 10 minutes, so the pipeline runs in its own process session and later calls collect from it.
 #
-#   bash scripts/device_call.sh start        start the pipeline (detached; its files stay in out/lease)
-#   bash scripts/device_call.sh wait SECONDS wait for it up to SECONDS, then put a snapshot of its logs
+#   bash tools/device/device_call.sh start        start the pipeline (detached; its files stay in out/lease)
+#   bash tools/device/device_call.sh wait SECONDS wait for it up to SECONDS, then put a snapshot of its logs
 #                                            ($OUT/bundle.tar) and the EXPORT files into $OUT
 # Settings (environment variables, read by `start` unless noted):
 #   PAR="vae:time_budget=200 | teacher:... decoder:..."  phases (|) run in turn, the configs of a phase side by side

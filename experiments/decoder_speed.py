@@ -1,7 +1,7 @@
 """The VAE decoder and the tiny decoder on the held-out pack clips, timed alone on the machine (training
 runs that share the GPU make their own timings unreliable): PSNR, lips PSNR, mouth read error, frames/s.
 
-    python scripts/decoder_speed.py --vae talkstream/weights/vae.safetensors \
+    python experiments/decoder_speed.py --vae talkstream/weights/vae.safetensors \
         --tiny talkstream/weights/tiny_decoder.safetensors --pack data/dit_pack.npz --out results.json
 """
 
@@ -33,8 +33,9 @@ def main() -> None:
     held = render_pack(pack, 256, a.workers, ho)
     vae = load_checkpoint(a.vae, dtype=torch.float32)
     tiny = load_checkpoint(a.tiny, dtype=torch.float32)
-    res = evaluate_vae(vae, held, EVAL_FRAMES, a.device, decoder=tiny, batch=a.batch,
-                       mouths=mouth_pixels(pack, ho, 256))
+    res = evaluate_vae(
+        vae, held, EVAL_FRAMES, a.device, decoder=tiny, batch=a.batch, mouths=mouth_pixels(pack, ho, 256)
+    )
     res["machine"] = describe()
     res["precision"] = "fp32 weights"
     report(res, a.out)

@@ -1,7 +1,7 @@
 """The held-out suite on VAE reconstructions of the true renders: the ceiling any DiT working in that
 latent space can reach (mouth error, sync, identity), in 33-frame segments to bound memory on a CPU.
 
-    python scripts/vae_roundtrip_suite.py --vae talkstream/weights/vae.safetensors --clips 4 --out x.json
+    python experiments/vae_roundtrip_suite.py --vae talkstream/weights/vae.safetensors --clips 4 --out x.json
 
 (4 clips: 18 min on 2 CPU cores; `--device cuda` on a GPU; `--inputs data/suite_inputs.pkl` where espeak-ng is
 missing.)

@@ -2,9 +2,10 @@
 of saved suite samples — the GIFs ``talkstream eval suite --sample`` writes, or mp4s made from them — with no model
 run; optionally the VAE's round trip of the true frames as the ceiling any DiT decoded by it can reach.
 
-    python scripts/silhouette_samples.py --sample t3=sample_teacher.gif c5=docs/samples/causal_suite_900000.mp4 \
+    python experiments/silhouette_samples.py --sample t3=sample_teacher.gif c5=docs/samples/causal_suite_900000.mp4 \
         --vae talkstream/weights/vae.safetensors --out benchmarks/results/silhouette_samples_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,12 @@ from talkstream.world.render import Renderer, render_states
 
 def summary(frames: np.ndarray, truth: np.ndarray, background: np.ndarray) -> dict:
     per = silhouette_iou(frames, truth, background)["silhouette_iou_per_frame"]
-    return dict(silhouette_iou=float(per.mean()), first_second=float(per[:25].mean()),
-                last_second=float(per[-25:].mean()), frames=len(per))
+    return dict(
+        silhouette_iou=float(per.mean()),
+        first_second=float(per[:25].mean()),
+        last_second=float(per[-25:].mean()),
+        frames=len(per),
+    )
 
 
 def main() -> None:
@@ -52,8 +57,7 @@ def main() -> None:
         vae = load_checkpoint(a.vae).eval()
         with torch.no_grad():
             rows["vae_roundtrip"] = summary(vae_roundtrip(vae, truth[: 1 + 4 * ((n - 1) // 4)]), truth, background)
-    report(dict(seed=a.seed, samples=named, vae=a.vae, rows=rows,
-                machine=describe()), a.out)
+    report(dict(seed=a.seed, samples=named, vae=a.vae, rows=rows, machine=describe()), a.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Training logs side by side: one panel per logged quantity, one line per run (smoothed over `--smooth` logs).
 
-    python scripts/compare_logs.py docs/train/teacher_s16_e*_log.jsonl --keys mse lip_read --out docs/train/x.png
+python tools/device/compare_logs.py docs/train/teacher_s16_e*_log.jsonl --keys mse lip_read --out docs/train/x.png
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -33,7 +34,7 @@ def main() -> None:
                 continue
             steps, vals = map(np.asarray, zip(*pts))
             k = max(1, min(a.smooth, len(vals)))
-            ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), label=label)
+            ax.plot(steps[k - 1 :], np.convolve(vals, np.ones(k) / k, mode="valid"), label=label)
     for ax, key in zip(axes[0], a.keys):
         ax.set_title(key)
         ax.set_xlabel("step")

@@ -1,16 +1,27 @@
 """Collect a device call's suite JSONs (`device_round.sh suite` with SEEDS: suite_NAME.json for seed 0,
 suite_NAME_sK.json for seed K) into one file: per NAME the seeds' summaries and rows, and their means.
 
-    python scripts/collect_suites.py DIR --out benchmarks/results/suites_X.json [--note TEXT]
+    python tools/device/collect_suites.py DIR --out benchmarks/results/suites_X.json [--note TEXT]
 """
+
 import argparse
 import json
 import re
 import statistics
 from pathlib import Path
 
-KEYS = ("mouth_error", "mouth_error_fast", "mouth_error_slow", "mouth_gain", "mouth_corr", "identity_distance",
-        "identity_nn_accuracy", "silhouette_iou", "head_motion", "flicker")
+KEYS = (
+    "mouth_error",
+    "mouth_error_fast",
+    "mouth_error_slow",
+    "mouth_gain",
+    "mouth_corr",
+    "identity_distance",
+    "identity_nn_accuracy",
+    "silhouette_iou",
+    "head_motion",
+    "flicker",
+)
 
 
 def collect(folder: Path) -> dict:
@@ -29,7 +40,8 @@ def collect(folder: Path) -> dict:
             mean={k: statistics.mean(s[k] for s in summaries) for k in KEYS if all(k in s for s in summaries)},
             mouth_error_per_seed=[s["mouth_error"] for s in summaries],
             offset_zero=f"{offset_zero}/{sum(s['offset_measured_clips'] for s in summaries)}",
-            per_seed={k: dict(summary=seeds[k]["summary"], rows=seeds[k]["rows"]) for k in sorted(seeds)})
+            per_seed={k: dict(summary=seeds[k]["summary"], rows=seeds[k]["rows"]) for k in sorted(seeds)},
+        )
     machine = next(iter(next(iter(runs.values())).values())).get("machine")
     return dict(machine=machine, runs=out)
 
@@ -44,9 +56,11 @@ def main() -> None:
     res["note"] = a.note
     a.out.write_text(json.dumps(res, indent=1))
     for name, r in res["runs"].items():
-        print(f"{name:24s} mouth {r['mean']['mouth_error']:.4f} {[round(x, 4) for x in r['mouth_error_per_seed']]} "
-              f"offset 0 {r['offset_zero']}  NN {r['mean']['identity_nn_accuracy']:.2f}  "
-              f"silhouette {r['mean']['silhouette_iou']:.3f}")
+        print(
+            f"{name:24s} mouth {r['mean']['mouth_error']:.4f} {[round(x, 4) for x in r['mouth_error_per_seed']]} "
+            f"offset 0 {r['offset_zero']}  NN {r['mean']['identity_nn_accuracy']:.2f}  "
+            f"silhouette {r['mean']['silhouette_iou']:.3f}"
+        )
 
 
 if __name__ == "__main__":

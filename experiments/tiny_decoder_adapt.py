@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """Carry a trained tiny decoder over to a fine-tuned VAE whose encoder moved (the latent space changed):
 
 1. fit the affine map from the new VAE's raw latents to the old VAE's (least squares over every latent pixel of
@@ -8,11 +9,12 @@
    (fresh windows every step) does better: session 12, 190 s on an H100 -> 1.18 dB under the new VAE, where
    session 11's 2,900 CPU steps stopped at 1.9 dB.
 
-    python scripts/tiny_decoder_adapt.py --old-vae OLD --new-vae NEW --decoder talkstream/weights/tiny_decoder.safetensors \
+    python experiments/tiny_decoder_adapt.py --old-vae OLD --new-vae NEW --decoder talkstream/weights/tiny_decoder.safetensors \
         --out runs/tiny_adapted/tiny_decoder.safetensors [--steps 600]
 
-Then measure it with `scripts/vae_eval.py --vae NEW --decoder OUT`.
+Then measure it with `experiments/vae_eval.py --vae NEW --decoder OUT`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,11 +73,17 @@ def main() -> None:
         A, b = fit_latent_map(o, n)
         fitted = torch.einsum("ij,bj...->bi...", A, n) + b.view(1, -1, 1, 1, 1)
         var = o.var(dim=(0, 2, 3, 4)).mean()  # the old latents' per-channel variance, averaged over channels
-        info = dict(fit_windows=a.fit_windows, fit_r2=float(1 - (fitted - o).pow(2).mean() / var),
-                    identity_r2=float(1 - (n - o).pow(2).mean() / var),  # how far the raw latents moved at all
-                    std_ratio=float((n.std(dim=(0, 2, 3, 4)) / o.std(dim=(0, 2, 3, 4))).mean()))  # new / old scale
-        print(f"affine map new -> old latents: R^2 {info['fit_r2']:.4f} (identity map: {info['identity_r2']:.4f}; "
-              f"new / old latent std {info['std_ratio']:.3f})", flush=True)
+        info = dict(
+            fit_windows=a.fit_windows,
+            fit_r2=float(1 - (fitted - o).pow(2).mean() / var),
+            identity_r2=float(1 - (n - o).pow(2).mean() / var),  # how far the raw latents moved at all
+            std_ratio=float((n.std(dim=(0, 2, 3, 4)) / o.std(dim=(0, 2, 3, 4))).mean()),
+        )  # new / old scale
+        print(
+            f"affine map new -> old latents: R^2 {info['fit_r2']:.4f} (identity map: {info['identity_r2']:.4f}; "
+            f"new / old latent std {info['std_ratio']:.3f})",
+            flush=True,
+        )
     fold_latent_map(dec, A, b, new.latent_mean, new.latent_std)
 
     if a.steps:  # 2. fine-tune on fixed windows of the new latents (crops encoded as the decoder stage does)
@@ -98,11 +106,23 @@ def main() -> None:
             sched.step()
             losses.append(float(loss))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        info.update(steps=a.steps, windows=a.windows, batch=a.batch, crop=a.crop, lr=a.lr,
-                    first_loss=float(np.mean(losses[:20])), last_loss=float(np.mean(losses[-20:])))
-    save_checkpoint(a.out, dec.cpu(), "tiny_decoder", dec.cfg,
-                    extra=dict(adapted=dict(old_vae=str(a.old_vae), new_vae=str(a.new_vae), **info)),
-                    dtype=torch.bfloat16)
+        info.update(
+            steps=a.steps,
+            windows=a.windows,
+            batch=a.batch,
+            crop=a.crop,
+            lr=a.lr,
+            first_loss=float(np.mean(losses[:20])),
+            last_loss=float(np.mean(losses[-20:])),
+        )
+    save_checkpoint(
+        a.out,
+        dec.cpu(),
+        "tiny_decoder",
+        dec.cfg,
+        extra=dict(adapted=dict(old_vae=str(a.old_vae), new_vae=str(a.new_vae), **info)),
+        dtype=torch.bfloat16,
+    )
     print(json.dumps(info, indent=2))
 
 

@@ -2,19 +2,19 @@
 # Many held-out suites at once on a machine of several GPUs (after `device_round.sh setup`), detached so that one
 # device call starts them and later calls collect them:
 #
-#   bash scripts/device_suites.sh start PLAN      (again with another PLAN: both run) each line of PLAN: [VAR=VALUE ...] MODEL STEPS NAME (the variables
+#   bash tools/device/device_suites.sh start PLAN      (again with another PLAN: both run) each line of PLAN: [VAR=VALUE ...] MODEL STEPS NAME (the variables
 #                                                 of `device_round.sh suite`: SEEDS, REFINIT, CAPTIONS, CLIPS, ...);
 #                                                 every line at once in its own process, line i on GPU
 #                                                 i mod (the GPU count); lines whose log exists are skipped;
 #                                                 each with SUITE_THREADS (4) CPU threads (session 17's first
 #                                                 lease let 36 suites take 192 threads each: load 865, 6x slower)
-#   bash scripts/device_suites.sh wait SECONDS    until every started plan has ended (or SECONDS): then the JSONs,
+#   bash tools/device/device_suites.sh wait SECONDS    until every started plan has ended (or SECONDS): then the JSONs,
 #                                                 GIFs and logs of all to $OUT as suites.tar
-# Session 16 started 32 suites this way by hand (80 s on 4 H200s); collect them with scripts/collect_suites.py.
+# Session 16 started 32 suites this way by hand (80 s on 4 H200s); collect them with tools/device/collect_suites.py.
 set -uo pipefail
 mode=$1; shift
 root=${SUITES_ROOT:-/tmp/suites}
-cmd=(${SUITE_CMD:-bash scripts/device_round.sh suite})  # (tests: a stub)
+cmd=(${SUITE_CMD:-bash tools/device/device_round.sh suite})  # (tests: a stub)
 case $mode in
 start)
   plan=$1 n=$(nvidia-smi -L | wc -l) work=$root/$(basename "$1")

@@ -2,7 +2,7 @@
 compare it, frame by frame at offset 0, with the world's truth (gain: least-squares slope, 1 = full amplitude;
 correlation; mean error), e.g. on the samples of two model versions:
 
-    python scripts/mouth_amplitude.py docs/samples/teacher_suite_900000.mp4 OLD.mp4 --seed 900000 \
+    python experiments/mouth_amplitude.py docs/samples/teacher_suite_900000.mp4 OLD.mp4 --seed 900000 \
         --inputs data/suite_inputs.pkl --out benchmarks/results/mouth_amplitude_900000_cpu.json
 """
 
