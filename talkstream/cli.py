@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -239,9 +240,16 @@ def _pack(args) -> None:
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
+# Stages that own their subcommands: each module has ``register(sub)`` that adds its parser(s) to ``sub`` and imports
+# its heavy dependencies only when its command runs (``talkstream --help`` stays fast).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
 
     world = sub.add_parser("world", help="the synthetic talking-avatar world").add_subparsers(
         dest="world_cmd", required=True
