@@ -32,12 +32,25 @@ def _world_show(args) -> None:
     print(f"wrote {args.out} ({clip.n_frames} frames at {clip.fps} fps, {args.size}x{args.size}, with audio)")
 
 
+BUNDLED_REFERENCE = Path(__file__).parent / "assets" / "reference.png"
 DEMO_SENTENCE = "Hello! I am a talkstream avatar. I listen, I think, and then I answer you in real time."
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that names a directory before any work is done."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; name the file to write (e.g. {out / 'out.mp4'})")
+
+
 def _generate(args) -> None:
+    from .machine import check_device
     from .stream.avatar import Avatar
 
+    check_device(args.device)
+    _check_out(args.out)
+    if args.image is None:
+        args.image = BUNDLED_REFERENCE
+        print(f"talkstream: no --image given: using the bundled reference image {args.image}", file=sys.stderr)
     opts = dict(anchor=args.anchor, steps=args.steps, audio_guidance=args.audio_guidance, seed=args.seed)
     if args.sampler:
         opts["sampler"] = args.sampler
@@ -69,7 +82,7 @@ def _demo(args) -> None:
         "talkstream demo: the embedded causal model animates the bundled reference image, speaking a sentence "
         "synthesised by espeak-ng (see talkstream/weights/MODEL_CARD.md for what this early model can do)."
     )
-    args.image = Path(__file__).parent / "assets" / "reference.png"
+    args.image = BUNDLED_REFERENCE
     args.audio, args.say = None, args.say or DEMO_SENTENCE
     _generate(args)
 
@@ -127,6 +140,9 @@ def _eval_suite(args) -> None:
     inputs = load_suite_inputs(args.inputs) if args.inputs else None
     gen = None
     if args.model != "world":
+        from .machine import check_device
+
+        check_device(args.device)
         vae = args.vae or Path(__file__).parent / "weights" / "vae.safetensors"
         gen = checkpoint_generator(
             args.model,
@@ -179,7 +195,9 @@ def _eval_suite(args) -> None:
 
 def _bench(args) -> None:
     from .eval.speed import dit_source, measure_stream, world_source
+    from .machine import check_device
 
+    check_device(args.device)
     if args.source == "world":
         src = world_source(args.seconds, args.size)
     else:
@@ -389,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--quiet", action="store_true")
 
     g = sub.add_parser("generate", help="reference image + audio (or text to say) -> mp4 with the audio muxed")
-    g.add_argument("--image", required=True, type=Path)
+    g.add_argument("--image", type=Path, help="reference image of the person (default: the bundled reference)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--audio", type=Path, help="speech file (wav/flac/mp3/mp4..., any rate, mono or stereo)")
     src.add_argument("--say", help="text spoken by espeak-ng")

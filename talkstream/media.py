@@ -65,6 +65,8 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
     path = Path(path)
+    if path.is_dir():
+        raise MediaError(f"{path}: is a directory; name the file to write inside it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -73,8 +75,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise MediaError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600): give it an ordinary file's mode
-        os.replace(tmp, path)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600): give it an ordinary file's mode
+            os.replace(tmp, path)
+        except OSError as e:  # (e.g. a directory made at ``path`` meanwhile): name the target, not the temporary
+            raise MediaError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

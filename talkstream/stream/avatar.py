@@ -34,20 +34,55 @@ MAX_PIXELS = 200_000_000
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
+def image_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixel values of any common depth -> uint8: floats in [0, 1] (or [0, 255]), 16-bit integers, booleans.
+    Values that fit none of these (NaN, negatives, floats above 255, integers above 16 bits) are a ``MediaError``."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype.kind not in "uif" or arr.size == 0:
+        raise MediaError(f"image array of {arr.dtype} values: expected integers or floats")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise MediaError("image array contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0:
+        raise MediaError(f"image values reach {lo:.3g}: pixel values cannot be negative")
+    if arr.dtype.kind == "f":
+        if hi <= 1.0:
+            return np.round(arr * 255.0).astype(np.uint8)  # [0, 1] floats (numpy / torch images)
+        if hi <= 255.0:
+            return np.round(arr).astype(np.uint8)
+        raise MediaError(f"float image values reach {hi:.3g}: expected [0, 1] or [0, 255]")
+    if arr.dtype.itemsize == 2 or 255 < hi <= 65535:
+        return np.round(arr.astype(np.float32) / 257.0).astype(np.uint8)  # 16-bit: 65535 -> 255
+    if hi <= 255:
+        return arr.astype(np.uint8)
+    raise MediaError(f"integer image values reach {hi:.0f}: expected 8- or 16-bit pixels")
+
+
 def load_reference(image, size: int = 256) -> np.ndarray:
-    """A path / bytes / PIL image / array -> a centred square RGB uint8 [size, size, 3] reference frame."""
+    """A path / bytes / PIL image / array -> a centred square RGB uint8 [size, size, 3] reference frame.
+
+    Arrays may hold floats in [0, 1] or 16-bit values; 16-bit and float images (e.g. 16-bit grayscale PNGs) are
+    scaled to 8 bits, not clipped."""
     try:
         if isinstance(image, np.ndarray):
             arr = image
+            if arr.ndim == 3 and arr.shape[2] == 1:
+                arr = arr[..., 0]
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=2)
             if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-                raise MediaError(f"image array must be [H, W, 3|4], got {arr.shape}")
-            img = Image.fromarray(arr.astype(np.uint8))
+                raise MediaError(f"image array must be [H, W], [H, W, 1] or [H, W, 3|4], got {arr.shape}")
+            img = Image.fromarray(image_to_uint8(arr))
         elif isinstance(image, Image.Image):
             img = image
         else:
             src = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else str(image)
+            if not isinstance(image, (bytes, bytearray)) and Path(src).is_dir():
+                raise MediaError(f"{src}: is a directory, not an image file")
             if not isinstance(image, (bytes, bytearray)) and not Path(src).is_file():
                 raise MediaError(f"{src}: no such image file")
             Image.MAX_IMAGE_PIXELS = None  # our own limit below; PIL's bomb check would refuse 100 MP photos
@@ -62,6 +97,8 @@ def load_reference(image, size: int = 256) -> np.ndarray:
         raise MediaError(f"{image}: unreadable or truncated image ({e})") from None
     if min(img.size) < MIN_SIDE:
         raise MediaError(f"image is {img.width}x{img.height}: at least {MIN_SIDE}x{MIN_SIDE} pixels are needed")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit / 32-bit grey: PIL's convert would clip
+        img = Image.fromarray(image_to_uint8(np.asarray(img)))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
