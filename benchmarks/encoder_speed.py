@@ -1,5 +1,5 @@
 """Audio/text encoder cost on this machine: Whisper tiny.en encoder seconds per second of audio (offline and
-live, hop by hop) and MiniLM per caption. JSON to benchmarks/results/encoder_speed.json."""
+live, hop by hop) and MiniLM per caption. JSON to benchmarks/results/encoder_speed_cpu.json."""
 
 import sys
 import time
@@ -42,7 +42,7 @@ def main() -> None:
     for _ in range(20):
         te.encode(["smiles and speaks quickly while nodding"])
     res["minilm_ms_per_caption"] = round((time.perf_counter() - t) / 20 * 1000, 2)
-    report(res, Path(__file__).parent / "results" / "encoder_speed.json")
+    report(res, Path(__file__).parent / "results" / "encoder_speed_cpu.json")
 
 
 if __name__ == "__main__":

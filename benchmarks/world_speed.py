@@ -1,6 +1,6 @@
 """World speed: rendered frames/s on one core at 256x256, and clips/min for `world make`.
 
-Prints JSON and writes it to benchmarks/results/world_speed.json.
+Prints JSON and writes it to benchmarks/results/world_speed_cpu.json.
 """
 
 import os
@@ -52,7 +52,7 @@ def main() -> None:
         clips_per_min=round(clips / dt * 60, 1),
         video_seconds_per_wall_second=round(clips * 8.0 / dt, 2),
     )
-    report(res, Path(__file__).parent / "results" / "world_speed.json")
+    report(res, Path(__file__).parent / "results" / "world_speed_cpu.json")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ mean reading (offset 0, against the world's truth). A mean far better than the d
 mouth goes and each draw scatters around it (sampling, guidance); a mean as bad as the draws: a shared bias.
 
     python experiments/draw_spread.py --model talkstream/weights/teacher.safetensors --seed 900001 --draws 2 \
-        --inputs data/suite_inputs.pkl --out benchmarks/results/draw_spread_teacher_900001_cpu.json --plot x.png
+        --inputs data/suite_inputs.pkl --out benchmarks/results/draw_spread_teacher_900001_cpu.json \
+        --plot docs/findings/draw_spread_teacher_900001.png
 
 (one 8-s teacher draw: 8-14 min on 2 CPU cores.) ``--replot JSON --plot PNG`` draws an earlier result again.
 """

@@ -6,7 +6,7 @@ frame either way; beside them the suite on VAE round trips of the true renders (
 and the teacher's bound (1.5x the truth's error).
 
     python experiments/mouth_bounds.py --inputs data/suite_inputs.pkl --clips 4 \
-        --roundtrip benchmarks/results/suite_vae_roundtrip_4clips_cpu.json --out benchmarks/results/mouth_bounds_cpu.json
+        --roundtrip benchmarks/results/vae_ceiling_roundtrip_previous_vae_cpu.json --out benchmarks/results/vae_ceiling_mouth_bounds_cpu.json
 """
 
 import argparse

@@ -6,9 +6,10 @@ latents start every 33 frames; a model draw's run over the whole clip), and into
 shut (silence and pauses) or open, with the mean reading of the shut ones (how open a shut mouth looks).
 
     python experiments/mouth_parts.py --inputs data/suite_inputs.pkl --seeds 900001 900002 \
-        --draws benchmarks/results/draw_spread_teacher_900001_cpu.json --out benchmarks/results/mouth_parts_cpu.json
+        --draws benchmarks/results/draw_spread_teacher_900001_cpu.json \
+        --out benchmarks/results/vae_ceiling_mouth_parts_cpu.json
     python experiments/mouth_parts.py --inputs data/suite_inputs.pkl --seeds 900001 --frames 900001=F.npy \
-        --out benchmarks/results/mouth_parts_900001_t3_s17_cpu.json --strip docs/train/strip_s17_silence_900001_cpu.png
+        --out benchmarks/results/mouth_parts_900001_t3_cpu.json --strip docs/findings/strip_silence_900001_t3_cpu.png
 (``--frames SEED=F.npy``: a model's frames of that clip, e.g. saved from ``run_suite(keep_frames=True)``;
 ``--strip``: truth above those frames below, at six shut frames.)
 

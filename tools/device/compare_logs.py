@@ -1,6 +1,6 @@
 """Training logs side by side: one panel per logged quantity, one line per run (smoothed over `--smooth` logs).
 
-python tools/device/compare_logs.py docs/train/teacher_s16_e*_log.jsonl --keys mse lip_read --out docs/train/x.png
+python tools/device/compare_logs.py runs/e*/log.jsonl --keys mse lip_read --out docs/findings/teacher_recipes_loss.png
 """
 
 import argparse
