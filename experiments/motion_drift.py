@@ -3,8 +3,9 @@ latents are the previous window's generated ones) and with the true clip's laten
 forcing), from the same noise; per window: mouth error (probe jaw reading vs the world's truth, offset 0), PSNR
 against the true render, probe identity distance to the true first frame.
 
-    python experiments/motion_drift.py --model data/s12/teacher/teacher.safetensors --vae data/s12/vae/vae.safetensors \
-        --seeds 900000 --out benchmarks/results/motion_drift_cpu.json    # ~17 min a clip on 2 CPU cores
+    python experiments/motion_drift.py --model talkstream/weights/teacher.safetensors \
+        --vae talkstream/weights/vae.safetensors --seeds 900000 --out benchmarks/results/motion_drift_cpu.json
+(~17 min a clip on 2 CPU cores)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Does a text and voice give the same samples however often a process speaks it? Speaks one sentence several
-times in one process through one in-process espeak-ng (``Espeak.speak``, what ``synthesize`` used until session 9)
+times in one process through one in-process espeak-ng (``Espeak.speak``, what ``synthesize`` used at first)
 and through ``speak_fresh`` (a fresh engine per utterance, what it uses now): lengths at 22050 Hz, whether every
 repeat equals the first, and the time per utterance.
 

@@ -6,8 +6,8 @@
    the new VAE's latent statistics; the decoder then reads the new latents as it read the old ones;
 2. optionally fine-tune it on the new VAE's latents of fixed training windows, encoded once (``--steps``), with the
    decoder stage's loss; it runs on 2 CPU cores. On a GPU, `train decoder` with ``init=`` the fit-only output
-   (fresh windows every step) does better: session 12, 190 s on an H100 -> 1.18 dB under the new VAE, where
-   session 11's 2,900 CPU steps stopped at 1.9 dB.
+   (fresh windows every step) does better: 190 s on an H100 -> 1.18 dB under the new VAE, where
+   2,900 CPU steps stopped at 1.9 dB.
 
     python experiments/tiny_decoder_adapt.py --old-vae OLD --new-vae NEW --decoder talkstream/weights/tiny_decoder.safetensors \
         --out runs/tiny_adapted/tiny_decoder.safetensors [--steps 600]

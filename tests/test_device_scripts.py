@@ -1,5 +1,5 @@
-"""The device round's hand-back keeps within what one call can return (8 files, 64 MiB together): session 14 lost a
-DiT's shards from a call that held two."""
+"""The device round's hand-back keeps within what one call can return (8 files, 64 MiB together): a call that held
+two DiTs would lose one's shards."""
 
 import os
 import subprocess
@@ -112,7 +112,7 @@ def test_nproc_runs_each_run_as_a_torchrun_on_gpus_of_its_own(tmp_path):
 
 def test_suite_plans_start_every_line_once_and_collect(tmp_path):
     """`device_suites.sh`: every plan line runs at once with its own variables, GPUs taken in turn and a thread
-    limit (session 17's first lease let 36 suites take 192 threads each); a plan started again skips what started;
+    limit (36 suites without it took 192 threads each); a plan started again skips what started;
     `wait` hands every JSON back in one tar."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()

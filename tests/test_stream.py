@@ -326,7 +326,7 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
     old = dict(audio_features=np.zeros((20, 384), np.float16), text=torch.zeros(1, 4, 384), text_mask=None)
     inputs = {"clips": {1: old | dict(track=PromptTrack(torch.zeros(1, 4, 384), None, np.zeros(5, np.int64)))}}
     ref = np.zeros((32, 32, 3), np.uint8)
-    with pytest.raises(ValueError, match="no caption timelines"):  # inputs written before session 17
+    with pytest.raises(ValueError, match="no caption timelines"):  # inputs written before caption timelines
         checkpoint_generator(
             tmp_path / "t.safetensors", tmp_path / "v.safetensors", size=32, steps=2, inputs={"clips": {1: old}}
         )(ref, clip)

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_no_seam_at_chunk_boundaries():
-    """Averaged over three held-out clips: one clip's ratio swings by ~2x from clip to clip (measured in session 6:
-    yaw 1.4-3.0x the inside jump over six clips, for the session-4 and session-6 models alike)."""
+    """Averaged over three held-out clips: one clip's ratio swings by ~2x from clip to clip (measured on six clips:
+    yaw 1.4-3.0x the inside jump, for two successive causal models alike)."""
     av = Avatar.from_pretrained(steps=4, decoder="tiny")
     probe = load_frame_probe()
     ratios = np.stack([seam_ratio(av, probe, seed) for seed in (900_005, 900_006, 900_007)])

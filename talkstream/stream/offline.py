@@ -53,7 +53,7 @@ def teacher_window(dit: WanDiT) -> tuple[int, int]:
 
 
 TEACHER_REFERENCE_INIT = 0.8  # a trained teacher samples each window from the reference noised to this sigma
-# (session 16, 4 clips x 4 GPU draws: t3 0.0344 from pure noise, 0.0292 / 0.0281 / 0.0301 from 0.9 / 0.8 / 0.7)
+# (4 clips x 4 GPU draws: t3 0.0344 from pure noise, 0.0292 / 0.0281 / 0.0301 from 0.9 / 0.8 / 0.7)
 
 
 @dataclass

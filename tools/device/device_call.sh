@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# A lease on a lent GPU machine as one detached pipeline: several training stages at once (one process each,
+# A lent GPU machine's work as one detached pipeline: several training stages at once (one process each,
 # sharing the GPU), then the held-out suite on what they made, then an optional command. Each device call
 # lasts at most 10 minutes, so the pipeline runs in its own process session and later calls collect from it.
 #
-#   bash tools/device/device_call.sh start        start the pipeline (detached; its files stay in out/lease)
+#   bash tools/device/device_call.sh start        start the pipeline (detached; its files stay in out/pipeline)
 #   bash tools/device/device_call.sh wait SECONDS wait for it up to SECONDS, then put a snapshot of its logs
 #                                            ($OUT/bundle.tar) and the EXPORT files into $OUT
 # Settings (environment variables, read by `start` unless noted):
@@ -11,11 +11,11 @@
 #                                                       (CONFIG[:KEY=VAL,...] reads configs/CONFIG.yaml)
 #   BG="vae_decoder:time_budget=1300"                     stages run beside the phases (waited for before the suites)
 #   SUITE="MODEL VAE STEPS CLIPS NAME; ..."                eval suite runs afterwards (SUITE_S: time limit of each)
-#   AFTER="python3 benchmarks/... --out out/lease/logs/x.json"  a command run after the stages and suites
+#   AFTER="python3 benchmarks/... --out out/pipeline/logs/x.json"  a command run after the stages and suites
 #   EXPORT="runs/teacher/teacher-*.safetensors ..."        (wait) files that come back as themselves
 # Carry: data/dit_pack.npz, data/suite_inputs.pkl, .whl (skia-python), .carry (libEGL & co.).
 set -uo pipefail
-RES=out/lease
+RES=out/pipeline
 mode=${1:-start}
 
 if [ "$mode" = start ]; then

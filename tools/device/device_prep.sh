@@ -3,8 +3,7 @@
 # `make install`): the renderer's wheel for the lent machine's Python (.whl), the GL / X libraries it links that
 # the machine's image lacks (.carry/lib), the training packs (espeak-ng speech, Whisper and MiniLM features: only
 # here) and the suite's inputs, and the shipped VAE / causal model / teacher where device_round.sh reads them
-# (data/keep, data/init, data/t0). Session 14 found all of these gone with the old checkout and re-made them with
-# this script.
+# (data/keep, data/init, data/t0). A fresh checkout has none of these: this script re-makes them all.
 #
 #   bash tools/device/device_prep.sh [PACK ...]     PACK: a b c d e f (default: a b c d); 1.5-4.5 min each on 2 cores (a-d: 14 min)
 set -euo pipefail
@@ -27,7 +26,7 @@ for lib in libEGL.so.1 libGL.so.1 libGLdispatch.so.0 libGLX.so.0 libX11.so.6 lib
   [ -n "$path" ] && cp -L "$path" .carry/lib/"$lib"
 done
 
-# packs (names and seeds as sessions 4-13 made them) and the suite's inputs
+# packs (fixed names and seeds: a pack made again holds the same clips) and the suite's inputs
 declare -A clips=([a]=600 [b]=1500 [c]=1700 [d]=1700 [e]=1700 [f]=1700) seeds=([a]=0 [b]=600 [c]=2100 [d]=3800 [e]=5500 [f]=7200)
 mkdir -p data
 for p in $packs; do

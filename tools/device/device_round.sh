@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One self-contained device call that trains from what an earlier call of the same lease left on the machine.
+# One self-contained device call that trains from what an earlier call on the same machine left there.
 # The pack, the renderer wheel and the VAE (carried once: `setup`) stay there between calls, so a later call can
 # carry a 49 MiB DiT checkpoint instead (64 MiB travel per call). Each call hands back what it made, so a machine
 # lost between calls costs only what that call had not yet returned.
@@ -21,18 +21,17 @@
 #                                           data=ANY,PACKS latent_cache=data/latents: cached clips are read back)
 #   bash tools/device/device_round.sh latents_bg PACK   the same, detached (GPU=k: on GPU k), so one call carries a pack and
 #                                           returns at once while it encodes: a call per pack, the next pack travelling
-#                                           while the last one encodes (session 14, two GPUs)
+#                                           while the last one encodes (e.g. two GPUs)
 #   bash tools/device/device_round.sh latents_wait SECONDS   wait up to SECONDS for every latents_bg to end; print them
 #   bash tools/device/device_round.sh py SCRIPT [ARGS ...]   run a repo script (python3 SCRIPT ARGS) with the renderer and
-#                                           the package importable (a bare `python3 experiments/X.py` there finds neither:
-#                                           session 12 lost two calls of tiny-decoder training to that)
+#                                           the package importable (a bare `python3 experiments/X.py` there finds neither)
 #   bash tools/device/device_round.sh fetch OUT [OUT ...]   hand back checkpoints an earlier call trained but could not
 #                                           return (a third DiT beside two)
-#   bash tools/device/device_round.sh export OUT [OUT ...]   DiT runs stopped before their end (killed; session 16 stopped
-#                                           four whose budgets outlasted the lease): each one's last state.pt
+#   bash tools/device/device_round.sh export OUT [OUT ...]   DiT runs stopped before their end (killed, e.g. when their
+#                                           budgets outlast the machine): each one's last state.pt
 #                                           (every ckpt_every steps) as its checkpoint, handed back as fetch does
 #   (a run's time_budget counts from the stage's start: latents, the lip reader's fit and compiling come out of it;
-#   until session 16 it counted only the training loop, and those ~6 minutes ran past the budget)
+#   they can take ~6 minutes)
 #   bash tools/device/device_round.sh vae_suite VAE NAME [VAE NAME ...]   the suite on VAE round trips of the true renders
 #                                           (the mouth error any DiT in that latent space can reach at best)
 #   bash tools/device/device_round.sh suite MODEL STEPS NAME [MODEL STEPS NAME ...]   held-out suites; JSON + gif to $OUT
@@ -42,8 +41,8 @@
 #                                           chunk from the reference noised to sigma 0.9, default: the samplers'
 #                                           own, teacher 0.8, causal 0.9; START_FROM=previous: the causal model's
 #                                           later chunks start from the last latent instead of the reference;
-#                                           CAPTIONS=first_spoken: one caption for the whole clip, as before
-#                                           session 17; default the clip's caption timeline; CLIPS=196,588,...
+#                                           CAPTIONS=first_spoken: one caption for the whole clip (the older
+#                                           prompt); default the clip's caption timeline; CLIPS=196,588,...
 #                                           CLIP_SECONDS=3 INPUTS=data/suite_inputs_3s.pkl: other world clips, e.g.
 #                                           training clips beside held-out ones of the same length; SAMPLE=0:
 #                                           no GIF)
@@ -51,12 +50,12 @@
 # 8 MiB or more as a file (a DiT: 3, the VAE: 1; in a folder named after its OUT) while 7 files and 48 MiB last,
 # and all that is smaller (the DiT's last shard, indexes, the tiny decoder, each run's logs tar) in one small.tar
 # (here: `tar -xf small.tar -C DIR`): one DiT (~45 MiB of large shards) comes back a call, a second one's large
-# shards stay on the machine for `fetch` in the next call (session 14: the 64 MiB total dropped a second DiT's
-# shards from a call that held two); its logs come back at once.
+# shards stay on the machine for `fetch` in the next call (the 64 MiB total would drop a second DiT's shards);
+# its logs come back at once.
 # The last 70 lines of each run's output (its final metrics, train figures included) are printed. Each suite: 1 JSON (+ the gif of the first seed).
 # Keep each call inside its time limit and make the next one at once: a machine left idle past its release (30 s),
-# or one whose 30 minutes are up, takes what was not handed back with it (session 9 lost a causal run that way, its
-# checkpoint left for the next call).
+# or one whose 30 minutes are up, takes what was not handed back with it (a run's checkpoint left for the next
+# call is lost that way).
 # Paths: the VAE is read from data/keep/vae.safetensors; a checkpoint to start from travels as data/init (carry it
 # alone). Keep them under data/: paths ignored by the repo's .gitignore stay on the machine between calls, paths
 # ignored only through .git/info/exclude were removed there.
@@ -94,7 +93,7 @@ hand_back() {  # OUT...: the runs' checkpoints and logs to $OUT within a call's 
     else echo "$out: checkpoint not handed back (stays in $out on this machine; fetch it in the next call)"; fi
     [ -f "$out.logs.tar" ] && cp "$out.logs.tar" "$small/${name}_logs.tar"
   done
-  local tarname=small.tar i=2  # a second hand-back in one call must not overwrite the first one's (session 12)
+  local tarname=small.tar i=2  # a second hand-back in one call must not overwrite the first one's
   while [ -e "$OUT/$tarname" ]; do tarname=small_$i.tar; i=$((i + 1)); done
   tar -cf "$OUT/$tarname" -C "$small" . && echo "$tarname: $(du -h "$OUT/$tarname" | cut -f1) (tar -xf $tarname)"
 }

@@ -6,11 +6,11 @@
 #                                                 of `device_round.sh suite`: SEEDS, REFINIT, CAPTIONS, CLIPS, ...);
 #                                                 every line at once in its own process, line i on GPU
 #                                                 i mod (the GPU count); lines whose log exists are skipped;
-#                                                 each with SUITE_THREADS (4) CPU threads (session 17's first
-#                                                 lease let 36 suites take 192 threads each: load 865, 6x slower)
+#                                                 each with SUITE_THREADS (4) CPU threads (36 suites without
+#                                                 a limit took 192 threads each: load 865, 6x slower)
 #   bash tools/device/device_suites.sh wait SECONDS    until every started plan has ended (or SECONDS): then the JSONs,
 #                                                 GIFs and logs of all to $OUT as suites.tar
-# Session 16 started 32 suites this way by hand (80 s on 4 H200s); collect them with tools/device/collect_suites.py.
+# 32 suites take ~80 s on 4 H200s; collect them with tools/device/collect_suites.py.
 set -uo pipefail
 mode=$1; shift
 root=${SUITES_ROOT:-/tmp/suites}
@@ -20,7 +20,7 @@ start)
   plan=$1 n=$(nvidia-smi -L | wc -l) work=$root/$(basename "$1")
   mkdir -p "$work" "$root/out" runs
   g=0 started=0
-  while read -r line; do  # every line at once, in its own process (session 16: 32 suites in 80 s on 4 H200s)
+  while read -r line; do  # every line at once, in its own process (32 suites: 80 s on 4 H200s)
     [[ -z $line || $line == \#* ]] && continue
     read -ra words <<< "$line"; vars=(); args=(); seed=0
     for w in "${words[@]}"; do
