@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["timeline", "first_spoken"],
         default="timeline",
         help="suite: the text prompt follows each clip's behaviour plan (default) or is its first spoken "
-        "segment's caption throughout (every suite before session 17)",
+        "segment's caption throughout (the suite's prompt before the caption timeline)",
     )
     e.add_argument("--clips", type=int, default=8, help="suite: how many held-out clips (at most 8)")
     e.add_argument(

@@ -180,7 +180,7 @@ def world_truth_generator(seed: int, size: int) -> np.ndarray:
 
 def speaking_caption(clip) -> str:
     """The caption of a clip's first spoken segment (or of its first segment): the suite's one text prompt before
-    session 17 (``captions="first_spoken"``)."""
+    the caption timeline (``captions="first_spoken"``)."""
     return next((s.caption for s in clip.segments if s.state == "speaking"), clip.segments[0].caption)
 
 
@@ -263,7 +263,7 @@ def checkpoint_generator(
     teacher's windows, the causal model's chunks) starts at that sigma from the noised reference latent; 1: from
     pure noise; None: as each sampler does by default (the engine's ``REFERENCE_INIT``, the teacher's
     ``TEACHER_REFERENCE_INIT``). ``start_from`` (causal model): ``StreamConfig.start_from``. ``captions``:
-    "timeline" (default since session 17): the text prompt follows the clip's behaviour plan, each window or chunk
+    "timeline" (the default): the text prompt follows the clip's behaviour plan, each window or chunk
     getting its segment's caption as in training (a conversation's planner knows when the avatar speaks or
     listens); "first_spoken": the first spoken segment's caption for the whole clip (every suite before)."""
     if captions not in CAPTION_MODES:
@@ -282,7 +282,7 @@ def checkpoint_generator(
             c = inputs["clips"][clip.seed]
             if captions == "timeline" and "track" not in c:
                 raise ValueError(
-                    "these suite inputs have no caption timelines (written before session 17): write "
+                    "these suite inputs have no caption timelines (written by an older talkstream): write "
                     "them again with `talkstream eval suite --save-inputs`, or pass captions='first_spoken'"
                 )
             feats, emb, mask, track = c["audio_features"], c["text"], c["text_mask"], c.get("track")

@@ -183,7 +183,7 @@ class LiveAudio:
 
 # -- the avatar -----------------------------------------------------------------------------------------
 REFERENCE_INIT = 0.9  # trained checkpoints stream each chunk from the reference noised to this sigma: the plain start
-# (1, pure noise) melts faces and lets identity drift (session 15: docs/results.md). Session 16, 4 clips x 4 GPU
+# (1, pure noise) melts faces and lets identity drift (docs/findings.md, the reference start). 4 clips x 4 GPU
 # draws of c6: mouth error 0.0444 from pure noise, 0.0331 / 0.0317 / 0.0312 from 0.9 / 0.8 / 0.7; but the head's
 # motion (suite head_motion, CPU draw; truth 3.5 degrees) falls to 1.4 at 0.9 and 0.6 at 0.7: 0.9 keeps it alive
 

@@ -22,7 +22,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.01
     lr_mult: dict = field(default_factory=dict)  # parameter-name prefix -> learning-rate multiplier, e.g.
-    # {ref_embedding: 10}: a zero-initialised addition that the whole model's rate moves too slowly (session 14)
+    # {ref_embedding: 10}: a zero-initialised addition that the whole model's rate moves too slowly (docs/findings.md)
     warmup: int = 100
     grad_clip: float = 1.0
     ema: float = 0.999  # 0 disables
