@@ -193,19 +193,23 @@ def _decode_audio(container, stream, sample_rate: int) -> np.ndarray:
     return resample(audio, rate, sample_rate)
 
 
+def _audio_track(container, path, sample_rate: int) -> np.ndarray:
+    """The container's first audio track as mono float32 at ``sample_rate``; a decoding failure is a MediaError."""
+    try:
+        return _decode_audio(container, container.streams.audio[0], sample_rate)
+    except av.error.FFmpegError as e:
+        raise MediaError(f"{path}: audio is corrupted or truncated ({e})") from None
+
+
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Any audio file (or a video's audio track) -> float32 mono at ``sample_rate``."""
     container = _open(path)
     try:
         if not container.streams.audio:
             raise MediaError(f"{path}: has no audio track")
-        try:
-            audio = _decode_audio(container, container.streams.audio[0], sample_rate)
-        except av.error.FFmpegError as e:
-            raise MediaError(f"{path}: audio is corrupted or truncated ({e})") from None
+        return _audio_track(container, path, sample_rate)
     finally:
         container.close()
-    return audio
 
 
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
@@ -252,10 +256,7 @@ def read_video(
         audio = None
         if container.streams.audio:
             container.seek(0)
-            try:
-                audio = _decode_audio(container, container.streams.audio[0], sample_rate)
-            except av.error.FFmpegError as e:
-                raise MediaError(f"{path}: audio is corrupted or truncated ({e})") from None
+            audio = _audio_track(container, path, sample_rate)
     finally:
         container.close()
     return Video(np.stack(frames), fps, audio, sample_rate)

@@ -6,6 +6,7 @@ clip's audio track by 5 frames reads as +5); the search covers -max_offset..max_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +37,25 @@ def _shifted_pairs(a: np.ndarray, b: np.ndarray, o: int) -> tuple[np.ndarray, np
     return a[:o], b[-o:]
 
 
+def _by_offset(
+    a: np.ndarray, b: np.ndarray, max_offset: int, score: Callable[[np.ndarray, np.ndarray], float]
+) -> tuple[list[int], list[float]]:
+    """The offset search: ``score`` of a[t] against b[t + o] for o in -max_offset .. max_offset."""
+    offsets = list(range(-max_offset, max_offset + 1))
+    return offsets, [score(*_shifted_pairs(a, b, -o)) for o in offsets]
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation, 0 where either side is constant."""
+    return float(np.corrcoef(x, y)[0, 1]) if x.std() > 1e-9 and y.std() > 1e-9 else 0.0
+
+
 def lip_sync_truth(mouth_pred: np.ndarray, mouth_truth: np.ndarray, max_offset: int = 5) -> dict:
     """Mouth-open read back from the video vs the audio's viseme truth: error at offset 0, and the offset
     search (our Sync-D = error at the best offset, Sync-C = median error - best error)."""
     n = min(len(mouth_pred), len(mouth_truth))
     a, b = np.asarray(mouth_pred[:n], np.float64), np.asarray(mouth_truth[:n], np.float64)
-    offsets = list(range(-max_offset, max_offset + 1))
-    errs = [float(np.abs(x - y).mean()) for x, y in (_shifted_pairs(a, b, -o) for o in offsets)]
+    offsets, errs = _by_offset(a, b, max_offset, lambda x, y: float(np.abs(x - y).mean()))
     best = int(np.argmin(errs))
     conf = float(np.median(errs) - errs[best])
     res = dict(
@@ -71,11 +84,7 @@ def lip_sync_energy(
 ) -> dict:
     """For any audio: correlation of mouth opening with the audio's loudness, with an offset search."""
     env = audio_envelope(audio, len(mouth_pred), fps, sample_rate)
-    offsets = list(range(-max_offset, max_offset + 1))
-    corrs = []
-    for o in offsets:
-        x, y = _shifted_pairs(np.asarray(mouth_pred, np.float64), env, -o)
-        corrs.append(float(np.corrcoef(x, y)[0, 1]) if x.std() > 1e-9 and y.std() > 1e-9 else 0.0)
+    offsets, corrs = _by_offset(np.asarray(mouth_pred, np.float64), env, max_offset, _correlation)
     best = int(np.argmax(corrs))
     conf = float(corrs[best] - np.median(corrs))
     res = dict(
