@@ -5,14 +5,9 @@ import wave
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from talkstream.media import MediaError, read_video, write_audio
-from talkstream.models.checkpoint import save_checkpoint
-from talkstream.models.config import dit_config, vae_config
-from talkstream.models.dit import WanDiT
-from talkstream.models.vae import CausalVAE
 from talkstream.stream.avatar import Avatar, LiveAudio, load_audio, load_reference
 
 
@@ -92,21 +87,6 @@ def test_audio_rates_channels_and_errors(tmp_path):
     (tmp_path / "empty.wav").write_bytes(data[:44])
     with pytest.raises(MediaError):
         load_audio(tmp_path / "empty.wav")
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("w")
-    torch.manual_seed(0)
-    dit = WanDiT(dit_config("tiny"))
-    with torch.no_grad():
-        for p in dit.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    save_checkpoint(d / "causal.safetensors", dit, "dit", dit.cfg, extra=dict(chunk=2, look_back=0, look_ahead=0))
-    vae = CausalVAE(vae_config("tiny"))
-    save_checkpoint(d / "vae.safetensors", vae, "vae", vae.cfg)
-    return d
 
 
 def test_generate_writes_mp4_with_audio_and_no_half_file(tiny_weights, tmp_path):

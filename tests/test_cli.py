@@ -11,27 +11,13 @@ import torch
 from talkstream.cli import BUNDLED_REFERENCE, main
 from talkstream.machine import check_device
 from talkstream.media import read_video, write_audio
-from talkstream.models.checkpoint import save_checkpoint
-from talkstream.models.config import dit_config, vae_config
-from talkstream.models.dit import WanDiT
-from talkstream.models.vae import CausalVAE
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A tiny random causal model and VAE (the real ones take minutes a clip on CPU)."""
-    d = tmp_path_factory.mktemp("w")
-    torch.manual_seed(0)
-    dit = WanDiT(dit_config("tiny"))
-    with torch.no_grad():
-        for p in dit.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    save_checkpoint(d / "causal.safetensors", dit, "dit", dit.cfg, extra=dict(chunk=2, look_back=0, look_ahead=0))
-    vae = CausalVAE(vae_config("tiny"))
-    save_checkpoint(d / "vae.safetensors", vae, "vae", vae.cfg)
-    write_audio(d / "speech.wav", (0.1 * np.sin(np.arange(12000) / 9)).astype(np.float32))
-    return d
+def weights(tiny_weights):
+    """The tiny random model (conftest) and 0.75 s of audio beside it."""
+    write_audio(tiny_weights / "speech.wav", (0.1 * np.sin(np.arange(12000) / 9)).astype(np.float32))
+    return tiny_weights
 
 
 def _generate(weights, *extra):
