@@ -38,6 +38,16 @@ class DiTConfig:
     # concatenation; here its own zero-initialised patch embedding added to the frame's, the same linear map): a
     # pixel-aligned identity prior besides the reference sink frame that attention reads
     ref_concat: bool = False
+    # OmniAvatar / LiveTalk layout (the files of OmniAvatar-1.3B / -14B and the LiveTalk student load as they are):
+    # ``concat_dim`` channels join the noisy latent before the patch embedding (17: the reference latent repeated
+    # over the frames + a mask channel, 0 on the stream's first latent frame, which is held as the clean reference);
+    # ``audio_pack_dim`` > 0 replaces our audio adapter by OmniAvatar's audio path: each latent frame's
+    # ``audio_tokens_per_frame`` wav2vec2 features (``audio_dim``: all hidden states concatenated) packed by a linear
+    # map + LayerNorm to this size, then one linear projection per block added to the hidden states of blocks
+    # 2 .. num_layers / 2
+    concat_dim: int = 0
+    audio_pack_dim: int = 0
+    fps: int = 25  # video frames per second the model was trained on (Wan family: 16)
 
     @property
     def head_dim(self) -> int:
@@ -48,7 +58,19 @@ class DiTConfig:
             raise ValueError(f"{self.name}: dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
             raise ValueError(f"{self.name}: head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
+        if self.audio_pack_dim and (self.num_layers < 4 or self.audio_layers or self.audio_adaln):
+            raise ValueError(
+                f"{self.name}: the OmniAvatar audio path (audio_pack_dim) needs >= 4 blocks and no audio adapter "
+                "(audio_layers) or audio AdaLN"
+            )
+        if self.fps < 1:
+            raise ValueError(f"{self.name}: fps must be >= 1, got {self.fps}")
         return self
+
+    @property
+    def omniavatar(self) -> bool:
+        """The OmniAvatar / LiveTalk layout (reference channels concatenated to the input, packed audio added)."""
+        return self.concat_dim > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,6 +87,10 @@ class DiTConfig:
             raise ValueError(f"unknown DiT config fields: {sorted(unknown)}")
         return DiTConfig(**d).validate()
 
+
+# OmniAvatar's conditioning: 16 latent + 17 (reference latent, mask) input channels, wav2vec2-base hidden states of
+# all 14 outputs (13 layers + the last, 768 each) packed 4 -> 1 per latent frame to 32 dimensions
+_OMNIAVATAR = dict(concat_dim=17, audio_dim=14 * 768, audio_tokens_per_frame=4, audio_pack_dim=32)
 
 DIT_CONFIGS: dict[str, DiTConfig] = {
     "tiny": DiTConfig(
@@ -83,8 +109,27 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
     "small": DiTConfig(
         "small", dim=384, num_layers=8, num_heads=6, ffn_dim=1536, in_dim=16, out_dim=16, text_dim=384, freq_dim=256
     ),
-    "wan1.3b": DiTConfig("wan1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
-    "wan14b": DiTConfig("wan14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
+    "wan1.3b": DiTConfig("wan1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960, fps=16),
+    "wan14b": DiTConfig("wan14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824, fps=16),
+    # OmniAvatar-1.3B (LoRA merged) and the LiveTalk student GAIR/LiveTalk-1.3B-V0.1; OmniAvatar-14B (the teacher)
+    "omniavatar1.3b": DiTConfig(
+        "omniavatar1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960, fps=16, **_OMNIAVATAR
+    ),
+    "omniavatar14b": DiTConfig(
+        "omniavatar14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824, fps=16, **_OMNIAVATAR
+    ),
+    # the same layout at a size a CPU runs in tests
+    "omniavatar-tiny": DiTConfig(
+        "omniavatar-tiny",
+        dim=64,
+        num_layers=4,
+        num_heads=4,
+        ffn_dim=128,
+        text_dim=32,
+        freq_dim=64,
+        fps=16,
+        **{**_OMNIAVATAR, "audio_dim": 48, "audio_pack_dim": 8},
+    ),
 }
 
 

@@ -10,6 +10,10 @@ with RMSNorm on q/k and 3D RoPE, text cross-attention, GELU(tanh) FFN. Our addit
   embedding, pixel-aligned (OmniAvatar / Wan-I2V's channel concatenation);
 * an **audio adapter** per block (IP-adapter style cross-attention, zero-initialised output) in which
   each latent frame attends only to the audio tokens of its own time window;
+* the **OmniAvatar / LiveTalk layout** (``concat_dim`` / ``audio_pack_dim``, see ``DiTConfig``): the reference latent
+  repeated over the frames plus a mask channel concatenated to the input channels, the stream's first latent frame
+  held as the clean reference, and packed wav2vec2 features projected and added to the hidden states of blocks
+  2 .. L/2 (``AudioPack`` / ``audio_cond_projs``, named as in the released files);
 * three attention modes from one code path: full bidirectional, block-causal (chunks), and
   KV-cached streaming with a bounded window and rolling RoPE. All three run ``_attend``: one attention
   call per run of query frames over exactly the key frames they may see, with positions re-based so
@@ -111,6 +115,19 @@ class AudioAdapter(nn.Module):
         B, Fr, S, D = x.shape
         out = self.attn(self.norm(x).reshape(B * Fr, S, D), audio.reshape(B * Fr, -1, D))
         return out.view(B, Fr, S, D)
+
+
+class AudioPack(nn.Module):
+    """OmniAvatar's audio packing: one latent frame's audio features [..., t, A] (t = 4 video frames, in time order)
+    -> one vector [..., dim]: a linear map of the concatenated features, then LayerNorm."""
+
+    def __init__(self, in_features: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, dim)
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.norm_out(self.proj(audio.flatten(-2)))
 
 
 class Block(nn.Module):
@@ -233,18 +250,29 @@ class WanDiT(nn.Module):
             raise ValueError("temporal patch size must be 1 (one latent frame per token group)")
         self.cfg = cfg
         d = cfg.dim
-        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        in_channels = cfg.in_dim + cfg.concat_dim
+        self.patch_embedding = nn.Conv3d(in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, d * 6))
         audio_layers = set(range(cfg.num_layers)) if cfg.audio_layers is None else set(cfg.audio_layers)
+        if cfg.audio_pack_dim:  # OmniAvatar's audio path instead of our adapter
+            audio_layers = set()
         self.blocks = nn.ModuleList([Block(cfg, i in audio_layers) for i in range(cfg.num_layers)])
         self.head = Head(cfg)
-        self.audio_proj = nn.Sequential(nn.Linear(cfg.audio_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
-        self.audio_pos = nn.Parameter(torch.zeros(cfg.audio_tokens_per_frame, d))
+        self.audio_cond_projs = None
+        if cfg.audio_pack_dim:
+            self.audio_proj = AudioPack(cfg.audio_tokens_per_frame * cfg.audio_dim, cfg.audio_pack_dim)
+            self.audio_cond_projs = nn.ModuleList(
+                nn.Linear(cfg.audio_pack_dim, d) for _ in range(len(self.audio_blocks))
+            )
+            self.audio_pos = None
+        else:
+            self.audio_proj = nn.Sequential(nn.Linear(cfg.audio_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+            self.audio_pos = nn.Parameter(torch.zeros(cfg.audio_tokens_per_frame, d))
         self.audio_embedding = (
             nn.Sequential(nn.Linear(cfg.audio_tokens_per_frame * cfg.audio_dim, d), nn.SiLU(), nn.Linear(d, d))
-            if cfg.audio_adaln
+            if cfg.audio_adaln and not cfg.audio_pack_dim
             else None
         )
         self.ref_embedding = (
@@ -275,6 +303,16 @@ class WanDiT(nn.Module):
         nn.init.zeros_(self.head.head.bias)
 
     # -- pieces ------------------------------------------------------------------------------------
+    @property
+    def audio_blocks(self) -> range:
+        """OmniAvatar layout: the blocks whose input gets the packed audio added (2 .. num_layers / 2)."""
+        return range(2, self.cfg.num_layers // 2 + 1)
+
+    @property
+    def fps(self) -> int:
+        """Video frames per second the model makes (Wan family 16, our own models 25)."""
+        return self.cfg.fps
+
     def base_parameter_count(self) -> int:
         """Parameters of the Wan2.1 architecture alone (without our audio adapter)."""
         return sum(p.numel() for n, p in self.named_parameters() if not _is_addition(n))
@@ -288,6 +326,31 @@ class WanDiT(nn.Module):
             raise ValueError(f"{name}: height/width {tuple(x.shape[3:])} must be divisible by the patch size {ph}x{pw}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+    def condition(self, x: torch.Tensor, reference: torch.Tensor | None, first_frame: int) -> torch.Tensor:
+        """OmniAvatar layout: noisy latents [B, C, F, H, W] (absolute frames ``first_frame`` ..) -> the patch
+        embedding's input [B, C + concat_dim, F, H, W]: the latents (the stream's frame 0 replaced by the clean
+        reference), the reference latent repeated over the frames, and the mask channel (0 on frame 0, else 1)."""
+        if reference is None:
+            raise ValueError("the OmniAvatar layout needs the reference latent (ref=, or prefill_sinks first)")
+        B, _, Fr, H, W = x.shape
+        if reference.shape[0] != B or reference.shape[1] != x.shape[1] or reference.shape[3:] != x.shape[3:]:
+            raise ValueError(f"reference {tuple(reference.shape)} does not match the latents {tuple(x.shape)}")
+        ref = reference[:, :, :1].to(x.dtype)
+        mask = x.new_ones(B, 1, Fr, H, W)
+        if first_frame == 0:
+            x = torch.cat([ref, x[:, :, 1:]], dim=2)
+            mask[:, :, 0] = 0
+        return torch.cat([x, ref.expand(B, -1, Fr, H, W), mask], dim=1)
+
+    @staticmethod
+    def _hold_first_frame(v: torch.Tensor, x: torch.Tensor, reference: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The stream's frame 0 is the reference: its velocity is the one that takes the noisy input ``x`` there
+        (x0 = x - sigma v = reference, for any sampler that predicts x0 or integrates the flow)."""
+        sigma = (t[:, :1].to(torch.float32) / 1000).view(-1, 1, 1, 1, 1)
+        v0 = (x[:, :, :1].float() - reference[:, :, :1].float()) / sigma.clamp_min(1e-6)
+        v0 = torch.where(sigma > 0, v0, torch.zeros_like(v0))
+        return torch.cat([v0.to(v.dtype), v[:, :, 1:]], dim=2)
 
     def embed_frames(self, x: torch.Tensor) -> tuple[torch.Tensor, _Grid]:
         """[B, C, F, H, W] latents -> [B, F, S, D] tokens."""
@@ -334,6 +397,9 @@ class WanDiT(nn.Module):
                 f"frame), got {tuple(audio.shape)}"
             )
         a = audio.to(self.head.head.weight.dtype)
+        if self.audio_cond_projs is not None:  # OmniAvatar: one packed vector per frame, one projection per block
+            packed = self.audio_proj(a)  # [B, F, pack]
+            return torch.stack([p(packed) for p in self.audio_cond_projs]), None  # [n_blocks, B, F, D]
         emb = None if self.audio_embedding is None else self.audio_embedding(a.flatten(2))
         return self.audio_proj(a) + self.audio_pos.to(a.dtype), emb
 
@@ -349,9 +415,16 @@ class WanDiT(nn.Module):
 
     def _run(self, tokens, grid, t_all, context, context_mask, audio, attend, n_sink):
         audio, audio_emb = audio
+        added = None
+        if self.audio_cond_projs is not None:  # OmniAvatar: added to the hidden states, no adapter
+            added, audio = audio, None
         e, e0 = self.embed_time(t_all, audio_emb)
         x = tokens
+        first_audio = self.audio_blocks.start
         for i, block in enumerate(self.blocks):
+            if added is not None and i in self.audio_blocks:
+                a = added[i - first_audio][:, :, None].to(x.dtype)  # [B, F, 1, D] over the frame's tokens
+                x = torch.cat([x[:, :n_sink], x[:, n_sink:] + a], dim=1) if n_sink else x + a
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, e0, context, context_mask, audio, attend, i, n_sink, use_reentrant=False)
             else:
@@ -387,9 +460,19 @@ class WanDiT(nn.Module):
         """
         self._check(x, "x", self.cfg.in_dim)
         B, _, Fr = x.shape[:3]
+        t = self._timesteps(t, B, Fr, x.device)
+        if self.cfg.omniavatar:  # the reference enters through the input channels and holds frame 0
+            if ref is not None:
+                self._check(ref, "ref", self.cfg.in_dim)
+            tokens, grid = self.embed_frames(self.condition(x, ref, 0))
+            visible = full_mask(0, Fr) if chunk is None else block_causal_mask(0, Fr, chunk, window)
+            attend = _GroupAttention(visible, grid, self.cfg.head_dim, x.device)
+            out = self._run(
+                tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr), attend, 0
+            )
+            return self._hold_first_frame(self.unpatchify(out, grid), x, ref, t).to(x.dtype)
         tokens, grid = self.embed_frames(x)
         n_sink = 0
-        t = self._timesteps(t, B, Fr, x.device)
         if ref is not None:
             self._check(ref, "ref", self.cfg.in_dim)
             if ref.shape[0] != B or ref.shape[3:] != x.shape[3:]:
@@ -425,6 +508,15 @@ class WanDiT(nn.Module):
         self._check(sinks, "sinks", self.cfg.in_dim)
         if reference is not None:
             self._check(reference, "reference", self.cfg.in_dim)
+        if self.cfg.omniavatar:  # LiveTalk: the stream's first len(sinks) latent frames become the sinks
+            if cache.next_frame:
+                raise ValueError(
+                    "the OmniAvatar layout's sinks are the stream's first latent frames: they cannot be replaced "
+                    "mid-stream (use the reference or anchor_heavy anchor)"
+                )
+            cache.reference = sinks[:, :, :1] if reference is None else reference
+            cache.sink_frames = sinks.shape[2]
+            return
         cache.ref_tokens = self.embed_reference(sinks[:, :, :1] if reference is None else reference)
         tokens, grid = self.embed_frames(sinks)
         B, R = tokens.shape[:2]
@@ -453,15 +545,22 @@ class WanDiT(nn.Module):
         """
         self._check(x, "x", self.cfg.in_dim)
         B, _, Fr = x.shape[:3]
-        tokens, grid = self.embed_frames(x)
+        t = self._timesteps(t, B, Fr, x.device)
+        first = cache.next_frame
+        if self.cfg.omniavatar:
+            tokens, grid = self.embed_frames(self.condition(x, cache.reference, first))
+        else:
+            tokens, grid = self.embed_frames(x)
         if cache.ref_tokens is not None:
             tokens = tokens + cache.ref_tokens
-        t = self._timesteps(t, B, Fr, x.device)
         attend = _CachedAttention(cache, Fr, grid, self.cfg.head_dim, x.device, "commit" if commit else "read")
         out = self._run(tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr), attend, 0)
         if commit:
             cache.advance(Fr)
-        return self.unpatchify(out, grid).to(x.dtype)
+        v = self.unpatchify(out, grid)
+        if self.cfg.omniavatar and first == 0:
+            v = self._hold_first_frame(v, x, cache.reference, t)
+        return v.to(x.dtype)
 
 
 _ADDITIONS = ("audio_attn.", "audio_proj.", "audio_pos", "audio_embedding.", "ref_embedding.")

@@ -22,6 +22,10 @@ class KVCache:
     frame_ids: list[int] = field(default_factory=list)  # absolute index of each cached context frame
     next_frame: int = 0  # absolute index of the next frame the stream will generate
     ref_tokens: torch.Tensor | None = None  # the reference's tokens added to every frame's (DiT ``ref_concat``)
+    reference: torch.Tensor | None = None  # the clean reference latent (OmniAvatar layout: its input channels)
+    sink_frames: int = 0  # the stream's first committed frames that become sinks (LiveTalk's Anchor-Heavy Identity
+    # Sinks), before any frame enters the window
+    sink_ids: list[int] = field(default_factory=list)  # absolute index of each such committed sink frame
 
     def __post_init__(self) -> None:
         if self.window < 0:
@@ -43,13 +47,25 @@ class KVCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add one chunk's frames to a layer, dropping the oldest beyond the window (then call ``advance``)."""
+        take = min(max(0, self.sink_frames - len(self.sink_ids)), k.shape[1])
+        if take:  # the stream's first frames fill the sinks
+            sk, sv = k[:, :take], v[:, :take]
+            if self.sink_k[layer] is not None:
+                sk, sv = torch.cat([self.sink_k[layer], sk], 1), torch.cat([self.sink_v[layer], sv], 1)
+            self.sink_k[layer], self.sink_v[layer] = sk, sv
+            k, v = k[:, take:], v[:, take:]
+            if not k.shape[1]:
+                return
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
         drop = max(0, k.shape[1] - self.window)
         self.k[layer], self.v[layer] = k[:, drop:], v[:, drop:]
 
     def advance(self, n_frames: int) -> None:
-        ids = self.frame_ids + list(range(self.next_frame, self.next_frame + n_frames))
+        take = min(max(0, self.sink_frames - len(self.sink_ids)), n_frames)
+        self.sink_ids += list(range(self.next_frame, self.next_frame + take))
+        first = self.next_frame + take
+        ids = self.frame_ids + list(range(first, self.next_frame + n_frames))
         self.frame_ids = ids[max(0, len(ids) - self.window) :]
         self.next_frame += n_frames
 
@@ -66,6 +82,8 @@ class KVCache:
             list(self.sink_v),
             next_frame=self.next_frame,
             ref_tokens=self.ref_tokens,
+            reference=self.reference,
+            sink_ids=list(self.sink_ids),
         )
 
     def context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
