@@ -120,7 +120,7 @@ class TAEHV(nn.Module):
 
     # -- the one loop: all frames in parallel, memory blocks fed their input one frame back --
     @staticmethod
-    def _apply(seq: nn.Sequential, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+    def _run(seq: nn.Sequential, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """x [N, T, C, H, W] -> [N, T', C', H', W'] through ``seq``, carrying memory in ``cache``."""
         N, T = x.shape[:2]
         h = x.reshape(N * T, *x.shape[2:])
@@ -156,7 +156,7 @@ class TAEHV(nn.Module):
         cache[id(self)] = True
         if normalized:
             z = z * self.latents_std.to(z).view(1, -1, 1, 1, 1) + self.latents_mean.to(z).view(1, -1, 1, 1, 1)
-        y = self._apply(self.decoder, z.transpose(1, 2), cache)  # [B, T', 3, H, W] in ~[0, 1]
+        y = self._run(self.decoder, z.transpose(1, 2), cache)  # [B, T', 3, H, W] in ~[0, 1]
         if first:
             y = y[:, self.frames_to_trim :]
         y = y.transpose(1, 2) * 2 - 1
@@ -175,7 +175,7 @@ class TAEHV(nn.Module):
             if cache is not None:
                 raise TAEHVError(f"streamed chunks need a multiple of {k} frames, got {T}")
             x = torch.cat([x, x[:, :, -1:].expand(-1, -1, k - T % k, -1, -1)], 2)
-        z = self._apply(self.encoder, ((x + 1) / 2).transpose(1, 2), FeatureCache() if cache is None else cache)
+        z = self._run(self.encoder, ((x + 1) / 2).transpose(1, 2), FeatureCache() if cache is None else cache)
         z = z.transpose(1, 2)
         if normalize:
             z = (z - self.latents_mean.to(z).view(1, -1, 1, 1, 1)) / self.latents_std.to(z).view(1, -1, 1, 1, 1)
