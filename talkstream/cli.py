@@ -193,31 +193,6 @@ def _eval_suite(args) -> None:
         args.out.write_text(json.dumps(res, indent=2))
 
 
-def _bench(args) -> None:
-    from .eval.speed import dit_source, measure_stream, world_source
-    from .machine import check_device
-
-    check_device(args.device)
-    if args.source == "world":
-        src = world_source(args.seconds, args.size)
-    else:
-        import torch
-
-        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        src = dit_source(args.config, args.size, args.size, chunks=args.chunks, device=args.device, dtype=dtype)
-    res = measure_stream(src, device=args.device)
-    res["source"] = dict(
-        kind=args.source,
-        config=args.config if args.source == "dit" else None,
-        size=args.size,
-        weights="random (real shapes)" if args.source == "dit" else None,
-    )
-    print(json.dumps(res, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
-
-
 def _train(args) -> None:
     import gc
 
@@ -260,7 +235,7 @@ def _pack(args) -> None:
 
 # Stages that own their subcommands: each module has ``register(sub)`` that adds its parser(s) to ``sub`` and imports
 # its heavy dependencies only when its command runs (``talkstream --help`` stays fast).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("talkstream.eval.bench_cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,16 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path)
     e.set_defaults(func=_eval_dispatch)
 
-    b = sub.add_parser("bench", help="streaming speed: TTFF, FPS, latency percentiles, memory")
-    b.add_argument("--source", choices=["world", "dit"], default="dit")
-    b.add_argument("--config", default="small")
-    b.add_argument("--size", type=int, default=256)
-    b.add_argument("--seconds", type=float, default=10.0)
-    b.add_argument("--chunks", type=int, default=12)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--out", type=Path)
-    b.set_defaults(func=_bench)
-
     t = sub.add_parser(
         "train",
         help="train a stage: vae | decoder | teacher | causal | pack (make a world pack) | "
@@ -383,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--prompt", help='text prompt, e.g. "smiles while speaking"')
         q.add_argument("--weights", help="folder or causal .safetensors (default: the embedded model)")
         q.add_argument("--device", default="cpu")
-        q.add_argument("--decoder", default="vae", choices=["vae", "tiny"])
+        q.add_argument(
+            "--decoder", choices=["vae", "tiny"], help="default: the tiny decoder where the weights have one"
+        )
         q.add_argument("--size", type=int, default=256)
         q.add_argument(
             "--anchor", default="reference", choices=["reference", "anchor_heavy", "rolling_sink", "memory_bank"]

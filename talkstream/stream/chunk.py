@@ -5,8 +5,13 @@ Two samplers over a decreasing sigma list ending at 0:
   diffusion-forcing causal models, 10-30 steps);
 - ``few_step``: Self-Forcing / CausVid style, each step predicts the clean chunk and re-noises it to the next
   level with fresh noise (3-4 steps, for distilled models).
-Classifier-free guidance on the audio costs a second forward pass per step. The final clean chunk is run
-once more at timestep 0 with ``commit=True`` so its keys/values enter the cache for the chunks after it.
+Classifier-free guidance on the audio costs a second forward pass per step.
+
+What enters the KV cache for the chunks after this one (``cache_mode``):
+- ``commit`` (Self-Forcing / CausVid): the final clean chunk is run once more at timestep 0 with ``commit=True``,
+  so the cache holds clean keys/values; one extra forward pass per chunk;
+- ``timestep_forcing`` (Live Avatar): the last denoising step writes the keys/values of its own (noisy) input at
+  its own timestep while it predicts; no extra pass (2 passes instead of 3 for a 2-step student).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from ..models.dit import WanDiT
 from ..models.kv_cache import KVCache
 
 SAMPLERS = ("euler", "few_step")
+CACHE_MODES = ("commit", "timestep_forcing")
 
 
 def chunk_velocity(
@@ -30,11 +36,20 @@ def chunk_velocity(
     audio,
     context_mask,
     audio_guidance: float = 1.0,
+    commit: bool = False,
 ) -> torch.Tensor:
+    """The (audio-guided) velocity of chunk ``x`` at ``sigma``; ``commit``: the conditional pass also writes its
+    keys/values into the cache (timestep forcing)."""
     t = sigma * NUM_TRAIN_TIMESTEPS
-    v = model.forward_chunk(x, t, cache, context, audio, context_mask=context_mask)
-    if audio_guidance != 1.0 and audio is not None:
-        v_none = model.forward_chunk(x, t, cache, context, torch.zeros_like(audio), context_mask=context_mask)
+    guided = audio_guidance != 1.0 and audio is not None
+    # the unconditional pass reads the cache before the conditional one may write the chunk's keys into it
+    v_none = (
+        model.forward_chunk(x, t, cache, context, torch.zeros_like(audio), context_mask=context_mask)
+        if guided
+        else None
+    )
+    v = model.forward_chunk(x, t, cache, context, audio, context_mask=context_mask, commit=commit)
+    if guided:
         v = guided_velocity([v_none, v], [audio_guidance])
     return v
 
@@ -52,13 +67,20 @@ def denoise_chunk(
     commit: bool = True,
     sampler: str = "few_step",
     audio_guidance: float = 1.0,
+    cache_mode: str = "commit",
 ) -> torch.Tensor:
-    """noise [B, C, k, h, w] at sigmas[0] -> clean chunk (``sigmas`` ends with 0)."""
+    """noise [B, C, k, h, w] at sigmas[0] -> clean chunk (``sigmas`` ends with 0). With ``commit`` the chunk enters
+    the cache as ``cache_mode`` says (module docstring)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"unknown cache_mode {cache_mode!r}; choose one of {CACHE_MODES}")
+    forcing = commit and cache_mode == "timestep_forcing"
+    n = len(sigmas) - 1
     x = x0 = noise
-    for i in range(len(sigmas) - 1):
-        v = chunk_velocity(model, cache, x, sigmas[i], context, audio, context_mask, audio_guidance)
+    for i in range(n):
+        last = forcing and i == n - 1
+        v = chunk_velocity(model, cache, x, sigmas[i], context, audio, context_mask, audio_guidance, commit=last)
         if sampler == "euler":
             x = x0 = x + (sigmas[i + 1] - sigmas[i]) * v
             continue
@@ -66,6 +88,6 @@ def denoise_chunk(
         if sigmas[i + 1] > 0:
             fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = add_noise(x0, fresh, sigmas[i + 1])
-    if commit:
+    if commit and not forcing:
         model.forward_chunk(x0, 0.0, cache, context, audio, commit=True, context_mask=context_mask)
     return x0

@@ -33,7 +33,7 @@ import torch
 from ..diffusion.flow import add_noise, euler_sigmas, reference_sigmas, sigmas_from_timesteps
 from ..models.dit import WanDiT
 from ..models.vae import CausalVAE, FeatureCache, TinyDecoder
-from .chunk import SAMPLERS, denoise_chunk
+from .chunk import CACHE_MODES, SAMPLERS, denoise_chunk
 
 FPS = 25
 FEATURE_RATE = 50  # Whisper encoder frames per second
@@ -62,6 +62,10 @@ class StreamConfig:
     start_from: str = "reference"  # what a chunk starts from when reference_init < 1: "reference" (the identity frame,
     # every chunk) or "previous" (the first from the reference, then each from the last committed latent: the pose
     # carries on from chunk to chunk instead of returning to the reference's)
+    cache_mode: str = "commit"  # what enters the KV cache: "commit" (the clean chunk, one extra pass) or
+    # "timestep_forcing" (the last denoising step's own keys/values, no extra pass): stream.chunk's docstring
+    first_chunk: int = 0  # latent frames of the first chunk (0: ``chunk``); 1 shows the first frame after one
+    # latent's work (the VAE's first latent is one video frame alone)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +79,10 @@ class StreamConfig:
             raise ValueError(f"refine_sigma must be in (0, 1), got {self.refine_sigma}")
         if not 0 < self.reference_init <= 1:
             raise ValueError(f"reference_init must be in (0, 1], got {self.reference_init}")
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose one of {CACHE_MODES}")
+        if self.first_chunk < 0:
+            raise ValueError(f"first_chunk must be >= 0 (0: the chunk size), got {self.first_chunk}")
         if self.start_from not in START_FROM:
             raise ValueError(f"unknown start_from {self.start_from!r}; choose one of {START_FROM}")
 
@@ -84,6 +92,10 @@ class StreamConfig:
         else:
             sig = sigmas_from_timesteps(list(self.timesteps), self.timestep_shift)
         return reference_sigmas(sig, self.reference_init)
+
+    def chunk_size(self, index: int) -> int:
+        """Latent frames of chunk ``index`` (the first may be shorter: ``first_chunk``)."""
+        return self.first_chunk if index == 0 and self.first_chunk else self.chunk
 
     @property
     def cache_window(self) -> int:
@@ -230,11 +242,33 @@ class StreamEngine:
         self.sinks = sinks
         self.dit.prefill_sinks(sinks, self.cache, self.text, self.text_mask, reference=self.reference)
 
+    @property
+    def chunk_size(self) -> int:
+        """Latent frames of the next chunk."""
+        return self.cfg.chunk_size(self.n_chunks)
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Run a throw-away first chunk and a full one (and their decode) so that kernels, allocators and any
+        compiled code are ready before the first request; the stream then starts again from scratch (same seed,
+        same state as after ``start``). Call after ``start``; returns the seconds spent."""
+        t0 = time.perf_counter()
+        state = (self.reference, self.text, self.text_mask, self.sinks)
+        decode = ChunkDecoder(self.decoder)
+        for _ in range(2):
+            k = self.chunk_size
+            audio = torch.zeros(k, self.dit.cfg.audio_tokens_per_frame, self.dit.cfg.audio_dim)
+            decode(self.next_chunk(audio).latents)
+        ref, text, mask, _ = state
+        self.start(ref, text, mask)
+        return time.perf_counter() - t0
+
     @torch.no_grad()
     def next_chunk(self, audio: torch.Tensor | None) -> Chunk:
-        """Denoise and commit the next ``chunk`` latents; ``audio`` [k, Na, A] windows (None: no audio input)."""
+        """Denoise and commit the next chunk's latents (``chunk_size``); ``audio`` [k, Na, A] windows (None: no
+        audio input)."""
         c, dev = self.cfg, self.device
-        k = c.chunk
+        k = self.chunk_size
         h, w = self.reference.shape[-2:]
         noise = torch.randn(1, self.dit.cfg.in_dim, k, h, w, generator=self.gen, device=dev).to(self.dtype)
         if c.reference_init < 1:  # the chunk starts as the reference (or the last latent) noised to the first sigma
@@ -253,6 +287,7 @@ class StreamEngine:
             generator=self.gen,
             sampler=c.sampler,
             audio_guidance=c.audio_guidance,
+            cache_mode=c.cache_mode,
         )
         self.last_audio, self.last_latent = a, z[:, :, -1:]
         chunk = Chunk(self.n_chunks, z, 0 if self.next_latent == 0 else 1 + (self.next_latent - 1) * 4)
@@ -330,7 +365,7 @@ class StreamEngine:
             i = 0
             while n_chunks is None or i < n_chunks:
                 try:
-                    audio = audio_chunks(self.next_latent, self.cfg.chunk)
+                    audio = audio_chunks(self.next_latent, self.chunk_size)
                 except StopIteration:
                     break
                 chunk = self.next_chunk(audio)

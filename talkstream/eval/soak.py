@@ -1,0 +1,217 @@
+"""A long live stream at real-time pacing (``talkstream bench soak --minutes 60``): what an hour of use does to
+memory, identity, frame health and timing.
+
+Speech (espeak-ng sentences with pauses between them, looped) is pushed into ``LiveAudio`` in 0.1 s packets on the
+wall clock, as a microphone would; ``Avatar.stream`` paces its frames at 25 FPS. Per minute: RSS, the frame probe's
+identity distance to the reference (one frame a second), black / blank frames and frozen runs (``eval.metrics``
+thresholds), the inter-frame interval and audio-video offset percentiles. Written as JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..eval.metrics import BLACK_LEVEL, BLANK_STD, FROZEN_DIFF, FROZEN_RUN
+from .speed import loadavg, rss_mib
+
+SENTENCES = (
+    "Hello, I am a talkstream avatar.",
+    "I listen, I think, and then I answer you.",
+    "This stream runs for as long as you keep talking to me.",
+    "Let me know what you would like to hear next.",
+)
+
+
+class FrameHealth:
+    """Black / blank frames and frozen runs of a frame stream, counted as the frames pass (constant memory)."""
+
+    def __init__(self) -> None:
+        self.black = self.blank = self.frozen_runs = 0
+        self.prev: np.ndarray | None = None
+        self.still = 0
+
+    def add(self, frame: np.ndarray) -> None:
+        x = frame.astype(np.float32) / 255.0
+        mean, std = float(x.mean()), float(x.std())
+        self.black += mean < BLACK_LEVEL
+        self.blank += std < BLANK_STD and mean >= BLACK_LEVEL
+        if self.prev is not None and float(np.abs(x - self.prev).mean()) < FROZEN_DIFF:
+            self.still += 1
+            self.frozen_runs += self.still + 1 == FROZEN_RUN  # counted once, when the run reaches its length
+        else:
+            self.still = 0
+        self.prev = x
+
+    def counts(self) -> dict:
+        return dict(black=self.black, blank=self.blank, frozen_runs=self.frozen_runs)
+
+
+def speech_loop(sentences=SENTENCES, pause: float = 1.5) -> np.ndarray:
+    from ..media import SAMPLE_RATE
+    from ..world.speech import synthesize
+
+    gap = np.zeros(int(pause * SAMPLE_RATE), np.float32)
+    return np.concatenate([np.concatenate([synthesize(s).audio.astype(np.float32), gap]) for s in sentences])
+
+
+def push_live(live, audio: np.ndarray, seconds: float, packet: float = 0.1, stop: threading.Event | None = None):
+    """Push ``audio`` (looped) into ``live`` in ``packet``-second pieces on the wall clock for ``seconds``; close."""
+    from ..media import SAMPLE_RATE
+
+    n = int(packet * SAMPLE_RATE)
+    t0, i = time.perf_counter(), 0
+    while i * packet < seconds and not (stop and stop.is_set()):
+        live.push(audio[(i * n + np.arange(n)) % len(audio)])
+        i += 1
+        time.sleep(max(0.0, t0 + i * packet - time.perf_counter()))
+    live.close()
+
+
+def soak(
+    minutes: float,
+    out: Path,
+    weights: str | None = None,
+    device: str = "cpu",
+    steps: int = 2,
+    cache_mode: str = "timestep_forcing",
+    pace_delay: float = 0.5,
+    progress: bool = True,
+) -> dict:
+    """Stream ``minutes`` of live speech at real-time pacing; write the per-minute record to ``out`` (+ .png)."""
+    from tqdm import tqdm
+
+    from ..eval.probes import load_frame_probe
+    from ..stream.avatar import BUNDLED_REFERENCE, Avatar, LiveAudio, load_reference
+    from ..stream.engine import FPS
+    from ..stream.pacing import PacingStats, percentiles
+
+    if minutes <= 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    avatar = Avatar.from_pretrained(
+        weights,
+        device=device,
+        sampler="few_step",
+        timesteps=(1000, 750, 500, 250)[:steps],
+        cache_mode=cache_mode,
+        first_chunk=1,
+    )
+    warm = avatar.warm_up()
+    probe = load_frame_probe()
+    ref = load_reference(BUNDLED_REFERENCE, avatar.size)
+    ref_id = probe.read(ref[None])["identity"][0]
+    audio = speech_loop()
+    live, stop = LiveAudio(wait=0.05), threading.Event()
+    pusher = threading.Thread(target=push_live, args=(live, audio, minutes * 60, 0.1, stop), daemon=True)
+    pacing = PacingStats(FPS)
+    health = FrameHealth()
+    per_frame = int(FPS * 60)
+    rows, sampled, n_released = [], [], 0
+    load0 = loadavg()
+    bar = tqdm(total=int(minutes * 60 * FPS), unit="frame", desc="soak", disable=not progress)
+
+    def close_minute() -> None:
+        d = np.sqrt(((probe.read(np.stack(sampled))["identity"] - ref_id[None]) ** 2).sum(1)) if sampled else []
+        lo = len(rows) * per_frame
+        rows.append(
+            dict(
+                minute=len(rows) + 1,
+                rss_mib=round(rss_mib(), 1),
+                identity_distance=round(float(np.mean(d)), 4) if len(d) else None,
+                inter_frame_ms=percentiles(np.diff(pacing.released[max(0, lo - 1) :])),
+                av_offset_ms=percentiles(np.abs(pacing.offsets[lo:])),
+                late_frames_so_far=pacing.late,
+                **health.counts(),
+                loadavg=loadavg(),
+            )
+        )
+        sampled.clear()
+
+    t0 = time.perf_counter()
+    pusher.start()
+    try:
+        for frame in avatar.stream(BUNDLED_REFERENCE, live, pace=True, pace_delay=pace_delay, pacing=pacing):
+            health.add(frame.image)
+            if frame.index % FPS == 0:
+                sampled.append(frame.image)
+            n_released += 1
+            bar.update()
+            if n_released % per_frame == 0:
+                close_minute()
+    finally:
+        stop.set()
+        bar.close()
+    if n_released % per_frame:
+        close_minute()
+    wall = time.perf_counter() - t0
+    summary = _summary(rows, pacing, health, n_released, wall, warm)
+    res = dict(
+        minutes=minutes,
+        config=dict(steps=steps, cache_mode=cache_mode, pace_delay_s=pace_delay, decoder="tiny", first_chunk=1),
+        weights=str(weights or "embedded causal model"),
+        summary=summary,
+        per_minute=rows,
+        loadavg_start=load0,
+        loadavg_end=loadavg(),
+    )
+    from ..machine import describe
+
+    res["machine"] = describe()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    _plot(rows, out.with_suffix(".png"))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    return res
+
+
+def _summary(rows, pacing, health, frames, wall, warm) -> dict:
+    from ..stream.pacing import percentiles
+
+    rss = [r["rss_mib"] for r in rows]
+    ids = [r["identity_distance"] for r in rows if r["identity_distance"] is not None]
+    slope = float(np.polyfit(np.arange(len(ids)), ids, 1)[0]) if len(ids) > 2 else None
+    return dict(
+        frames=frames,
+        wall_s=round(wall, 1),
+        warm_up_s=round(warm, 2),
+        rss_growth_after_first_minute_pct=round(100 * (rss[-1] - rss[0]) / rss[0], 2) if rss else None,
+        identity_distance_first_last=[ids[0], ids[-1]] if ids else None,
+        identity_distance_slope_per_minute=None if slope is None else round(slope, 5),
+        **{f"{k}_frames" if k != "frozen_runs" else k: v for k, v in health.counts().items()},
+        inter_frame_ms=percentiles(pacing.intervals),
+        av_offset_ms=percentiles(np.abs(pacing.offsets)),
+        late_frames=pacing.late,
+    )
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = [r["minute"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.2))
+    ax[0].plot(m, [r["rss_mib"] for r in rows], "o-")
+    ax[0].set_title("RSS (MiB)")
+    ax[1].plot(m, [r["identity_distance"] for r in rows], "o-")
+    ax[1].set_title("identity distance to the reference")
+    ax[2].plot(m, [r["inter_frame_ms"]["p99"] for r in rows], "o-", label="inter-frame p99")
+    ax[2].plot(m, [r["av_offset_ms"]["p99"] for r in rows], "o-", label="A/V offset p99")
+    ax[2].axhline(60, color="k", ls="--", lw=1)
+    ax[2].set_title("ms")
+    ax[2].legend(fontsize=8)
+    for a in ax:
+        a.set_xlabel("minute")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["FrameHealth", "push_live", "soak", "speech_loop"]

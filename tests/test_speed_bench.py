@@ -1,0 +1,93 @@
+"""`talkstream bench`: the engine benchmark, the ladder, the soak's frame health, and the CLI's JSON + plot
+(plumbing on a tiny random model; no timing is asserted)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from talkstream.eval.bench_cli import ladder
+from talkstream.eval.soak import FrameHealth, push_live
+from talkstream.eval.speed import EngineCase, engine_bench
+from talkstream.models.checkpoint import save_checkpoint
+from talkstream.models.config import TinyDecoderConfig, dit_config, vae_config
+from talkstream.models.dit import WanDiT
+from talkstream.models.vae import CausalVAE, TinyDecoder
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("w")
+    torch.manual_seed(0)
+    dit = WanDiT(dit_config("tiny"))
+    with torch.no_grad():
+        for p in dit.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    save_checkpoint(d / "causal.safetensors", dit, "dit", dit.cfg, extra=dict(chunk=2, look_back=0, look_ahead=0))
+    vae = CausalVAE(vae_config("tiny"))
+    save_checkpoint(d / "vae.safetensors", vae, "vae", vae.cfg)
+    tiny = TinyDecoder(TinyDecoderConfig(latent_dim=vae.cfg.latent_dim, channels=(8, 8, 8)))
+    save_checkpoint(d / "tiny_decoder.safetensors", tiny, "tiny_decoder", tiny.cfg)
+    return d
+
+
+def test_engine_bench_times_the_avatars_path_with_pacing(weights):
+    case = EngineCase(steps=1, chunk=2, window=4, size=32, first_chunk=1, dtype="fp32")
+    r = engine_bench(case, str(weights), chunks=4, pace=True)
+    assert r["frames"] == 1 + 4 * (2 * 3) and r["chunks"] == 4
+    assert r["case"] == "few_step1_tf_first1_tiny_fp32_c2w4_32px" and r["dtype_used"] == "float32"
+    assert r["ttff_s"] > 0 and r["steady_fps"] > 0 and r["cpu_s_per_chunk"] > 0 and len(r["loadavg_before"]) == 3
+    p = r["paced"]
+    assert p["frames"] == r["frames"] and set(p["inter_frame_ms"]) == {"p50", "p95", "p99", "max"}
+    assert p["inter_frame_ms"]["p50"] >= 39.0  # released no faster than 25 a second (a sleep never returns early)
+
+
+FIELDS = ("sampler", "steps", "dtype", "decoder", "cache_mode", "first_chunk")
+
+
+def test_the_ladder_adds_one_speed_up_per_row():
+    rows = ladder()
+    assert rows[0].sampler == "euler" and rows[0].dtype == "fp32" and rows[0].decoder == "vae"
+    changed = [
+        sum(
+            getattr(a, f) != getattr(b, f)
+            for f in ("sampler", "steps", "dtype", "decoder", "cache_mode", "first_chunk")
+        )
+        for a, b in zip(rows, rows[1:])
+    ]
+    assert changed[0] == 2 and all(c == 1 for c in changed[1:])  # euler 8 -> few_step 4, then one change a row
+    assert len({r.name for r in rows}) == len(rows)
+
+
+def test_frame_health_counts_black_blank_and_frozen_runs():
+    rng = np.random.default_rng(0)
+    h = FrameHealth()
+    for _ in range(3):
+        h.add(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    h.add(np.zeros((8, 8, 3), np.uint8))  # black
+    h.add(np.full((8, 8, 3), 128, np.uint8))  # blank
+    still = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    for _ in range(30):  # one frozen run, counted once
+        h.add(still)
+    assert h.counts() == dict(black=1, blank=1, frozen_runs=1)
+
+
+def test_push_live_sends_packets_then_closes():
+    from talkstream.stream.avatar import LiveAudio
+
+    live = LiveAudio(wait=0.01)
+    push_live(live, np.arange(1000, dtype=np.float32), seconds=0.3, packet=0.1)
+    got = [a for a in live if len(a)]
+    assert [len(a) for a in got] == [1600] * 3 and got[0][1000] == 0 and got[1][0] == 600  # looped
+
+
+def test_cli_bench_writes_json_and_plot(weights, tmp_path):
+    from talkstream.cli import main
+
+    out = tmp_path / "b.json"
+    args = ["bench", "--case", "--weights", str(weights), "--steps", "1", "--chunk", "2", "--window", "4"]
+    assert main([*args, "--size", "32", "--chunks", "2", "--dtype", "fp32", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["results"]) == 1 and "machine" in res and out.with_suffix(".png").stat().st_size > 1000

@@ -1,0 +1,235 @@
+"""The streaming path's speed options: timestep-forcing cache, a one-latent first chunk, warm-up, wall-clock pacing,
+the compute dtype choice. Behaviour only (what is computed, what enters the cache); timings live in benchmarks."""
+
+import numpy as np
+import pytest
+import torch
+
+from talkstream.models.config import dit_config, vae_config
+from talkstream.models.dit import WanDiT
+from talkstream.models.vae import CausalVAE
+from talkstream.stream.accel import cpu_has_bf16, set_threads, stream_dtype
+from talkstream.stream.chunk import denoise_chunk
+from talkstream.stream.engine import AudioFeed, StreamConfig, StreamEngine
+from talkstream.stream.pacing import PacingStats, paced, percentiles, prefetch
+
+A = 384
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    dit = WanDiT(dit_config("tiny")).eval()
+    with torch.no_grad():
+        for n, p in dit.named_parameters():
+            if "audio" in n or not p.any():
+                p.normal_(0, 0.05)
+    return dit, CausalVAE(vae_config("tiny")).eval()
+
+
+def _ref(seed=1):
+    return torch.randn(1, 8, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _audio(k, seed=0):
+    return torch.randn(1, k, 8, A, generator=torch.Generator().manual_seed(seed))  # tiny: 8 audio tokens a latent
+
+
+def _spy(dit):
+    calls = []
+    orig = dit.forward_chunk
+
+    def spy(x, t, cache, *a, commit=False, **kw):
+        calls.append((x.clone(), float(torch.as_tensor(t).flatten()[0]), commit))
+        return orig(x, t, cache, *a, commit=commit, **kw)
+
+    return calls, spy
+
+
+@pytest.mark.parametrize("sampler", ["few_step", "euler"])
+def test_timestep_forcing_caches_the_last_steps_own_keys_instead_of_a_commit_pass(models, monkeypatch, sampler):
+    dit, _ = models
+    sig = StreamConfig(sampler=sampler, steps=3, timesteps=(1000, 750, 500)).sigmas()
+    out, caches, calls = {}, {}, {}
+    for mode in ("commit", "timestep_forcing"):
+        cache = dit.new_cache(window=4)
+        dit.prefill_sinks(_ref(), cache)
+        calls[mode], spy = _spy(dit)
+        monkeypatch.setattr(dit, "forward_chunk", spy)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(1, 8, 2, 4, 4, generator=g)
+        a = _audio(2)
+        out[mode] = denoise_chunk(dit, cache, noise, sig, None, a, generator=g, sampler=sampler, cache_mode=mode)
+        monkeypatch.undo()
+        caches[mode] = cache
+    # the same chunk comes out (what a chunk writes never changes its own output) ...
+    torch.testing.assert_close(out["commit"], out["timestep_forcing"])
+    # ... from one pass fewer: commit = 3 steps + a clean pass at t=0; forcing = 3 steps, the last one writing
+    assert [c[2] for c in calls["commit"]] == [False, False, False, True] and calls["commit"][-1][1] == 0.0
+    assert [c[2] for c in calls["timestep_forcing"]] == [False, False, True]
+    last_x, last_t, _ = calls["timestep_forcing"][-1]
+    assert last_t == pytest.approx(float(sig[-2]) * 1000, rel=1e-5) and last_t > 0
+    # the forcing cache holds exactly the keys/values of the last step's noisy input at its own timestep
+    ref_cache = dit.new_cache(window=4)
+    dit.prefill_sinks(_ref(), ref_cache)
+    dit.forward_chunk(last_x, last_t, ref_cache, None, _audio(2), commit=True)
+    for layer in (0, len(dit.blocks) - 1):
+        torch.testing.assert_close(caches["timestep_forcing"].k[layer], ref_cache.k[layer])
+        torch.testing.assert_close(caches["timestep_forcing"].v[layer], ref_cache.v[layer])
+        assert (caches["timestep_forcing"].k[layer] - caches["commit"].k[layer]).abs().max() > 1e-4
+    assert caches["timestep_forcing"].next_frame == caches["commit"].next_frame == 2
+
+
+def test_timestep_forcing_with_audio_guidance_reads_the_cache_before_writing(models, monkeypatch):
+    dit, _ = models
+    sig = StreamConfig(sampler="few_step", timesteps=(1000, 500)).sigmas()
+    cache = dit.new_cache(window=4)
+    dit.prefill_sinks(_ref(), cache)
+    calls, spy = _spy(dit)
+    monkeypatch.setattr(dit, "forward_chunk", spy)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 8, 2, 4, 4, generator=g)
+    mode = "timestep_forcing"
+    denoise_chunk(dit, cache, noise, sig, None, _audio(2), generator=g, audio_guidance=2.0, cache_mode=mode)
+    # 2 steps x (unconditional, conditional); only the last conditional pass writes, after its unconditional twin
+    assert [c[2] for c in calls] == [False, False, False, True]
+    assert cache.n_context == 2
+
+
+def test_cache_mode_and_first_chunk_errors():
+    with pytest.raises(ValueError, match="cache_mode"):
+        StreamConfig(cache_mode="clean")
+    with pytest.raises(ValueError, match="first_chunk"):
+        StreamConfig(first_chunk=-1)
+    with pytest.raises(ValueError, match="cache_mode"):
+        denoise_chunk(None, None, torch.zeros(1), torch.tensor([1.0, 0.0]), cache_mode="x")
+
+
+def _stream(dit, vae, cfg, n_chunks, warm=False):
+    eng = StreamEngine(dit, vae, cfg)
+    eng.start(_ref())
+    if warm:
+        eng.warm_up()
+    feed = AudioFeed(0, 0)
+    feed.push(np.random.default_rng(3).standard_normal((400, A)).astype(np.float32))
+    asked, sizes = [], []
+    orig = eng.next_chunk
+
+    def spy(audio):
+        c = orig(audio)
+        sizes.append(c.latents.shape[2])
+        return c
+
+    eng.next_chunk = spy
+
+    def audio_for(first, k):
+        asked.append((first, k))
+        return feed.windows(first, k)
+
+    frames = list(eng.frames(audio_for, n_chunks=n_chunks))
+    return eng, frames, asked, sizes
+
+
+def test_a_first_chunk_of_one_latent_shows_one_frame_first(models):
+    dit, vae = models
+    eng, frames, asked, sizes = _stream(dit, vae, StreamConfig(chunk=2, window=4, steps=2, first_chunk=1), 3)
+    assert sizes == [1, 2, 2] and asked == [(0, 1), (1, 2), (3, 2)]
+    idx = [i for i, _ in frames]
+    assert idx == list(range(1 + 4 * 4))  # latent 0 is frame 0 alone, each later latent 4 frames
+    assert eng.cache.next_frame == 5 and eng.cache.n_context == 4
+
+
+def test_warm_up_leaves_the_stream_as_started(models):
+    dit, vae = models
+    cfg = StreamConfig(chunk=2, window=4, steps=2, first_chunk=1, cache_mode="timestep_forcing")
+    _, cold, *_ = _stream(dit, vae, cfg, 3)
+    eng, warm, *_ = _stream(dit, vae, cfg, 3, warm=True)
+    assert len(cold) == len(warm) and all(a[0] == b[0] and (a[1] == b[1]).all() for a, b in zip(cold, warm))
+    assert eng.n_chunks == 3
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        assert s > 0
+        self.t += s
+
+
+def _bursty(clock, chunks, per_chunk, gap):
+    """``per_chunk`` frames at once every ``gap`` seconds, made on their own thread (``prefetch``): chunk c is ready
+    at start + (c + 1) gap whatever the consumer sleeps meanwhile."""
+    start = clock.t
+    for c in range(chunks):
+        clock.t = max(clock.t, start + (c + 1) * gap)
+        yield from (c * per_chunk + j for j in range(per_chunk))
+
+
+def test_pacing_spreads_bursts_to_the_frame_rate():
+    clock = FakeClock()
+    stats = PacingStats(25.0)
+    out = list(paced(_bursty(clock, 5, 12, 0.4), 25.0, stats=stats, clock=clock, sleep=clock.sleep))
+    assert out == list(range(60))
+    assert np.allclose(stats.intervals, 0.04) and stats.late == 0  # faster than real time: every frame on its slot
+    s = stats.summary()
+    assert s["inter_frame_ms"]["p99"] == pytest.approx(40.0) and s["av_offset_ms"]["max"] == pytest.approx(0.0)
+    assert s["fps_delivered"] == pytest.approx(25.0)
+
+
+def test_pacing_counts_late_frames_and_keeps_the_clock():
+    clock = FakeClock()
+    stats = PacingStats(25.0)
+    list(paced(_bursty(clock, 4, 12, 0.6), 25.0, stats=stats, clock=clock, sleep=clock.sleep))
+    # 12 frames every 0.6 s is 20 FPS: each later chunk falls 0.12 s further behind its slots
+    assert stats.late == 3 + 6 + 9 and stats.summary()["av_offset_ms"]["max"] == pytest.approx(360.0)
+    clock2 = FakeClock()
+    buffered = PacingStats(25.0)
+    list(paced(_bursty(clock2, 4, 12, 0.6), 25.0, delay=0.4, stats=buffered, clock=clock2, sleep=clock2.sleep))
+    assert buffered.late == 0 and np.allclose(buffered.intervals, 0.04)  # a playout buffer absorbs the deficit
+    with pytest.raises(ValueError, match="fps"):
+        list(paced([1], 0))
+
+
+def test_prefetch_runs_the_source_ahead_on_its_own_thread_and_passes_errors():
+    import threading
+
+    seen = []
+
+    def source():
+        for i in range(5):
+            seen.append(threading.current_thread().name)
+            yield i
+
+    assert list(prefetch(source(), 2)) == list(range(5))
+    assert set(seen) == {"prefetch"}
+
+    def broken():
+        yield 1
+        raise ValueError("bad audio")
+
+    with pytest.raises(ValueError, match="bad audio"):
+        list(prefetch(broken(), 2))
+
+
+def test_percentiles_of_nothing():
+    assert percentiles([]) == {"p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_stream_dtype_follows_the_device_and_the_cpu():
+    assert stream_dtype("cuda") == torch.bfloat16
+    assert stream_dtype("cpu", "fp32") == torch.float32 and stream_dtype("cpu", torch.float16) == torch.float16
+    assert stream_dtype("cpu") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert not cpu_has_bf16(frozenset({"avx2", "avx512f"}))  # no native bf16: emulated bf16 is slower than fp32
+    with pytest.raises(ValueError, match="dtype"):
+        stream_dtype("cpu", "int8")
+    n = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="threads"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(n)
