@@ -89,8 +89,13 @@ def test_chunked_decode_and_encode_equal_whole():
             assert parts[-1].shape[2] == (1 + 4 * (n - 1) if i == 0 else 4 * n)
             i += n
         assert (torch.cat(parts, 2) - whole).abs().max() <= 1e-5, cuts
+    # the GPU path (3D convolutions as 2D ones over stacked frames) computes the same thing
+    assert (vae.set_conv_mode(True).decode(z, clamp=False) - whole).abs().max() <= 1e-5
+    vae.set_conv_mode(False)
     x = torch.rand(1, 3, 13, 16, 16) * 2 - 1
     mu = vae.encode(x)
+    assert (vae.set_conv_mode(True).encode(x) - mu).abs().max() <= 1e-5
+    vae.set_conv_mode(False)
     for cuts in ([1, 4, 4, 4], [5, 8]):
         cache, parts, i = FeatureCache(), [], 0
         for n in cuts:

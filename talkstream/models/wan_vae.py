@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae import FeatureCache
+from .vae import FeatureCache, conv3d_as_2d
 
 # Wan2.1's latent statistics (wan/modules/vae.py, diffusers' AutoencoderKLWan defaults)
 WAN21_LATENT_MEAN = (
@@ -98,6 +98,14 @@ class WanVAEConfig:
 
 
 # -- layers (Wan's module names) -------------------------------------------------------------------------
+def _conv3d(x: torch.Tensor, conv: nn.Conv3d, space_pad: tuple[int, int], as_2d: bool) -> torch.Tensor:
+    """``conv`` over x without time padding; optionally as one 2D convolution over stacked time windows (the same
+    sum; cuDNN's 2D kernels can be much faster than its 3D ones for kernels 1-3 frames deep; on CPU it is slower)."""
+    if as_2d and conv.stride[1:] == (1, 1) and space_pad[0] == space_pad[1]:
+        return conv3d_as_2d(x, conv.weight, conv.bias, time_stride=conv.stride[0], padding=space_pad[0])
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, *space_pad))
+
+
 class CausalConv3d(nn.Conv3d):
     """A 3D convolution whose time padding is all in the past (zeros before the stream's start)."""
 
@@ -105,6 +113,7 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(cin, cout, kernel, stride=stride, padding=padding)
         self.time_pad = 2 * self.padding[0]
         self.space_pad = (self.padding[1], self.padding[2])
+        self.as_2d = False  # WanVAE.set_conv_mode
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         if self.time_pad:
@@ -114,7 +123,7 @@ class CausalConv3d(nn.Conv3d):
             x = torch.cat([prev.to(x.dtype), x], dim=2)
             if cache is not None:
                 cache[id(self)] = x[:, :, -self.time_pad :].detach()
-        return F.conv3d(x, self.weight, self.bias, self.stride, (0, *self.space_pad))
+        return _conv3d(x, self, self.space_pad, self.as_2d)
 
 
 class RMS_norm(nn.Module):  # noqa: N801 - Wan's name
@@ -185,11 +194,11 @@ class Resample(nn.Module):
                 raise WanVAEError("the first chunk must have 1 + 4m frames")
             y = x[:, :, :1]
             if x.shape[2] > 1:
-                y = torch.cat([y, F.conv3d(x, tc.weight, tc.bias, tc.stride)], dim=2)
+                y = torch.cat([y, _conv3d(x, tc, (0, 0), tc.as_2d)], dim=2)
         else:
             if x.shape[2] % 2:
                 raise WanVAEError("a later chunk must have 4m frames")
-            y = F.conv3d(torch.cat([last.to(x.dtype), x], dim=2), tc.weight, tc.bias, tc.stride)
+            y = _conv3d(torch.cat([last.to(x.dtype), x], dim=2), tc, (0, 0), tc.as_2d)
         cache[id(self)] = x[:, :, -1:].detach()
         return y
 
@@ -317,6 +326,13 @@ class WanVAE(nn.Module):
         # not in the state dict: the released files carry no statistics (they live in the pipelines' code)
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std), persistent=False)
+
+    def set_conv_mode(self, as_2d: bool) -> WanVAE:
+        """Compute the 3D convolutions as 2D ones over stacked frames (same result; for CUDA, see ``_conv3d``)."""
+        for m in self.modules():
+            if isinstance(m, CausalConv3d):
+                m.as_2d = as_2d
+        return self
 
     def _stat(self, name: str, like: torch.Tensor) -> torch.Tensor:
         return getattr(self, name).to(like).view(1, -1, 1, 1, 1)
@@ -513,11 +529,13 @@ def bench_decoders(
     vae: WanVAE | None = None,
     tiny=None,
     include_vae: bool = True,
+    warmup: bool = True,
 ) -> dict:
     """Per-frame decode cost of the Wan2.1 VAE and the TAEHV tiny decoder (random weights of the real shapes,
     or the models given) on ``device``, at ``size`` x ``size``, streaming ``latents`` latents per call (one
-    LiveTalk chunk: 3 latents = 12 frames) after a first call that primes the caches. Returns a dict of
-    measured numbers (seconds and frames per second per decoder); nothing is asserted."""
+    LiveTalk chunk: 3 latents = 12 frames) after a first call that primes the caches; the best of ``repeats``
+    (after an uncounted round if ``warmup``). Returns a dict of measured numbers (seconds and frames per second
+    per decoder, the load average around each measurement); nothing is asserted."""
     from .taehv import TAEHV
 
     device = torch.device(device)
@@ -532,25 +550,35 @@ def bench_decoders(
             torch.cuda.synchronize(device)
 
     def measure(decode) -> dict:
-        times, frames = [], 0
-        for r in range(repeats + 1):  # the first round warms up kernels and is not counted
+        times, frames, load = [], 0, os.getloadavg()[0]
+        for r in range(repeats + int(warmup)):  # a warm-up round (kernels, allocator) is not counted
             cache = FeatureCache()
             decode(z_first, cache)
             sync()
             t0 = time.perf_counter()
             y = decode(z_chunk, cache)
             sync()
-            if r:
+            if r or not warmup:
                 times.append(time.perf_counter() - t0)
             frames = y.shape[2]
         best = min(times)
-        return dict(chunk_s=best, frames_per_chunk=frames, per_frame_ms=1000 * best / frames, fps=frames / best)
+        return dict(
+            chunk_s=best,
+            frames_per_chunk=frames,
+            per_frame_ms=1000 * best / frames,
+            fps=frames / best,
+            runs_s=times,
+            load_avg_1min=[round(load, 2), round(os.getloadavg()[0], 2)],
+        )
 
     out: dict = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), size=size, latents_per_chunk=latents)
     out["weights"] = "given" if (vae is not None or tiny is not None) else "random, real shapes"
     if include_vae:
         vae = (vae or WanVAE()).to(device, dtype).eval()
         out["wan_vae"] = measure(lambda z, c: vae.decode(z, c))
+        if device.type == "cuda":  # the same decode with its 3D convolutions as 2D ones over stacked frames
+            out["wan_vae_conv_as_2d"] = measure(lambda z, c: vae.set_conv_mode(True).decode(z, c))
+            vae.set_conv_mode(False)
         del vae
     tiny = (tiny or TAEHV()).to(device, dtype).eval()
     out["taehv"] = measure(lambda z, c: tiny.decode(z, c))
