@@ -329,10 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train a stage: vae | decoder | teacher | causal | pack (make a world pack) | "
+        help="train a stage: vae | decoder | teacher | causal | ode_pairs | ode_init | dmd (few-step distillation) | "
+        "pack (make a world pack) | "
         "export (a stopped DiT run's last state as its checkpoint)",
     )
-    t.add_argument("stage", choices=["vae", "decoder", "teacher", "causal", "pack", "export"])
+    t.add_argument(
+        "stage",
+        choices=["vae", "decoder", "teacher", "causal", "ode_pairs", "ode_init", "dmd", "pack", "export"],
+    )
     t.add_argument("--run", type=Path, help="export: the run's folder (its config.json and state.pt)")
     t.add_argument("--config", type=Path, help="YAML training config (configs/*.yaml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")

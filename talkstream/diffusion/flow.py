@@ -70,3 +70,38 @@ def reference_sigmas(sigmas: torch.Tensor, start: float) -> torch.Tensor:
     if start == 1:
         return sigmas
     return torch.cat([sigmas.new_tensor([start]), sigmas[sigmas < start]])
+
+
+# -- few-step students (Self-Forcing / DMD): the step list, one definition for training and inference ----------------
+FEW_STEP_TIMESTEPS: dict[int, tuple[float, ...]] = {4: (1000.0, 750.0, 500.0, 250.0), 2: (1000.0, 500.0)}
+STUDENT_SHIFT = 3.0  # the shift that warps a student's step list (the teacher's own sampling shift)
+
+
+def few_step_timesteps(steps: int) -> tuple[float, ...]:
+    """The unwarped step list of a ``steps``-step student: [1000, 750, 500, 250] or [1000, 500]."""
+    if steps not in FEW_STEP_TIMESTEPS:
+        raise ValueError(f"a few-step student has {sorted(FEW_STEP_TIMESTEPS)} steps, got {steps}")
+    return FEW_STEP_TIMESTEPS[steps]
+
+
+def student_sigmas(timesteps, shift: float = STUDENT_SHIFT) -> torch.Tensor:
+    """A student's noise levels, warped by ``shift``, with the final 0: what training (ODE pairs, rollouts) and the
+    stream engine's ``few_step`` sampler both use (``sigmas_from_timesteps``)."""
+    return sigmas_from_timesteps(list(timesteps), shift)
+
+
+def trajectory_schedule(timesteps, shift: float = STUDENT_SHIFT, substeps: int = 8) -> tuple[torch.Tensor, list[int]]:
+    """An Euler schedule for the teacher that passes through every level of the student's step list exactly:
+    ``substeps`` steps between consecutive student timesteps (and from the last one to 0), evenly spaced in
+    unwarped time, then warped by ``shift``. Returns the sigmas (ending at 0) and the index of each student level in
+    them: the ODE pairs keep the teacher's trajectory at exactly those points."""
+    if substeps < 1:
+        raise ValueError(f"substeps must be >= 1, got {substeps}")
+    t = sigmas_from_timesteps(list(timesteps), 1.0).double()  # unwarped student levels + 0 (validates the list)
+    u = torch.cat(
+        [torch.linspace(float(a), float(b), substeps + 1, dtype=torch.float64)[:-1] for a, b in zip(t, t[1:])]
+    )
+    u = torch.cat([u, torch.zeros(1, dtype=torch.float64)])
+    sig = shift_sigma(u, shift).float()
+    idx = [k * substeps for k in range(len(t) - 1)]
+    return sig, idx

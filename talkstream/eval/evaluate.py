@@ -270,7 +270,7 @@ def checkpoint_generator(
         raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
     import torch
 
-    from ..models.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint, sampling_of
 
     dit = load_checkpoint(dit_path, device=device, dtype=torch.float32)
     vae = load_checkpoint(vae_path, device=device, dtype=torch.float32)
@@ -301,10 +301,13 @@ def checkpoint_generator(
         from ..stream.avatar import Avatar, stream_config
 
         start = {k: v for k, v in dict(reference_init=reference_init, start_from=start_from).items() if v is not None}
+        # a distilled student samples as it ships (its checkpoint's step list, no CFG): steps and the audio guidance
+        # are the Euler samplers' settings
+        euler = {} if sampling_of(dit) else dict(steps=steps, audio_guidance=audio_guidance)
         avatar = Avatar(
             dit,
             vae,
-            cfg=stream_config(dit, steps=steps, audio_guidance=audio_guidance, **start, **sampler),
+            cfg=stream_config(dit, **euler, **start, **sampler),
             device=device,
             size=size,
         )

@@ -227,6 +227,49 @@ def deepen_dit_state(sd: dict, num_layers: int) -> dict:
     return out
 
 
+# -- a distilled student's sampling settings ----------------------------------------------------------------
+SAMPLERS = ("euler", "few_step")
+SAMPLING_ANCHORS = ("reference", "anchor_heavy", "rolling_sink", "memory_bank")
+
+
+def validate_sampling(sampling: dict) -> dict:
+    """A student checkpoint's ``sampling`` dict, checked and normalised: ``sampler`` (few_step | euler),
+    ``timesteps`` (its step list, decreasing in (0, 1000]), ``timestep_shift``, ``reference_init`` (1: pure noise),
+    ``audio_guidance`` (1: one pass per step, no CFG) and ``anchor`` (the engine's anchor mode). The stream engine
+    samples the checkpoint with exactly these."""
+    if not isinstance(sampling, dict):
+        raise CheckpointError(f"sampling must be a dict, got {type(sampling).__name__}")
+    need = {"sampler", "timesteps", "timestep_shift", "reference_init", "audio_guidance", "anchor"}
+    if missing := need - set(sampling):
+        raise CheckpointError(f"sampling lacks {sorted(missing)}")
+    if unknown := set(sampling) - need:
+        raise CheckpointError(f"sampling has unknown keys {sorted(unknown)}")
+    if sampling["sampler"] not in SAMPLERS:
+        raise CheckpointError(f"sampling: sampler must be one of {SAMPLERS}, got {sampling['sampler']!r}")
+    if sampling["anchor"] not in SAMPLING_ANCHORS:
+        raise CheckpointError(f"sampling: anchor must be one of {SAMPLING_ANCHORS}, got {sampling['anchor']!r}")
+    ts = [float(t) for t in sampling["timesteps"]]
+    if not ts or any(t <= 0 or t > 1000 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
+        raise CheckpointError(f"sampling: timesteps must be a decreasing list in (0, 1000], got {ts}")
+    out = dict(
+        sampler=str(sampling["sampler"]),
+        timesteps=ts,
+        timestep_shift=float(sampling["timestep_shift"]),
+        reference_init=float(sampling["reference_init"]),
+        audio_guidance=float(sampling["audio_guidance"]),
+        anchor=str(sampling["anchor"]),
+    )
+    if not 0 < out["reference_init"] <= 1 or out["timestep_shift"] <= 0:
+        raise CheckpointError(f"sampling: reference_init must be in (0, 1] and timestep_shift > 0, got {out}")
+    return out
+
+
+def sampling_of(model: torch.nn.Module) -> dict | None:
+    """The ``sampling`` dict a loaded checkpoint carries (a distilled student), None for any other model."""
+    info = getattr(model, "checkpoint_info", None) or {}
+    return None if info.get("sampling") is None else validate_sampling(info["sampling"])
+
+
 # -- our own files -------------------------------------------------------------------------------------
 def save_checkpoint(
     path: str | os.PathLike,
@@ -236,9 +279,13 @@ def save_checkpoint(
     extra: dict | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    sampling: dict | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` (.safetensors), sharded into ``path-00001-of-0000N.safetensors`` plus an
-    index when larger than ``max_shard_bytes``. The config and ``extra`` travel in the metadata."""
+    index when larger than ``max_shard_bytes``. The config and ``extra`` travel in the metadata; ``sampling`` (a
+    distilled student's step list and settings, ``validate_sampling``) goes into ``extra`` as ``sampling``."""
+    if sampling is not None:
+        extra = {**(extra or {}), "sampling": validate_sampling(sampling)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {
@@ -304,6 +351,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     else:
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     model.checkpoint_info = info.get("extra", {})
+    if model.checkpoint_info.get("sampling") is not None:  # a student: its sampling settings must be usable
+        try:
+            model.checkpoint_info["sampling"] = validate_sampling(model.checkpoint_info["sampling"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 

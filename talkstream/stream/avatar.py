@@ -194,9 +194,23 @@ REFERENCE_INIT = 0.9  # trained checkpoints stream each chunk from the reference
 
 def stream_config(dit, **options) -> StreamConfig:
     """The stream settings for a causal checkpoint: its trained chunk size and the reference start
-    (``REFERENCE_INIT``), then ``options`` on top."""
+    (``REFERENCE_INIT``), then ``options`` on top. A distilled student samples as its checkpoint's ``sampling``
+    says (its step list, shift, start, guidance and anchor mode)."""
     info = getattr(dit, "checkpoint_info", {}) or {}
-    return replace(StreamConfig(chunk=int(info.get("chunk") or 3), reference_init=REFERENCE_INIT), **options)
+    chunk = int(info.get("chunk") or 3)
+    s = info.get("sampling")
+    if s:
+        base = StreamConfig(
+            chunk=chunk,
+            sampler=s["sampler"],
+            timesteps=tuple(s["timesteps"]),
+            timestep_shift=s["timestep_shift"],
+            reference_init=s["reference_init"],
+            audio_guidance=s["audio_guidance"],
+            anchor=s["anchor"],
+        )
+        return replace(base, **options)
+    return replace(StreamConfig(chunk=chunk, reference_init=REFERENCE_INIT), **options)
 
 
 class Avatar:

@@ -11,7 +11,7 @@ import yaml
 
 @dataclass
 class TrainConfig:
-    stage: str  # vae | decoder | teacher | causal
+    stage: str  # vae | decoder | teacher | causal | ode_pairs | ode_init | dmd
     data: str  # a world pack (.npz) written by `talkstream train pack`; several: joined by commas
     out: str = "runs/run"
     model: str = "small"  # DiT or VAE size name
@@ -65,6 +65,27 @@ class TrainConfig:
     lip_reader_tries: int = 2  # ...at most this many fits in all; the best one is used
     look_back: int = 2  # audio window widening, video frames
     look_ahead: int = 2
+    # -- distillation (ode_pairs -> ode_init -> dmd: talkstream/train/distill.py) --
+    teacher: str = ""  # the bidirectional teacher: ODE pairs' sampler, DMD's real score and the critic's init
+    pairs: str = ""  # ode_init: the ODE pairs file written by the ode_pairs stage
+    student_timesteps: list = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])  # the step list, warped
+    student_shift: float = 3.0  # by this shift (diffusion.flow.student_sigmas)
+    ode_substeps: int = 8  # ode_pairs: teacher Euler steps between consecutive student levels
+    n_pairs: int = 1024  # ode_pairs: how many teacher trajectories
+    real_text_guidance: float = 1.0  # the teacher's guidance (ODE pairs and DMD's real score):
+    real_audio_guidance: float = 2.0  # u + s_txt (c_noaudio - u) + s_aud (c - c_noaudio)
+    rollout_latents: int = 21  # dmd: latent frames per Self-Forcing rollout (chunks of ``chunk``)
+    score_window: int = 9  # dmd: latents per window the teacher and critic score (the teacher's training window)
+    cache_window: int = 9  # dmd rollouts: the stream engine's KV window (latents) ...
+    anchor: str = "anchor_heavy"  # ... and anchor mode (the sinks: reference copies) the student streams with
+    anchor_copies: int = 3
+    critic_ratio: int = 5  # dmd: critic updates per generator update
+    lr_critic: float = 2e-5
+    betas: list = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas (DMD: [0, 0.999])
+    score_sigma_min: float = 0.02  # dmd: the score's noise levels, drawn uniformly, warped by timestep_shift,
+    score_sigma_max: float = 0.98  # clamped to [min, max]
+    ema_start: int = 0  # dmd: generator updates before the EMA starts following the generator
+    context_noise: float = 0.0  # dmd rollouts: sigma of the noise on each clean chunk before its cache pass
     dit: dict = field(default_factory=dict)  # DiT stages: fields of the model size's DiTConfig to change, e.g.
     # {ref_concat: true} (an ``init`` checkpoint without such an addition loads into it, the addition at its zero init)
     extra: dict = field(default_factory=dict)

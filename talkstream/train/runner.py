@@ -146,7 +146,10 @@ class Runner:
                 torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids) if self.world > 1 else self.model
             )
         self.opt = torch.optim.AdamW(
-            param_groups(self.model, cfg.lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+            param_groups(self.model, cfg.lr_mult),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=tuple(float(b) for b in cfg.betas),
         )
         self.step = 0
         self.out = Path(cfg.out)

@@ -704,7 +704,27 @@ def export_run(run: str | Path) -> list[Path]:
     return save_dit(cfg, model, dict(train=dict(step=int(state["step"])), exported_from="state.pt"))
 
 
-STAGES = dict(vae=train_vae, decoder=train_decoder, teacher=train_dit, causal=train_dit)
+def _distill(name: str):
+    """The distillation stages (``train.ode_pairs``, ``train.distill``), imported when they run."""
+
+    def run(cfg: TrainConfig, log=print, started: float | None = None) -> dict:
+        from . import distill, ode_pairs
+
+        fn = dict(ode_pairs=ode_pairs.make_ode_pairs, ode_init=distill.train_ode_init, dmd=distill.train_dmd)[name]
+        return fn(cfg, log, started)
+
+    return run
+
+
+STAGES = dict(
+    vae=train_vae,
+    decoder=train_decoder,
+    teacher=train_dit,
+    causal=train_dit,
+    ode_pairs=_distill("ode_pairs"),
+    ode_init=_distill("ode_init"),
+    dmd=_distill("dmd"),
+)
 
 
 def run_stage(cfg: TrainConfig, log=print) -> dict:

@@ -1,0 +1,336 @@
+"""Few-step distillation: the step list, ODE pairs, ODE init, DMD with Self-Forcing rollouts (tiny models, CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from talkstream.diffusion.flow import few_step_timesteps, student_sigmas, trajectory_schedule
+from talkstream.models.checkpoint import CheckpointError, load_checkpoint, sampling_of, save_checkpoint
+from talkstream.models.config import dit_config, vae_config
+from talkstream.models.dit import WanDiT
+from talkstream.models.vae import CausalVAE
+from talkstream.train.config import TrainConfig
+from talkstream.train.data import make_pack
+from talkstream.train.distill import nfe_per_second, pair_levels, student_sampling
+from talkstream.train.dmd import dmd_gradient, dmd_loss, guided_x0, score_sigmas, take_window
+from talkstream.train.ode_pairs import load_pairs
+from talkstream.train.rollout import rollout
+from talkstream.train.stages import run_stage
+
+
+def _tiny(seed: int = 0) -> WanDiT:
+    torch.manual_seed(seed)
+    m = WanDiT(dit_config("tiny"))
+    with torch.no_grad():  # zero-initialised outputs (head, audio adapters) would hide every gradient path
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return m
+
+
+def test_step_list_round_trips_through_the_checkpoint(tmp_path):
+    from talkstream.stream.avatar import stream_config
+    from talkstream.stream.chunk import SAMPLERS
+    from talkstream.stream.engine import ANCHORS
+
+    for steps in (4, 2):
+        cfg = TrainConfig(stage="dmd", data="x", student_timesteps=list(few_step_timesteps(steps)), student_shift=5.0)
+        m = _tiny()
+        save_checkpoint(
+            tmp_path / f"s{steps}.safetensors", m, "dit", m.cfg, extra=dict(chunk=3), sampling=student_sampling(cfg)
+        )
+        back = load_checkpoint(tmp_path / f"s{steps}.safetensors")
+        s = sampling_of(back)
+        assert s == student_sampling(cfg) and s["reference_init"] == 1.0 and s["audio_guidance"] == 1.0
+        sc = stream_config(back, seed=3)  # the engine reads it: the same levels training used
+        assert (sc.sampler, sc.anchor, sc.reference_init, sc.audio_guidance, sc.seed) == (
+            "few_step",
+            "anchor_heavy",
+            1.0,
+            1.0,
+            3,
+        )
+        assert torch.equal(sc.sigmas(), student_sigmas(few_step_timesteps(steps), 5.0))
+    assert sampling_of(_tiny()) is None  # a model without sampling settings
+    from talkstream.models.checkpoint import SAMPLERS as CK_SAMPLERS
+    from talkstream.models.checkpoint import SAMPLING_ANCHORS
+
+    assert CK_SAMPLERS == SAMPLERS and SAMPLING_ANCHORS == ANCHORS
+    bad = dict(student_sampling(TrainConfig(stage="dmd", data="x")), timesteps=[250, 500])
+    with pytest.raises(CheckpointError, match="decreasing"):
+        save_checkpoint(tmp_path / "bad.safetensors", m, "dit", m.cfg, sampling=bad)
+
+
+def test_teacher_schedule_passes_through_the_students_levels():
+    for steps in (4, 2):
+        sig, idx = trajectory_schedule(few_step_timesteps(steps), 3.0, 5)
+        assert torch.equal(sig[idx], student_sigmas(few_step_timesteps(steps), 3.0)[:-1])
+        assert sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
+    # pairs made for the 4-step list serve the 2-step student (its levels are among them)
+    sig4, idx4 = trajectory_schedule(few_step_timesteps(4), 3.0, 5)
+    levels, s2 = pair_levels(dict(sigmas=sig4[idx4].tolist()), few_step_timesteps(2), 3.0)
+    assert levels == [0, 2] and torch.allclose(s2, torch.tensor([1.0, 0.75]))
+    with pytest.raises(ValueError, match="make pairs"):
+        pair_levels(dict(sigmas=sig4[idx4].tolist()), few_step_timesteps(4), 5.0)
+    assert nfe_per_second(4) == pytest.approx(5 / 0.48) and nfe_per_second(8, 2.0) == pytest.approx(17 / 0.48)
+
+
+def _rollout_inputs(B=2, L=6):
+    g = torch.Generator().manual_seed(1)
+    cfg = dit_config("tiny")
+    noise = torch.randn(B, cfg.in_dim, L, 4, 4, generator=g)
+    audio = torch.randn(B, L, cfg.audio_tokens_per_frame, cfg.audio_dim, generator=g)
+    ref = torch.randn(B, cfg.in_dim, 1, 4, 4, generator=g)
+    text = torch.randn(B, 5, cfg.text_dim, generator=g)
+    return noise, audio, ref, text
+
+
+def test_rollout_gradient_flows_only_through_the_exit_step():
+    student = _tiny()
+    sig = student_sigmas(few_step_timesteps(4), 3.0)
+    noise, audio, ref, text = _rollout_inputs()
+    calls = []
+    inner = student.forward_chunk
+
+    def spy(x, t, cache, *a, commit=False, **kw):
+        calls.append((float(torch.as_tensor(t).max()), torch.is_grad_enabled(), commit))
+        return inner(x, t, cache, *a, commit=commit, **kw)
+
+    student.forward_chunk = spy
+    for exit_step in (0, 2):
+        calls.clear()
+        z = noise.clone().requires_grad_(True)
+        out = rollout(student, z, sig, exit_step, audio, ref, text, chunk=3, cache_window=3)
+        assert out.shape == noise.shape
+        # per chunk: exit_step passes without gradient, one with (at the exit level), a cache pass without
+        per_chunk = [(float(sig[k] * 1000), k == exit_step, False) for k in range(exit_step + 1)] + [(0.0, False, True)]
+        assert calls == per_chunk * 2
+        out[:, :, 3:].sum().backward()  # the second chunk's output
+        grad = torch.zeros_like(z) if z.grad is None else z.grad  # (None: nothing reached the noise at all)
+        assert grad[:, :, :3].abs().sum() == 0  # no gradient reaches the first chunk through the cache
+        second = grad[:, :, 3:].abs().sum()
+        # from the exit step at the first level the chunk's own noise is the input; later exits see re-noised
+        # predictions of no-gradient steps
+        assert (second > 0) if exit_step == 0 else (second == 0)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
+        assert student.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
+        student.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="exit_step"):
+        rollout(student, noise, sig, 4, audio, ref, text)
+
+
+def test_rollout_matches_the_stream_engines_few_step_sampler():
+    """The rollout's last exit step is the sampler the engine runs (same levels, same noise, same sinks)."""
+    from talkstream.stream.chunk import denoise_chunk
+    from talkstream.train.rollout import rollout_cache
+
+    student = _tiny().eval()
+    sig = student_sigmas(few_step_timesteps(2), 3.0)
+    noise, audio, ref, text = _rollout_inputs(B=1)
+    with torch.no_grad():
+        out = rollout(
+            student,
+            noise,
+            sig,
+            1,
+            audio,
+            ref,
+            text,
+            chunk=3,
+            cache_window=3,
+            generator=torch.Generator().manual_seed(5),
+        )
+        cache = rollout_cache(student, ref, text, None, 3)
+        g = torch.Generator().manual_seed(5)
+        chunks = [
+            denoise_chunk(student, cache, noise[:, :, c : c + 3], sig, text, audio[:, c : c + 3], generator=g)
+            for c in (0, 3)
+        ]
+    assert torch.allclose(out, torch.cat(chunks, 2), atol=1e-5)
+
+
+def test_dmd_gradient_is_zero_when_critic_and_teacher_agree():
+    teacher = _tiny(0)
+    critic = _tiny(0)  # the critic starts as the teacher
+    noise, audio, ref, text = _rollout_inputs(L=3)
+    x = noise.clone().requires_grad_(True)
+    sigma = score_sigmas(2, 3.0, generator=torch.Generator().manual_seed(0))
+    assert ((sigma >= 0.02) & (sigma <= 0.98)).all()
+    xt = torch.lerp(x.detach(), torch.randn_like(x), sigma.view(-1, 1, 1, 1, 1))
+    with torch.no_grad():
+        real = guided_x0(teacher, xt, sigma, text, audio, ref)
+        fake = guided_x0(critic, xt, sigma, text, audio, ref)
+    loss, info = dmd_loss(x, fake, real)
+    loss.backward()
+    assert x.grad.abs().max() == 0 and info["dmd_grad"] == 0
+    # with guidance the real score moves away from the unguided critic: a gradient, along (fake - real) / norm
+    with torch.no_grad():
+        real = guided_x0(teacher, xt, sigma, text, audio, ref, text_scale=2.0, audio_scale=3.0)
+    x.grad = None
+    dmd_loss(x, fake, real)[0].backward()
+    g = dmd_gradient(x, fake, real)
+    assert x.grad.abs().max() > 0 and torch.allclose(x.grad.double(), g / x.numel(), atol=1e-12)
+    # the guidance formula: u + s_txt (c_noaudio - u) + s_aud (c - c_noaudio)
+    with torch.no_grad():
+        t = sigma * 1000
+        u = teacher(xt, t, torch.zeros_like(text), torch.zeros_like(audio), ref)
+        cna = teacher(xt, t, text, torch.zeros_like(audio), ref)
+        c = teacher(xt, t, text, audio, ref)
+        v = u + 2.0 * (cna - u) + 3.0 * (c - cna)
+        want = xt - sigma.view(-1, 1, 1, 1, 1) * v
+    assert torch.allclose(real, want, atol=1e-5)
+
+
+def test_take_window_picks_each_samples_own_window():
+    x = torch.arange(2 * 1 * 6).float().view(2, 1, 6, 1, 1)
+    w = take_window(x, torch.tensor([0, 3]), 3, 2)
+    assert w[0].flatten().tolist() == [0, 1, 2] and w[1].flatten().tolist() == [9, 10, 11]
+
+
+# -- the stages, a few CPU steps each -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("distill")
+    pack = make_pack(d / "pack.npz", clips=6, seconds=1.2, seed=77, progress=False)
+    torch.manual_seed(0)
+    vae = CausalVAE(vae_config("tiny"))
+    save_checkpoint(d / "vae.safetensors", vae, "vae", vae.cfg)
+    teacher = _tiny(1)
+    save_checkpoint(
+        d / "teacher.safetensors", teacher, "dit", teacher.cfg, extra=dict(window_latents=3, look_back=0, look_ahead=0)
+    )
+    causal = _tiny(2)
+    save_checkpoint(d / "causal.safetensors", causal, "dit", causal.cfg, extra=dict(chunk=3, look_back=0, look_ahead=0))
+    return d, pack
+
+
+def _cfg(d, pack, stage, **kw):
+    base = dict(
+        stage=stage,
+        data=str(pack),
+        vae=str(d / "vae.safetensors"),
+        teacher=str(d / "teacher.safetensors"),
+        init=str(d / "causal.safetensors"),
+        out=str(d / stage),
+        model="tiny",
+        steps=2,
+        batch=2,
+        size=64,
+        workers=1,
+        log_every=1,
+        ckpt_every=1,
+        warmup=1,
+        look_back=0,
+        look_ahead=0,
+        n_pairs=3,
+        ode_substeps=1,
+        rollout_latents=6,
+        score_window=3,
+        cache_window=3,
+        critic_ratio=2,
+        betas=[0.0, 0.999],
+        latent_cache=str(d / "latents"),
+    )
+    base.update(kw)
+    return base
+
+
+def test_each_stage_runs_a_few_cpu_steps(world):
+    d, pack = world
+    m = run_stage(TrainConfig(**_cfg(d, pack, "ode_pairs")))
+    assert m["pairs"] == 3 and m["sigmas"] == pytest.approx([1.0, 0.9, 0.75, 0.5])
+    pairs = load_pairs(d / "ode_pairs")
+    assert pairs["traj"].shape[:2] == (3, 4) and pairs["x0"].shape == (3, 8, 3, 8, 8)
+    assert torch.equal(pairs["traj"][:, 1:].float().std((2, 3, 4, 5)) > 0, torch.ones(3, 3, dtype=torch.bool))
+
+    m = run_stage(TrainConfig(**_cfg(d, pack, "ode_init", pairs=str(d / "ode_pairs"), mouth_weight=4.0)))
+    assert m["train"]["step"] == 2 and np.isfinite(m["train"]["x0_mse"])
+    ode = load_checkpoint(d / "ode_init" / "student.safetensors")
+    assert sampling_of(ode)["timesteps"] == [1000.0, 750.0, 500.0, 250.0] and ode.checkpoint_info["chunk"] == 3
+
+    # DMD from the ODE-initialised student, 2-step list; resumes where it stopped
+    cfg = _cfg(d, pack, "dmd", init=str(d / "ode_init" / "student.safetensors"), student_timesteps=[1000, 500])
+    m = run_stage(TrainConfig(**cfg))
+    assert m["generator_updates"] == 2 and m["critic_updates"] == 4
+    log = [json.loads(x) for x in (d / "dmd" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["dmd_loss"]) for r in log)
+    assert {"critic_loss", "dmd_grad", "real_gap", "exit_step"} <= set(log[-1])
+    assert run_stage(TrainConfig(**{**cfg, "steps": 3}))["generator_updates"] == 3
+    student = load_checkpoint(d / "dmd" / "student.safetensors")
+    assert sampling_of(student)["timesteps"] == [1000.0, 500.0]
+
+    # the student streams with its own step list from pure noise
+    from talkstream.stream.avatar import Avatar
+
+    vae = load_checkpoint(d / "vae.safetensors")
+    avatar = Avatar(student, vae, size=64)
+    assert avatar.cfg.sampler == "few_step" and avatar.cfg.reference_init == 1.0
+    ref = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    frames = list(avatar.from_features(ref, np.zeros((60, 384), np.float32), 13))
+    assert len(frames) == 13 and frames[0].shape == (64, 64, 3)
+
+
+def test_dmd_runs_under_torchrun_on_two_cpu_processes(world):
+    d, pack = world
+    cfg = _cfg(d, pack, "dmd", out=str(d / "dmd_ddp"), steps=2, critic_ratio=1)
+    (d / "dmd_ddp.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "talkstream.cli", "train", "dmd", "--config", str(d / "dmd_ddp.yaml")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = (d / "dmd_ddp" / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # rank 0 logs, once per update
+    assert sampling_of(load_checkpoint(d / "dmd_ddp" / "student.safetensors")) is not None
+
+
+def _suite_json(d, name, seed, mouth, head=3.0, ident=1.0, zero=1.0, flagged=0):
+    s = dict(
+        mouth_error=mouth,
+        identity_nn_accuracy=ident,
+        head_motion=head,
+        offset_zero_fraction=zero,
+        offset_measured_clips=4,
+        flagged_clips=flagged,
+    )
+    (d / f"suite_{name}_s{seed}.json").write_text(json.dumps(dict(summary=s)))
+
+
+def _rule(d):
+    res = subprocess.run(
+        [sys.executable, "tools/device/distill_rule.py", str(d)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads((d / "ship.json").read_text())
+
+
+def test_ship_rule_follows_the_bounds(tmp_path):
+    # both within bounds: the lower mouth error ships; per step count the better settings stand for it
+    for seed in range(4):
+        _suite_json(tmp_path, "dmd_sf4", seed, 0.0290)
+        _suite_json(tmp_path, "dmd_lt4", seed, 0.0280, flagged=1)  # better lips but a flagged clip: not chosen
+        _suite_json(tmp_path, "dmd_sf2", seed, 0.0320)
+        _suite_json(tmp_path, "dmd_lt2", seed, 0.0330)
+    r = _rule(tmp_path)
+    assert r["chosen"] == {"4": "dmd_sf4", "2": "dmd_sf2"} and r["bounds_met"] == {"4": True, "2": True}
+    assert r["ship"] == "dmd_sf4" and r["hand_back"] == "dmd_sf4"
+    # one offset miss in 16 is allowed, two are not; a stiff head fails the bound
+    _suite_json(tmp_path, "dmd_sf4", 0, 0.0290, zero=0.5)
+    r = _rule(tmp_path)
+    assert r["bounds_met"]["4"] is False and r["ship"] == "dmd_sf2"
+    # neither meets its bounds (sf4: offsets; the 2-step: lips): one no worse than c6 on every count ships
+    for seed in range(4):
+        _suite_json(tmp_path, "dmd_sf2", seed, 0.0340, head=2.0)
+    r = _rule(tmp_path)
+    assert r["chosen"]["2"] == "dmd_lt2" and r["ship"] == "dmd_lt2" and "no worse than c6" in r["why"]
+    for seed in range(4):
+        _suite_json(tmp_path, "dmd_sf2", seed, 0.0340, head=1.0)  # stiller than c6
+        _suite_json(tmp_path, "dmd_lt2", seed, 0.0400)
+    r = _rule(tmp_path)
+    assert r["ship"] is None and r["hand_back"] == "dmd_sf4" and "c6 stays" in r["why"]
