@@ -79,17 +79,18 @@ def normalize_waveform(audio: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_features(model, audio: np.ndarray | torch.Tensor, n_frames: int) -> torch.Tensor:
-    """OmniAvatar's features of one clip: [n_frames, (layers + 2) * hidden] (float32, on the model's device)."""
+    """OmniAvatar's features of one clip: [n_frames, (layers + 2) * hidden] (float32, on the model's device);
+    clips of equal length batched as [B, samples] give [B, n_frames, ...]."""
     if getattr(model.config, "do_stable_layer_norm", False):
         raise Wav2VecError("only wav2vec2-base-style models (do_stable_layer_norm=False) are supported")
     p = next(model.parameters())
     a = torch.as_tensor(np.asarray(audio, np.float32) if not torch.is_tensor(audio) else audio).float()
-    if a.ndim != 1:
-        raise Wav2VecError(f"audio must be mono [samples], got shape {tuple(a.shape)}")
+    if a.ndim not in (1, 2):
+        raise Wav2VecError(f"audio must be mono [samples] (or a batch [B, samples]), got shape {tuple(a.shape)}")
     if n_frames < 2:
         raise Wav2VecError(f"a clip needs at least 2 video frames, got {n_frames}")
-    x = normalize_waveform(a.to(p.device))[None].to(p.dtype)
-    feats = model.feature_extractor(x)  # [1, 512, N] at 50 Hz
+    x = normalize_waveform(a.to(p.device)).reshape(-1, a.shape[-1]).to(p.dtype)
+    feats = model.feature_extractor(x)  # [B, 512, N] at 50 Hz
     feats = F.interpolate(feats.float(), size=n_frames, mode="linear", align_corners=True).to(p.dtype)
     h, _ = model.feature_projection(feats.transpose(1, 2))
     enc = model.encoder
@@ -99,7 +100,8 @@ def clip_features(model, audio: np.ndarray | torch.Tensor, n_frames: int) -> tor
         out = layer(h)
         h = out[0] if isinstance(out, tuple) else out
         states.append(h)
-    return torch.cat([states[-1], *states], dim=-1)[0].float()
+    out = torch.cat([states[-1], *states], dim=-1).float()
+    return out[0] if a.ndim == 1 else out
 
 
 def feature_dim(model) -> int:
@@ -158,10 +160,8 @@ class Wav2VecFeatures:
         """Audio (samples from the stream's start) a hop's window needs while the stream goes on."""
         return (self.window(a, b)[1] - 1) * self.samples_per_frame
 
-    def _hop_features(
-        self, audio: np.ndarray, a: int, b: int, n_frames: int | None = None, offset: int = 0
-    ) -> torch.Tensor:
-        """Hop [a, b)'s features; ``audio`` starts ``offset`` samples into the stream."""
+    def _segment(self, audio: np.ndarray, a: int, b: int, n_frames: int | None, offset: int = 0) -> np.ndarray:
+        """Hop [a, b)'s window audio; ``audio`` starts ``offset`` samples into the stream."""
         f0, f1 = self.window(a, b, n_frames)
         spf = self.samples_per_frame
         if offset > f0 * spf:
@@ -170,19 +170,41 @@ class Wav2VecFeatures:
         need = (f1 - 1 - f0) * spf
         if len(seg) < need:  # only a 1-frame stream's 2-frame window reaches past the audio: silence
             seg = np.concatenate([seg, np.zeros(need - len(seg), np.float32)])
-        return clip_features(self.model, seg, f1 - f0)[a - f0 : b - f0]
+        return seg
 
-    def encode(self, audio: np.ndarray) -> torch.Tensor:
-        """Offline: [n_frames(len(audio)), dim] features of a whole signal, equal to streaming it."""
+    def _hop_features(
+        self, audio: np.ndarray, a: int, b: int, n_frames: int | None = None, offset: int = 0
+    ) -> torch.Tensor:
+        f0, f1 = self.window(a, b, n_frames)
+        return clip_features(self.model, self._segment(audio, a, b, n_frames, offset), f1 - f0)[a - f0 : b - f0]
+
+    def encode(self, audio: np.ndarray, batch: int = 16) -> torch.Tensor:
+        """Offline: [n_frames(len(audio)), dim] features of a whole signal, equal to streaming it (windows of equal
+        length run ``batch`` at a time)."""
         from tqdm import tqdm
 
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
             raise Wav2VecError(f"audio must be mono 16 kHz [samples], got shape {audio.shape}")
         n = self.n_frames(len(audio))
-        hops = tqdm(self.hops(n), disable=not self.show_progress, unit="hop")
-        out = [self._hop_features(audio, a, b, n) for a, b in hops]
-        return torch.cat(out).cpu()
+        hops = self.hops(n)
+        groups: dict[int, list[int]] = {}  # window length -> hop indices
+        for i, (a, b) in enumerate(hops):
+            f0, f1 = self.window(a, b, n)
+            groups.setdefault(f1 - f0, []).append(i)
+        rows: list[torch.Tensor | None] = [None] * len(hops)
+        with tqdm(total=len(hops), disable=not self.show_progress, unit="hop") as bar:
+            for length, idx in groups.items():
+                for k in range(0, len(idx), batch):
+                    part = idx[k : k + batch]
+                    segs = np.stack([self._segment(audio, *hops[i], n) for i in part])
+                    feats = clip_features(self.model, segs, length)
+                    for j, i in enumerate(part):
+                        a, b = hops[i]
+                        f0 = self.window(a, b, n)[0]
+                        rows[i] = feats[j, a - f0 : b - f0].cpu()
+                    bar.update(len(part))
+        return torch.cat(rows)
 
     def stream(self) -> Wav2VecStream:
         return Wav2VecStream(self)
