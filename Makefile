@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng libegl1 libgl1 >/dev/null; }
 	# the CPU wheel first (local on these machines), then a range that it satisfies: no CUDA download
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,encoders,faces]"
+	$(PIP) install -q -e ".[test,encoders,faces,livekit,pipecat]"
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)
