@@ -133,10 +133,10 @@ def test_decode_shapes_upsampling_and_a_sequential_reading():
     y = model.decode(z, clamp=False)
     assert y.shape == (1, 3, 1 + 4 * 3, 24, 40)  # 8x space, 4x time, the stream's first latent gives one frame
     assert y.std() > 0.01
-    raw = z * model.latents_std.view(1, -1, 1, 1, 1) + model.latents_mean.view(1, -1, 1, 1, 1)
-    want = _frame_by_frame(model, raw) * 2 - 1  # [0, 1] pixels -> [-1, 1]
+    want = _frame_by_frame(model, z) * 2 - 1  # the network takes the DiT's normalised latents; [0, 1] -> [-1, 1]
     assert (y - want).abs().max() <= 1e-5
     assert torch.allclose(model.decode(z), want.clamp(-1, 1), atol=1e-5)
+    raw = z * model.latents_std.view(1, -1, 1, 1, 1) + model.latents_mean.view(1, -1, 1, 1, 1)  # Wan VAE latents
     assert torch.allclose(model.decode(raw, normalized=False, clamp=False), y, atol=1e-5)
 
 

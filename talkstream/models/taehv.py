@@ -13,8 +13,9 @@ parallel over time and a stream carries, per memory block, its last input frame 
 chunked decoding equals decoding the whole clip (to float rounding). Each latent gives 4 frames; the first
 3 of a stream are dropped so n latents give 1 + 4(n - 1) frames, as Wan's VAE does.
 
-Latents in and out are Wan2.1's normalised latents (what the DiT works in); frames are in [-1, 1]. The
-published weights work on raw Wan latents and [0, 1] pixels; the conversion happens here.
+Latents in and out are Wan2.1's normalised latents, ``(mu - mean) / std``: what the DiT works in and what the
+published weights were trained on (TAEHV applies no latent scale or shift; raw VAE latents are converted with
+``normalized=False``). Frames are in [-1, 1] here; the published weights make [0, 1] pixels, converted here.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ class TAEHV(nn.Module):
         cache = FeatureCache() if cache is None else cache
         first = not cache.get(id(self), False)
         cache[id(self)] = True
-        if normalized:
-            z = z * self.latents_std.to(z).view(1, -1, 1, 1, 1) + self.latents_mean.to(z).view(1, -1, 1, 1, 1)
+        if not normalized:  # raw VAE latents -> the normalised ones the network takes
+            z = (z - self.latents_mean.to(z).view(1, -1, 1, 1, 1)) / self.latents_std.to(z).view(1, -1, 1, 1, 1)
         y = self._run(self.decoder, z.transpose(1, 2), cache)  # [B, T', 3, H, W] in ~[0, 1]
         if first:
             y = y[:, self.frames_to_trim :]
@@ -177,8 +178,8 @@ class TAEHV(nn.Module):
             x = torch.cat([x, x[:, :, -1:].expand(-1, -1, k - T % k, -1, -1)], 2)
         z = self._run(self.encoder, ((x + 1) / 2).transpose(1, 2), FeatureCache() if cache is None else cache)
         z = z.transpose(1, 2)
-        if normalize:
-            z = (z - self.latents_mean.to(z).view(1, -1, 1, 1, 1)) / self.latents_std.to(z).view(1, -1, 1, 1, 1)
+        if not normalize:  # the network's (normalised) latents -> raw VAE latents
+            z = z * self.latents_std.to(z).view(1, -1, 1, 1, 1) + self.latents_mean.to(z).view(1, -1, 1, 1, 1)
         return z
 
     def forward(self, z: torch.Tensor, cache: FeatureCache | None = None, normalized: bool = True) -> torch.Tensor:
