@@ -115,7 +115,9 @@ class Wav2VecFeatures:
     model: object
     fps: int = 16  # Wan-family models; talkstream's own models run at 25
     hop: int = 4  # video frames per hop after the first (one latent frame at 4x temporal compression)
-    look_back: float = 2.0  # seconds of past audio each window holds
+    # seconds of past audio each window holds: with the hop and look-ahead, ~5 s, the length of the clips LiveTalk's
+    # student was trained on (81 frames at 16 fps), so a window looks like a training clip to it
+    look_back: float = 4.0
     look_ahead: float = 0.5  # seconds of future audio each window holds (a live stream's added delay)
     show_progress: bool = False
 
