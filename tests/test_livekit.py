@@ -500,3 +500,52 @@ def test_worker_layout_datastream(avatar, speech):
     assert cut.interrupted and 0 < cut.playback_position < len(long) / 16000 / 2
     assert agent_rpcs == ["lk.clear_buffer"]
     assert rpcs == ["lk.playback_started", "lk.playback_finished", "lk.playback_started", "lk.playback_finished"]
+
+
+def test_worker_session_mints_a_token_and_starts_the_worker(monkeypatch):
+    """worker=True: a join token for the avatar participant (agent kind, publishing on the agent's behalf) goes to
+    ``python -m talkstream.integrations.livekit`` through its environment, and the agent's speech goes to a
+    DataStreamAudioOutput aimed at that participant. The process launch is recorded instead of run (no server)."""
+    import jwt
+
+    launched = {}
+
+    class Process:
+        returncode = None
+
+        def terminate(self):
+            launched["terminated"] = True
+            self.returncode = -15
+
+        async def wait(self):
+            return self.returncode
+
+    async def fake_exec(*argv, env=None, **_):
+        launched.update(argv=argv, env=env)
+        return Process()
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", fake_exec)
+
+    async def run():
+        room = Room("agent-1", rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
+        session = AgentSession()
+        avatar_session = TalkstreamAvatarSession(
+            REFERENCE, worker=True, device="cuda", size=256, url="wss://lk.example", api_key="k", api_secret="s" * 32
+        )
+        await avatar_session.start(session, room)
+        sink = session.output.audio
+        await avatar_session.aclose()
+        return avatar_session, sink
+
+    avatar_session, sink = asyncio.run(run())
+    argv, env = launched["argv"], launched["env"]
+    assert argv[1:3] == ("-m", "talkstream.integrations.livekit")
+    opts = dict(zip(argv[3::2], argv[4::2]))
+    assert opts == {"--url": "wss://lk.example", "--image": str(REFERENCE), "--device": "cuda", "--size": "256"}
+    assert not any("eyJ" in a for a in argv)  # the token is not on the command line
+    claims = jwt.decode(env["TALKSTREAM_LIVEKIT_TOKEN"], "s" * 32, algorithms=["HS256"])
+    assert claims["sub"] == avatar_session.avatar_identity == "talkstream-avatar" and claims["kind"] == "agent"
+    assert claims["video"]["roomJoin"] and claims["video"]["room"] == "test-room"
+    assert claims["attributes"] == {"lk.publish_on_behalf": "agent-1"}
+    assert isinstance(sink, DataStreamAudioOutput) and sink._destination_identity == "talkstream-avatar"
+    assert launched["terminated"]  # aclose ends the worker

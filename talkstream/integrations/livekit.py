@@ -41,7 +41,7 @@ from livekit.agents.voice.avatar import (
 )
 
 from ..media import SAMPLE_RATE
-from ..stream.avatar import Avatar
+from ..stream.avatar import Avatar, load_reference
 from ..stream.engine import FPS
 from .live import SAMPLES_PER_FRAME, LiveAvatar, LiveConfig
 
@@ -248,12 +248,16 @@ async def _worker_main(opts: argparse.Namespace) -> None:
     token = os.environ.get("TALKSTREAM_LIVEKIT_TOKEN") or opts.token
     if not token:
         raise SystemExit("no token: set TALKSTREAM_LIVEKIT_TOKEN or pass --token")
+    load_reference(opts.image, opts.size)  # a bad image fails before anything loads or connects
     avatar = Avatar.from_pretrained(opts.weights, device=opts.device, size=opts.size)
     live = LiveAvatar(avatar, opts.image, opts.prompt)
     room = rtc.Room()
     gone = asyncio.Event()
     room.on("disconnected", lambda *_: gone.set())
-    await room.connect(opts.url, token)
+    try:
+        await room.connect(opts.url, token)
+    except rtc.ConnectError as e:
+        raise SystemExit(f"could not join the LiveKit room at {opts.url}: {e}") from None
     logger.info("avatar worker joined %s as %s", room.name, room.local_participant.identity)
     runner, generator = await run_worker(room, live, opts.sender)
     try:
