@@ -43,6 +43,10 @@ def _check_out(out: Path) -> None:
 
 
 def _generate(args) -> None:
+    if getattr(args, "pipeline", "single") == "tpp":  # one denoising step a process, under torchrun
+        from .stream.parallel import generate_tpp
+
+        return generate_tpp(args)
     from .machine import check_device
     from .stream.avatar import Avatar
 
@@ -383,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--audio", type=Path, help="speech file (wav/flac/mp3/mp4..., any rate, mono or stereo)")
     src.add_argument("--say", help="text spoken by espeak-ng")
     stream_options(g, 12)
+    g.add_argument(
+        "--pipeline",
+        choices=["single", "tpp"],
+        default="single",
+        help="tpp: timestep-forcing pipeline, one denoising step a process plus a decode process, under torchrun "
+        "(torchrun --nproc-per-node N -m talkstream generate --pipeline tpp ...; euler runs N - 1 steps)",
+    )
     g.set_defaults(func=_generate)
 
     d = sub.add_parser("demo", help="the main job on the embedded default")

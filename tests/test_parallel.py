@@ -2,6 +2,7 @@
 stream equals the single-process timestep-forcing stream, idle input waits without time-outs, and a failed or
 killed rank ends every process with a message that names it."""
 
+import json
 import os
 import sys
 import time
@@ -276,3 +277,37 @@ def test_stats_time_to_first_frame_and_steady_fps():
     s = TPPStats(started=1.0, first_frame_at=1.5, frames=48, chunks=4, chunk_times=[1.5, 1.7, 1.9, 2.1])
     assert s.ttff == 0.5 and round(s.steady_fps(12), 6) == 60.0  # the last 2 chunks' 24 frames in 0.4 s
     assert TPPStats(chunk_times=[1.0, 2.0]).steady_fps(12) is None
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+def test_generate_pipeline_tpp_under_torchrun_writes_the_video(tiny_weights, tmp_path):
+    """torchrun --nproc-per-node 3 -m talkstream generate --pipeline tpp: the tiny model's euler sampler runs 2 steps
+    (one a rank), the last rank writes the mp4 with its audio and prints the run's JSON."""
+    import subprocess
+
+    import numpy as np
+
+    from talkstream.media import read_video, write_audio
+
+    write_audio(tmp_path / "speech.wav", (0.1 * np.sin(np.arange(12000) / 9)).astype(np.float32))  # 0.75 s
+    out = tmp_path / "tpp.mp4"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "talkstream"]
+    cmd += ["generate", "--pipeline", "tpp", "--weights", str(tiny_weights), "--size", "32", "--quiet"]
+    cmd += ["--audio", str(tmp_path / "speech.wav"), "--out", str(out), "--anchor", "rolling_sink"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["pipeline"] == "tpp" and res["ranks"] == 3 and res["frames"] == 19
+    assert res["layout"] == ["denoising step 0, audio and prompt input", "denoising step 1", "decode"]
+    video = read_video(out)
+    assert len(video.frames) == 19 and video.audio is not None
+
+
+def test_generate_pipeline_tpp_without_torchrun_is_a_one_line_error(tiny_weights, capsys, monkeypatch):
+    from talkstream.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["generate", "--pipeline", "tpp", "--weights", str(tiny_weights), "--say", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("talkstream: error: --pipeline tpp runs one process a denoising step") and "\n" not in err

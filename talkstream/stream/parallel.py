@@ -56,7 +56,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -306,10 +307,11 @@ class Heartbeat:
 class ControlChannel:
     """Headers, marks and the abort message of one stream over the store; every wait watches for failures."""
 
-    def __init__(self, rank: int, world: int, stream_id: int, cfg: TPPConfig, roles: list[str]) -> None:
+    def __init__(self, rank: int, world: int, stream_id: int | str, cfg: TPPConfig, roles: list[str]) -> None:
         self.rank, self.world, self.cfg, self.roles = rank, world, cfg, roles
         self.store = _store_client()
         self.prefix = f"tpp/s{stream_id}/"
+        self.abort_key = "tpp/abort"  # one for the process group: a failure anywhere stops every rank
         self._seen: dict[int, tuple[str, float]] = {}  # rank -> (last stamp, when it changed, by our clock)
         self._next_watch = 0.0
 
@@ -337,7 +339,7 @@ class ControlChannel:
     def abort(self, message: str) -> None:
         """Tell every rank to stop (the first message wins)."""
         try:
-            self.store.compare_set(self.key("abort"), "", message)
+            self.store.compare_set(self.abort_key, "", message)
         except Exception:
             pass
 
@@ -347,8 +349,8 @@ class ControlChannel:
     def check(self) -> None:
         """Raise ``PipelineError`` if a rank posted an error or a process's heartbeat stood still too long."""
         try:
-            if self.store.check([self.key("abort")]):
-                msg = self.store.get(self.key("abort")).decode()
+            if self.store.check([self.abort_key]):
+                msg = self.store.get(self.abort_key).decode()
                 raise PipelineError(f"the pipeline stopped: {msg}")
             now = time.monotonic()
             if now < self._next_watch:
@@ -374,7 +376,7 @@ class ControlChannel:
     def posted(self) -> str | None:
         """The abort message a rank posted, if any."""
         try:
-            return self.store.get(self.key("abort")).decode() if self.store.check([self.key("abort")]) else None
+            return self.store.get(self.abort_key).decode() if self.store.check([self.abort_key]) else None
         except Exception:
             return None
 
@@ -781,27 +783,52 @@ class TPPStream:
 # -- process setup ---------------------------------------------------------------------------------------------
 @dataclass
 class PipelineProcess:
-    """This process's place in the pipeline: rank, world, device, the sink broadcast's group, its heartbeat."""
+    """This process's place in the pipeline: rank, world, device, the sink broadcast's group, its heartbeat, and a
+    control channel for what happens before and between streams."""
 
     rank: int
     world: int
     device: str
     sink_group: object
     heartbeat: Heartbeat
+    channel: ControlChannel
 
     def stream(self, cfg: TPPConfig, stream_id: int = 0) -> TPPStream:
         return TPPStream(cfg, self.device, stream_id, self.sink_group)
 
+    def share(self, name: str, value=None):
+        """Rank 0 gives ``value`` (picklable) to every rank; the others wait for it (watching for failures)."""
+        key = f"share/{name}"
+        if self.rank == 0:
+            self.channel.put(key, value)
+            return value
+        self.channel.wait(lambda: self.channel.has(key), key)
+        return pickle.loads(self.channel.store.get(self.channel.key(key)))
+
+    def fail(self, e: BaseException) -> None:
+        """Raise for a failure outside a stream (loading, preparing inputs), telling every other rank first."""
+        if isinstance(e, PipelineError):
+            raise e
+        msg = f"rank {self.rank} failed: {type(e).__name__}: {e}"
+        if (posted := self.channel.posted()) is not None:
+            raise PipelineError(f"the pipeline stopped: {posted}") from e
+        self.channel.abort(msg)
+        raise PipelineError(msg) from e
+
     def close(self) -> None:
-        """A normal end: stop the heartbeat (the others stop watching) and leave the process group."""
+        """A normal end: wait (in the control channel, not in a collective) until every rank is done, stop the
+        heartbeat and leave the process group."""
+        self.channel.put(f"closed/{self.rank}", True)
+        for r in range(self.world):
+            self.channel.wait(lambda r=r: self.channel.has(f"closed/{r}"), "close")
         self.heartbeat.finish()
-        dist.barrier()
         dist.destroy_process_group()
 
 
-def init_pipeline(cfg: TPPConfig, device: str = "cpu", timeout_s: float = 1800.0) -> PipelineProcess:
+def init_pipeline(cfg: TPPConfig | None = None, device: str = "cpu", timeout_s: float = 1800.0) -> PipelineProcess:
     """Join the process group as torchrun (or ``launch_local``) set it up: NCCL on CUDA (one GPU a rank, by
     ``LOCAL_RANK``), gloo on CPU; a group for the rolling sink's broadcast; this process's heartbeat."""
+    cfg = cfg or TPPConfig()
     cuda = device.startswith("cuda")
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -821,7 +848,9 @@ def init_pipeline(cfg: TPPConfig, device: str = "cpu", timeout_s: float = 1800.0
     works += [dist.isend(probe, rank + 1)] if rank < world - 1 else []
     for w in works:
         w.wait()
-    return PipelineProcess(rank, world, device, sink_group, Heartbeat(rank, cfg.heartbeat_s))
+    heartbeat = Heartbeat(rank, cfg.heartbeat_s)
+    roles = ["setting up"] * world
+    return PipelineProcess(rank, world, device, sink_group, heartbeat, ControlChannel(rank, world, "setup", cfg, roles))
 
 
 def stop_on_failure(fn: Callable[[], int | None], prefix: str = "talkstream") -> int:
@@ -884,6 +913,178 @@ def _launched(env: dict, target: Callable, args: tuple) -> None:
     target(*args)
 
 
+# -- the command line: torchrun --nproc-per-node N -m talkstream generate --pipeline tpp ... ----------------------
+def tpp_stream_config(cfg: StreamConfig, world: int) -> StreamConfig:
+    """A checkpoint's stream settings on ``world`` ranks: the euler sampler runs one step a DiT rank
+    (``world - 1``); a few-step schedule keeps its steps and needs at most one rank a step plus the decode rank."""
+    if cfg.sampler == "euler":
+        cfg = replace(cfg, steps=world - 1)
+    n = len(cfg.sigmas()) - 1
+    if cfg.sampler == "euler" and n != world - 1:
+        raise ValueError(f"{world} ranks: the schedule from reference_init {cfg.reference_init} has {n} euler steps")
+    if not 1 <= world - 1 <= n:
+        raise ValueError(f"{world} ranks for {n} denoising steps: the pipeline runs on 2 .. {n + 1} (steps + 1) ranks")
+    return cfg
+
+
+def _weights_root(weights) -> tuple[Path, Path]:
+    from .avatar import WEIGHTS
+
+    root = Path(weights) if weights else WEIGHTS
+    dit_file = root if root.suffix == ".safetensors" else root / "causal.safetensors"
+    return dit_file, dit_file.parent
+
+
+def _load_dit(weights, device: str) -> WanDiT:
+    from ..models.checkpoint import load_checkpoint
+    from .accel import stream_dtype
+
+    dit_file, _ = _weights_root(weights)
+    if not (dit_file.exists() or dit_file.with_name(dit_file.name + ".index.json").exists()):
+        raise FileNotFoundError(f"no causal model at {dit_file} (train one: talkstream train causal)")
+    return load_checkpoint(dit_file, device=device, dtype=stream_dtype(device))
+
+
+def _load_decoder(weights, decoder: str | None, device: str):
+    from ..models.checkpoint import load_checkpoint
+    from .accel import stream_dtype
+
+    _, root = _weights_root(weights)
+    decoder = decoder or ("tiny" if (root / "tiny_decoder.safetensors").exists() else "vae")
+    if decoder == "tiny":
+        return load_checkpoint(root / "tiny_decoder.safetensors", device=device, dtype=stream_dtype(device))
+    return load_checkpoint(root / "vae.safetensors", device=device, dtype=torch.float32)
+
+
+def generate_tpp(args) -> None:
+    """``talkstream generate --pipeline tpp`` in one of the N processes torchrun started: rank 0 reads the image,
+    audio and prompt and runs the first step(s), ranks 1 .. N-2 the next steps, rank N-1 decodes and writes the
+    mp4 (with the audio) and prints the run's JSON. A failure anywhere ends every process with one line naming the
+    failing rank."""
+    from ..machine import check_device
+
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError(
+            "--pipeline tpp runs one process a denoising step plus a decode process: start it with torchrun "
+            "--nproc-per-node N -m talkstream generate --pipeline tpp ... (N = steps + 1, at least 2)"
+        )
+    check_device(args.device)
+    if Path(args.out).is_dir():
+        raise ValueError(
+            f"--out {args.out}: is a directory; name the file to write (e.g. {Path(args.out) / 'out.mp4'})"
+        )
+    proc = init_pipeline(TPPConfig(), args.device)
+    stop_on_failure(lambda: _tpp_rank(args, proc))
+
+
+def _tpp_rank(args, proc: PipelineProcess) -> None:
+    rank, world, dev = proc.rank, proc.world, proc.device
+    try:
+        if rank == 0:
+            cfg, job = _tpp_inputs(args, dev, world)
+            proc.share("config", cfg)
+        elif rank < world - 1:
+            dit = _load_dit(args.weights, dev)
+            cfg = proc.share("config")
+        else:
+            decoder = _load_decoder(args.weights, args.decoder, dev)
+            cfg = proc.share("config")
+    except BaseException as e:  # noqa: BLE001 - every rank hears of it
+        proc.fail(e)
+    st = proc.stream(cfg)
+    if rank == 0:
+        st.run_input(job["dit"], job["reference"], job["audio"], job["text"], job["mask"], extra=job["extra"])
+    elif rank < world - 1:
+        st.run_steps(dit)
+    else:
+        _write_frames(args, st, decoder, world)
+    proc.close()
+
+
+def _tpp_inputs(args, device: str, world: int) -> tuple[TPPConfig, dict]:
+    """Rank 0: the model, the pipeline's settings, and the stream's inputs (reference latent, audio windows,
+    prompt), as ``Avatar.generate`` prepares them."""
+    import sys
+
+    from ..media import SAMPLE_RATE
+    from .avatar import BUNDLED_REFERENCE, Avatar, load_audio, load_reference, speak
+    from .engine import FPS, AudioFeed
+    from .offline import audio_span, frames_to_video
+
+    if args.image is None:
+        args.image = BUNDLED_REFERENCE
+        print(f"talkstream: no --image given: using the bundled reference image {args.image}", file=sys.stderr)
+    opts = dict(anchor=args.anchor, audio_guidance=args.audio_guidance, seed=args.seed)
+    for name in ("sampler", "reference_init", "start_from"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    avatar = Avatar.from_pretrained(args.weights, device=device, decoder="vae", size=args.size, **opts)
+    cfg = TPPConfig(tpp_stream_config(avatar.cfg, world))
+    if args.say is not None and not args.say.strip():
+        raise ValueError("--say text is empty")
+    wav = speak(args.say) if args.say is not None else load_audio(args.audio)
+    n_frames = max(1, int(round(len(wav) / SAMPLE_RATE * FPS)))
+    ref = load_reference(args.image, args.size)
+    features = avatar.whisper.encode(np.pad(wav, (0, SAMPLE_RATE // 2)))
+    text, mask = avatar._prompt(args.prompt)
+    with torch.no_grad():
+        z_ref = avatar.vae.encode(frames_to_video(ref[None], args.size).to(device))
+    feed = AudioFeed(*audio_span(avatar.dit))
+    feed.push(features)
+    feed.close()
+
+    def audio(first: int, k: int) -> torch.Tensor:
+        if first * 4 - 3 >= n_frames:
+            raise StopIteration
+        return feed.windows(first, k)
+
+    extra = dict(n_frames=n_frames, wav=wav[: int(n_frames * SAMPLE_RATE / FPS)])
+    return cfg, dict(dit=avatar.dit, reference=z_ref, audio=audio, text=text, mask=mask, extra=extra)
+
+
+def _write_frames(args, st: TPPStream, decoder, world: int) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from ..media import write_video
+    from .engine import FPS
+
+    extra = st.start_extra()
+    n_frames = extra["n_frames"]
+    stats = TPPStats()
+    bar = tqdm(total=n_frames, desc=f"generate (tpp, {world} ranks)", unit="frame", disable=args.quiet)
+    written = [0]
+
+    def frames() -> Iterator[np.ndarray]:
+        for idx, img in st.frames(decoder, stats):  # every chunk, so that the pipeline runs to its stop
+            if idx < n_frames:
+                bar.update()
+                written[0] += 1
+                yield img
+
+    try:
+        write_video(args.out, frames(), FPS, audio=extra["wav"])
+    finally:
+        bar.close()
+    elapsed = stats.chunk_times[-1] - stats.started if stats.chunk_times else 0.0
+    steady = stats.steady_fps(4 * st.cfg.stream.chunk)
+    res = dict(
+        out=str(args.out),
+        frames=written[0],
+        seconds=round(n_frames / FPS, 2),
+        ttff_s=round(stats.ttff or 0.0, 3),
+        fps=round(written[0] / max(elapsed, 1e-9), 2),
+        steady_fps=None if steady is None else round(steady, 2),
+        real_time_factor=round(written[0] / max(elapsed, 1e-9) / FPS, 3),
+        pipeline="tpp",
+        ranks=world,
+        layout=st.roles,
+        device=args.device,
+    )
+    print(json.dumps(res))
+
+
 __all__ = [
     "ControlChannel",
     "Heartbeat",
@@ -894,6 +1095,7 @@ __all__ = [
     "TPPStream",
     "TPP_ANCHORS",
     "chunk_start",
+    "generate_tpp",
     "init_pipeline",
     "launch_local",
     "noise_generator",
@@ -902,4 +1104,5 @@ __all__ = [
     "stop_on_failure",
     "tf_step",
     "timestep_forcing_stream",
+    "tpp_stream_config",
 ]
