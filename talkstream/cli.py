@@ -55,6 +55,15 @@ def _generate(args) -> None:
     if args.image is None:
         args.image = BUNDLED_REFERENCE
         print(f"talkstream: no --image given: using the bundled reference image {args.image}", file=sys.stderr)
+    from .models.manifest import weights_kind
+
+    if weights_kind(args.weights, args.decoder or "vae") == "livetalk":  # published weights: their own pipeline
+        from .stream.published import generate_cli
+
+        return generate_cli(args)
+    from .eval.guard import guard_reference
+
+    guard_reference(args.image, force=args.force)  # the embedded (world) model: warn on what it cannot draw
     opts = dict(anchor=args.anchor, steps=args.steps, audio_guidance=args.audio_guidance, seed=args.seed)
     if args.sampler:
         opts["sampler"] = args.sampler
@@ -380,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
             "latent (the head's pose carries on instead of returning to the reference's)",
         )
         q.add_argument("--quiet", action="store_true")
+        q.add_argument(
+            "--force",
+            action="store_true",
+            help="generate even when the embedded model cannot draw the reference (a photograph, a drawing unlike "
+            "its avatars, no face): it warns and stops without this",
+        )
 
     g = sub.add_parser("generate", help="reference image + audio (or text to say) -> mp4 with the audio muxed")
     g.add_argument("--image", type=Path, help="reference image of the person (default: the bundled reference)")
