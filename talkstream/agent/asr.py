@@ -17,6 +17,14 @@ from .audio import SAMPLE_RATE
 
 # Whisper's well-known hallucinations on silence / noise: a transcript that is only one of these is empty
 _NOISE = re.compile(r"^\W*(thank you\.?|thanks for watching!?|you|\[.*\]|\(.*\)|\.+)?\W*$", re.IGNORECASE)
+# fillers are not a turn: "uh", "Mm, mm, mm." (a hum or a hesitation gets no answer)
+FILLERS = frozenset({"uh", "um", "uhm", "er", "erm", "ah", "oh", "hm", "hmm", "mm", "mmm", "mhm", "uh-huh"})
+
+
+def is_empty(text: str) -> bool:
+    """Whether a transcript says nothing worth answering (nothing, a known hallucination, only fillers)."""
+    words = re.findall(r"[a-z'-]+", text.lower())
+    return bool(_NOISE.match(text)) or all(w in FILLERS for w in words)
 
 
 class ASR(Protocol):
@@ -53,7 +61,7 @@ class WhisperASR:
             vad_filter=False,
         )
         text = " ".join(s.text.strip() for s in segments).strip()
-        return "" if _NOISE.match(text) else text
+        return "" if is_empty(text) else text
 
 
-__all__ = ["ASR", "WhisperASR"]
+__all__ = ["ASR", "FILLERS", "WhisperASR", "is_empty"]

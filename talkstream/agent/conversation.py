@@ -121,6 +121,7 @@ class Conversation:
         self._reply = -1  # the reply being spoken (or prepared)
         self._turn: TurnTimes | None = None
         self._since_partial = 0
+        self._asr_lock = asyncio.Lock()  # one transcription at a time: a cancelled turn's never starts
         self._closed = False
         self.dropped_images = 0
         self.frames_sent = 0
@@ -269,8 +270,11 @@ class Conversation:
         self._event("clear", reply=self._reply, dropped_frames=dropped)
 
     async def _partial(self, utterance: np.ndarray) -> None:
+        if self._asr_lock.locked():
+            return
         with contextlib.suppress(Exception):  # a partial transcript is best effort; the final one reports errors
-            text = await asyncio.to_thread(self.asr.transcribe, utterance)
+            async with self._asr_lock:
+                text = await asyncio.to_thread(self.asr.transcribe, utterance)
             if text and self.state == "listening":
                 self._event("transcript", role="user", text=text, final=False)
 
@@ -298,7 +302,8 @@ class Conversation:
 
     # -- the reply ----------------------------------------------------------------------------------
     async def _transcribe_then_reply(self, audio: np.ndarray, turn: TurnTimes) -> None:
-        text = await asyncio.to_thread(self.asr.transcribe, audio)
+        async with self._asr_lock:
+            text = await asyncio.to_thread(self.asr.transcribe, audio)
         turn.asr_done = time.perf_counter()
         if not text:
             self._event("notice", code="empty_utterance", message="heard no words in that; still listening")

@@ -1,0 +1,172 @@
+"""``Conversation`` end to end with the real embedded avatar (at 64x64 and 4 steps, to keep CPU runs short), Silero
+VAD, Whisper, espeak-ng and a local stand-in LLM endpoint: a spoken turn, barge-in, and stage failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("faster_whisper")
+
+from test_agent_standins import chat_app, free_port, serve_in_thread, spoken  # noqa: E402
+
+from talkstream.agent.avatar_loop import MediaFrame  # noqa: E402
+from talkstream.agent.conversation import Conversation, Event  # noqa: E402
+from talkstream.agent.llm import OpenAIChatLLM  # noqa: E402
+from talkstream.agent.tts import EspeakTTS  # noqa: E402
+
+REPLY = "[smile] Hello there! I am glad you asked, it is a lovely day to talk about anything at all."
+
+
+@pytest.fixture(scope="module")
+def avatar():
+    from talkstream.stream.avatar import Avatar
+
+    return Avatar.from_pretrained(size=64, decoder="tiny", steps=4)
+
+
+@pytest.fixture(scope="module")
+def asr():
+    from talkstream.agent.asr import WhisperASR
+
+    return WhisperASR()
+
+
+class Recorder:
+    """Reads a conversation's output, stamping each item with the time it came out."""
+
+    def __init__(self, conv: Conversation) -> None:
+        self.conv, self.items = conv, []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for item in self.conv.frames():
+            self.items.append((time.perf_counter(), item))
+
+    def events(self, type: str | None = None) -> list[Event]:
+        return [x for _, x in self.items if isinstance(x, Event) and (type is None or x.type == type)]
+
+    def frames(self) -> list[MediaFrame]:
+        return [x for _, x in self.items if isinstance(x, MediaFrame)]
+
+    def states(self) -> list[str]:
+        return [e.data["state"] for e in self.events("state")]
+
+    async def until(self, cond, conv: Conversation, limit: float, push_silence: bool = True) -> None:
+        """Push silence in real time (a quiet microphone) until ``cond()`` holds."""
+        deadline = time.perf_counter() + limit
+        while not cond():
+            assert time.perf_counter() < deadline, f"timed out; events: {[e.message() for e in self.events()]}"
+            if push_silence:
+                await conv.push_audio(np.zeros(320, np.float32))
+            await asyncio.sleep(0.02)
+
+
+async def say(conv: Conversation, audio: np.ndarray) -> float:
+    """Push audio in real time (20 ms pieces); returns the wall time its first piece went in."""
+    t0 = time.perf_counter()
+    for k in range(0, len(audio), 320):
+        await conv.push_audio(audio[k : k + 320])
+        await asyncio.sleep(max(0.0, t0 + (k + 320) / 16000 - time.perf_counter()))
+    return t0
+
+
+def test_spoken_turn_reply_and_barge_in(avatar, asr):
+    question = np.concatenate([np.zeros(4000, np.float32), spoken("How are you today?")])
+    interruption = spoken("Wait, stop please.")
+    onset_sample = int(np.argmax(np.abs(interruption) > 0.02))  # the first audible sample of the interruption
+
+    async def run():
+        with serve_in_thread(chat_app(REPLY)) as url:
+            conv = Conversation(avatar, asr, OpenAIChatLLM(url), EspeakTTS(), image=_reference())
+            await conv.start()
+            rec = Recorder(conv)
+            await say(conv, question)
+            await rec.until(lambda: any(f.speech for f in rec.frames()), conv, 240)
+            await rec.until(lambda: sum(f.speech for f in rec.frames()) >= 6, conv, 240)
+            reply_id = next(f.reply for f in rec.frames() if f.speech)
+            t_sent = await say(conv, np.concatenate([np.zeros(1600, np.float32), interruption[: onset_sample + 4800]]))
+            onset_wall = t_sent + (1600 + onset_sample) / 16000
+            await rec.until(lambda: rec.events("clear"), conv, 10)
+            n_clear = len(rec.frames())
+            await rec.until(lambda: len(rec.frames()) > n_clear + 12, conv, 120)
+            await conv.close()
+            await rec.task
+            return rec, reply_id, onset_wall
+
+    rec, reply_id, onset_wall = asyncio.run(run())
+    states = rec.states()
+    assert states[:4] == ["idle", "listening", "thinking", "speaking"], states
+    user = [e.data["text"] for e in rec.events("transcript") if e.data["role"] == "user" and e.data["final"]]
+    assert "how are you" in user[0].lower()
+    latency = rec.events("latency")[0].data
+    assert all(v is not None and v >= 0 for v in latency.values()), latency
+    speech = [f for f in rec.frames() if f.speech]
+    assert speech[0].caption == "smiles and speaks calmly"  # the reply's action tag reached the prompt track
+    assert all(np.abs(f.audio).max() > 0 for f in speech[:3])
+    assert all(not np.abs(f.audio).any() for f in rec.frames() if not f.speech)  # the avatar is silent otherwise
+    # barge-in: the clear came within 200 ms of the interruption's onset, and no reply audio after it
+    clear_at, clear = next((t, x) for t, x in rec.items if isinstance(x, Event) and x.type == "clear")
+    assert clear.data["reply"] == reply_id
+    assert clear.at - onset_wall <= 0.2, clear.at - onset_wall
+    after = [x for t, x in rec.items if isinstance(x, MediaFrame) and t > clear_at]
+    assert after and all(not f.speech and not np.abs(f.audio).any() for f in after)
+    assert "listening" in states[states.index("speaking") :]
+    idx = [f.index for f in rec.frames()]
+    assert idx == sorted(idx) and len(set(idx)) == len(idx)  # video keeps flowing forward
+
+
+def _reference():
+    from talkstream.serve.app import REFERENCE
+
+    return REFERENCE
+
+
+def test_failures_are_spoken_or_reported_and_the_conversation_goes_on(avatar, asr):
+    broken_tts = EspeakTTS()
+    broken_tts.exe = "/bin/false"
+
+    async def run():
+        # the model is down: an error event, then the apology is spoken (by the fallback voice)
+        conv = Conversation(
+            avatar,
+            asr,
+            OpenAIChatLLM(f"http://127.0.0.1:{free_port()}", connect_timeout=1),
+            broken_tts,
+            image=_reference(),
+            fallback_tts=EspeakTTS(),
+        )
+        await conv.start()
+        rec = Recorder(conv)
+        await conv.push_text("Hello?")
+        await rec.until(lambda: any(f.speech for f in rec.frames()), conv, 240)
+        # a hum is not a turn: the VAD hears a voice, the transcript is empty, nothing is answered
+        await say(conv, np.concatenate([spoken("mmmmmmmm"), np.zeros(12000, np.float32)]))
+        await rec.until(lambda: rec.events("notice"), conv, 120)
+        # the synthesizer fails: an error event, the text reply still shows, the avatar keeps streaming
+        with serve_in_thread(chat_app("Fine, thanks.")) as url:
+            conv.llm = OpenAIChatLLM(url)
+            n_before = len(rec.events("transcript"))
+            await conv.push_text("How are you?")
+            await rec.until(
+                lambda: any(e.data["final"] and e.data["role"][0] == "a" for e in rec.events("transcript")[n_before:]),
+                conv,
+                60,
+            )
+        n = len(rec.frames())
+        await rec.until(lambda: len(rec.frames()) > n + 12, conv, 120)
+        await conv.close()
+        await rec.task
+        return rec
+
+    rec = asyncio.run(run())
+    codes = [e.data["code"] for e in rec.events("error")]
+    assert "llm" in codes and codes.count("tts") >= 2, codes  # the apology through the broken voice, then the reply
+    finals = [e.data["text"] for e in rec.events("transcript") if e.data["final"] and e.data["role"] == "assistant"]
+    assert finals[0].startswith("Sorry") and finals[-1] == "Fine, thanks."
+    assert rec.events("notice")[0].data["code"] == "empty_utterance"
+    assert not any(e.data.get("fatal") for e in rec.events("error"))
