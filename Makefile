@@ -11,13 +11,13 @@ $(shell rm -f $(STAMP))
 endif
 
 $(STAMP): pyproject.toml Makefile
-	# system libraries: espeak-ng (speech), libEGL/libGL (skia-python's renderer links them)
-	@{ command -v espeak-ng >/dev/null 2>&1 && ldconfig -p | grep -q 'libEGL.so.1' && ldconfig -p | grep -q 'libGL.so.1'; } || { \
+	# system libraries: espeak-ng (speech), libEGL/libGL (skia-python's renderer links them), chromium (serve's browser test)
+	@{ command -v espeak-ng >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 && ldconfig -p | grep -q 'libEGL.so.1' && ldconfig -p | grep -q 'libGL.so.1'; } || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng libegl1 libgl1 >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng libegl1 libgl1 chromium >/dev/null; }
 	# the CPU wheel first (local on these machines), then a range that it satisfies: no CUDA download
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,encoders,faces,livekit,pipecat]"
+	$(PIP) install -q -e ".[test,encoders,faces,livekit,pipecat,serve]"
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)
