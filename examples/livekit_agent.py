@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from livekit.agents import Agent, AgentServer, AgentSession, JobContext, cli
+from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, cli
 
 from talkstream.integrations.livekit import TalkstreamAvatarSession
 from talkstream.stream.avatar import WEIGHTS, Avatar
@@ -30,6 +30,15 @@ SIZE = int(os.environ.get("TALKSTREAM_SIZE", "256"))
 WORKER = os.environ.get("TALKSTREAM_WORKER") == "1"
 
 server = AgentServer()
+
+
+def prewarm(proc: JobProcess) -> None:
+    """Load the model once per job process, before any call comes (the worker layout loads its own)."""
+    if not WORKER:
+        proc.userdata["avatar"] = Avatar.from_pretrained(device=DEVICE, size=SIZE)
+
+
+server.setup_fnc = prewarm
 
 
 @server.rtc_session()
@@ -44,7 +53,7 @@ async def entrypoint(ctx: JobContext) -> None:
     if WORKER:
         avatar = TalkstreamAvatarSession(IMAGE, worker=True, device=DEVICE, size=SIZE)
     else:
-        avatar = TalkstreamAvatarSession(IMAGE, Avatar.from_pretrained(device=DEVICE, size=SIZE))
+        avatar = TalkstreamAvatarSession(IMAGE, ctx.proc.userdata["avatar"])
     await avatar.start(session, room=ctx.room)
     await session.start(
         agent=Agent(instructions="You are a friendly assistant with a face. Keep your answers short."),

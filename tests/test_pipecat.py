@@ -105,7 +105,7 @@ def test_resamples_tts_audio_to_16k(avatar, speech):
 
 
 def test_interruption_drops_queued_speech(avatar, speech):
-    long = np.concatenate([speech] * 4)  # ~6 s: far more than can be rendered before the interruption
+    long = np.concatenate([speech] * 8)  # ~12 s: more than twice what can play (real time at most) before the cut
     service = TalkstreamVideoService(avatar, BUNDLED_REFERENCE, live_config=LiveConfig(max_lead=12))
     send = [*tts_frames(long), TTSStoppedFrame(), SleepFrame(sleep=5.0), InterruptionFrame(), SleepFrame(sleep=2.0)]
     down, _ = asyncio.run(run_test(service, frames_to_send=send))
