@@ -356,6 +356,49 @@ def test_clear_buffer_drops_queued_speech_and_the_next_reply_plays():
     assert sum(isinstance(i, AudioSegmentEnd) for i in items) == 1
 
 
+def test_late_speech_inside_a_reply_plays_as_silence_in_sync_and_a_reply_without_end_times_out():
+    async def run():
+        cfg = LiveConfig(idle_wait=0.02, speech_wait=0.05, silence_frames=2, segment_timeout=0.5)
+        gen = TalkstreamVideoGenerator(LiveAvatar(EchoAvatar(), REFERENCE, config=cfg))
+        rng = np.random.default_rng(2)
+        a, b, c = ((rng.standard_normal(n) * 3000).astype(np.int16) for n in (5000, 3000, 2000))
+        for f in audio_frames(a):
+            await gen.push_audio(f)
+        it, items = gen.__aiter__(), []
+        while sum(isinstance(i, rtc.AudioFrame) for i in items) < 12:  # the avatar ran past the speech: silence
+            items.append(await it.__anext__())
+        for f in audio_frames(b):  # the rest of the reply comes late
+            await gen.push_audio(f)
+        await gen.push_audio(AudioSegmentEnd())
+        for f in audio_frames(c):  # a reply whose end never comes
+            await gen.push_audio(f)
+        while sum(isinstance(i, AudioSegmentEnd) for i in items) < 2:
+            items.append(await it.__anext__())
+        await gen.aclose()
+        return items, a, b, c
+
+    items, a, b, c = asyncio.run(run())
+    frames = pairs(items)
+    for video, audio, _ in frames:
+        pixel = np.frombuffer(video.data, np.uint8)[:3]
+        window = np.zeros(640, np.int16) if audio is None else np.frombuffer(audio.data, np.int16)
+        assert np.array_equal(pixel, EchoAvatar.checksum(window))
+    ends = [i for i, (_, _, e) in enumerate(frames) if e]
+    first = [i for i, (_, au, _) in enumerate(frames) if au is not None and i <= ends[0]]
+    assert first == list(range(first[0], ends[0] + 1))  # one unbroken reply: the wait is inside it, as silence
+    played = np.concatenate([np.frombuffer(frames[i][1].data, np.int16) for i in first])
+    assert np.array_equal(played[: len(a)], a) and not played[len(a) : len(a) + 640].any()  # then the gap
+    assert np.array_equal(voiced(played), voiced(np.concatenate([a, b])))
+    second = np.concatenate(
+        [
+            np.frombuffer(frames[i][1].data, np.int16)
+            for i in range(ends[0] + 1, ends[1] + 1)
+            if frames[i][1] is not None
+        ]
+    )
+    assert np.array_equal(second[: len(c)], c) and not second[len(c) :].any()  # closed after 0.5 s of silence
+
+
 def test_bad_input_is_refused_with_a_clear_error(avatar, tmp_path):
     gen = TalkstreamVideoGenerator(LiveAvatar(EchoAvatar(), REFERENCE))
 
