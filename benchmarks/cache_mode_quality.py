@@ -40,21 +40,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--modes", nargs="+", default=["commit", "timestep_forcing"])
+    ap.add_argument("--decoder", default="tiny", choices=["tiny", "vae"])
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     dtype = stream_dtype("cpu", a.dtype)
     dit = load_checkpoint(a.weights / "causal.safetensors", dtype=dtype)
     vae = load_checkpoint(a.weights / "vae.safetensors", dtype=torch.float32)
-    tiny = load_checkpoint(a.weights / "tiny_decoder.safetensors", dtype=dtype)
+    dec = load_checkpoint(a.weights / "tiny_decoder.safetensors", dtype=dtype) if a.decoder == "tiny" else vae
     inputs = load_suite_inputs(a.inputs)
     sampling = dict(steps=a.steps) if a.sampler == "euler" else dict(timesteps=(1000, 750, 500, 250)[: a.steps])
-    name = f"{a.sampler}{a.steps}_{'_'.join(map(str, a.seeds))}_{str(dtype).replace('torch.', '')}"
+    name = f"{a.sampler}{a.steps}_{'_'.join(map(str, a.seeds))}_{str(dtype).replace('torch.', '')}_{a.decoder}"
     out = a.out or Path(__file__).parent / "results" / f"cache_mode_quality_{name}_cpu.json"
     res = dict(machine=describe(), sampler=a.sampler, steps=a.steps, seeds=a.seeds, dtype=str(dtype), modes={})
+    res["decoder"] = a.decoder
     res["loadavg_start"] = loadavg()
     for mode in a.modes:
         cfg = stream_config(dit, sampler=a.sampler, cache_mode=mode, **sampling)
-        avatar = Avatar(dit, vae, tiny, cfg)
+        avatar = Avatar(dit, vae, dec, cfg)
 
         def generate(reference: np.ndarray, clip, avatar=avatar) -> np.ndarray:
             c = inputs["clips"][clip.seed]

@@ -158,3 +158,24 @@ def test_cli_generate(tiny_weights, tmp_path, capsys):
         == 0
     )
     assert '"frames"' in capsys.readouterr().out and len(read_video(tmp_path / "y.mp4").frames) > 10
+
+
+def test_paced_stream_and_a_reference_encoded_once(tiny_weights):
+    from talkstream.stream.pacing import PacingStats
+
+    av = Avatar.from_pretrained(tiny_weights, size=32, steps=1)
+    calls = []
+    encode = av.vae.encode
+    av.vae.encode = lambda x: calls.append(1) or encode(x)
+    runs = []
+    for pace in (True, False):
+        live = LiveAudio(wait=0.01)
+        live.push(np.zeros(8000, np.float32))
+        live.close()
+        pacing = PacingStats()
+        runs.append(list(av.stream(_face(), live, pace=pace, pacing=pacing)))
+        if pace:  # every frame released, none before its slot on the 25 FPS clock
+            assert len(pacing.released) == len(runs[-1]) > 0 and min(pacing.offsets) >= -1e-3
+    assert [f.index for f in runs[0]] == [f.index for f in runs[1]]
+    assert all((a.image == b.image).all() for a, b in zip(*runs))  # pacing changes when, not what
+    assert len(calls) == 1  # the second stream of the same face reused its latent

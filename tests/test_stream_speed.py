@@ -233,3 +233,23 @@ def test_stream_dtype_follows_the_device_and_the_cpu():
             set_threads(0)
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("anchor", ["reference", "anchor_heavy", "rolling_sink"])
+@pytest.mark.parametrize("cache_mode", ["commit", "timestep_forcing"])
+def test_the_prepared_runner_streams_what_the_plain_passes_stream(models, anchor, cache_mode):
+    dit, vae = models
+    cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500), anchor=anchor)
+    cfg = StreamConfig(**{**cfg.__dict__, "cache_mode": cache_mode, "first_chunk": 1})
+    plain, frames_plain, *_ = _stream(dit, vae, cfg, 5)
+    fast, frames_fast, *_ = _stream(dit, vae, StreamConfig(**{**cfg.__dict__, "runner": "prepared"}), 5)
+    assert fast.runner is not None and plain.runner is None
+    for layer in (0, len(dit.blocks) - 1):  # the caches match ...
+        torch.testing.assert_close(fast.cache.k[layer], plain.cache.k[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.cache.v[layer], plain.cache.v[layer], atol=1e-5, rtol=1e-5)
+    # ... and so do the frames (uint8: at most one level apart where a float lands on a rounding edge)
+    a = np.stack([f for _, f in frames_plain]).astype(int)
+    b = np.stack([f for _, f in frames_fast]).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    with pytest.raises(ValueError, match="runner"):
+        StreamConfig(runner="turbo")

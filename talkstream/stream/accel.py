@@ -10,6 +10,7 @@ slower than fp32, so ``stream_dtype`` answers fp32 there.
 from __future__ import annotations
 
 import os
+import types
 from functools import lru_cache
 
 import torch
@@ -76,10 +77,15 @@ def set_threads(n: int | None = None) -> int:
 
 def compile_dit(dit, dynamic: bool = False) -> None:
     """``torch.compile`` (inductor) the dense parts around attention of every block, in place (attention stays on
-    SDPA). The first calls of each new shape compile (seconds to minutes on CPU): warm up before streaming."""
+    SDPA). One compiled function per part serves every block (their parameters are its inputs), so a shape compiles
+    once, not once per block. The first call of each new shape compiles (seconds to minutes): warm up first."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    kind = type(dit.blocks[0])
+    pre = torch.compile(kind.pre_attention, dynamic=dynamic)
+    post = torch.compile(kind.post_attention, dynamic=dynamic)
     for block in dit.blocks:
-        block.compile_parts(dynamic=dynamic)
+        block.pre_attention = types.MethodType(pre, block)
+        block.post_attention = types.MethodType(post, block)
 
 
 __all__ = ["cpu_flags", "cpu_has_bf16", "compile_dit", "physical_cores", "set_threads", "stream_dtype"]

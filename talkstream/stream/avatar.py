@@ -11,6 +11,7 @@ When the audio source has nothing to give (an empty chunk), the avatar keeps goi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import queue
 import time
@@ -33,6 +34,7 @@ from .prompts import PromptTrack
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 BUNDLED_REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference.png"
+REFERENCE_CACHE = 8  # reference latents an Avatar keeps (one per face it streams)
 MIN_SIDE = 16
 MAX_PIXELS = 200_000_000
 
@@ -221,6 +223,7 @@ class Avatar:
         self.decoder = decoder if decoder is not None else vae
         self.cfg = cfg or stream_config(dit)
         self._whisper = self._text = None
+        self._references: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def from_pretrained(
@@ -274,11 +277,24 @@ class Avatar:
     def _engine(self, image, prompt: str | None, text=None, text_mask=None) -> StreamEngine:
         ref = load_reference(image, self.size)
         text, mask = (text, text_mask) if text is not None else self._prompt(prompt)
-        with torch.no_grad():
-            z_ref = self.vae.encode(frames_to_video(ref[None], self.size).to(self.device))
+        z_ref = self.reference_latent(ref)
         engine = StreamEngine(self.dit, self.decoder, self.cfg, self.device)
         engine.start(z_ref, text, mask)
         return engine
+
+    def reference_latent(self, ref: np.ndarray) -> torch.Tensor:
+        """The VAE latent of a reference frame (uint8 [size, size, 3]), encoded once per distinct image: a
+        conversation's later requests with the same face skip the encoder (``REFERENCE_CACHE`` images kept)."""
+        key = hashlib.sha1(ref.tobytes()).hexdigest()
+        if key not in self._references:
+            with torch.no_grad():
+                z = self.vae.encode(frames_to_video(ref[None], self.size).to(self.device))
+            self._references[key] = z
+            while len(self._references) > REFERENCE_CACHE:
+                self._references.pop(next(iter(self._references)))
+        else:
+            self._references[key] = self._references.pop(key)  # most recently used last
+        return self._references[key]
 
     def _feed(self) -> AudioFeed:
         lb, la = audio_span(self.dit)

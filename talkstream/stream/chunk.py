@@ -22,6 +22,7 @@ from ..diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
 from ..diffusion.samplers import guided_velocity
 from ..models.dit import WanDiT
 from ..models.kv_cache import KVCache
+from .runner import ChunkRunner
 
 SAMPLERS = ("euler", "few_step")
 CACHE_MODES = ("commit", "timestep_forcing")
@@ -68,19 +69,37 @@ def denoise_chunk(
     sampler: str = "few_step",
     audio_guidance: float = 1.0,
     cache_mode: str = "commit",
+    runner: ChunkRunner | None = None,
 ) -> torch.Tensor:
     """noise [B, C, k, h, w] at sigmas[0] -> clean chunk (``sigmas`` ends with 0). With ``commit`` the chunk enters
-    the cache as ``cache_mode`` says (module docstring)."""
+    the cache as ``cache_mode`` says (module docstring). ``runner`` (``stream.runner``): the passes run against a
+    context prepared once for the chunk (and replayed as a CUDA graph); without audio guidance only."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"unknown cache_mode {cache_mode!r}; choose one of {CACHE_MODES}")
     forcing = commit and cache_mode == "timestep_forcing"
     n = len(sigmas) - 1
+    if runner is not None and (audio_guidance == 1.0 or audio is None):
+        runner.begin(cache, noise.shape, context, context_mask, audio)
+
+        def velocity(x, sigma, commit):
+            return runner.forward(x, sigma * NUM_TRAIN_TIMESTEPS, cache, commit=commit)
+
+        def commit_pass(x0):
+            runner.forward(x0, 0.0, cache, commit=True)
+    else:
+
+        def velocity(x, sigma, commit):
+            return chunk_velocity(model, cache, x, sigma, context, audio, context_mask, audio_guidance, commit=commit)
+
+        def commit_pass(x0):
+            model.forward_chunk(x0, 0.0, cache, context, audio, commit=True, context_mask=context_mask)
+
     x = x0 = noise
     for i in range(n):
         last = forcing and i == n - 1
-        v = chunk_velocity(model, cache, x, sigmas[i], context, audio, context_mask, audio_guidance, commit=last)
+        v = velocity(x, sigmas[i], last)
         if sampler == "euler":
             x = x0 = x + (sigmas[i + 1] - sigmas[i]) * v
             continue
@@ -89,5 +108,5 @@ def denoise_chunk(
             fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = add_noise(x0, fresh, sigmas[i + 1])
     if commit and not forcing:
-        model.forward_chunk(x0, 0.0, cache, context, audio, commit=True, context_mask=context_mask)
+        commit_pass(x0)
     return x0

@@ -34,6 +34,7 @@ from ..diffusion.flow import add_noise, euler_sigmas, reference_sigmas, sigmas_f
 from ..models.dit import WanDiT
 from ..models.vae import CausalVAE, FeatureCache, TinyDecoder
 from .chunk import CACHE_MODES, SAMPLERS, denoise_chunk
+from .runner import RUNNERS, ChunkRunner
 
 FPS = 25
 FEATURE_RATE = 50  # Whisper encoder frames per second
@@ -64,6 +65,8 @@ class StreamConfig:
     # carries on from chunk to chunk instead of returning to the reference's)
     cache_mode: str = "commit"  # what enters the KV cache: "commit" (the clean chunk, one extra pass) or
     # "timestep_forcing" (the last denoising step's own keys/values, no extra pass): stream.chunk's docstring
+    runner: str = "plain"  # "prepared": each chunk's context keys rotated once into per-layer buffers (no per-pass
+    # concatenation); "graphs" (CUDA): that, replayed as a CUDA graph once the window is full (stream.runner)
     first_chunk: int = 0  # latent frames of the first chunk (0: ``chunk``); 1 shows the first frame after one
     # latent's work (the VAE's first latent is one video frame alone)
     seed: int = 0
@@ -81,6 +84,8 @@ class StreamConfig:
             raise ValueError(f"reference_init must be in (0, 1], got {self.reference_init}")
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose one of {CACHE_MODES}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"unknown runner {self.runner!r}; choose one of {RUNNERS}")
         if self.first_chunk < 0:
             raise ValueError(f"first_chunk must be >= 0 (0: the chunk size), got {self.first_chunk}")
         if self.start_from not in START_FROM:
@@ -229,6 +234,10 @@ class StreamEngine:
         self.last_audio: torch.Tensor | None = None
         self.last_latent: torch.Tensor | None = None
         self.refinements = 0
+        if getattr(self, "runner", None) is None:  # kept across restarts: a warm-up's captured graph stays valid
+            graphs = c.runner == "graphs" and str(self.device).startswith("cuda")
+            use = c.runner != "plain" and ChunkRunner.supports(self.dit)
+            self.runner = ChunkRunner(self.dit, graphs=graphs) if use else None
         sinks = self.reference.repeat(1, 1, c.anchor_copies, 1, 1) if c.anchor == "anchor_heavy" else self.reference
         self._set_sinks(sinks)
 
@@ -248,14 +257,18 @@ class StreamEngine:
         return self.cfg.chunk_size(self.n_chunks)
 
     @torch.no_grad()
-    def warm_up(self) -> float:
-        """Run a throw-away first chunk and a full one (and their decode) so that kernels, allocators and any
-        compiled code are ready before the first request; the stream then starts again from scratch (same seed,
-        same state as after ``start``). Call after ``start``; returns the seconds spent."""
+    def warm_up(self, chunks: int | None = None) -> float:
+        """Run ``chunks`` throw-away chunks (and their decode) so that kernels, allocators, compiled code and CUDA
+        graphs are ready before the first request; the stream then starts again from scratch (same seed, same state
+        as after ``start``). Default: a first chunk and a full one, or with CUDA graphs until the window is full
+        and one more. Call after ``start``; returns the seconds spent."""
         t0 = time.perf_counter()
         state = (self.reference, self.text, self.text_mask, self.sinks)
         decode = ChunkDecoder(self.decoder)
-        for _ in range(2):
+        if chunks is None:
+            full = self.runner is not None and self.runner.graphs
+            chunks = 2 + -(-self.cfg.cache_window // self.cfg.chunk) if full else 2
+        for _ in range(chunks):
             k = self.chunk_size
             audio = torch.zeros(k, self.dit.cfg.audio_tokens_per_frame, self.dit.cfg.audio_dim)
             decode(self.next_chunk(audio).latents)
@@ -288,6 +301,7 @@ class StreamEngine:
             sampler=c.sampler,
             audio_guidance=c.audio_guidance,
             cache_mode=c.cache_mode,
+            runner=self.runner,
         )
         self.last_audio, self.last_latent = a, z[:, :, -1:]
         chunk = Chunk(self.n_chunks, z, 0 if self.next_latent == 0 else 1 + (self.next_latent - 1) * 4)
