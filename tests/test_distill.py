@@ -121,6 +121,11 @@ def test_rollout_gradient_flows_only_through_the_exit_step():
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
         assert student.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
         student.zero_grad(set_to_none=True)
+    # only the chunks of the scored latents keep the exit step's gradient (the others keep no activations)
+    calls.clear()
+    out = rollout(student, noise, sig, 1, audio, ref, text, chunk=3, cache_window=3, grad_latents=(4, 6))
+    assert [c[1] for c in calls] == [False, False, False] + [False, True, False]
+    assert out.requires_grad
     with pytest.raises(ValueError, match="exit_step"):
         rollout(student, noise, sig, 4, audio, ref, text)
 

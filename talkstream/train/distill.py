@@ -6,7 +6,8 @@ half the samples get clean context chunks before the noisy ones, as the stream's
 
 ``dmd``: per generator update, ``critic_ratio`` critic updates, each on a fresh rollout (no gradient) with the
 flow loss; then one generator update on a rollout that keeps the gradient of its random exit step
-(``rollout.rollout``), scored on a random teacher-sized window (``score_window`` latents: the bidirectional
+(``rollout.rollout``; only the chunks of the scored window keep activations), scored on a random teacher-sized
+window (``score_window`` latents: the bidirectional
 teacher was trained on 9-latent windows only, so a 21-latent rollout is scored where the teacher is defined, and
 the random position puts the student's late chunks, which see their own earlier output, under the loss as often as
 its first). AdamW with ``betas`` ((0, 0.999) in the DMD configs), gradient clipping, EMA of the generator. Under
@@ -272,7 +273,7 @@ class DMDTrainer:
     def _batch(self) -> dict:
         return self.bank.sample(self.gen, self.cfg.batch, self.cfg.rollout_latents)
 
-    def _rollout(self, b: dict, exit_step: int) -> torch.Tensor:
+    def _rollout(self, b: dict, exit_step: int, grad_latents: tuple[int, int] | None = None) -> torch.Tensor:
         c = self.cfg
         noise = torch.randn(b["x0"].shape, generator=self.gen).to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
@@ -290,12 +291,20 @@ class DMDTrainer:
                 anchor=c.anchor,
                 anchor_copies=c.anchor_copies,
                 context_noise=c.context_noise,
+                grad_latents=grad_latents,
             )
         return x.float()
 
-    def _window(self, x: torch.Tensor, b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _window(
+        self, x: torch.Tensor, b: dict, start: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scored window of each rollout (a random start per sample, or ``start`` for all) with its audio, and
+        the score's noise levels."""
         c = self.cfg
-        starts = score_windows(x.shape[2], c.score_window, x.shape[0], self.gen, self.device)
+        if start is None:
+            starts = score_windows(x.shape[2], c.score_window, x.shape[0], self.gen, self.device)
+        else:
+            starts = torch.full((x.shape[0],), start, device=self.device)
         sigma = score_sigmas(
             x.shape[0], c.timestep_shift, c.score_sigma_min, c.score_sigma_max, self.gen, self.device
         ).to(self.device)
@@ -332,8 +341,10 @@ class DMDTrainer:
         c = self.cfg
         b = self._batch()
         exit_step = self._exit_step(-1)
-        x = self._rollout(b, exit_step)
-        xw, audio, sigma = self._window(x, b)
+        # one scored window for the batch, drawn first: only its chunks keep activations for the backward pass
+        start = int(score_windows(c.rollout_latents, c.score_window, 1, self.gen)[0])
+        x = self._rollout(b, exit_step, (start, start + c.score_window))
+        xw, audio, sigma = self._window(x, b, start)
         text, ref = b["text"].float(), b["ref"].float()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             xt = add_noise(xw.detach(), torch.randn_like(xw), sigma)

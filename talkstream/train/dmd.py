@@ -31,7 +31,7 @@ def score_sigmas(
     clamped to [lo, hi] (away from 0, where both scores agree, and 1, where neither sees the sample)."""
     if not 0 < lo < hi < 1:
         raise ValueError(f"need 0 < lo < hi < 1, got {lo}, {hi}")
-    u = torch.rand(n, generator=generator, device=device)
+    u = torch.rand(n, generator=generator)  # (a CPU generator: the draws are the same on every device)
     return shift_sigma(u, shift).float().clamp(lo, hi).to(device)
 
 

@@ -56,12 +56,15 @@ def rollout(
     anchor_copies: int = 3,
     context_noise: float = 0.0,
     generator: torch.Generator | None = None,
+    grad_latents: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Roll the student out over ``noise`` [B, C, L, h, w] (pure noise: the student's first level is 1) and return
     its clean latents [B, C, L, h, w]. ``sigmas``: the student's levels ending at 0; ``exit_step`` in [0, steps):
     the step whose prediction is each chunk's output (the only forward with gradient, when gradients are enabled).
     ``audio`` [B, L, Na, A] windows; ``ref`` [B, C, 1, h, w] the reference latent; ``context_noise`` > 0 noises
-    each clean chunk to that sigma before its cache pass (history corruption)."""
+    each clean chunk to that sigma before its cache pass (history corruption). ``grad_latents`` (start, end): only
+    the chunks that overlap these latents keep the exit step's gradient (the ones the loss will score: the activations
+    of the others are not kept, which bounds the rollout's memory by the scored window, not the rollout's length)."""
     steps = len(sigmas) - 1
     if not 0 <= exit_step < steps:
         raise ValueError(f"exit_step must be in [0, {steps}), got {exit_step}")
@@ -74,9 +77,10 @@ def rollout(
         x = noise[:, :, c0 : c0 + chunk]
         a = None if audio is None else audio[:, c0 : c0 + chunk]
         x0 = x
+        scored = grad_latents is None or (c0 < grad_latents[1] and c0 + chunk > grad_latents[0])
         for k in range(exit_step + 1):
             t = sigmas[k] * NUM_TRAIN_TIMESTEPS
-            with torch.set_grad_enabled(grad and k == exit_step):
+            with torch.set_grad_enabled(grad and scored and k == exit_step):
                 v = student.forward_chunk(x, t, cache, text, a, context_mask=text_mask)
                 x0 = x0_from_velocity(x, v, sigmas[k])
             if k < exit_step:

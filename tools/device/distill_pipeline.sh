@@ -59,26 +59,30 @@ start)
 unpack)  # FILE DIR: a tar.gz of weights (gzip gets bf16 weights to ~78%)
   mkdir -p "$2"
   python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2] + '.part', filter='data')" "$1" "$2" &&
-    mv "$2".part/* "$2"/ && rmdir "$2".part && ls -la "$2"
-  tail -n 5 "$R/stages.txt" 2>/dev/null ;;
+    mv "$2".part/* "$2"/ && rmdir "$2".part && ls -la "$2" || exit 1
+  tail -n 5 "$R/stages.txt" 2>/dev/null; exit 0 ;;  # (its exit code is the unpacking's: `unpack ... && start`)
 run)
   T0=$SECONDS
   wait_for data/t0/teacher.safetensors.index.json data/keep/vae.safetensors.index.json
   echo "$(date +%T) weights here after $((SECONDS - T0)) s" >> "$R/stages.txt"
-  train ode_pairs runs/ode_pairs
-  wait_for data/init/causal.safetensors.index.json
-  train ode_init runs/ode_init init=data/init/causal.safetensors time_budget="${ODE_S:-180}"
+  if [ -z "${FROM_DMD:-}" ]; then  # FROM_DMD=1: the pairs and the ODE-init student are here already
+    train ode_pairs runs/ode_pairs n_pairs="${PAIRS:-1536}"
+    wait_for data/init/causal.safetensors.index.json
+    train ode_init runs/ode_init init=data/init/causal.safetensors time_budget="${ODE_S:-180}"
+  fi
   [ -f runs/ode_init/student.safetensors.index.json ] || { echo "no ODE-init student" >> "$R/stages.txt"; touch "$R/DONE"; exit 1; }
   budget=${DMD_S:-270}
-  train distill_sf runs/dmd_sf4 time_budget="$budget" &
-  train distill_livetalk runs/dmd_lt4 time_budget="$budget" &
-  train distill_sf runs/dmd_sf2 time_budget="$budget" "student_timesteps=[1000, 500]" &
-  train distill_livetalk runs/dmd_lt2 time_budget="$budget" "student_timesteps=[1000, 500]" &
+  runs=${DMD_RUNS:-sf4 lt4 sf2 lt2}  # side by side on the GPU (an H100's 80 GB held two of batch 8, not four of 24)
+  for r in $runs; do
+    config=distill_sf; [ "${r:0:2}" = lt ] && config=distill_livetalk
+    steps=(); [ "${r:2}" = 2 ] && steps=("student_timesteps=[1000, 500]")
+    train $config "runs/dmd_$r" time_budget="$budget" batch="${DMD_BATCH:-24}" "${steps[@]}" &
+  done
   wait
-  jobs=()
-  for spec in "ode_init 0" "ode_init 1" dmd_sf4 dmd_lt4 dmd_sf2 dmd_lt2; do
+  for spec in "ode_init ${ODE_SEEDS:-0 1}" $(for r in $runs; do echo "dmd_$r"; done); do
     read -r name one <<< "$spec"
     for seed in ${one:-0 1 2 3}; do
+      [ -f "$R/suite_${name}_s$seed.json" ] && continue  # (done by an earlier start)
       while [ "$(jobs -rp | wc -l)" -ge "${SUITE_PAR:-6}" ]; do sleep 1; done
       suite "runs/$name/student.safetensors" "$name" "$seed" &
     done
