@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -156,6 +157,11 @@ def main() -> None:
             r = case(model, decoders[name], name, cfg, a.device, a.size, a.chunks, a.text_len)
             res["results"].append(dict(r, compiled=compiled))
             write()
+    if "first_chunk" in StreamConfig.__dataclass_fields__:  # a variant: a first chunk of 1 latent (not LiveTalk)
+        short = replace(cfg, first_chunk=1)
+        r = case(model, decoders["taehv"], "taehv", short, a.device, a.size, a.chunks, a.text_len)
+        res["results"].append(dict(r, compiled=a.compile != "no", variant="first chunk of 1 latent frame"))
+        write()
 
 
 if __name__ == "__main__":
