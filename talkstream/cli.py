@@ -248,7 +248,7 @@ def _pack(args) -> None:
 
 # Stages that own their subcommands: each module has ``register(sub)`` that adds its parser(s) to ``sub`` and imports
 # its heavy dependencies only when its command runs (``talkstream --help`` stays fast).
-COMMAND_MODULES: tuple[str, ...] = ("talkstream.eval.bench_cli",)
+COMMAND_MODULES: tuple[str, ...] = ("talkstream.eval.bench_cli", "talkstream.serve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

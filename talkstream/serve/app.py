@@ -1,0 +1,342 @@
+"""The ASGI app: the page, a few JSON endpoints and one WebSocket per conversation.
+
+    app = build_app(ServeConfig(...))            # models load once, when the app starts
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Models are shared by all sessions (the avatar's weights, Whisper, the LLM, the voices); each session has its own
+avatar stream, VAD state, history and queues, and everything it holds is freed when its socket closes. A malformed
+message is answered with an ``error`` message and the session goes on; a session's failure never reaches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..agent.avatar_loop import MediaFrame
+from ..agent.conversation import Conversation, ConversationConfig, Event
+from ..media import MediaError
+from ..stream.engine import FPS
+from . import protocol as P
+
+STATIC = Path(__file__).resolve().parent / "static"
+REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference.png"
+WORLD_FACES = {"ada": 11, "ben": 23, "cleo": 37}  # bundled faces rendered from these world identities
+log = logging.getLogger("talkstream.serve")
+
+
+@dataclass
+class ServeConfig:
+    weights: str | None = None  # a folder with causal/vae(/tiny_decoder) safetensors; default: the embedded model
+    device: str = "cpu"
+    size: int = 256
+    decoder: str = "tiny"  # the tiny decoder: ~30x the VAE decoder's speed for 1.2 dB
+    image: str | None = None  # the default reference image (a path); default: the bundled reference
+    llm_url: str | None = None  # an OpenAI-compatible chat endpoint; None: the local GGUF model (llama.cpp)
+    llm_model: str = "default"
+    llm_api_key: str | None = None
+    llm_timeout: float = 10.0  # seconds to the first token before the avatar apologises
+    audio_chat_url: str | None = None  # an audio-native endpoint (speech in, speech + text out): no ASR/TTS here
+    voice: str = "piper"  # piper | espeak (the default voice; a session may pick another)
+    max_sessions: int = 4
+    upload_bytes: int = 8_000_000
+    jpeg_quality: int = 80
+    stream_options: dict = field(default_factory=dict)  # StreamConfig fields for the avatar (steps, anchor, ...)
+
+
+class Models:
+    """What every session shares, loaded once (heavy imports happen here, not at import time)."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        from ..agent.tts import VOICES, EspeakTTS
+        from ..stream.avatar import Avatar, load_reference
+
+        self.cfg = cfg
+        t = time.perf_counter()
+        self.avatar = Avatar.from_pretrained(
+            cfg.weights, device=cfg.device, decoder=cfg.decoder, size=cfg.size, **cfg.stream_options
+        )
+        self.avatar.whisper  # noqa: B018 (load the audio encoder now, not in the first session)
+        self.avatar._prompt("speaks calmly")  # and the text encoder
+        self.images: dict[str, np.ndarray] = {"reference": load_reference(cfg.image or REFERENCE, cfg.size)}
+        self.images.update(self._world_faces(cfg.size))
+        self.uploads: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.voices: tuple[str, ...] = () if cfg.audio_chat_url else VOICES
+        self._tts: dict = {}
+        self.fallback_tts = EspeakTTS()
+        self.asr = None
+        if cfg.audio_chat_url:
+            from ..agent.audio_chat import AudioChatLLM
+
+            self.llm = AudioChatLLM(cfg.audio_chat_url, cfg.llm_model, api_key=cfg.llm_api_key)
+        else:
+            from ..agent.asr import WhisperASR
+
+            self.asr = WhisperASR()
+            if cfg.llm_url:
+                from ..agent.llm import OpenAIChatLLM
+
+                self.llm = OpenAIChatLLM(
+                    cfg.llm_url, cfg.llm_model, cfg.llm_api_key, first_token_timeout=cfg.llm_timeout
+                )
+            else:
+                from ..agent.llm import LlamaCppLLM
+
+                self.llm = LlamaCppLLM()
+            self.tts(cfg.voice)
+        self.load_s = time.perf_counter() - t
+
+    @staticmethod
+    def _world_faces(size: int) -> dict[str, np.ndarray]:
+        from ..world.identity import Identity
+        from ..world.render import render_frame
+
+        return {name: render_frame(Identity.sample(seed), size=size) for name, seed in WORLD_FACES.items()}
+
+    def tts(self, voice: str | None):
+        from ..agent.tts import make_tts
+
+        voice = voice or self.cfg.voice
+        if voice not in self._tts:
+            self._tts[voice] = make_tts(voice)
+        return self._tts[voice]
+
+    def image(self, name: str) -> np.ndarray:
+        if name.startswith("upload:"):
+            img = self.uploads.get(name[7:])
+        else:
+            img = self.images.get(name)
+        if img is None:
+            raise P.ProtocolError("image", f"no image {name!r}; bundled: {sorted(self.images)}, or upload one")
+        return img
+
+    def add_upload(self, data: bytes) -> str:
+        from ..stream.avatar import load_reference
+
+        img = load_reference(data, self.cfg.size)  # MediaError for anything that is not a usable picture
+        key = secrets.token_hex(8)
+        self.uploads[key] = img
+        while len(self.uploads) > 64:
+            self.uploads.popitem(last=False)
+        return key
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Session:
+    """One WebSocket conversation."""
+
+    def __init__(self, ws, models: Models, sid: str) -> None:
+        self.ws, self.models, self.sid = ws, models, sid
+        self.conv: Conversation | None = None
+        self.rate = 16_000
+        self.sender: asyncio.Task | None = None
+        self.errors = 0
+
+    async def send_json(self, msg: dict) -> None:
+        await self.ws.send_text(json.dumps(msg))
+
+    async def error(self, code: str, message: str, **extra) -> None:
+        self.errors += 1
+        await self.send_json({"type": "error", "code": code, "message": message, **extra})
+
+    async def hello(self, msg: dict) -> None:
+        if self.conv is not None:
+            raise P.ProtocolError("hello_again", "this session has started already (one hello per session)")
+        m = self.models
+        h = P.parse_hello(msg, m.voices)
+        image = m.image(h.image)
+        tts = None if m.asr is None else m.tts(h.voice)
+        self.rate = h.sample_rate
+        self.conv = Conversation(
+            m.avatar, m.asr, m.llm, tts, image=image, cfg=ConversationConfig(), fallback_tts=m.fallback_tts
+        )
+        await self.conv.start()
+        self.sender = asyncio.create_task(self._send_loop())
+        await self.send_json(
+            dict(
+                type="ready",
+                version=P.VERSION,
+                session=self.sid,
+                fps=FPS,
+                sample_rate=16_000,
+                size=m.cfg.size,
+                voice=None if tts is None else tts.name,
+                llm=m.llm.name,
+                device=m.cfg.device,
+            )
+        )
+
+    async def _send_loop(self) -> None:
+        q = self.models.cfg.jpeg_quality
+        async for item in self.conv.frames():
+            if isinstance(item, MediaFrame):
+                data = await asyncio.to_thread(P.encode_frame, item.index, item.pts, item.image, item.audio, q)
+                await self.ws.send_bytes(data)
+            elif isinstance(item, Event):
+                await self.send_json(item.message())
+                if item.data.get("fatal"):
+                    await self.ws.close(1011)
+                    return
+
+    async def handle(self, message: dict) -> bool:
+        """One received WebSocket message; False when the session should end."""
+        if message.get("type") == "websocket.disconnect":
+            return False
+        text, data = message.get("text"), message.get("bytes")
+        try:
+            if text is not None:
+                msg = P.parse_control(text)
+                kind = msg["type"]
+                if kind == "hello":
+                    await self.hello(msg)
+                elif kind == "ping":
+                    await self.send_json({"type": "pong", "t": msg.get("t")})
+                elif kind == "bye":
+                    return False
+                elif self.conv is None:
+                    raise P.ProtocolError("no_hello", "send a hello message first")
+                elif kind == "text":
+                    typed = msg.get("text")
+                    if not isinstance(typed, str) or not typed.strip() or len(typed) > P.MAX_TYPED_CHARS:
+                        raise P.ProtocolError("bad_text", f"text must be 1-{P.MAX_TYPED_CHARS} characters")
+                    try:
+                        await self.conv.push_text(typed)
+                    except ValueError as e:
+                        raise P.ProtocolError("bad_text", str(e)) from None
+                elif kind == "interrupt":
+                    self.conv.interrupt()
+            elif data is not None:
+                audio = P.decode_audio(data)
+                if self.conv is None:
+                    raise P.ProtocolError("no_hello", "send a hello message before audio")
+                await self.conv.push_audio(audio, self.rate)
+        except P.ProtocolError as e:
+            await self.error(e.code, str(e))
+        except (MediaError, ValueError) as e:  # AudioFormatError included
+            await self.error("bad_input", str(e))
+        return True
+
+    async def close(self) -> None:
+        if self.conv is not None:
+            await self.conv.close()
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.sender
+
+
+def build_app(cfg: ServeConfig, models: Models | None = None):
+    """The Starlette app; ``models`` may be given (tests share one load between apps)."""
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Mount, Route, WebSocketRoute
+    from starlette.staticfiles import StaticFiles
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    state: dict = {"models": models, "sessions": {}}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if state["models"] is None:
+            state["models"] = await asyncio.to_thread(Models, cfg)
+            log.info("models loaded in %.1f s", state["models"].load_s)
+        yield
+        for s in list(state["sessions"].values()):
+            await s.close()
+
+    async def index(request):
+        return FileResponse(STATIC / "index.html")
+
+    async def info(request):
+        m: Models = state["models"]
+        return JSONResponse(
+            dict(
+                version=P.VERSION,
+                images=sorted(m.images),
+                voices=list(m.voices),
+                default_voice=None if not m.voices else cfg.voice,
+                llm=m.llm.name,
+                size=cfg.size,
+                device=cfg.device,
+                sessions=len(state["sessions"]),
+                max_sessions=cfg.max_sessions,
+            )
+        )
+
+    async def image(request):
+        name = request.path_params["name"]
+        img = state["models"].images.get(name)
+        if img is None:
+            return JSONResponse({"error": f"no bundled image {name!r}"}, status_code=404)
+        return Response(png_bytes(img), media_type="image/png")
+
+    async def upload(request):
+        size = int(request.headers.get("content-length") or 0)
+        if size > cfg.upload_bytes:
+            return JSONResponse({"error": f"image over {cfg.upload_bytes} bytes"}, status_code=413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cfg.upload_bytes:
+                return JSONResponse({"error": f"image over {cfg.upload_bytes} bytes"}, status_code=413)
+        try:
+            key = await asyncio.to_thread(state["models"].add_upload, body)
+        except MediaError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse({"id": f"upload:{key}"})
+
+    async def session(ws: WebSocket):
+        await ws.accept()
+        sessions = state["sessions"]
+        if len(sessions) >= cfg.max_sessions:
+            await ws.send_text(json.dumps({"type": "busy", "message": "all sessions are taken; try again later"}))
+            await ws.close(1013)
+            return
+        sid = secrets.token_hex(6)
+        s = Session(ws, state["models"], sid)
+        sessions[sid] = s
+        try:
+            while await s.handle(await ws.receive()):
+                pass
+        except WebSocketDisconnect:
+            pass
+        except Exception as e:  # a bug in one session ends that session with a message, never the server
+            log.exception("session %s failed", sid)
+            with contextlib.suppress(Exception):
+                await s.error("internal", f"{type(e).__name__}: {e}", fatal=True)
+        finally:
+            sessions.pop(sid, None)
+            await s.close()
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/images/{name}.png", image),
+        Route("/api/images", upload, methods=["POST"]),
+        WebSocketRoute("/ws", session),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.talkstream = state
+    return app
+
+
+__all__ = ["Models", "ServeConfig", "Session", "build_app"]
