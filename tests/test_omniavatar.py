@@ -314,3 +314,36 @@ def test_published_pipeline_end_to_end_on_cpu_at_a_tiny_size(tmp_path):
     )
     video = read_video(tmp_path / "o.mp4")
     assert res["frames"] == 17 and res["model_fps"] == 16 and round(video.fps) == 16 and len(video.frames) == 17
+
+
+def test_prepared_runner_streams_the_layout_as_the_plain_passes():
+    """stream.runner's prepared context (rotated once per chunk) takes the OmniAvatar conditioning through
+    WanDiT.chunk_input / chunk_velocity: the same latents as forward_chunk, the first frame held, sinks filled."""
+    from dataclasses import replace
+
+    from talkstream.models.vae import TinyDecoder
+    from talkstream.stream.engine import StreamConfig, StreamEngine
+
+    if "runner" not in StreamConfig.__dataclass_fields__:
+        pytest.skip("this engine has no runner option")
+    m = _tiny()
+    dec = TinyDecoder(TinyDecoderConfig(latent_dim=16, channels=8)).eval()
+    cfg = StreamConfig(
+        chunk=3,
+        window=3,
+        sampler="few_step",
+        timesteps=(1000, 936, 832, 624),
+        timestep_shift=1.0,
+        anchor="anchor_heavy",
+        anchor_copies=9,
+    )
+    ref, text = torch.randn(1, 16, 1, 8, 8), torch.randn(1, 7, m.cfg.text_dim)
+    audio = torch.randn(3, 4, m.cfg.audio_dim)
+    runs = {}
+    for runner in ("plain", "prepared"):
+        eng = StreamEngine(m, dec, replace(cfg, runner=runner))
+        eng.start(ref, text)
+        runs[runner] = [eng.next_chunk(audio).latents for _ in range(6)]
+        assert eng.cache.sink_ids == list(range(9)) and eng.cache.n_context == 3
+    assert (eng.runner is not None) and all((a - b).abs().max() < 1e-4 for a, b in zip(runs["plain"], runs["prepared"]))
+    assert (runs["prepared"][0][:, :, 0] - ref[:, :, 0]).abs().max() < 1e-5

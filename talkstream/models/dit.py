@@ -352,6 +352,19 @@ class WanDiT(nn.Module):
         v0 = torch.where(sigma > 0, v0, torch.zeros_like(v0))
         return torch.cat([v0.to(v.dtype), v[:, :, 1:]], dim=2)
 
+    def chunk_input(self, x: torch.Tensor, reference: torch.Tensor | None, first_frame: int) -> torch.Tensor:
+        """The patch embedding's input for a streamed chunk whose first frame is the stream's ``first_frame``: ``x``
+        itself, or in the OmniAvatar layout ``x`` conditioned on the reference (``condition``)."""
+        return self.condition(x, reference, first_frame) if self.cfg.omniavatar else x
+
+    def chunk_velocity(
+        self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, reference: torch.Tensor | None, first_frame: int
+    ) -> torch.Tensor:
+        """A streamed chunk's velocity as the sampler takes it (OmniAvatar layout: the stream's frame 0 held)."""
+        if self.cfg.omniavatar and first_frame == 0:
+            return self._hold_first_frame(v, x, reference, t)
+        return v
+
     def embed_frames(self, x: torch.Tensor) -> tuple[torch.Tensor, _Grid]:
         """[B, C, F, H, W] latents -> [B, F, S, D] tokens."""
         h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, D, F, H', W']
@@ -547,20 +560,14 @@ class WanDiT(nn.Module):
         B, _, Fr = x.shape[:3]
         t = self._timesteps(t, B, Fr, x.device)
         first = cache.next_frame
-        if self.cfg.omniavatar:
-            tokens, grid = self.embed_frames(self.condition(x, cache.reference, first))
-        else:
-            tokens, grid = self.embed_frames(x)
+        tokens, grid = self.embed_frames(self.chunk_input(x, cache.reference, first))
         if cache.ref_tokens is not None:
             tokens = tokens + cache.ref_tokens
         attend = _CachedAttention(cache, Fr, grid, self.cfg.head_dim, x.device, "commit" if commit else "read")
         out = self._run(tokens, grid, t, self.embed_text(context), context_mask, self.embed_audio(audio, Fr), attend, 0)
         if commit:
             cache.advance(Fr)
-        v = self.unpatchify(out, grid)
-        if self.cfg.omniavatar and first == 0:
-            v = self._hold_first_frame(v, x, cache.reference, t)
-        return v.to(x.dtype)
+        return self.chunk_velocity(self.unpatchify(out, grid), x, t, cache.reference, first).to(x.dtype)
 
 
 _ADDITIONS = ("audio_attn.", "audio_proj.", "audio_pos", "audio_embedding.", "ref_embedding.")

@@ -34,8 +34,8 @@ class ChunkRunner:
 
     @staticmethod
     def supports(model) -> bool:
-        """Models whose chunk pass is the plain one (OmniAvatar's conditioned input is not handled here)."""
-        return not getattr(model.cfg, "omniavatar", False)
+        """Every ``WanDiT`` layout (the OmniAvatar one conditions its input through ``WanDiT.chunk_input``)."""
+        return hasattr(model, "chunk_input")
 
     @torch.no_grad()
     def begin(
@@ -76,6 +76,7 @@ class ChunkRunner:
                 audio=None if audio_emb[0] is None else torch.empty_like(audio_emb[0]),
                 audio_emb=None if audio_emb[1] is None else torch.empty_like(audio_emb[1]),
                 ref=None if cache.ref_tokens is None else torch.empty_like(cache.ref_tokens),
+                reference=None if cache.reference is None else torch.empty_like(cache.reference),
             )
             self._key, self._graph = (key if steady else None), None
             self.grid, self.n_prev, self.k = grid, n_prev, k
@@ -86,6 +87,7 @@ class ChunkRunner:
             ("audio", audio_emb[0]),
             ("audio_emb", audio_emb[1]),
             ("ref", cache.ref_tokens),
+            ("reference", cache.reference),
         ):
             if st[name] is not None:
                 st[name].copy_(value)
@@ -94,7 +96,7 @@ class ChunkRunner:
             if ck is not None:
                 self.keys[layer][:, : n_prev * S].copy_(apply_rope(ck.flatten(1, 2), *self.ctx_rope))
                 self.vals[layer][:, : n_prev * S].copy_(cv.flatten(1, 2))
-        self.steady = steady
+        self.steady, self.first_frame = steady, cache.next_frame
 
     def _attend(self, layer: int, q, k, v):
         self.out_k[layer].copy_(k)
@@ -108,7 +110,7 @@ class ChunkRunner:
 
     def _pass(self) -> torch.Tensor:
         m, st = self.model, self.static
-        tokens, grid = m.embed_frames(st["x"])
+        tokens, grid = m.embed_frames(m.chunk_input(st["x"], st["reference"], self.first_frame))
         if st["ref"] is not None:
             tokens = tokens + st["ref"]
         out = m._run(tokens, grid, st["t"], st["text"], st["mask"], (st["audio"], st["audio_emb"]), self._attend, 0)
@@ -141,6 +143,7 @@ class ChunkRunner:
             v = self._out.clone()
         else:
             v = self._pass()
+        v = m.chunk_velocity(v, x, st["t"], st["reference"], self.first_frame)
         if commit:
             for layer in range(len(m.blocks)):
                 cache.append(layer, self.out_k[layer].clone(), self.out_v[layer].clone())
