@@ -205,3 +205,16 @@ def test_clear_errors():
         vae.encode(torch.zeros(1, 3, 1, 12, 16))
     with pytest.raises(WanVAEError, match="latents must be"):
         vae.decode(torch.zeros(1, 8, 1, 2, 2))
+
+
+def test_bench_decoders_runs_and_reports():
+    """The GPU benchmark's function, run small on the CPU in both dtypes it uses (numbers measured, not checked)."""
+    from talkstream.models.wan_vae import bench_decoders
+
+    for dtype in (torch.float32, torch.bfloat16):
+        res = bench_decoders("cpu", size=16, latents=2, dtype=dtype, repeats=1, warmup=False, vae=WanVAE(SMALL_CFG))
+        assert res["dtype"] == str(dtype).removeprefix("torch.")
+        for name in ("wan_vae", "taehv"):
+            assert res[name]["frames_per_chunk"] == 8  # 2 latents after the first: 4 frames each
+            assert res[name]["per_frame_ms"] > 0 and res[name]["per_frame_cpu_ms"] > 0
+        assert res["taehv_speedup"] > 0
