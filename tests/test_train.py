@@ -294,7 +294,7 @@ def test_every_shipped_training_config_loads():
     paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
     assert len(paths) >= 6
     stages = {TrainConfig.load(p).stage for p in paths}  # unknown keys or ill-typed values raise
-    assert stages == {"vae", "decoder", "teacher", "causal"}
+    assert stages == {"vae", "decoder", "teacher", "causal", "ode_pairs", "ode_init", "dmd"}
 
 
 def test_latent_map_fit_and_fold():

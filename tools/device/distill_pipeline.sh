@@ -3,16 +3,21 @@
 # side ({Self-Forcing, LiveTalk} settings x {4, 2} steps) -> held-out suites of every student -> GPU stream speed
 # -> the ship rule (tools/device/distill_rule.py) -> the chosen student handed back.
 #
-# The weights travel compressed (64 MiB a call: the tree without the tracked DiT / VAE weights is ~16 MB), one call
-# each, and the pipeline waits for what it needs:
-#   call 1 (carry .whl .carry data/distill_pack.npz data/suite_inputs.pkl):  bash tools/device/distill_pipeline.sh start
+# Here first: `bash tools/device/distill_pipeline.sh prep` (the pack of 400 clips x 3.5 s, ~5 min on 2 cores, the
+# suite's inputs, the renderer's wheel and libraries, the weights as .tar.gz in data/). The weights travel compressed
+# (64 MiB a call, and the tree itself must travel without the tracked teacher / causal / VAE files: ~12 MB), one
+# call each, and the pipeline waits for what it needs:
+#   call 1 (carry .whl .carry data/distill_pack.npz data/suite_inputs.pkl data/keep):
+#     bash tools/device/distill_pipeline.sh unpack data/keep/vae.tar.gz data/keep &&
+#       bash tools/device/distill_pipeline.sh start
 #   call 2 (carry data/carry_t0):    bash tools/device/distill_pipeline.sh unpack data/carry_t0/teacher.tar.gz data/t0
 #   call 3 (carry data/carry_init):  bash tools/device/distill_pipeline.sh unpack data/carry_init/causal.tar.gz data/init
-#   call 4 (carry data/keep):        bash tools/device/distill_pipeline.sh unpack data/keep/vae.tar.gz data/keep
 #   then:                            bash tools/device/distill_pipeline.sh wait SECONDS   (again until it says DONE)
 #   after DONE:                      bash tools/device/distill_pipeline.sh fetch NAME     (another run's student)
 # Make each call within the machine's idle release (30 s) of the last: a machine given back takes the runs with it.
-# Settings: DMD_S (DMD time budget, s; 270), ODE_S (ODE init, s; 180), SUITE_PAR (suites at once; 6).
+# Settings: DMD_S (DMD time budget, s; 270), ODE_S (ODE init, s; 180), PAIRS (1536), DMD_RUNS ("sf4 lt4 sf2 lt2"),
+# DMD_BATCH (rollouts per update, 8: four runs of 24 did not fit an H100's 80 GB), ODE_SEEDS (the ODE-init student's
+# suites; "0 1"), FROM_DMD=1 (pairs and ODE init are on the machine already), SUITE_PAR (suites at once; 6).
 set -uo pipefail
 mode=${1:-}; shift || true
 R=runs/distill
@@ -50,6 +55,18 @@ hand_back() {  # NAME: the student of runs/NAME, its large shards as files, the 
 }
 
 case $mode in
+prep)  # here (the machine with espeak-ng, Whisper and MiniLM): everything the calls carry
+  [ -f data/distill_pack.npz ] || python3 -m talkstream.cli train pack --out data/distill_pack.npz --clips 400 \
+    --seconds 3.5 --seed 11000
+  [ -f data/suite_inputs.pkl ] || python3 -m talkstream.cli eval suite --save-inputs data/suite_inputs.pkl --clips 4
+  ls .whl/skia_python-*.whl > /dev/null 2>&1 && [ -d .carry/lib ] || echo "make .whl and .carry with the first part of tools/device/device_prep.sh"
+  mkdir -p data/carry_t0 data/carry_init data/keep
+  for w in teacher:carry_t0 causal:carry_init vae:keep; do
+    name=${w%%:*} dir=data/${w#*:}
+    [ -f "$dir/$name.tar.gz" ] || (cd talkstream/weights && tar -cf - "$name"-0000?-of-0000?.safetensors \
+      "$name.safetensors.index.json" | gzip -6 > "../../$dir/$name.tar.gz")
+  done
+  du -sh data/distill_pack.npz data/suite_inputs.pkl data/carry_t0 data/carry_init data/keep .whl .carry ;;
 start)
   device_install && echo "renderer ok" || exit 3
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R/gpu.txt"
@@ -72,11 +89,11 @@ run)
   fi
   [ -f runs/ode_init/student.safetensors.index.json ] || { echo "no ODE-init student" >> "$R/stages.txt"; touch "$R/DONE"; exit 1; }
   budget=${DMD_S:-270}
-  runs=${DMD_RUNS:-sf4 lt4 sf2 lt2}  # side by side on the GPU (an H100's 80 GB held two of batch 8, not four of 24)
+  runs=${DMD_RUNS:-sf4 lt4 sf2 lt2}  # side by side on the GPU (an H100: four of batch 8 took 73 GB, four of 24 did not fit)
   for r in $runs; do
     config=distill_sf; [ "${r:0:2}" = lt ] && config=distill_livetalk
     steps=(); [ "${r:2}" = 2 ] && steps=("student_timesteps=[1000, 500]")
-    train $config "runs/dmd_$r" time_budget="$budget" batch="${DMD_BATCH:-24}" "${steps[@]}" &
+    train $config "runs/dmd_$r" time_budget="$budget" batch="${DMD_BATCH:-8}" "${steps[@]}" &
   done
   wait
   for spec in "ode_init ${ODE_SEEDS:-0 1}" $(for r in $runs; do echo "dmd_$r"; done); do
