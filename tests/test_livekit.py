@@ -286,9 +286,11 @@ def pairs(items: list) -> list[tuple[rtc.VideoFrame, rtc.AudioFrame | None, bool
     return [tuple(p) for p in out]
 
 
-def test_each_frame_carries_the_audio_it_was_drawn_from():
+@pytest.mark.parametrize("look_ahead", [6, 0])  # 0: a reply's last frame is made as soon as its padding arrives
+def test_each_frame_carries_the_audio_it_was_drawn_from(look_ahead):
     async def run():
-        gen = TalkstreamVideoGenerator(LiveAvatar(EchoAvatar(), REFERENCE, config=LiveConfig(idle_wait=0.02)))
+        live = LiveAvatar(EchoAvatar(look_ahead), REFERENCE, config=LiveConfig(idle_wait=0.02))
+        gen = TalkstreamVideoGenerator(live)
         rng = np.random.default_rng(0)
         first = (rng.standard_normal((4410 * 3, 2)) * 3000).astype(np.int16)  # 0.28 s, 48 kHz stereo: resampled
         second = (rng.standard_normal(16000) * 3000).astype(np.int16)  # 1 s at 16 kHz: passes bit-exact
@@ -298,7 +300,7 @@ def test_each_frame_carries_the_audio_it_was_drawn_from():
         for f in audio_frames(second):
             await gen.push_audio(f)
         await gen.push_audio(AudioSegmentEnd())
-        items = await collect(gen, segment_ends=2)
+        items = await asyncio.wait_for(collect(gen, segment_ends=2), 30)
         await gen.aclose()
         return items, second
 
@@ -329,10 +331,12 @@ def test_clear_buffer_drops_queued_speech_and_the_next_reply_plays():
             await gen.push_audio(f)
         items, speech_seen = [], 0
         it = gen.__aiter__()
-        while speech_seen < 10:  # ten frames of the long reply are out; more are queued
+        while speech_seen < 10:  # ten frames of the long reply are out
             item = await it.__anext__()
             items.append(item)
             speech_seen += isinstance(item, rtc.AudioFrame)
+        while live.queued < 8:  # and eight more are queued
+            await asyncio.sleep(0.01)
         gen.clear_buffer()
         cut = len(items)
         await gen.push_audio(AudioSegmentEnd())  # the interrupted reply's end arrives late: ignored
@@ -348,7 +352,7 @@ def test_clear_buffer_drops_queued_speech_and_the_next_reply_plays():
         return items, cut, long, after, live.frames_dropped
 
     items, cut, long, after, dropped = asyncio.run(run())
-    assert dropped > 0  # queued frames of the interrupted reply were thrown away
+    assert dropped == 8  # the queued frames of the interrupted reply were thrown away
     played = np.concatenate([np.frombuffer(i.data, np.int16) for i in items[:cut] if isinstance(i, rtc.AudioFrame)])
     assert np.array_equal(played, long[: len(played)])
     rest = np.concatenate([np.frombuffer(i.data, np.int16) for i in items[cut:] if isinstance(i, rtc.AudioFrame)])

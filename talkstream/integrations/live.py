@@ -6,6 +6,7 @@ the 40 ms of audio it was made from.
     live.end_segment()           # the reply is complete
     live.clear()                 # the user interrupted: queued speech and its frames are dropped
     async for f in live:         # MediaFrame: image, audio (None while idle), segment, last_of_segment
+        ...                      # (or, rarely, SegmentEnd: a segment's end that came after its last frame)
         ...
 
 The avatar (``Avatar.stream``) runs on a worker thread and never stops: without speech it is fed silence and
@@ -43,6 +44,14 @@ class MediaFrame:
     audio: np.ndarray | None  # int16 [640]: the speech this frame was made from; None while idle
     segment: int | None  # the speech segment the frame belongs to (None: idle)
     last_of_segment: bool = False  # the segment's last frame: its playback ends with this frame
+
+
+@dataclass
+class SegmentEnd:
+    """A segment's end when its last frame went out before the end was known (a model that needs no audio past a
+    frame); otherwise that frame's ``last_of_segment`` says it."""
+
+    segment: int
 
 
 @dataclass(frozen=True)
@@ -100,9 +109,13 @@ class _Timeline:
             self.audio = np.concatenate([self.audio, samples])
             self.seg = np.concatenate([self.seg, np.full(len(samples), -1 if seg is None else seg, np.int64)])
 
-    def end_segment(self, seg: int) -> None:
+    def end_segment(self, seg: int, at: int) -> bool:
+        """Mark where ``seg`` ends; False when its last frame was already taken (the model needed no audio past it)."""
         with self.lock:
-            self.seg_end[seg] = self.start + len(self.audio)
+            if self.start >= at:
+                return False
+            self.seg_end[seg] = at
+            return True
 
     def take(self, index: int) -> tuple[np.ndarray, int | None, bool]:
         """Frame ``index``'s samples (zeros where nothing was fed), its segment and whether the segment ends
@@ -137,7 +150,7 @@ class LiveAvatar:
         self.size = avatar.size
         self._lock = threading.Condition()
         self._in: queue.Queue = queue.Queue()
-        self._out: deque[MediaFrame] = deque()
+        self._out: deque[MediaFrame | SegmentEnd] = deque()
         self._open: int | None = None  # the segment that push() is adding to
         self._next_seg = 0
         self._cleared_below = 0  # segments with a smaller id were cleared
@@ -192,11 +205,17 @@ class LiveAvatar:
                 except queue.Empty:
                     break
             kept = deque(f for f in self._out if f.segment is None)
-            dropped = len(self._out) - len(kept)
+            dropped = sum(isinstance(f, MediaFrame) for f in self._out) - len(kept)
             self._out = kept
             self.frames_dropped += dropped
             self._lock.notify_all()
         return dropped
+
+    @property
+    def queued(self) -> int:
+        """Frames made and not yet taken (at most ``max_lead``)."""
+        with self._lock:
+            return sum(isinstance(f, MediaFrame) for f in self._out)
 
     def cleared(self, segment: int) -> bool:
         """Whether ``segment`` was dropped by ``clear()`` (a frame taken before the clear may still carry it)."""
@@ -213,7 +232,7 @@ class LiveAvatar:
         self._ensure_started()
         return self
 
-    async def __anext__(self) -> MediaFrame:
+    async def __anext__(self) -> MediaFrame | SegmentEnd:
         assert self._ready is not None
         while True:
             with self._lock:
@@ -288,9 +307,13 @@ class LiveAvatar:
         """End the segment being fed: silence up to the next frame boundary, then its end mark."""
         seg, self._feeding = self._feeding, None
         pad = -self._timeline.end % SAMPLES_PER_FRAME
+        if not self._timeline.end_segment(seg, self._timeline.end + pad):  # (marked before its frame can be made)
+            with self._lock:  # its last frame is out already: the end follows it on its own
+                if seg >= self._cleared_below and not self._closed:
+                    self._out.append(SegmentEnd(seg))
+            self._wake()
         if pad:
             yield self._feed(np.zeros(pad, np.float32), seg)
-        self._timeline.end_segment(seg)
 
     def _source(self) -> Iterator[np.ndarray]:
         """The avatar's audio: the pushed speech, or silence when none comes (the avatar keeps moving)."""
@@ -331,4 +354,4 @@ class LiveAvatar:
                 yield from self._close_feeding()
 
 
-__all__ = ["LiveAvatar", "LiveConfig", "MediaFrame", "SAMPLES_PER_FRAME", "to_float", "to_int16"]
+__all__ = ["LiveAvatar", "LiveConfig", "MediaFrame", "SegmentEnd", "SAMPLES_PER_FRAME", "to_float", "to_int16"]

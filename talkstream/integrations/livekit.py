@@ -43,7 +43,7 @@ from livekit.agents.voice.avatar import (
 from ..media import SAMPLE_RATE
 from ..stream.avatar import Avatar, load_reference
 from ..stream.engine import FPS
-from .live import SAMPLES_PER_FRAME, LiveAvatar, LiveConfig
+from .live import SAMPLES_PER_FRAME, LiveAvatar, LiveConfig, SegmentEnd
 
 logger = logging.getLogger("talkstream.livekit")
 
@@ -107,6 +107,9 @@ class TalkstreamVideoGenerator(VideoGenerator):
         size = self.live.size
         async for f in self.live:
             if f.segment is not None and self.live.cleared(f.segment):
+                continue
+            if isinstance(f, SegmentEnd):
+                yield AudioSegmentEnd()
                 continue
             yield rtc.VideoFrame(size, size, rtc.VideoBufferType.RGB24, f.image.tobytes())
             if f.segment is None or self.live.cleared(f.segment):  # idle, or cleared while the video was taken

@@ -42,7 +42,7 @@ from pipecat.services.settings import ServiceSettings
 from ..media import SAMPLE_RATE
 from ..stream.avatar import Avatar
 from ..stream.engine import FPS
-from .live import SAMPLES_PER_FRAME, LiveAvatar, LiveConfig, MediaFrame
+from .live import SAMPLES_PER_FRAME, LiveAvatar, LiveConfig, MediaFrame, SegmentEnd
 
 
 class TalkstreamVideoService(AIService):
@@ -157,6 +157,10 @@ class TalkstreamVideoService(AIService):
     async def _emit(self) -> None:
         try:
             async for f in self.live:
+                if isinstance(f, SegmentEnd):  # takes no time of its own
+                    if not self.live.cleared(f.segment):
+                        await self._end_segment(f.segment)
+                    continue
                 await self._pace()
                 if f.segment is not None and self.live.cleared(f.segment):
                     continue  # interrupted while it waited for its turn
@@ -175,13 +179,16 @@ class TalkstreamVideoService(AIService):
             ctx = self._contexts.get(f.segment) if f.segment is not None else None
             await self.push_frame(TTSAudioRawFrame(f.audio.tobytes(), SAMPLE_RATE, 1, context_id=ctx))
         if f.last_of_segment and f.segment is not None:
-            self._contexts.pop(f.segment, None)
-            if f.segment in self._stops:
-                stop = self._stops.pop(f.segment)
-                if stop is not None:
-                    await self.push_frame(stop)
-                if not self._stops:
-                    self._all_out.set()
+            await self._end_segment(f.segment)
+
+    async def _end_segment(self, segment: int) -> None:
+        self._contexts.pop(segment, None)
+        if segment in self._stops:
+            stop = self._stops.pop(segment)
+            if stop is not None:
+                await self.push_frame(stop)
+            if not self._stops:
+                self._all_out.set()
 
 
 __all__ = ["TalkstreamVideoService"]
