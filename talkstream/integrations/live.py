@@ -7,7 +7,6 @@ the 40 ms of audio it was made from.
     live.clear()                 # the user interrupted: queued speech and its frames are dropped
     async for f in live:         # MediaFrame: image, audio (None while idle), segment, last_of_segment
         ...                      # (or, rarely, SegmentEnd: a segment's end that came after its last frame)
-        ...
 
 The avatar (``Avatar.stream``) runs on a worker thread and never stops: without speech it is fed silence and
 keeps idling / listening. Frame ``i`` is made from the samples ``640 i .. 640 (i + 1)`` of the audio timeline it
@@ -141,8 +140,8 @@ class _Timeline:
 class LiveAvatar:
     """One live avatar stream (one reference image) for one conversation; see the module docstring.
 
-    ``push`` / ``end_segment`` / ``clear`` may be called from any thread; iterate from one asyncio task (the
-    stream starts on the first ``push`` or iteration, in that task's event loop)."""
+    The stream starts on the first ``push`` or iteration, which must happen in the event loop that iterates it
+    (one task); after that, ``push`` / ``end_segment`` / ``clear`` may be called from any thread."""
 
     def __init__(self, avatar: Avatar, image, prompt: str | None = None, config: LiveConfig | None = None) -> None:
         self.avatar, self.prompt, self.cfg = avatar, prompt, config or LiveConfig()
