@@ -550,26 +550,24 @@ def bench_decoders(
             torch.cuda.synchronize(device)
 
     def measure(decode) -> dict:
-        times, frames, load = [], 0, os.getloadavg()[0]
+        times, cpu, frames, load = [], [], 0, os.getloadavg()[0]
         for r in range(repeats + int(warmup)):  # a warm-up round (kernels, allocator) is not counted
             cache = FeatureCache()
             decode(z_first, cache)
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             y = decode(z_chunk, cache)
             sync()
             if r or not warmup:
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             frames = y.shape[2]
         best = min(times)
-        return dict(
-            chunk_s=best,
-            frames_per_chunk=frames,
-            per_frame_ms=1000 * best / frames,
-            fps=frames / best,
-            runs_s=times,
-            load_avg_1min=[round(load, 2), round(os.getloadavg()[0], 2)],
-        )
+        res = dict(chunk_s=best, frames_per_chunk=frames, per_frame_ms=1000 * best / frames, fps=frames / best)
+        res.update(runs_s=times, load_avg_1min=[round(load, 2), round(os.getloadavg()[0], 2)])
+        if device.type == "cpu":  # this process's CPU seconds: on a shared machine, what the work itself cost
+            res.update(runs_cpu_s=cpu, per_frame_cpu_ms=1000 * min(cpu) / frames, threads=torch.get_num_threads())
+        return res
 
     out: dict = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), size=size, latents_per_chunk=latents)
     out["weights"] = "given" if (vae is not None or tiny is not None) else "random, real shapes"
