@@ -347,3 +347,74 @@ def test_prepared_runner_streams_the_layout_as_the_plain_passes():
         assert eng.cache.sink_ids == list(range(9)) and eng.cache.n_context == 3
     assert (eng.runner is not None) and all((a - b).abs().max() < 1e-4 for a, b in zip(runs["plain"], runs["prepared"]))
     assert (runs["prepared"][0][:, :, 0] - ref[:, :, 0]).abs().max() < 1e-5
+
+
+def _hf_to_wan_umt5(sd: dict) -> dict:
+    out = {"token_embedding.weight": sd["shared.weight"], "norm.weight": sd["encoder.final_layer_norm.weight"]}
+    names = {
+        "layer.0.SelfAttention.q": "attn.q",
+        "layer.0.SelfAttention.k": "attn.k",
+        "layer.0.SelfAttention.v": "attn.v",
+        "layer.0.SelfAttention.o": "attn.o",
+        "layer.0.SelfAttention.relative_attention_bias": "pos_embedding.embedding",
+        "layer.0.layer_norm": "norm1",
+        "layer.1.DenseReluDense.wi_0": "ffn.gate.0",
+        "layer.1.DenseReluDense.wi_1": "ffn.fc1",
+        "layer.1.DenseReluDense.wo": "ffn.fc2",
+        "layer.1.layer_norm": "norm2",
+    }
+    for k, v in sd.items():
+        if k.startswith("encoder.block."):
+            i, rest = k[len("encoder.block.") :].split(".", 1)
+            out[f"blocks.{i}.{names[rest[: -len('.weight')]]}.weight"] = v
+    return out
+
+
+def test_umt5_encoder_matches_transformers_umt5_and_zeroes_the_padding(tmp_path):
+    """Our umT5 (Wan's key layout, which models_t5_umt5-xxl-enc-bf16.pth loads into) equals transformers'
+    UMT5EncoderModel at random init, relative position buckets and padding mask included."""
+    import transformers
+
+    from talkstream.models.umt5 import clean_prompt, load_umt5, relative_buckets
+
+    cfg = transformers.UMT5Config(
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.UMT5EncoderModel(cfg).eval()
+    torch.save(_hf_to_wan_umt5(hf.state_dict()), tmp_path / "umt5.pth")
+    ours = load_umt5(tmp_path / "umt5.pth", dtype=torch.float32)
+    assert ours.cfg.num_layers == 2 and ours.cfg.num_heads == 4 and ours.cfg.dim_ffn == 48
+    ids = torch.randint(1, 100, (2, 150))
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, 40:] = 0  # a short prompt: its padding is masked
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    assert (got[0] - ref[0]).abs().max() < 1e-4 and (got[1, :40] - ref[1, :40]).abs().max() < 1e-4
+    assert got[1, 40:].eq(0).all()
+    rel = torch.arange(-200, 201)
+    hf_b = hf.encoder.block[0].layer[0].SelfAttention._relative_position_bucket(rel)
+    assert torch.equal(relative_buckets(rel), hf_b)
+    assert clean_prompt("  A  &amp;\n B ") == "A & B"
+
+
+def test_precomputed_prompt_embeddings_are_zero_padded_to_512(tmp_path):
+    from talkstream.models.manifest import ManifestError
+    from talkstream.stream.published import load_prompt_embeddings
+
+    save_file({"prompt": torch.randn(20, 4096)}, str(tmp_path / "p.safetensors"))
+    t = load_prompt_embeddings(tmp_path / "p.safetensors")
+    assert t.shape == (1, 512, 4096) and t[0, 20:].eq(0).all() and t[0, :20].abs().sum() > 0
+    save_file({"prompt": torch.randn(20, 384)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ManifestError, match="must be"):
+        load_prompt_embeddings(tmp_path / "bad.safetensors")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..models.manifest import ManifestError, WeightsManifest, read_manifest
 from .engine import StreamConfig, StreamEngine, StreamStats
@@ -36,6 +37,13 @@ LIVETALK_STREAM = StreamConfig(
     anchor_copies=9,
 )
 SIZE = 512
+TEXT_LEN = 512  # umT5 tokens the DiT's cross-attention reads (the prompt's, then zeros)
+# LiveTalk's example prompt (configs/causal_inference.yaml), used when none is given
+DEFAULT_PROMPT = (
+    "A realistic video of a person speaking directly to the camera. The individual maintains steady eye contact with "
+    "clear, expressive facial features. Their facial expressions are naturally animated and emotionally engaging, "
+    "with precise lip movements perfectly synchronized to their speech."
+)
 CPU_REFUSED = (
     "the LiveTalk student (1.3B parameters) needs a GPU: each 0.75 s of its video costs about 80 TFLOP (5 passes of "
     "3072 tokens attending 15360), minutes per second of video on a CPU; run it with --device cuda (about 20 GB of "
@@ -44,7 +52,7 @@ CPU_REFUSED = (
 
 
 def load_prompt_embeddings(path: str | Path) -> torch.Tensor:
-    """Precomputed umT5 prompt embeddings from a .safetensors (one tensor) or .pt file -> [1, L, 4096]."""
+    """Precomputed umT5 prompt embeddings from a .safetensors (one tensor) or .pt file -> [1, 512, 4096]."""
     from ..models.checkpoint import read_state_dict
 
     sd, _ = read_state_dict(path)
@@ -52,9 +60,23 @@ def load_prompt_embeddings(path: str | Path) -> torch.Tensor:
         raise ManifestError(f"{path}: expected one tensor of umT5 embeddings [L, 4096], found {len(sd)}")
     t = next(iter(sd.values()))
     t = t[None] if t.ndim == 2 else t
-    if t.ndim != 3 or t.shape[0] != 1 or t.shape[-1] != 4096:
-        raise ManifestError(f"{path}: umT5 embeddings must be [L, 4096] or [1, L, 4096], got {tuple(t.shape)}")
-    return t
+    if t.ndim != 3 or t.shape[0] != 1 or t.shape[-1] != 4096 or t.shape[1] > TEXT_LEN:
+        raise ManifestError(
+            f"{path}: umT5 embeddings must be [L <= {TEXT_LEN}, 4096] or [1, L, 4096], got {tuple(t.shape)}"
+        )
+    return F.pad(t, (0, 0, 0, TEXT_LEN - t.shape[1]))  # zero padding to 512 tokens, as Wan's pipelines feed them
+
+
+def encode_prompt(m: WeightsManifest, prompt: str, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """umT5 embeddings [1, 512, 4096] of ``prompt`` with the folder's encoder, which is freed afterwards (~11 GB)."""
+    from ..models.umt5 import load_prompt_encoder
+
+    enc = load_prompt_encoder(m.path("text_encoder"), m.path("tokenizer"), device, dtype)
+    text = enc.encode(prompt)
+    del enc
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return text
 
 
 @dataclass
@@ -70,26 +92,33 @@ class PublishedAvatar:
 
     @staticmethod
     def from_folder(
-        root: str | Path, device: str = "cuda", decoder: str = "vae", dtype: torch.dtype = torch.bfloat16
+        root: str | Path,
+        device: str = "cuda",
+        decoder: str = "vae",
+        dtype: torch.dtype = torch.bfloat16,
+        prompt: str | None = None,
     ) -> PublishedAvatar:
         """Load the parts ``read_manifest`` names. A CPU is refused before anything loads (``CPU_REFUSED``)."""
         if not str(device).startswith("cuda"):
             raise ValueError(CPU_REFUSED)
-        m = read_manifest(root, decoder)
-        return PublishedAvatar.from_manifest(m, device, decoder, dtype)
+        m = read_manifest(root, decoder, need_text_encoder=True)
+        return PublishedAvatar.from_manifest(m, device, decoder, dtype, prompt)
 
     @staticmethod
-    def from_manifest(m: WeightsManifest, device: str, decoder: str, dtype: torch.dtype) -> PublishedAvatar:
+    def from_manifest(
+        m: WeightsManifest, device: str, decoder: str, dtype: torch.dtype, prompt: str | None = None
+    ) -> PublishedAvatar:
+        """``prompt`` (default ``DEFAULT_PROMPT``) is encoded by the folder's umT5 encoder; precomputed
+        ``text_embeddings`` are used as they are."""
         from ..models.omniavatar import load_omniavatar
         from ..models.taehv import load_taehv
         from ..models.wan_vae import load_wan_vae
         from ..models.wav2vec import Wav2VecFeatures, load_wav2vec
 
-        if not m.has("text_embeddings"):
-            raise ManifestError(
-                f"{m.root}: no umT5 prompt embeddings: name a file of them ([L, 4096]) as text_embeddings in "
-                "manifest.json (the umT5-XXL encoder itself is not run by talkstream yet)"
-            )
+        if m.has("text_embeddings"):
+            text = load_prompt_embeddings(m.path("text_embeddings")).to(device, dtype)
+        else:
+            text = encode_prompt(m, prompt or DEFAULT_PROMPT, device, dtype)
         if m.dit_source == "merged":
             dit = load_omniavatar(m.path("dit"), device=device, dtype=dtype)
         else:
@@ -97,7 +126,6 @@ class PublishedAvatar:
         vae = load_wan_vae(m.path("vae"), device=device, dtype=dtype)
         dec = load_taehv(m.path("tiny_decoder"), device=device, dtype=dtype) if decoder == "tiny" else vae
         audio = Wav2VecFeatures(load_wav2vec(m.path("wav2vec2"), device=device, dtype=torch.float32), fps=dit.fps)
-        text = load_prompt_embeddings(m.path("text_embeddings")).to(device, dtype)
         return PublishedAvatar(dit, vae, dec, audio, text, device)
 
     @property
@@ -173,12 +201,21 @@ def generate_cli(args) -> None:
     decoder = args.decoder or "vae"
     if not str(args.device).startswith("cuda"):
         raise ValueError(CPU_REFUSED)
-    avatar = PublishedAvatar.from_folder(args.weights, args.device, decoder)
-    if args.prompt:
+    avatar = PublishedAvatar.from_folder(args.weights, args.device, decoder, prompt=args.prompt)
+    if args.prompt and read_manifest(args.weights, decoder).has("text_embeddings"):
         print(
-            "talkstream: --prompt is ignored: the prompt is the umT5 embeddings named in manifest.json", file=sys.stderr
+            "talkstream: --prompt is ignored: the precomputed text_embeddings of manifest.json are used",
+            file=sys.stderr,
         )
     print(json.dumps(avatar.generate(args.image, args.audio, args.out, progress=not args.quiet)))
 
 
-__all__ = ["CPU_REFUSED", "LIVETALK_STREAM", "PublishedAvatar", "generate_cli", "load_prompt_embeddings"]
+__all__ = [
+    "CPU_REFUSED",
+    "DEFAULT_PROMPT",
+    "LIVETALK_STREAM",
+    "PublishedAvatar",
+    "encode_prompt",
+    "generate_cli",
+    "load_prompt_embeddings",
+]
