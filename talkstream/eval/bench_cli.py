@@ -82,6 +82,7 @@ def _bench(args) -> None:
                 decoder=args.decoder,
                 dtype=args.dtype,
                 compile=args.compile,
+                runner=args.runner,
                 async_decode=not args.sync_decode,
                 chunk=args.chunk,
                 window=args.window,
@@ -159,6 +160,7 @@ def register(sub) -> None:
     b.add_argument("--first-chunk", type=int, default=1, help="latents of the first chunk (0: a full chunk)")
     b.add_argument("--decoder", default="tiny", choices=["tiny", "vae"])
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    b.add_argument("--runner", default="plain", choices=["plain", "prepared", "graphs"], help="StreamConfig.runner")
     b.add_argument("--sync-decode", action="store_true", help="decode on the stream's thread (no overlap)")
     b.add_argument("--chunk", type=int, default=3)
     b.add_argument("--window", type=int, default=9)
