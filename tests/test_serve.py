@@ -40,7 +40,7 @@ class Client:
     """A WebSocket session that reads in a thread: JSON messages and decoded frames, with arrival times."""
 
     def __init__(self, url: str, **hello) -> None:
-        self.ws = connect(url.replace("http", "ws") + "/ws", max_size=2**22)
+        self.ws = connect(url.replace("http", "ws") + "/ws", max_size=2**22, legacy=True)
         self.messages: list[dict] = []
         self.frames: list[tuple[float, int, float, bytes, np.ndarray]] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -77,7 +77,7 @@ class Client:
 
 
 def test_page_info_images_and_uploads(server):
-    url, _ = server
+    url, app = server
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "talkstream" in page.text and "/static/app.js" in page.text
     assert "AudioWorkletProcessor" in httpx.get(url + "/static/mic-worklet.js").text
@@ -94,7 +94,10 @@ def test_page_info_images_and_uploads(server):
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((80, 60, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
     up = httpx.post(url + "/api/images", content=buf.getvalue()).json()
-    assert up["id"].startswith("upload:")
+    assert up["id"].startswith("upload:") and "does not look like" in up["warning"]  # noise is no world face
+    world = io.BytesIO()
+    Image.fromarray(app.state.talkstream["models"].images["ada"]).save(world, "PNG")
+    assert httpx.post(url + "/api/images", content=world.getvalue()).json()["warning"] is None
     c = Client(url, image=up["id"], voice="espeak")
     try:
         assert c.wait(lambda: c.of("ready") or c.of("error"))[0]["type"] == "ready"

@@ -72,6 +72,7 @@ class Models:
         self.images: dict[str, np.ndarray] = {"reference": load_reference(cfg.image or REFERENCE, cfg.size)}
         self.images.update(self._world_faces(cfg.size))
         self.uploads: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._guard = None
         self.voices: tuple[str, ...] = () if cfg.audio_chat_url else VOICES
         self._tts: dict = {}
         self.fallback_tts = EspeakTTS()
@@ -121,15 +122,24 @@ class Models:
             raise P.ProtocolError("image", f"no image {name!r}; bundled: {sorted(self.images)}, or upload one")
         return img
 
-    def add_upload(self, data: bytes) -> str:
+    def add_upload(self, data: bytes) -> tuple[str, str | None]:
+        """A picture's bytes -> (its id, the out-of-domain warning for the embedded model or None)."""
         from ..stream.avatar import load_reference
 
         img = load_reference(data, self.cfg.size)  # MediaError for anything that is not a usable picture
+        warning = None
+        if self.cfg.weights is None:  # the embedded model only knows the synthetic world's faces: say so
+            from ..eval.guard import OODGuard
+
+            if self._guard is None:
+                self._guard = OODGuard.load()
+            res = self._guard.check(img)
+            warning = None if res.in_domain else res.message().removeprefix("talkstream: warning: ")
         key = secrets.token_hex(8)
         self.uploads[key] = img
         while len(self.uploads) > 64:
             self.uploads.popitem(last=False)
-        return key
+        return key, warning
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -296,10 +306,10 @@ def build_app(cfg: ServeConfig, models: Models | None = None):
             if len(body) > cfg.upload_bytes:
                 return JSONResponse({"error": f"image over {cfg.upload_bytes} bytes"}, status_code=413)
         try:
-            key = await asyncio.to_thread(state["models"].add_upload, body)
+            key, warning = await asyncio.to_thread(state["models"].add_upload, body)
         except MediaError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        return JSONResponse({"id": f"upload:{key}"})
+        return JSONResponse({"id": f"upload:{key}", "warning": warning})
 
     async def session(ws: WebSocket):
         await ws.accept()

@@ -155,13 +155,17 @@ function connect() {
   ws.onclose = () => { $("conn").textContent = "disconnected"; };
 }
 
-async function startMic() {
+async function ensureAudio() { // the avatar's voice plays once the page has been clicked (browsers' autoplay rule)
   if (!audio) {
     audio = new AudioContext({ sampleRate: 16000 });
     offset = null;
     await audio.audioWorklet.addModule("/static/mic-worklet.js");
   }
   await audio.resume();
+}
+
+async function startMic() {
+  await ensureAudio();
   mic = await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
   });
@@ -213,12 +217,14 @@ async function init() {
     const j = await r.json();
     if (!r.ok) return setStatus(`upload refused: ${j.error}`);
     image = j.id;
+    setStatus(j.warning || "");
     connect();
   };
   $("mic").onclick = () => (mic ? stopMic() : startMic().catch((e) => setStatus(`microphone: ${e.message}`)));
   $("stop").onclick = () => ws && ws.send(JSON.stringify({ type: "interrupt" }));
   $("typed").onsubmit = (e) => {
     e.preventDefault();
+    ensureAudio().catch((err) => setStatus(`audio: ${err.message}`));
     const t = $("typed-text").value.trim();
     if (t && ws) ws.send(JSON.stringify({ type: "text", text: t }));
     $("typed-text").value = "";
