@@ -1,5 +1,7 @@
 """A Pipecat bot with a talkstream avatar, served to the browser over Pipecat's SmallWebRTC transport with its
-prebuilt page (no cloud service: everything runs on this machine).
+prebuilt page. The bot needs no cloud service; the prebuilt page fetches Daily's call-machine bundle from its CDN
+when you press Connect (for microphone handling), so the browser needs the internet; without it, check the bot with
+examples/pipecat_webrtc_check.py.
 
     pip install "talkstream[pipecat]"
     python examples/pipecat_bot.py -t webrtc          # then open http://localhost:7860/client and press Connect
