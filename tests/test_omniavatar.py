@@ -278,6 +278,47 @@ def test_tiny_config_validates():
         DiTConfig.from_dict({**dit_config("omniavatar-tiny").to_dict(), "audio_adaln": True})
 
 
+def _tiny_published():
+    import transformers
+
+    from talkstream.models.wan_vae import WanVAE, WanVAEConfig
+    from talkstream.models.wav2vec import Wav2VecFeatures
+    from talkstream.stream.published import PublishedAvatar
+
+    torch.manual_seed(0)
+    w2v_cfg = transformers.Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    audio = Wav2VecFeatures(transformers.Wav2Vec2Model(w2v_cfg).eval(), fps=16, look_back=0.5, look_ahead=0.25)
+    cfg = DiTConfig.from_dict({**dit_config("omniavatar-tiny").to_dict(), "audio_dim": audio.dim})
+    dit = WanDiT(cfg).eval()
+    vae = WanVAE(WanVAEConfig(dim=8)).eval()
+    return PublishedAvatar(dit, vae, vae, audio, torch.randn(1, 5, cfg.text_dim), device="cpu", size=64)
+
+
+def test_published_live_stream_equals_the_whole_file():
+    """Audio pushed live in uneven pieces (rows emitted as their look-ahead arrives, old rows dropped) gives the
+    frames of the whole-file path."""
+    import numpy as np
+
+    avatar = _tiny_published()
+    wav = np.random.default_rng(0).normal(0, 0.1, 24000).astype(np.float32)  # 1.5 s: 25 frames at 16 fps
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    whole = list(avatar.frames(image, wav))
+    cuts = [0, 700, 5000, 5001, 13000, 24000]
+    live = list(avatar.stream(image, (wav[a:b] for a, b in zip(cuts[:-1], cuts[1:]))))
+    assert [i for i, _, _ in live] == list(range(25)) and len(whole) == 25
+    assert live[16][1] == 1.0  # seconds at the model's 16 fps
+    diff = max(np.abs(a.astype(int) - b.astype(int)).max() for (_, _, a), b in zip(live, whole))
+    assert diff <= 2  # float rounding of the streamed wav2vec2 rows only
+
+
 def test_published_pipeline_end_to_end_on_cpu_at_a_tiny_size(tmp_path):
     """The whole --weights path on small random parts: the Wan VAE encodes the reference, wav2vec2 features are
     packed per latent frame, the student streams with LiveTalk's sinks, an mp4 at the model's 16 fps comes out."""

@@ -176,17 +176,21 @@ def load_omniavatar(
     return build_omniavatar(sd, device=device, dtype=dtype)
 
 
-def pack_audio_frames(features: torch.Tensor, first_latent: int, n_latents: int, temporal_factor: int = 4):
-    """Per-video-frame audio features [N, A] (wav2vec2 resampled to the video's fps) -> the windows of latent frames
-    ``first_latent`` .. + ``n_latents`` - 1: [n_latents, temporal_factor, A]. Latent 0 is video frame 0 repeated
-    (OmniAvatar repeats the first feature 3 times before packing 4 -> 1); latent j >= 1 covers frames 4j-3 .. 4j.
-    Frames past the end of ``features`` repeat its last one (the stream's tail)."""
+def pack_audio_frames(
+    features: torch.Tensor, first_latent: int, n_latents: int, temporal_factor: int = 4, offset: int = 0
+) -> torch.Tensor:
+    """Per-video-frame audio features [N, A] (wav2vec2 resampled to the video's fps) of frames ``offset`` .. -> the
+    windows of latent frames ``first_latent`` .. + ``n_latents`` - 1: [n_latents, temporal_factor, A]. Latent 0 is
+    video frame 0 repeated (OmniAvatar repeats the first feature 3 times before packing 4 -> 1); latent j >= 1 covers
+    frames 4j-3 .. 4j. Frames past the end of ``features`` repeat its last one (the stream's tail)."""
     if features.ndim != 2 or len(features) == 0:
         raise ValueError(f"audio features must be [N >= 1, A], got {tuple(features.shape)}")
     tf = temporal_factor
     j = torch.arange(first_latent, first_latent + n_latents)[:, None]
-    idx = (j * tf - (tf - 1) + torch.arange(tf)[None]).clamp(min=0, max=len(features) - 1)
-    return features[idx]
+    idx = (j * tf - (tf - 1) + torch.arange(tf)[None]).clamp(min=0)
+    if (idx < offset).any():
+        raise ValueError(f"frames before {offset} were dropped; latent {first_latent} needs frame {int(idx.min())}")
+    return features[(idx - offset).clamp(max=len(features) - 1).to(features.device)]
 
 
 __all__ = [

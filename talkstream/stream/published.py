@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +157,58 @@ class PublishedAvatar:
             if idx >= n_frames:
                 return
             yield img
+
+    @torch.no_grad()
+    def stream(
+        self, image, audio_chunks: Iterable[np.ndarray], stats: StreamStats | None = None
+    ) -> Iterator[tuple[int, float, np.ndarray]]:
+        """Live: (frame index, seconds, uint8 frame) as they are made, from 16 kHz mono chunks as they arrive. wav2vec2
+        rows come out of ``Wav2VecStream`` once their look-ahead audio is in; a chunk waits for the rows of its video
+        frames. An empty chunk means "no audio now": silence is added so the avatar keeps going; the stream ends when
+        the source does (its last frames drawn from the audio it had)."""
+        from ..models.omniavatar import pack_audio_frames
+        from .avatar import load_reference
+        from .offline import frames_to_video
+
+        dtype = next(self.dit.parameters()).dtype
+        ref = load_reference(image, self.size)
+        z_ref = self.vae.encode(frames_to_video(ref[None], self.size).to(self.device, dtype))
+        live, source = self.audio.stream(), iter(audio_chunks)
+        silence = np.zeros(self.audio.samples_per_frame * 2 * self.cfg.chunk, np.float32)  # half a chunk's 12 frames
+        rows: list[torch.Tensor] = []  # wav2vec2 rows of video frames ``base`` .. ``have`` - 1
+        base, have, closed = 0, 0, False
+        total: int | None = None  # frames of the whole stream, once the source has ended
+
+        def audio_for(first: int, k: int) -> torch.Tensor:
+            nonlocal base, have, closed, total
+            need = 4 * (first + k - 1) + 1  # rows up to the chunk's last video frame
+            while have < need and not closed:
+                try:
+                    a = next(source)
+                except StopIteration:
+                    new, closed = live.flush(), True
+                else:
+                    new = live.push(silence if a is None or len(a) == 0 else np.asarray(a, np.float32))
+                if len(new):
+                    rows.append(new.to(self.device, dtype))
+                    have += len(new)
+            if closed:
+                total = have
+                if first and 4 * first - 3 >= have:
+                    raise StopIteration
+            feats = torch.cat(rows)
+            windows = pack_audio_frames(feats, first, k, offset=base)
+            keep = min(have, max(base, 4 * (first + k) - 3))  # the next chunk's first frame: older rows are done
+            rows[:] = [feats[keep - base :]]
+            base = keep
+            return windows
+
+        engine = StreamEngine(self.dit, self.decoder, self.cfg, self.device)
+        engine.start(z_ref, self.text)
+        for idx, img in engine.frames(audio_for, stats=stats):
+            if total is not None and idx >= total:
+                return
+            yield idx, idx / self.fps, img
 
     def generate(self, image, audio, out: str | Path, progress: bool = True) -> dict:
         from tqdm import tqdm
