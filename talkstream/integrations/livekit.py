@@ -156,12 +156,16 @@ class TalkstreamAvatarSession(AvatarSession):
         self.worker, self._identity = worker, avatar_identity
         self.weights, self.device, self.size = weights, device, size
         self.url, self.api_key, self.api_secret = url, api_key, api_secret
+        self._local_room: rtc.Room | None = None
         self.runner: AvatarRunner | None = None
         self.generator: TalkstreamVideoGenerator | None = None
         self.process: asyncio.subprocess.Process | None = None
 
     @property
     def avatar_identity(self) -> str:
+        """In process, the agent itself (read when asked: the room may connect after ``start``)."""
+        if not self.worker and self._local_room is not None:
+            return self._local_room.local_participant.identity
         return self._identity
 
     @property
@@ -170,7 +174,7 @@ class TalkstreamAvatarSession(AvatarSession):
 
     async def start(self, agent_session, room: rtc.Room) -> None:
         if not self.worker:
-            self._identity = room.local_participant.identity  # the agent publishes the avatar's tracks itself
+            self._local_room = room  # the agent publishes the avatar's tracks itself
         await super().start(agent_session, room)
         if self.worker:
             await self._start_worker(agent_session, room)
