@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from livekit import api, rtc
+from livekit.agents import get_job_context
 from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
 from livekit.agents.voice.avatar import (
     AudioSegmentEnd,
@@ -189,6 +190,16 @@ class TalkstreamAvatarSession(AvatarSession):
         await self.runner.start()
         agent_session.output.replace_audio_tail(audio)
 
+    @staticmethod
+    def _agent_identity(room: rtc.Room) -> str:
+        """The agent's identity: from its job's token (the room connects only at session.start), else the room."""
+        job = get_job_context(required=False)
+        if job is not None:
+            return job.token_claims().identity
+        if not room.isconnected():
+            raise RuntimeError("the room is not connected and there is no job context: connect the room first")
+        return room.local_participant.identity
+
     async def _start_worker(self, agent_session, room: rtc.Room) -> None:
         url = self.url or os.environ.get("LIVEKIT_URL")
         if not url:
@@ -199,7 +210,7 @@ class TalkstreamAvatarSession(AvatarSession):
             .with_identity(self._identity)
             .with_name("talkstream avatar")
             .with_grants(api.VideoGrants(room_join=True, room=room.name))
-            .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: room.local_participant.identity})
+            .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: self._agent_identity(room)})
             .to_jwt()
         )
         args = ["--url", url, "--image", str(self.image), "--device", self.device, "--size", str(self.size)]
