@@ -228,25 +228,18 @@ def test_pipeline_equals_single_process_and_idle_input_waits(tmp_path):
 
 
 def test_one_step_a_rank_and_grouped_steps_equal_single_process(tmp_path):
-    """4 steps on 5 processes (one step each + decode), and on 3 (steps 0-1, steps 2-3, decode) with the euler
-    sampler and audio guidance (two passes a step): both equal one process."""
-    few = dict(chunk=2, window=4, sampler="few_step", timesteps=(1000, 750, 500, 250), anchor="anchor_heavy")
-    codes, errs = _run(tmp_path, 5, few, 5)
+    """4 steps on 5 processes (one step each + decode; the rolling sink switches at chunk 5, when the ranks are at 5
+    different chunks), and on 3 (steps 0-1, steps 2-3, decode) with the euler sampler, audio guidance (two passes a
+    step) and anchor-heavy sinks: both equal one process."""
+    few = dict(chunk=2, window=4, sampler="few_step", timesteps=(1000, 750, 500, 250), anchor="rolling_sink")
+    codes, errs = _run(tmp_path, 5, few, 7)
     assert codes == [0] * 5, errs
-    assert _max_diff(torch.load(tmp_path / "latents.pt"), _reference(few, 5, world=5)) <= 1e-5
-    euler = dict(chunk=2, window=4, sampler="euler", steps=4, audio_guidance=2.0, anchor="rolling_sink")
+    assert _max_diff(torch.load(tmp_path / "latents.pt"), _reference(few, 7, world=5)) <= 1e-5
+    euler = dict(chunk=2, window=4, sampler="euler", steps=4, audio_guidance=2.0, anchor="anchor_heavy")
     (tmp_path / "g").mkdir()
-    codes, errs = _run(tmp_path / "g", 3, euler, 5, opts=dict(sink_at=2))
+    codes, errs = _run(tmp_path / "g", 3, euler, 5)
     assert codes == [0] * 3, errs
-    cfg = TPPConfig(StreamConfig(**euler), sink_at=2)
-    dit = _tiny_dit()
-    ref, text, text2 = _inputs(dit)
-    want = list(
-        timestep_forcing_stream(
-            dit, cfg, ref, lambda f, k: _audio(dit, f, k), text, prompts=_prompts(text2, 4), n_chunks=5, world=3
-        )
-    )
-    assert _max_diff(torch.load(tmp_path / "g" / "latents.pt"), want) <= 1e-5
+    assert _max_diff(torch.load(tmp_path / "g" / "latents.pt"), _reference(euler, 5, world=3)) <= 1e-5
 
 
 def test_a_failing_rank_stops_every_process_with_its_message(tmp_path):
@@ -311,3 +304,28 @@ def test_generate_pipeline_tpp_without_torchrun_is_a_one_line_error(tiny_weights
     assert main(["generate", "--pipeline", "tpp", "--weights", str(tiny_weights), "--say", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("talkstream: error: --pipeline tpp runs one process a denoising step") and "\n" not in err
+
+
+def test_tpp_speed_benchmark_runs_at_a_tiny_size(tmp_path):
+    """benchmarks/tpp_speed.py on CPU processes (gloo) with the tiny model: one process (engine and timestep
+    forcing) and pipelines of 2 and 3, every case measured, JSON and plot written (timings are not asserted)."""
+    import subprocess
+
+    out = tmp_path / "tpp.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tpp_speed.py"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--models", "tiny", "--sizes", "32x32", "--gpus", "1", "2"]
+    cmd += ["3", "--chunks", "4", "--warmup", "1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [(x["gpus"], x["mode"]) for x in res] == [
+        (1, "engine_commit"),
+        (1, "timestep_forcing"),
+        (2, "pipeline"),
+        (3, "pipeline"),
+    ]
+    assert all(x["fps"] > 0 and x["ttff_s"] > 0 and x["frames"] == 1 + 4 * (4 * 3 - 1) for x in res)
+    roles = [x["role"] for x in res[3]["ranks"]]
+    assert roles == ["denoising steps 0-1, audio and prompt input", "denoising steps 2-3", "decode"]
+    assert all(x["compute_ms_median"] > 0 for x in res[3]["ranks"])
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -41,10 +41,11 @@ between CPU processes), always with non-blocking ``isend``/``irecv``:
   chain and every rank returns once its last sends are through.
 
 **Rolling Sink Frame** (``anchor="rolling_sink"``): the decode rank takes the first latent frame of the first clean
-chunk (the model's own first generated frame) and broadcasts it to every step rank, which re-prefills its caches'
-sinks with it from chunk ``sink_at`` on. Rolling RoPE: the caches store keys before RoPE and re-base positions
-every chunk (``models/kv_cache.py``), so the sink always sits at the same distance before the chunk (the window's
-length, once the window is full) however long the stream runs.
+chunk (the model's own first generated frame) and sends it to every step rank (one ``isend`` each: a collective
+would make the step ranks wait for one another at the switch, which a chain whose ranks are at different chunks
+cannot do), and each re-prefills its caches' sinks with it from chunk ``sink_at`` on. Rolling RoPE: the caches
+store keys before RoPE and re-base positions every chunk (``models/kv_cache.py``), so the sink always sits at the
+same distance before the chunk (the window's length, once the window is full) however long the stream runs.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from ..models.kv_cache import KVCache
 from .engine import ChunkDecoder, StreamConfig
 
 TPP_ANCHORS = ("reference", "anchor_heavy", "rolling_sink")
+SINK_TAG = 1  # the rolling sink's messages (decode rank -> each step rank), apart from the chain's (tag 0)
 AudioSource = Callable[[int, int], "torch.Tensor | None"]  # (first latent, k) -> [k, Na, A] windows; StopIteration
 PromptSource = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor | None] | None"]  # a new prompt, or None
 
@@ -164,7 +166,8 @@ def tf_step(
     """Denoising step from ``sigma`` to ``sigma_next`` on chunk ``x`` [1, C, k, h, w] with this step's own cache;
     the chunk's keys/values at this noise level enter the cache in the same pass (timestep forcing). Returns the
     chunk at ``sigma_next`` (the clean chunk when it is 0)."""
-    t = sigma * NUM_TRAIN_TIMESTEPS
+    # scalars made on the device (a fill, not a copy from the host, which would wait for the GPU)
+    t = torch.full((), sigma * NUM_TRAIN_TIMESTEPS, device=x.device, dtype=torch.float32)
     guided = cfg.audio_guidance != 1.0 and audio is not None
     # the unconditional pass reads the cache before the conditional one writes this chunk into it
     v_none = dit.forward_chunk(x, t, cache, text, torch.zeros_like(audio), context_mask=text_mask) if guided else None
@@ -173,10 +176,10 @@ def tf_step(
         v = guided_velocity([v_none, v], [cfg.audio_guidance])
     if cfg.sampler == "euler":
         return x + (sigma_next - sigma) * v
-    x0 = x0_from_velocity(x, v, torch.tensor(sigma))
+    x0 = x0_from_velocity(x, v, torch.full((), sigma, device=x.device, dtype=x.dtype))
     if sigma_next > 0:
         fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return add_noise(x0, fresh, torch.tensor(sigma_next))
+        return add_noise(x0, fresh, torch.full((), sigma_next, device=x.device, dtype=x.dtype))
     return x0
 
 
@@ -187,7 +190,8 @@ def chunk_start(
     _, c, _, h, w = reference.shape
     noise = torch.randn(1, c, k, h, w, generator=generator, device=reference.device).to(dtype)
     if cfg.reference_init < 1:
-        noise = add_noise(reference.expand_as(noise), noise, torch.tensor(cfg.reference_init))
+        start = torch.full((), cfg.reference_init, device=noise.device, dtype=noise.dtype)
+        noise = add_noise(reference.expand_as(noise), noise, start)
     return noise
 
 
@@ -406,7 +410,7 @@ class ControlChannel:
 
 
 class Transfer:
-    """Non-blocking point-to-point operations (or a broadcast), completed without blocking the caller: NCCL works
+    """Non-blocking point-to-point operations, completed without blocking the caller: NCCL works
     are polled; gloo works (whose completion only ``wait`` reveals) are waited on by a daemon thread."""
 
     def __init__(self, works: list, tensors: list[torch.Tensor], nccl: bool) -> None:
@@ -485,10 +489,11 @@ class TPPStream:
         self.roles = [role_name(r, self.world, self.n_steps) for r in range(self.world)]
         self.decode_rank = self.world - 1
         self.nccl = dist.get_backend() == "nccl"
-        self.sink_group = sink_group
+        self.sink_group = sink_group  # the rolling sink's line (its own communicators: see init_pipeline)
         self.channel = ControlChannel(self.rank, self.world, stream_id, cfg, self.roles)
         self._sends: deque[Transfer] = deque()
         self._seq_in = self._seq_out = 0
+        self._timings: list = []  # per chunk: this rank's compute (CUDA event pairs, or seconds)
 
     @property
     def role(self) -> str:
@@ -496,8 +501,9 @@ class TPPStream:
 
     # -- transport --
     def _send(self, tensors: list[torch.Tensor]) -> None:
+        tensors = [t.contiguous() for t in tensors]
         try:
-            works = [dist.isend(t.contiguous(), self.rank + 1) for t in tensors]
+            works = [dist.isend(t, self.rank + 1) for t in tensors]
         except RuntimeError as e:
             raise TransportError(f"sending to rank {self.rank + 1} failed: {e}") from e
         self._sends.append(Transfer(works, tensors, self.nccl))
@@ -557,6 +563,28 @@ class TPPStream:
             raise e
         raise self._failure(e) from e
 
+    def _tic(self):
+        if self.nccl:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start, end
+        return time.perf_counter()
+
+    def _toc(self, timing) -> None:
+        if isinstance(timing, tuple):
+            timing[1].record()
+            self._timings.append(timing)
+        else:
+            self._timings.append(time.perf_counter() - timing)
+
+    def compute_ms(self) -> list[float]:
+        """Milliseconds of this rank's own work on each chunk (its steps, or the decode), measured on the device
+        (CUDA events: the transfers around it not included); call after the stream ended."""
+        if self._timings and isinstance(self._timings[0], tuple):
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self._timings]
+        return [1000 * t for t in self._timings]
+
     # -- step ranks --
     def _setup_steps(self, dit: WanDiT, start: dict) -> None:
         s = self.cfg.stream
@@ -582,15 +610,16 @@ class TPPStream:
         return self.channel.wait_key(f"start/{self.rank}")
 
     def _maybe_switch_sink(self, index: int, stopping: bool = False) -> None:
-        """At chunk ``sink_chunk``: take the decode rank's broadcast sink and re-prefill this rank's caches with it.
-        ``stopping``: the stream ended before that chunk; join the broadcast the decode rank posted and drop it."""
+        """At chunk ``sink_chunk``: receive the sink the decode rank sent every step rank and re-prefill this rank's
+        caches with it. ``stopping``: the stream ended before that chunk; take the sink (so the decode rank's send
+        completes) and drop it."""
         if self.cfg.stream.anchor != "rolling_sink" or self._sink_taken or not (stopping or index == self.sink_chunk):
             return
         self._sink_taken = True
         self.channel.wait(lambda: self.channel.has("sink"), "sink")
         buf = torch.empty(self.reference.shape, dtype=self.dtype, device=self.device)
         try:
-            work = dist.broadcast(buf, src=self.decode_rank, group=self.sink_group, async_op=True)
+            work = dist.irecv(buf, self.decode_rank, group=self.sink_group, tag=SINK_TAG)
         except RuntimeError as e:
             raise TransportError(f"receiving the rolling sink failed: {e}") from e
         (sink,) = Transfer([work], [buf], self.nccl).finish(self.channel)
@@ -620,7 +649,9 @@ class TPPStream:
         if last_dit:
             out.pop("text", None)
         self._announce(out)
+        timing = self._tic()
         y = self._compute(x, audio)
+        self._toc(timing)
         self._send([y] if last_dit or audio is None else [y, audio])
 
     @torch.no_grad()
@@ -719,7 +750,7 @@ class TPPStream:
 
     def latents(self, stats: TPPStats | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """The last rank: each clean chunk as (absolute index of its first video frame, latents [1, C, k, h, w]),
-        in order; the rolling sink is broadcast after the first. A chunk counts as emitted (rank 0 may start
+        in order; the rolling sink goes to every step rank after the first. A chunk counts as emitted (rank 0 may start
         another) when the caller asks for the next one."""
         if self.rank != self.decode_rank:
             raise ValueError(f"the decode rank receives the chunks, this is rank {self.rank} ({self.role})")
@@ -739,10 +770,15 @@ class TPPStream:
                 if header["index"] == 0:
                     stats.started = header["t0"]
                     if self.cfg.stream.anchor == "rolling_sink":  # the model's own first frame: every step's sink
+                        # one send to each step rank, not a collective: a collective would make every step rank wait
+                        # for the others at the switch chunk, which a chain whose ranks are at different chunks
+                        # cannot do (rank 0 would wait for rank 1, which waits for rank 0's next chunk)
                         self.channel.put("sink", True)
                         sink = z[:, :, :1].contiguous()
-                        work = dist.broadcast(sink, src=self.rank, group=self.sink_group, async_op=True)
-                        sink_work = Transfer([work], [sink], self.nccl)
+                        works = [
+                            dist.isend(sink, r, group=self.sink_group, tag=SINK_TAG) for r in range(self.decode_rank)
+                        ]
+                        sink_work = Transfer(works, [sink], self.nccl)
                 yield _first_frame(header["first_latent"]), z
                 stats.chunks += 1
                 stats.chunk_times.append(time.monotonic())
@@ -761,8 +797,10 @@ class TPPStream:
         decode = ChunkDecoder(decoder.eval())
         for first, z in self.latents(stats):
             try:
+                t0 = time.perf_counter()
                 with torch.no_grad():
-                    imgs = decode(z)
+                    imgs = decode(z)  # its frames on the host: the decode's whole time
+                self._timings.append(time.perf_counter() - t0)
             except BaseException as e:
                 self._raise(e)
             if stats.first_frame_at is None:
@@ -783,7 +821,7 @@ class TPPStream:
 # -- process setup ---------------------------------------------------------------------------------------------
 @dataclass
 class PipelineProcess:
-    """This process's place in the pipeline: rank, world, device, the sink broadcast's group, its heartbeat, and a
+    """This process's place in the pipeline: rank, world, device, the rolling sink's group, its heartbeat, and a
     control channel for what happens before and between streams."""
 
     rank: int
@@ -827,7 +865,7 @@ class PipelineProcess:
 
 def init_pipeline(cfg: TPPConfig | None = None, device: str = "cpu", timeout_s: float = 1800.0) -> PipelineProcess:
     """Join the process group as torchrun (or ``launch_local``) set it up: NCCL on CUDA (one GPU a rank, by
-    ``LOCAL_RANK``), gloo on CPU; a group for the rolling sink's broadcast; this process's heartbeat."""
+    ``LOCAL_RANK``), gloo on CPU; every line the pipeline uses connected; this process's heartbeat."""
     cfg = cfg or TPPConfig()
     cuda = device.startswith("cuda")
     if cuda:
@@ -839,18 +877,27 @@ def init_pipeline(cfg: TPPConfig | None = None, device: str = "cpu", timeout_s: 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
+    # the rolling sink travels decode -> step ranks in its own group: on the chain's communicator the last DiT rank's
+    # pair would carry both directions, and NCCL runs a communicator's sends and receives in order on one stream, so
+    # the decode rank's pending sink send would hold up its receive of the next chunks (which the last DiT rank sends
+    # before it takes the sink): a deadlock
     sink_group = dist.new_group(list(range(world)))
-    # set up the communicators now (NCCL creates them at their first use, blocking until every member arrives): the
-    # sink group's and each neighbour pair's; this also proves the chain connected before any weights load
+    # set up the pairs' communicators now (NCCL creates one at a pair's first message, blocking until both sides are
+    # there), in an order that cannot deadlock: the chain 0 -> 1 -> .. -> decode, then decode -> each step rank; this
+    # also proves every line connected before any weights load
     probe = torch.zeros(1, device=device)
-    dist.all_reduce(probe, group=sink_group)
     works = [dist.irecv(torch.zeros(1, device=device), rank - 1)] if rank > 0 else []
     works += [dist.isend(probe, rank + 1)] if rank < world - 1 else []
+    if rank == world - 1:
+        works += [dist.isend(probe, r, group=sink_group, tag=SINK_TAG) for r in range(world - 1)]
+    else:
+        works.append(dist.irecv(torch.zeros(1, device=device), world - 1, group=sink_group, tag=SINK_TAG))
     for w in works:
         w.wait()
     heartbeat = Heartbeat(rank, cfg.heartbeat_s)
     roles = ["setting up"] * world
-    return PipelineProcess(rank, world, device, sink_group, heartbeat, ControlChannel(rank, world, "setup", cfg, roles))
+    setup = ControlChannel(rank, world, "setup", cfg, roles)
+    return PipelineProcess(rank, world, device, sink_group, heartbeat, setup)
 
 
 def stop_on_failure(fn: Callable[[], int | None], prefix: str = "talkstream") -> int:
