@@ -313,9 +313,9 @@ def test_published_live_stream_equals_the_whole_file():
     whole = list(avatar.frames(image, wav))
     cuts = [0, 700, 5000, 5001, 13000, 24000]
     live = list(avatar.stream(image, (wav[a:b] for a, b in zip(cuts[:-1], cuts[1:]))))
-    assert [i for i, _, _ in live] == list(range(25)) and len(whole) == 25
-    assert live[16][1] == 1.0  # seconds at the model's 16 fps
-    diff = max(np.abs(a.astype(int) - b.astype(int)).max() for (_, _, a), b in zip(live, whole))
+    assert [f.index for f in live] == list(range(25)) and len(whole) == 25
+    assert live[16].time == 1.0  # seconds at the model's 16 fps
+    diff = max(np.abs(f.image.astype(int) - b.astype(int)).max() for f, b in zip(live, whole))
     assert diff <= 2  # float rounding of the streamed wav2vec2 rows only
 
 

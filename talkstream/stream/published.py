@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.manifest import ManifestError, WeightsManifest, read_manifest
+from .avatar import Frame
 from .engine import StreamConfig, StreamEngine, StreamStats
 
 LIVETALK_STREAM = StreamConfig(
@@ -159,13 +160,12 @@ class PublishedAvatar:
             yield img
 
     @torch.no_grad()
-    def stream(
-        self, image, audio_chunks: Iterable[np.ndarray], stats: StreamStats | None = None
-    ) -> Iterator[tuple[int, float, np.ndarray]]:
-        """Live: (frame index, seconds, uint8 frame) as they are made, from 16 kHz mono chunks as they arrive. wav2vec2
-        rows come out of ``Wav2VecStream`` once their look-ahead audio is in; a chunk waits for the rows of its video
-        frames. An empty chunk means "no audio now": silence is added so the avatar keeps going; the stream ends when
-        the source does (its last frames drawn from the audio it had)."""
+    def stream(self, image, audio_chunks: Iterable[np.ndarray], stats: StreamStats | None = None) -> Iterator[Frame]:
+        """Live: frames (``stream.avatar.Frame``: index, seconds, uint8 image, as ``Avatar.stream`` gives) as they are
+        made, from 16 kHz mono chunks as they arrive. wav2vec2 rows come out of ``Wav2VecStream`` once their
+        look-ahead audio is in; a chunk waits for the rows of its video frames. An empty chunk means "no audio now":
+        silence is added so the avatar keeps going; the stream ends when the source does (its last frames drawn from
+        the audio it had)."""
         from ..models.omniavatar import pack_audio_frames
         from .avatar import load_reference
         from .offline import frames_to_video
@@ -208,7 +208,7 @@ class PublishedAvatar:
         for idx, img in engine.frames(audio_for, stats=stats):
             if total is not None and idx >= total:
                 return
-            yield idx, idx / self.fps, img
+            yield Frame(idx, idx / self.fps, img)
 
     def generate(self, image, audio, out: str | Path, progress: bool = True) -> dict:
         from tqdm import tqdm
