@@ -171,6 +171,17 @@ def test_config_refuses_what_would_serialise_the_pipeline():
     assert TPPConfig().sink_chunk(5) == 5 and TPPConfig(sink_at=1).sink_chunk(5) == 1
 
 
+def test_stream_settings_on_n_ranks():
+    from talkstream.stream.parallel import tpp_stream_config
+
+    euler = tpp_stream_config(StreamConfig(sampler="euler", steps=12), 5)
+    assert euler.steps == 4 and len(euler.sigmas()) == 5  # one euler step a DiT rank
+    few = StreamConfig(sampler="few_step", timesteps=(1000, 750, 500, 250))
+    assert tpp_stream_config(few, 3) == few  # 4 steps grouped on 2 DiT ranks
+    with pytest.raises(ValueError, match="2 .. 5"):
+        tpp_stream_config(few, 6)
+
+
 def test_reference_stream_gives_each_step_its_own_cache_and_no_commit_pass():
     """Per chunk: one forward per step, each writing (commit) into its own step's cache at that step's timestep;
     the caches then hold different keys (each its own noise level's) for the same frames."""

@@ -137,7 +137,7 @@ def split_steps(n_steps: int, n_stages: int) -> list[range]:
     return out
 
 
-def noise_generator(seed: int, slot: int, device: str | torch.device = "cpu") -> torch.Tensor:
+def noise_generator(seed: int, slot: int, device: str | torch.device = "cpu") -> torch.Generator:
     """The generator of one random slot (0: chunks' initial noise, i + 1: re-noising after step i)."""
     return torch.Generator(device=device).manual_seed(int(seed) * 1000 + slot)
 
