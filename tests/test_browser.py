@@ -6,8 +6,11 @@ keep the CPU run short; ``TALKSTREAM_BROWSER_SIZE`` changes the size); screensho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,12 +18,13 @@ import numpy as np
 import pytest
 
 pytest.importorskip("playwright")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("faster_whisper")
 CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (make install installs it)", allow_module_level=True)
 
-from test_agent_standins import chat_app, serve_in_thread, spoken  # noqa: E402
+from test_agent_standins import chat_app, free_port, serve_in_thread, spoken  # noqa: E402
 
 from talkstream.agent.audio import wav_bytes  # noqa: E402
 
@@ -29,11 +33,38 @@ VIEWPORT = {"width": 1100, "height": 760}
 REPLY = "[smile] I am doing very well, thank you for asking!"
 
 
+@contextlib.contextmanager
+def talkstream_serve(size: int, llm_url: str, tmp_path: Path):
+    """``talkstream serve`` started as a user starts it (its own process, 127.0.0.1), stopped at the end."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "talkstream.cli", "serve", "--port", str(port), "--size", str(size), "--steps", "4"]
+    cmd += ["--voice", "espeak", "--llm-url", llm_url]
+    log = open(tmp_path / "serve.log", "w")  # closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.time() < deadline, "talkstream serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 @pytest.mark.slow
 def test_browser_conversation_end_to_end(tmp_path):
     from playwright.sync_api import sync_playwright
-
-    from talkstream.serve.app import Models, ServeConfig, build_app
 
     size = int(os.environ.get("TALKSTREAM_BROWSER_SIZE", "64"))
     shots = Path(os.environ.get("TALKSTREAM_SCREENSHOTS", tmp_path))
@@ -55,9 +86,8 @@ def test_browser_conversation_end_to_end(tmp_path):
         f"--use-file-for-fake-audio-capture={wav}%noloop",
         "--autoplay-policy=no-user-gesture-required",
     ]
-    with serve_in_thread(chat_app(REPLY)) as llm_url:
-        cfg = ServeConfig(size=size, voice="espeak", llm_url=llm_url, stream_options={"steps": 4})
-        with serve_in_thread(build_app(cfg, Models(cfg))) as url, sync_playwright() as pw:
+    with serve_in_thread(chat_app(REPLY)) as llm_url, talkstream_serve(size, llm_url, tmp_path) as url:
+        with sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(  # --user-data-dir=<tmp>: Playwright passes it
                 tmp_path / "profile", executable_path=CHROMIUM, headless=True, args=flags, viewport=VIEWPORT
             )

@@ -44,7 +44,7 @@ class MediaFrame:
 
 
 class AvatarLoop:
-    def __init__(self, avatar: Avatar, image, lead: float = 0.6, on_error: Callable | None = None) -> None:
+    def __init__(self, avatar: Avatar, image, lead: float = 0.3, on_error: Callable | None = None) -> None:
         self.avatar, self.image, self.lead = avatar, image, lead
         self.on_error = on_error
         self._cond = threading.Condition()
