@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--modes", nargs="+", default=["commit", "timestep_forcing"])
     ap.add_argument("--decoder", default="tiny", choices=["tiny", "vae"])
+    ap.add_argument("--first-chunk", type=int, default=0, help="StreamConfig.first_chunk (1: a one-latent first chunk)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     dtype = stream_dtype("cpu", a.dtype)
@@ -50,12 +51,13 @@ def main() -> None:
     inputs = load_suite_inputs(a.inputs)
     sampling = dict(steps=a.steps) if a.sampler == "euler" else dict(timesteps=(1000, 750, 500, 250)[: a.steps])
     name = f"{a.sampler}{a.steps}_{'_'.join(map(str, a.seeds))}_{str(dtype).replace('torch.', '')}_{a.decoder}"
+    name += f"_first{a.first_chunk}" if a.first_chunk else ""
     out = a.out or Path(__file__).parent / "results" / f"cache_mode_quality_{name}_cpu.json"
     res = dict(machine=describe(), sampler=a.sampler, steps=a.steps, seeds=a.seeds, dtype=str(dtype), modes={})
-    res["decoder"] = a.decoder
+    res["decoder"], res["first_chunk"] = a.decoder, a.first_chunk
     res["loadavg_start"] = loadavg()
     for mode in a.modes:
-        cfg = stream_config(dit, sampler=a.sampler, cache_mode=mode, **sampling)
+        cfg = stream_config(dit, sampler=a.sampler, cache_mode=mode, first_chunk=a.first_chunk, **sampling)
         avatar = Avatar(dit, vae, dec, cfg)
 
         def generate(reference: np.ndarray, clip, avatar=avatar) -> np.ndarray:

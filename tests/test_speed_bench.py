@@ -91,3 +91,13 @@ def test_cli_bench_writes_json_and_plot(weights, tmp_path):
     assert main([*args, "--size", "32", "--chunks", "2", "--dtype", "fp32", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert len(res["results"]) == 1 and "machine" in res and out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_the_sweep_covers_sizes_and_windows_and_plots(tmp_path):
+    from talkstream.eval.bench_cli import plot_sweep, sweep
+
+    cases = sweep(EngineCase())
+    assert {(c.size, c.window) for c in cases} == {(s, w) for s in (128, 256, 384) for w in (3, 6, 9)}
+    fake = [dict(config=dict(size=c.size, window=c.window), steady_fps=float(c.window)) for c in cases]
+    plot_sweep(fake, tmp_path / "s.png", "t")
+    assert (tmp_path / "s.png").stat().st_size > 1000

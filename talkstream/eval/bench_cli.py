@@ -38,6 +38,32 @@ def ladder() -> list:
     return rows
 
 
+def sweep(base) -> list:
+    """The fastest configuration at three resolutions x three windows (FPS against resolution and window)."""
+    return [replace(base, size=size, window=window) for size in (128, 256, 384) for window in (3, 6, 9)]
+
+
+def plot_sweep(results: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for size in sorted({r["config"]["size"] for r in results}):
+        rows = sorted((r for r in results if r["config"]["size"] == size), key=lambda r: r["config"]["window"])
+        ax.plot([r["config"]["window"] for r in rows], [r["steady_fps"] for r in rows], "o-", label=f"{size}x{size}")
+    ax.axhline(25, color="k", ls="--", lw=1)
+    ax.set_xlabel("window (latent frames in the KV cache)")
+    ax.set_ylabel("steady FPS, decode included")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot(results: list[dict], out: Path, title: str) -> None:
     import matplotlib
 
@@ -72,29 +98,33 @@ def _bench(args) -> None:
     from .speed import EngineCase, engine_bench, loadavg
 
     set_threads(args.threads)
-    if args.case:
-        cases = [
-            EngineCase(
-                sampler=args.sampler,
-                steps=args.steps,
-                cache_mode=args.cache_mode,
-                first_chunk=args.first_chunk,
-                decoder=args.decoder,
-                dtype=args.dtype,
-                compile=args.compile,
-                runner=args.runner,
-                async_decode=not args.sync_decode,
-                chunk=args.chunk,
-                window=args.window,
-                size=args.size,
-            )
-        ]
+    one = None
+    if args.case or args.what == "sweep":
+        one = EngineCase(
+            sampler=args.sampler,
+            steps=args.steps,
+            cache_mode=args.cache_mode,
+            first_chunk=args.first_chunk,
+            decoder=args.decoder,
+            dtype=args.dtype,
+            compile=args.compile,
+            runner=args.runner,
+            async_decode=not args.sync_decode,
+            chunk=args.chunk,
+            window=args.window,
+            size=args.size,
+        )
+    if args.what == "sweep":
+        cases = sweep(one)
+    elif args.case:
+        cases = [one]
     else:
         cases = ladder()
         if args.compile:
             cases.append(replace(cases[-2], compile=True))
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
-    out = args.out or RESULTS / f"stream_engine_{'case' if args.case else 'ladder'}_{kind}.json"
+    what = "sweep" if args.what == "sweep" else "case" if args.case else "ladder"
+    out = args.out or RESULTS / f"stream_engine_{what}_{kind}.json"
     res = dict(machine=describe(), loadavg_start=loadavg(), results=[])
     for case in cases:
         r = engine_bench(case, args.weights, args.device, args.chunks, pace=args.pace)
@@ -108,7 +138,8 @@ def _bench(args) -> None:
     out.write_text(json.dumps(res, indent=2))
     if not args.no_plot:
         cpu = res["machine"].get("cpu_model") or kind
-        plot(res["results"], out.with_suffix(".png"), f"{cpu}, {res['machine'].get('torch_threads')} threads")
+        title = f"{cpu}, {res['machine'].get('torch_threads')} threads"
+        (plot_sweep if what == "sweep" else plot)(res["results"], out.with_suffix(".png"), title)
     print(f"wrote {out}")
 
 
@@ -146,7 +177,13 @@ def _soak(args) -> None:
 
 def register(sub) -> None:
     b = sub.add_parser("bench", help="streaming speed: TTFF, FPS, pacing jitter, memory (JSON + plot)")
-    b.add_argument("what", nargs="?", choices=["stream", "soak"], default="stream")
+    b.add_argument(
+        "what",
+        nargs="?",
+        choices=["stream", "sweep", "soak"],
+        default="stream",
+        help="stream: the ladder (or --case); sweep: the --case flags at 3 sizes x 3 windows; soak: a paced stream",
+    )
     b.add_argument("--device", default="cpu")
     b.add_argument("--weights", help="a model folder (default: the embedded model)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: every CPU this process may use)")
