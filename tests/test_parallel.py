@@ -219,6 +219,25 @@ def test_reference_stream_gives_each_step_its_own_cache_and_no_commit_pass():
     torch.testing.assert_close(caches[0].sink_k[0], caches[2].sink_k[0])  # the sinks are shared (t = 0)
 
 
+def test_one_step_equals_the_engines_single_cache_timestep_forcing():
+    """With one step, per-step caches and the engine's single-cache ``cache_mode="timestep_forcing"`` are the same
+    thing (and seed 0 draws the same noise): bit-equal chunks. With more steps they are different methods."""
+    from talkstream.models.config import vae_config
+    from talkstream.models.vae import CausalVAE
+    from talkstream.stream import chunk, engine
+
+    if "timestep_forcing" not in getattr(chunk, "CACHE_MODES", ()):
+        pytest.skip("this engine has no timestep_forcing cache mode")
+    dit = _tiny_dit()
+    ref, text, _ = _inputs(dit)
+    sc = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000,), cache_mode="timestep_forcing")
+    eng = engine.StreamEngine(dit, CausalVAE(vae_config("tiny")), sc, "cpu", async_decode=False)
+    eng.start(ref, text)
+    got = [eng.next_chunk(_audio(dit, 2 * c, 2)).latents for c in range(4)]
+    want = list(timestep_forcing_stream(dit, TPPConfig(sc), ref, lambda f, k: _audio(dit, f, k), text, n_chunks=4))
+    assert _max_diff(got, want) == 0.0
+
+
 # -- several processes -------------------------------------------------------------------------------------------
 STREAM = dict(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500), anchor="rolling_sink", reference_init=0.9)
 
