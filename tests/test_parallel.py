@@ -327,6 +327,35 @@ def test_generate_pipeline_tpp_under_torchrun_writes_the_video(tiny_weights, tmp
     assert len(video.frames) == 19 and video.audio is not None
 
 
+def test_generate_pipeline_tpp_bad_input_ends_every_rank_with_its_reason(tiny_weights, tmp_path):
+    """A missing image on rank 0: every rank prints rank 0's error, whether it read it itself or torchrun ended it
+    first (SIGTERM), and nothing is written."""
+    import subprocess
+
+    import numpy as np
+
+    from talkstream.media import write_audio
+
+    write_audio(tmp_path / "speech.wav", (0.1 * np.sin(np.arange(4000) / 9)).astype(np.float32))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "talkstream"]
+    cmd += ["generate", "--pipeline", "tpp", "--weights", str(tiny_weights), "--size", "32", "--quiet"]
+    cmd += [
+        "--audio",
+        str(tmp_path / "speech.wav"),
+        "--out",
+        str(tmp_path / "x.mp4"),
+        "--image",
+        str(tmp_path / "no.png"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("talkstream: error:")]
+    assert len(lines) == 3 and all(
+        "rank 0 failed: MediaError:" in x and "no.png: no such image file" in x for x in lines
+    )
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_generate_pipeline_tpp_without_torchrun_is_a_one_line_error(tiny_weights, capsys, monkeypatch):
     from talkstream.cli import main
 

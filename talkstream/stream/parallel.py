@@ -897,7 +897,26 @@ def init_pipeline(cfg: TPPConfig | None = None, device: str = "cpu", timeout_s: 
     heartbeat = Heartbeat(rank, cfg.heartbeat_s)
     roles = ["setting up"] * world
     setup = ControlChannel(rank, world, "setup", cfg, roles)
+    _report_termination(setup)
     return PipelineProcess(rank, world, device, sink_group, heartbeat, setup)
+
+
+def _report_termination(channel: ControlChannel) -> None:
+    """When the launcher ends this process (torchrun sends SIGTERM to every rank once one has failed, possibly before
+    this one reached a wait that would have read why), print the failing rank's posted message first."""
+    import signal
+    import sys
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+
+    def handler(signum, frame) -> None:
+        posted = channel.posted()
+        why = f"the pipeline stopped: {posted}" if posted else "stopped by its launcher (SIGTERM)"
+        print(f"talkstream: error: {why}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def stop_on_failure(fn: Callable[[], int | None], prefix: str = "talkstream") -> int:
@@ -982,24 +1001,24 @@ def _weights_root(weights) -> tuple[Path, Path]:
     return dit_file, dit_file.parent
 
 
-def _load_dit(weights, device: str) -> WanDiT:
+def _load_dit(weights, device: str, dtype: torch.dtype) -> WanDiT:
     from ..models.checkpoint import load_checkpoint
-    from .accel import stream_dtype
 
     dit_file, _ = _weights_root(weights)
     if not (dit_file.exists() or dit_file.with_name(dit_file.name + ".index.json").exists()):
         raise FileNotFoundError(f"no causal model at {dit_file} (train one: talkstream train causal)")
-    return load_checkpoint(dit_file, device=device, dtype=stream_dtype(device))
+    return load_checkpoint(dit_file, device=device, dtype=dtype)
 
 
-def _load_decoder(weights, decoder: str | None, device: str):
+def _load_decoder(weights, decoder: str | None, device: str, dtype: torch.dtype):
+    """The tiny decoder in the stream's dtype where the weights have one (or asked for), else the VAE in fp32, as
+    ``Avatar.from_pretrained`` loads them."""
     from ..models.checkpoint import load_checkpoint
-    from .accel import stream_dtype
 
     _, root = _weights_root(weights)
     decoder = decoder or ("tiny" if (root / "tiny_decoder.safetensors").exists() else "vae")
     if decoder == "tiny":
-        return load_checkpoint(root / "tiny_decoder.safetensors", device=device, dtype=stream_dtype(device))
+        return load_checkpoint(root / "tiny_decoder.safetensors", device=device, dtype=dtype)
     return load_checkpoint(root / "vae.safetensors", device=device, dtype=torch.float32)
 
 
@@ -1027,20 +1046,23 @@ def generate_tpp(args) -> None:
 def _tpp_rank(args, proc: PipelineProcess) -> None:
     rank, world, dev = proc.rank, proc.world, proc.device
     try:
-        if rank == 0:
-            cfg, job = _tpp_inputs(args, dev, world)
-            proc.share("config", cfg)
-        elif rank < world - 1:
-            dit = _load_dit(args.weights, dev)
-            cfg = proc.share("config")
+        if rank == 0:  # the checkpoint decides the settings and the dtype; every rank loads its part in that dtype
+            avatar = _tpp_model(args, dev)
+            cfg = TPPConfig(tpp_stream_config(avatar.cfg, world))
+            proc.share("config", (cfg, str(next(avatar.dit.parameters()).dtype)))
+            job = _tpp_inputs(args, avatar, dev)
         else:
-            decoder = _load_decoder(args.weights, args.decoder, dev)
-            cfg = proc.share("config")
+            cfg, dtype = proc.share("config")
+            dtype = getattr(torch, dtype.replace("torch.", ""))
+            if rank < world - 1:
+                dit = _load_dit(args.weights, dev, dtype)
+            else:
+                decoder = _load_decoder(args.weights, args.decoder, dev, dtype)
     except BaseException as e:  # noqa: BLE001 - every rank hears of it
         proc.fail(e)
     st = proc.stream(cfg)
     if rank == 0:
-        st.run_input(job["dit"], job["reference"], job["audio"], job["text"], job["mask"], extra=job["extra"])
+        st.run_input(avatar.dit, job["reference"], job["audio"], job["text"], job["mask"], extra=job["extra"])
     elif rank < world - 1:
         st.run_steps(dit)
     else:
@@ -1048,25 +1070,29 @@ def _tpp_rank(args, proc: PipelineProcess) -> None:
     proc.close()
 
 
-def _tpp_inputs(args, device: str, world: int) -> tuple[TPPConfig, dict]:
-    """Rank 0: the model, the pipeline's settings, and the stream's inputs (reference latent, audio windows,
-    prompt), as ``Avatar.generate`` prepares them."""
+def _tpp_model(args, device: str):
+    """Rank 0: the model (DiT + VAE encoder, Whisper and the text encoder on first use) and its stream settings."""
+    from .avatar import Avatar
+
+    opts = dict(anchor=args.anchor, audio_guidance=args.audio_guidance, seed=args.seed)
+    for name in ("sampler", "reference_init", "start_from"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    return Avatar.from_pretrained(args.weights, device=device, decoder="vae", size=args.size, **opts)
+
+
+def _tpp_inputs(args, avatar, device: str) -> dict:
+    """Rank 0: the stream's inputs (reference latent, audio windows, prompt) as ``Avatar.generate`` prepares them."""
     import sys
 
     from ..media import SAMPLE_RATE
-    from .avatar import BUNDLED_REFERENCE, Avatar, load_audio, load_reference, speak
+    from .avatar import BUNDLED_REFERENCE, load_audio, load_reference, speak
     from .engine import FPS, AudioFeed
     from .offline import audio_span, frames_to_video
 
     if args.image is None:
         args.image = BUNDLED_REFERENCE
         print(f"talkstream: no --image given: using the bundled reference image {args.image}", file=sys.stderr)
-    opts = dict(anchor=args.anchor, audio_guidance=args.audio_guidance, seed=args.seed)
-    for name in ("sampler", "reference_init", "start_from"):
-        if getattr(args, name, None) is not None:
-            opts[name] = getattr(args, name)
-    avatar = Avatar.from_pretrained(args.weights, device=device, decoder="vae", size=args.size, **opts)
-    cfg = TPPConfig(tpp_stream_config(avatar.cfg, world))
     if args.say is not None and not args.say.strip():
         raise ValueError("--say text is empty")
     wav = speak(args.say) if args.say is not None else load_audio(args.audio)
@@ -1086,7 +1112,7 @@ def _tpp_inputs(args, device: str, world: int) -> tuple[TPPConfig, dict]:
         return feed.windows(first, k)
 
     extra = dict(n_frames=n_frames, wav=wav[: int(n_frames * SAMPLE_RATE / FPS)])
-    return cfg, dict(dit=avatar.dit, reference=z_ref, audio=audio, text=text, mask=mask, extra=extra)
+    return dict(reference=z_ref, audio=audio, text=text, mask=mask, extra=extra)
 
 
 def _write_frames(args, st: TPPStream, decoder, world: int) -> None:
