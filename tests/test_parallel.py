@@ -80,18 +80,26 @@ def _worker(out: str, stream: dict, opts: dict, n_chunks: int, fault: dict) -> N
             _inject(dit, fault)
         st = proc.stream(cfg)
         if rank == 0:
+            starts = []
 
             def audio(first, k):
+                starts.append(time.monotonic())  # rank 0 may start this chunk (after any wait for the decode rank)
                 if first == fault.get("pause_at"):
                     time.sleep(fault["pause_s"])
                 return _audio(dit, first, k)
 
             st.run_input(dit, ref, audio, text, None, _prompts(text2, stream["chunk"] * 2), n_chunks)
+            (Path(out) / "starts.json").write_text(json.dumps(starts))
         elif rank < proc.world - 1:
             st.run_steps(dit)
         else:
-            zs = [z for _, z in st.latents()]
+            zs, emitted = [], []
+            for _, z in st.latents():
+                zs.append(z)
+                time.sleep(fault.get("decode_s", 0.0))  # a slow consumer (decoder, video writer)
+                emitted.append(time.monotonic())
             torch.save(zs, Path(out) / "latents.pt")
+            (Path(out) / "emitted.json").write_text(json.dumps(emitted))
         proc.close()
         return 0
 
@@ -270,6 +278,20 @@ def test_one_step_a_rank_and_grouped_steps_equal_single_process(tmp_path):
     codes, errs = _run(tmp_path / "g", 3, euler, 5)
     assert codes == [0] * 3, errs
     assert _max_diff(torch.load(tmp_path / "g" / "latents.pt"), _reference(euler, 5, world=3)) <= 1e-5
+
+
+def test_a_slow_decode_rank_holds_rank_0_to_max_in_flight_chunks(tmp_path):
+    """A decode rank (or its consumer) taking 0.3 s a chunk, max_in_flight 2: rank 0 starts chunk c only after chunk
+    c - 2 was emitted, so the chunks in flight stay 2 however fast the DiT ranks are; the stream is still exact."""
+    n = 6
+    codes, errs = _run(tmp_path, 3, STREAM, n, opts=dict(max_in_flight=2), fault=dict(decode_s=0.3))
+    assert codes == [0, 0, 0], errs
+    starts = json.loads((tmp_path / "starts.json").read_text())
+    emitted = json.loads((tmp_path / "emitted.json").read_text())
+    assert len(emitted) == len(starts) == n
+    assert all(starts[c] >= emitted[c - 2] for c in range(2, n))
+    assert starts[2] - starts[0] >= 0.3  # without the bound rank 0 would have run ahead at the DiT ranks' pace
+    assert _max_diff(torch.load(tmp_path / "latents.pt"), _reference(STREAM, n, world=3)) <= 1e-5
 
 
 def test_a_failing_rank_stops_every_process_with_its_message(tmp_path):
