@@ -113,8 +113,8 @@ def inputs(spec: dict, device: str):
     return ref.to(device, dtype), text.to(device, dtype), audio.to(device, dtype)
 
 
-def _device() -> str:
-    if torch.cuda.is_available():
+def _device(spec: dict) -> str:
+    if spec["device"] == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return f"cuda:{local}"
@@ -122,8 +122,8 @@ def _device() -> str:
     return "cpu"
 
 
-def _peak_gib() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+def _peak_gib(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
 
 
 def _steady_fps(stamps: list[float], frames_per_chunk: int) -> float | None:
@@ -138,7 +138,7 @@ def single_worker(spec: dict, out: str) -> None:
     """One process: the engine (commit pass), then the single-process timestep-forcing stream."""
     from talkstream.stream.engine import ChunkDecoder, StreamEngine, StreamStats
 
-    dev = _device()
+    dev = _device(spec)
     dit, dec = build(spec, "dit", dev), build(spec, "decoder", dev)
     ref, text, audio = inputs(spec, dev)
     res = []
@@ -170,14 +170,14 @@ def single_worker(spec: dict, out: str) -> None:
     for mode, fn in (("engine_commit", engine), ("timestep_forcing", forcing)):
         try:
             fn(spec["warmup"])
-            if torch.cuda.is_available():
+            if dev.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             r = fn(spec["chunks"])
-            res.append(dict(mode=mode, **{k: _round(v) for k, v in r.items()}, peak_memory_gib=_peak_gib()))
+            res.append(dict(mode=mode, **{k: _round(v) for k, v in r.items()}, peak_memory_gib=_peak_gib(dev)))
         except torch.OutOfMemoryError as e:
             res.append(dict(mode=mode, skipped=f"out of GPU memory: {str(e).splitlines()[0]}"))
-        if torch.cuda.is_available():
+        if dev.startswith("cuda"):
             torch.cuda.empty_cache()
     Path(out).write_text(json.dumps(res))
 
@@ -185,7 +185,7 @@ def single_worker(spec: dict, out: str) -> None:
 # -- the pipeline ----------------------------------------------------------------------------------------------------
 def pipeline_worker(spec: dict, outdir: str) -> None:
     """One rank of the pipeline: a warm-up stream, then the measured one; writes its own numbers."""
-    dev = _device()
+    dev = _device(spec)
     cfg = TPPConfig(stream_config(spec), heartbeat_s=1.0, peer_timeout_s=600.0)
     proc = init_pipeline(cfg, dev)
 
@@ -195,7 +195,7 @@ def pipeline_worker(spec: dict, outdir: str) -> None:
         ref, text, audio = inputs(spec, proc.device)
         mine = {}
         for sid, n in ((0, spec["warmup"]), (1, spec["chunks"])):
-            if sid == 1 and torch.cuda.is_available():
+            if sid == 1 and dev.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             st = proc.stream(cfg, sid)
@@ -207,7 +207,7 @@ def pipeline_worker(spec: dict, outdir: str) -> None:
             else:
                 for _ in st.frames(model, stats):
                     pass
-            mine = dict(rank=rank, role=st.role, compute_ms=st.compute_ms(), peak_memory_gib=_peak_gib())
+            mine = dict(rank=rank, role=st.role, compute_ms=st.compute_ms(), peak_memory_gib=_peak_gib(dev))
             if rank == world - 1:
                 mine.update(
                     ttff_s=stats.ttff,
