@@ -280,7 +280,7 @@ def run_case(spec: dict, gpus: int, timeout_s: float) -> list[dict]:
     ]
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, unit: str = "GPUs") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +297,7 @@ def plot(results: list[dict], path: Path) -> None:
         if tf:
             ax.scatter(*zip(*tf), marker="x", color=ax.lines[-1].get_color() if ax.lines else None)
     ax.set_xticks(sorted({r["gpus"] for r in results}))
-    ax.set_xlabel("GPUs (1: single-process engine, x: timestep forcing in one process; >1: TPP pipeline)")
+    ax.set_xlabel(f"{unit} (1: single-process engine, x: timestep forcing in one process; >1: TPP pipeline)")
     ax.set_ylabel("frames per second (decoded)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -376,7 +376,7 @@ def main() -> None:
                     results=results,
                 )
                 out.write_text(json.dumps(doc, indent=2))  # after every case
-    plot(results, out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"), "GPUs" if a.device == "cuda" else "CPU processes")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
