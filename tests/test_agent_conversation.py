@@ -1,5 +1,6 @@
 """``Conversation`` end to end with the real embedded avatar (at 64x64 and 4 steps, to keep CPU runs short), Silero
-VAD, Whisper, espeak-ng and a local stand-in LLM endpoint: a spoken turn, barge-in, and stage failures."""
+VAD, Whisper, espeak-ng and a local stand-in LLM endpoint: a spoken turn, barge-in, and stage failures (the model
+down, then slow; a hum; the voice failing)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ class Recorder:
         """Push silence in real time (a quiet microphone) until ``cond()`` holds."""
         deadline = time.perf_counter() + limit
         while not cond():
-            assert time.perf_counter() < deadline, f"timed out; events: {[e.message() for e in self.events()]}"
+            if time.perf_counter() > deadline:
+                await conv.close()  # the avatar's thread ends before the failure is reported
+                raise AssertionError(f"timed out; events: {[e.message() for e in self.events()]}")
             if push_silence:
                 await conv.push_audio(np.zeros(320, np.float32))
             await asyncio.sleep(0.02)
@@ -147,6 +150,13 @@ def test_failures_are_spoken_or_reported_and_the_conversation_goes_on(avatar, as
         # a hum is not a turn: the VAD hears a voice, the transcript is empty, nothing is answered
         await say(conv, np.concatenate([spoken("mmmmmmmm"), np.zeros(12000, np.float32)]))
         await rec.until(lambda: rec.events("notice"), conv, 120)
+        # the model is slow (no first token within its timeout): an error event and the apology again
+        with serve_in_thread(chat_app("Too late.", first_delay=5.0)) as url:
+            conv.llm = OpenAIChatLLM(url, first_token_timeout=0.5)
+            await conv.push_text("Are you there?")
+            await rec.until(lambda: len([e for e in rec.events("error") if e.data["code"] == "llm"]) >= 2, conv, 30)
+            n_final = lambda: sum(e.data["final"] and e.data["role"] == "assistant" for e in rec.events("transcript"))
+            await rec.until(lambda: n_final() >= 2, conv, 60)  # the apology's turn ends before the next one
         # the synthesizer fails: an error event, the text reply still shows, the avatar keeps streaming
         with serve_in_thread(chat_app("Fine, thanks.")) as url:
             conv.llm = OpenAIChatLLM(url)
@@ -165,8 +175,9 @@ def test_failures_are_spoken_or_reported_and_the_conversation_goes_on(avatar, as
 
     rec = asyncio.run(run())
     codes = [e.data["code"] for e in rec.events("error")]
-    assert "llm" in codes and codes.count("tts") >= 2, codes  # the apology through the broken voice, then the reply
+    assert codes.count("llm") == 2 and codes.count("tts") >= 3, codes  # the apologies via the broken voice, the reply
+    assert "timed out" in [e.data["message"] for e in rec.events("error") if e.data["code"] == "llm"][1]
     finals = [e.data["text"] for e in rec.events("transcript") if e.data["final"] and e.data["role"] == "assistant"]
-    assert finals[0].startswith("Sorry") and finals[-1] == "Fine, thanks."
+    assert finals[0].startswith("Sorry") and finals[1].startswith("Sorry") and finals[-1] == "Fine, thanks."
     assert rec.events("notice")[0].data["code"] == "empty_utterance"
     assert not any(e.data.get("fatal") for e in rec.events("error"))

@@ -18,12 +18,12 @@ from .audio import SAMPLE_RATE
 # Whisper's well-known hallucinations on silence / noise: a transcript that is only one of these is empty
 _NOISE = re.compile(r"^\W*(thank you\.?|thanks for watching!?|you|\[.*\]|\(.*\)|\.+)?\W*$", re.IGNORECASE)
 # fillers are not a turn: "uh", "Mm, mm, mm." (a hum or a hesitation gets no answer)
-FILLERS = frozenset({"uh", "um", "uhm", "er", "erm", "ah", "oh", "hm", "hmm", "mm", "mmm", "mhm", "uh-huh"})
+FILLERS = frozenset({"uh", "um", "uhm", "er", "erm", "ah", "oh", "hm", "hmm", "mm", "mmm", "mhm", "huh"})
 
 
 def is_empty(text: str) -> bool:
     """Whether a transcript says nothing worth answering (nothing, a known hallucination, only fillers)."""
-    words = re.findall(r"[a-z'-]+", text.lower())
+    words = re.findall(r"[a-z']+", text.lower())  # "Mm-mm-mm." and "uh-huh" are fillers word by word
     return bool(_NOISE.match(text)) or all(w in FILLERS for w in words)
 
 
