@@ -4,6 +4,7 @@ TTS -> avatar) exactly as the server runs it, timing each stage from the end of 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 
@@ -86,9 +87,11 @@ def run_bench(cfg, turns: int = 3, progress: bool = True, reply_timeout: float =
     from .app import Models
 
     t = time.perf_counter()
+    load_before = os.getloadavg()[0]  # the machine may be shared: its load is part of the measurement
     models = Models(cfg)
     load_s = time.perf_counter() - t
     res = asyncio.run(_run(models, turns, progress, reply_timeout))
+    res["load_average_1min"] = dict(start=round(load_before, 2), end=round(os.getloadavg()[0], 2))
     return dict(
         what="end of the user's speech -> first reply audio (reply_audio_s) and first reply frame (reply_frame_s), "
         "by stage; questions spoken by espeak-ng pushed in real time in 20 ms pieces",
@@ -96,6 +99,8 @@ def run_bench(cfg, turns: int = 3, progress: bool = True, reply_timeout: float =
         size=cfg.size,
         decoder=cfg.decoder,
         stream_options=cfg.stream_options,
+        stream_config=str(models.avatar.cfg),
+        dtype=str(next(models.avatar.dit.parameters()).dtype),
         llm=models.llm.name if cfg.llm_url is None else f"{models.llm.name} {cfg.llm_url}",
         voice=None if models.asr is None else cfg.voice,
         models_load_s=round(load_s, 1),
