@@ -7,11 +7,11 @@ half the samples get clean context chunks before the noisy ones, as the stream's
 ``dmd``: per generator update, ``critic_ratio`` critic updates, each on a fresh rollout (no gradient) with the
 flow loss; then one generator update on a rollout that keeps the gradient of its random exit step
 (``rollout.rollout``; only the chunks of the scored window keep activations), scored on a random teacher-sized
-window (``score_window`` latents: the bidirectional
-teacher was trained on 9-latent windows only, so a 21-latent rollout is scored where the teacher is defined, and
-the random position puts the student's late chunks, which see their own earlier output, under the loss as often as
-its first). AdamW with ``betas`` ((0, 0.999) in the DMD configs), gradient clipping, EMA of the generator. Under
-torchrun every rank rolls out its own batch with the same exit step and the gradients are averaged.
+window (``score_window`` latents: the bidirectional teacher was trained on 9-latent windows only, so a 21-latent
+rollout is scored where the teacher is defined, and the random position puts the student's late chunks, which see
+their own earlier output, under the loss as often as its first). AdamW with ``betas`` ((0, 0.999) in the DMD
+configs), gradient clipping, EMA of the generator. Under torchrun every rank rolls out its own batch with the same
+exit step and the gradients are averaged.
 
 Both write ``OUT/student.safetensors``: the student with its ``sampling`` dict (few_step, the step list, pure noise,
 no CFG, the anchor mode it was trained with), which the stream engine reads.
