@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--weights", help="folder or causal .safetensors (default: the embedded model)")
         q.add_argument("--device", default="cpu")
         q.add_argument(
-            "--decoder", choices=["vae", "tiny"], help="default: the tiny decoder where the weights have one"
+            "--decoder", choices=["vae", "tiny"], help="default: vae; tiny: ~30x faster, softer mouths (docs/speed.md)"
         )
         q.add_argument("--size", type=int, default=256)
         q.add_argument(

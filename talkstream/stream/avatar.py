@@ -35,6 +35,9 @@ from .prompts import PromptTrack
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 BUNDLED_REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference.png"
 REFERENCE_CACHE = 8  # reference latents an Avatar keeps (one per face it streams)
+DECODER = "vae"  # the tiny decoder is ~30x faster but the suite's mouth error with it is 0.0416 against 0.0278 with
+# the VAE decoder (clip 900000, shipped sampling, bf16: benchmarks/results/cache_mode_quality_*_cpu.json): off by
+# default until it is trained to keep the lips
 MIN_SIDE = 16
 MAX_PIXELS = 200_000_000
 
@@ -235,17 +238,16 @@ class Avatar:
         **stream_options,
     ) -> Avatar:
         """Load ``causal.safetensors`` + ``vae.safetensors`` (+ ``tiny_decoder.safetensors``) from a folder
-        (default: the embedded weights). ``decoder``: "tiny" (~30x the VAE decoder's speed, 1.2 dB under it; the
-        default where the folder has one) or "vae". ``dtype``: what the DiT and the decoder stream in; "auto" is
-        bf16 on CUDA and on CPUs with native bf16 (``stream.accel.stream_dtype``), fp32 elsewhere (the VAE encoder
-        stays fp32)."""
+        (default: the embedded weights). ``decoder``: "vae" (the default, ``DECODER``) or "tiny" (~30x the VAE
+        decoder's speed and needed for real time on a CPU, but its mouths are softer: docs/speed.md). ``dtype``:
+        what the DiT and the decoder stream in; "auto" is bf16 on CUDA and on CPUs with native bf16
+        (``stream.accel.stream_dtype``), fp32 elsewhere (the VAE encoder stays fp32)."""
         root = Path(path) if path else WEIGHTS
         dit_file = root if root.suffix == ".safetensors" else root / "causal.safetensors"
         root = dit_file.parent
         if not (dit_file.exists() or dit_file.with_name(dit_file.name + ".index.json").exists()):
             raise FileNotFoundError(f"no causal model at {dit_file} (train one: talkstream train causal)")
-        if decoder is None:
-            decoder = "tiny" if (root / "tiny_decoder.safetensors").exists() else "vae"
+        decoder = decoder or DECODER
         if decoder not in ("vae", "tiny"):
             raise ValueError(f"decoder must be 'vae' or 'tiny', got {decoder!r}")
         run_dtype = stream_dtype(device, dtype)
