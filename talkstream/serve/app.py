@@ -133,7 +133,7 @@ class Models:
 
             if self._guard is None:
                 self._guard = OODGuard.load()
-            res = self._guard.check(img)
+            res = self._guard.check(np.array(img))  # a writable copy for torch
             warning = None if res.in_domain else res.message().removeprefix("talkstream: warning: ")
         key = secrets.token_hex(8)
         self.uploads[key] = img
