@@ -181,3 +181,32 @@ def test_failures_are_spoken_or_reported_and_the_conversation_goes_on(avatar, as
     assert finals[0].startswith("Sorry") and finals[1].startswith("Sorry") and finals[-1] == "Fine, thanks."
     assert rec.events("notice")[0].data["code"] == "empty_utterance"
     assert not any(e.data.get("fatal") for e in rec.events("error"))
+
+
+def test_audio_native_model_answers_speech_with_speech(avatar, asr):
+    from test_agent_standins import audio_chat_app
+
+    from talkstream.agent.audio_chat import AudioChatLLM
+
+    question = np.concatenate([np.zeros(4000, np.float32), spoken("Please open the window."), np.zeros(12000)])
+
+    async def run():
+        with serve_in_thread(audio_chat_app(asr, EspeakTTS())) as url:
+            conv = Conversation(avatar, None, AudioChatLLM(url), None, image=_reference())  # no ASR, no TTS here
+            await conv.start()
+            rec = Recorder(conv)
+            await say(conv, question)
+            await rec.until(lambda: sum(f.speech for f in rec.frames()) >= 4, conv, 240)
+            await rec.until(lambda: rec.events("latency"), conv, 60)
+            await conv.close()
+            await rec.task
+            return rec
+
+    rec = asyncio.run(run())
+    finals = [e.data for e in rec.events("transcript") if e.data["final"]]
+    assert finals[0]["role"] == "user" and finals[0]["text"].startswith("(spoken")
+    assert finals[1]["role"] == "assistant" and "window" in finals[1]["text"].lower()
+    assert not finals[1]["text"].startswith("[")  # the action tag went to the prompt track, not the transcript
+    speech = [f for f in rec.frames() if f.speech]
+    assert speech[0].caption == "speaks calmly" and all(np.abs(f.audio).max() > 0 for f in speech[:3])
+    assert rec.states()[:4] == ["idle", "listening", "thinking", "speaking"]

@@ -190,6 +190,11 @@ def test_bad_input_gets_an_error_and_sessions_go_on(server):
     finally:
         c.close()
         other.close()
+    sessions = server[1].state.talkstream["sessions"]
+    deadline = time.perf_counter() + 60
+    while sessions and time.perf_counter() < deadline:  # a closed socket frees its session (and its avatar stream)
+        time.sleep(0.1)
+    assert not sessions
 
 
 def test_a_ten_minute_monologue_is_cut_into_turns_and_memory_stays_bounded(server):
