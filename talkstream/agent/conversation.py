@@ -53,6 +53,7 @@ class ConversationConfig:
     partial_every: float = 0.8  # seconds of new speech between partial transcripts
     history_turns: int = 6  # user + assistant pairs kept as context
     max_reply_chars: int = 400  # a reply is cut after this much text
+    max_reply_sentences: int = 3  # or after this many sentences (small models ignore "one or two sentences")
     max_queue: int = 200  # items waiting for the reader; beyond it video images are dropped (audio kept)
     vad: VADConfig = field(default_factory=VADConfig)
 
@@ -313,7 +314,8 @@ class Conversation:
         await self._reply_text(text, turn)
 
     def _messages(self) -> list[dict]:
-        return [{"role": "system", "content": self.cfg.system_prompt}, *self.history[-2 * self.cfg.history_turns :]]
+        del self.history[: -2 * self.cfg.history_turns], self.turns[:-100]  # per-session memory stays bounded
+        return [{"role": "system", "content": self.cfg.system_prompt}, *self.history]
 
     async def _speak(self, tts, text: str, caption: str, turn: TurnTimes) -> None:
         audio = await asyncio.to_thread(tts.synthesize, text)
@@ -328,13 +330,19 @@ class Conversation:
         said: list[str] = []
 
         async def tokens():
-            async for piece in self.llm.stream(self._messages()):
-                if turn.llm_first is None:
-                    turn.llm_first = time.perf_counter()
-                yield piece
+            stream = self.llm.stream(self._messages())
+            try:
+                async for piece in stream:
+                    if turn.llm_first is None:
+                        turn.llm_first = time.perf_counter()
+                    yield piece
+            finally:
+                if hasattr(stream, "aclose"):
+                    await stream.aclose()
 
+        cut = sentences(tokens())
         try:
-            async for sentence in sentences(tokens()):
+            async for sentence in cut:
                 action, clean = split_action(sentence)
                 if not clean:
                     continue
@@ -346,7 +354,7 @@ class Conversation:
                     await self._speak(self.tts, clean, caption_for(action), turn)
                 except TTSError as e:
                     self._event("error", code="tts", message=str(e))
-                if sum(len(s) for s in said) >= self.cfg.max_reply_chars:
+                if sum(len(s) for s in said) >= self.cfg.max_reply_chars or len(said) >= self.cfg.max_reply_sentences:
                     break
         except LLMError as e:
             self._event("error", code="llm", message=str(e))
@@ -360,6 +368,8 @@ class Conversation:
                     break
                 except TTSError as e2:
                     self._event("error", code="tts", message=str(e2))
+        finally:  # cut short (or cancelled by a barge-in): the model stops generating
+            await cut.aclose()
         reply = " ".join(said)
         self._event("transcript", role="assistant", text=reply, final=True)
         self.history.append({"role": "assistant", "content": reply})

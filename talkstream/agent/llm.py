@@ -169,23 +169,27 @@ _END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|(?<=[;:])\s+|\n+")
 async def sentences(pieces: AsyncIterator[str], max_chars: int = 160) -> AsyncIterator[str]:
     """Text pieces -> sentences, each yielded as soon as its end is seen (a long one is cut at a comma)."""
     buf = ""
-    async for piece in pieces:
-        buf += piece
-        while True:
-            m = _END.search(buf)
-            if m is None and len(buf) > max_chars:
-                cut = buf.rfind(",", 0, max_chars)
-                cut = cut + 1 if cut > 0 else buf.rfind(" ", 0, max_chars)
-                if cut <= 0:
-                    cut = max_chars
-                m_end = cut
-            elif m is not None:
-                m_end = m.end()
-            else:
-                break
-            out, buf = buf[:m_end].strip(), buf[m_end:]
-            if out:
-                yield out
+    try:
+        async for piece in pieces:
+            buf += piece
+            while True:
+                m = _END.search(buf)
+                if m is None and len(buf) > max_chars:
+                    cut = buf.rfind(",", 0, max_chars)
+                    cut = cut + 1 if cut > 0 else buf.rfind(" ", 0, max_chars)
+                    if cut <= 0:
+                        cut = max_chars
+                    m_end = cut
+                elif m is not None:
+                    m_end = m.end()
+                else:
+                    break
+                out, buf = buf[:m_end].strip(), buf[m_end:]
+                if out:
+                    yield out
+    finally:  # a reader that stops early (a reply cut short, a barge-in) stops the model too
+        if hasattr(pieces, "aclose"):
+            await pieces.aclose()
     if buf.strip():
         yield buf.strip()
 
