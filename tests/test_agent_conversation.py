@@ -69,13 +69,14 @@ class Recorder:
             await asyncio.sleep(0.02)
 
 
-async def say(conv: Conversation, audio: np.ndarray) -> float:
-    """Push audio in real time (20 ms pieces); returns the wall time its first piece went in."""
-    t0 = time.perf_counter()
+async def say(conv: Conversation, audio: np.ndarray) -> list[float]:
+    """Push audio in real time (20 ms pieces); returns the wall time each piece went in."""
+    t0, sent = time.perf_counter(), []
     for k in range(0, len(audio), 320):
+        sent.append(time.perf_counter())
         await conv.push_audio(audio[k : k + 320])
         await asyncio.sleep(max(0.0, t0 + (k + 320) / 16000 - time.perf_counter()))
-    return t0
+    return sent
 
 
 def test_spoken_turn_reply_and_barge_in(avatar, asr):
@@ -92,8 +93,8 @@ def test_spoken_turn_reply_and_barge_in(avatar, asr):
             await rec.until(lambda: any(f.speech for f in rec.frames()), conv, 240)
             await rec.until(lambda: sum(f.speech for f in rec.frames()) >= 6, conv, 240)
             reply_id = next(f.reply for f in rec.frames() if f.speech)
-            t_sent = await say(conv, np.concatenate([np.zeros(1600, np.float32), interruption[: onset_sample + 4800]]))
-            onset_wall = t_sent + (1600 + onset_sample) / 16000
+            sent = await say(conv, np.concatenate([np.zeros(1600, np.float32), interruption[: onset_sample + 4800]]))
+            onset_wall = sent[(1600 + onset_sample) // 320]  # when the piece holding the first audible sample went in
             await rec.until(lambda: rec.events("clear"), conv, 10)
             n_clear = len(rec.frames())
             await rec.until(lambda: len(rec.frames()) > n_clear + 12, conv, 120)
@@ -115,6 +116,7 @@ def test_spoken_turn_reply_and_barge_in(avatar, asr):
     # barge-in: the clear came within 200 ms of the interruption's onset, and no reply audio after it
     clear_at, clear = next((t, x) for t, x in rec.items if isinstance(x, Event) and x.type == "clear")
     assert clear.data["reply"] == reply_id
+    print(f"barge-in: onset -> clear {1000 * (clear.at - onset_wall):.0f} ms")
     assert clear.at - onset_wall <= 0.2, clear.at - onset_wall
     after = [x for t, x in rec.items if isinstance(x, MediaFrame) and t > clear_at]
     assert after and all(not f.speech and not np.abs(f.audio).any() for f in after)
