@@ -41,20 +41,24 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--modes", nargs="+", default=["commit", "timestep_forcing"])
     ap.add_argument("--decoder", default="tiny", choices=["tiny", "vae"])
+    ap.add_argument("--decoder-dtype", choices=["bf16", "fp32"], help="the tiny decoder's dtype (default: --dtype's)")
     ap.add_argument("--first-chunk", type=int, default=0, help="StreamConfig.first_chunk (1: a one-latent first chunk)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     dtype = stream_dtype("cpu", a.dtype)
     dit = load_checkpoint(a.weights / "causal.safetensors", dtype=dtype)
     vae = load_checkpoint(a.weights / "vae.safetensors", dtype=torch.float32)
-    dec = load_checkpoint(a.weights / "tiny_decoder.safetensors", dtype=dtype) if a.decoder == "tiny" else vae
+    dec_dtype = stream_dtype("cpu", a.decoder_dtype) if a.decoder_dtype else dtype
+    dec = load_checkpoint(a.weights / "tiny_decoder.safetensors", dtype=dec_dtype) if a.decoder == "tiny" else vae
     inputs = load_suite_inputs(a.inputs)
     sampling = dict(steps=a.steps) if a.sampler == "euler" else dict(timesteps=(1000, 750, 500, 250)[: a.steps])
     name = f"{a.sampler}{a.steps}_{'_'.join(map(str, a.seeds))}_{str(dtype).replace('torch.', '')}_{a.decoder}"
     name += f"_first{a.first_chunk}" if a.first_chunk else ""
+    name += f"_decoder_{a.decoder_dtype}" if a.decoder_dtype else ""
     out = a.out or Path(__file__).parent / "results" / f"cache_mode_quality_{name}_cpu.json"
     res = dict(machine=describe(), sampler=a.sampler, steps=a.steps, seeds=a.seeds, dtype=str(dtype), modes={})
     res["decoder"], res["first_chunk"] = a.decoder, a.first_chunk
+    res["decoder_dtype"] = str(dec_dtype) if a.decoder == "tiny" else "torch.float32"
     res["loadavg_start"] = loadavg()
     for mode in a.modes:
         cfg = stream_config(dit, sampler=a.sampler, cache_mode=mode, first_chunk=a.first_chunk, **sampling)
