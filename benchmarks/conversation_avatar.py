@@ -91,7 +91,7 @@ def run(args) -> dict:
     avatar = Avatar.from_pretrained(device=args.device, size=args.size, **opts)
     load_s = time.perf_counter() - t
     avatar._whisper = TableWhisper(data["silence"], data["reply"], 7680)
-    loop = AvatarLoop(avatar, avatar_reference())
+    loop = AvatarLoop(avatar, avatar_reference(), async_decode=not args.sync_decode)
     for i, c in enumerate(data["captions"]):
         loop._encoded[str(c)] = (torch.from_numpy(data["emb"][i : i + 1]), torch.from_numpy(data["mask"][i : i + 1]))
     frames: list = []
@@ -127,6 +127,7 @@ def run(args) -> dict:
         "end of speech -> first reply frame); encoders' features read from precomputed tables",
         device=args.device,
         size=args.size,
+        async_decode=not args.sync_decode,
         stream_config=str(avatar.cfg),
         dtype=str(next(avatar.dit.parameters()).dtype),
         model_load_s=round(load_s, 2),
@@ -157,6 +158,7 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--warm", type=float, default=3.0, help="seconds of idle streaming before the first reply")
+    p.add_argument("--sync-decode", action="store_true", help="decode each chunk before denoising the next")
     p.add_argument("--out")
     args = p.parse_args()
     if args.make_inputs:
