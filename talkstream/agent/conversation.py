@@ -174,6 +174,8 @@ class Conversation:
             self._wake.clear()
             if not self._out and not self._closed:
                 await self._wake.wait()
+        while self._out:  # what came with the end (a failed stream's fatal error); close() empties it first
+            yield self._out.popleft()
 
     def _set_state(self, state: str) -> None:
         if state != self.state or state == "idle" and not self.frames_sent:

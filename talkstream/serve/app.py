@@ -29,6 +29,7 @@ from ..agent.conversation import Conversation, ConversationConfig, Event
 from ..media import MediaError
 from ..stream.engine import FPS
 from . import protocol as P
+from .security import Guard, SecurityConfig, check_image_header
 
 STATIC = Path(__file__).resolve().parent / "static"
 REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference.png"
@@ -50,6 +51,7 @@ class ServeConfig:
     audio_chat_url: str | None = None  # an audio-native endpoint (speech in, speech + text out): no ASR/TTS here
     voice: str = "piper"  # piper | espeak (the default voice; a session may pick another)
     max_sessions: int = 4
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # token, rate and picture limits
     upload_bytes: int = 8_000_000
     jpeg_quality: int = 80
     stream_options: dict = field(default_factory=dict)  # StreamConfig fields for the avatar (steps, anchor, ...)
@@ -306,6 +308,7 @@ def build_app(cfg: ServeConfig, models: Models | None = None):
             if len(body) > cfg.upload_bytes:
                 return JSONResponse({"error": f"image over {cfg.upload_bytes} bytes"}, status_code=413)
         try:
+            check_image_header(body, cfg.security.max_pixels)
             key, warning = await asyncio.to_thread(state["models"].add_upload, body)
         except MediaError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
@@ -344,7 +347,9 @@ def build_app(cfg: ServeConfig, models: Models | None = None):
         WebSocketRoute("/ws", session),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    from starlette.middleware import Middleware
+
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard, cfg=cfg.security)])
     app.state.talkstream = state
     return app
 

@@ -55,15 +55,17 @@ def _serve(args) -> None:
 
     from ..machine import check_device
     from .app import build_app
+    from .security import SecurityConfig, SecurityError, check_bind, load_token
 
     check_device(args.device)
-    if args.host not in LOOPBACK:
-        print(
-            f"talkstream serve: warning: listening on {args.host}, reachable from other machines without any "
-            "authentication; the default 127.0.0.1 keeps it on this machine",
-            file=sys.stderr,
-        )
-    app = build_app(_config(args))
+    try:
+        token = load_token(args.token, args.token_file)
+        check_bind(args.host, token)
+    except SecurityError as e:
+        sys.exit(f"talkstream serve: error: {e}")
+    cfg = _config(args)
+    cfg.security = SecurityConfig(token=token)
+    app = build_app(cfg)
     print(f"talkstream serve: loading models, then open http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws_max_size=1 << 20)
 
@@ -86,6 +88,8 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-sessions", type=int, default=4)
+    s.add_argument("--token", help="required from every client (needed for any --host other than 127.0.0.1)")
+    s.add_argument("--token-file", help="read the token from this file (keeps it out of the process list)")
     _add_stack_args(s)
     s.set_defaults(func=_serve)
 

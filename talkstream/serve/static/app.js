@@ -5,6 +5,8 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const LEAD = 0.25; // seconds of jitter buffer
+const TOKEN = new URLSearchParams(location.search).get("token"); // a server started with --token
+const Q = TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "";
 const HEADER = 24; // "TSF1", u32 index, f64 pts, u32 jpeg bytes, u32 samples
 const ts = (window.talkstream = {
   frames: 0, speechFrames: 0, drawn: [], transcripts: [], states: [], errors: [], notices: [], latency: null,
@@ -146,7 +148,7 @@ function connect() {
   queue.length = 0;
   offset = null;
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${proto}://${location.host}/ws`);
+  ws = new WebSocket(`${proto}://${location.host}/ws${Q}`);
   ws.binaryType = "arraybuffer";
   connectedAt = performance.now();
   ts.firstFrameMs = null;
@@ -192,12 +194,12 @@ function stopMic() {
 }
 
 async function init() {
-  info = await (await fetch("/api/info")).json();
+  info = await (await fetch(`/api/info${Q}`)).json();
   voice = info.default_voice;
   const box = $("images");
   for (const name of info.images) {
     const img = document.createElement("img");
-    img.src = `/api/images/${name}.png`;
+    img.src = `/api/images/${name}.png${Q}`;
     img.alt = img.title = name;
     img.className = name === image ? "chosen" : "";
     img.onclick = () => { image = name; for (const i of box.children) i.className = i === img ? "chosen" : ""; connect(); };
@@ -214,7 +216,7 @@ async function init() {
   $("upload").onchange = async () => {
     const file = $("upload").files[0];
     if (!file) return;
-    const r = await fetch("/api/images", { method: "POST", body: file });
+    const r = await fetch(`/api/images${Q}`, { method: "POST", body: file });
     const j = await r.json();
     if (!r.ok) return setStatus(`upload refused: ${j.error}`);
     image = j.id;
