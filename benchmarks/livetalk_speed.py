@@ -157,10 +157,17 @@ def main() -> None:
             r = case(model, decoders[name], name, cfg, a.device, a.size, a.chunks, a.text_len)
             res["results"].append(dict(r, compiled=compiled))
             write()
-    if "first_chunk" in StreamConfig.__dataclass_fields__:  # a variant: a first chunk of 1 latent (not LiveTalk)
-        short = replace(cfg, first_chunk=1)
-        r = case(model, decoders["taehv"], "taehv", short, a.device, a.size, a.chunks, a.text_len)
-        res["results"].append(dict(r, compiled=a.compile != "no", variant="first chunk of 1 latent frame"))
+    variants = {  # the engine's options beside LiveTalk's own chunking (the tiny decoder)
+        "first chunk of 1 latent frame": dict(first_chunk=1),
+        "prepared context": dict(runner="prepared"),
+        "CUDA graphs": dict(runner="graphs"),
+        "CUDA graphs + first chunk of 1 latent frame": dict(runner="graphs", first_chunk=1),
+    }
+    for variant, options in variants.items():
+        if options.get("runner") == "graphs" and not a.device.startswith("cuda"):
+            continue
+        r = case(model, decoders["taehv"], "taehv", replace(cfg, **options), a.device, a.size, a.chunks, a.text_len)
+        res["results"].append(dict(r, compiled=a.compile != "no", variant=variant))
         write()
 
 

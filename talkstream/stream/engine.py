@@ -394,8 +394,12 @@ class StreamEngine:
                         ev.record()
                         chunk.latents.record_stream(side)
                     pending.append((chunk, pool.submit(run_decode, chunk.latents, ev)))
-                while pending and (pool is None or pending[0][1].done() or len(pending) > 1):
+                # the first chunk is shown as soon as it is decoded (not after the next chunk's denoising): the time
+                # to the first frame is one chunk + its decode; later chunks overlap decode with denoising
+                first = stats.first_frame_at is None
+                while pending and (pool is None or first or pending[0][1].done() or len(pending) > 1):
                     yield from self._emit(pending.popleft(), stats)
+                    first = False
                 i += 1
             while pending:
                 yield from self._emit(pending.popleft(), stats)
