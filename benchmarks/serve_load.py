@@ -1,0 +1,232 @@
+"""``talkstream serve`` under load: N concurrent WebSocket sessions on loopback, each with its own avatar stream.
+
+For each N the server is started with ``max_sessions=N`` on 127.0.0.1, N clients say hello and read for ``--seconds``
+(the avatar idles and listens: the engine runs all the time, paced at real time), and one more client must be told
+``busy``. Per session: frames received, frames per second, frames lost (gaps in the frame index) and video images
+dropped for a slow reader (frames that arrive without their JPEG), the p50 / p99 interval between frames. A session is
+real-time when it receives >= 95% of 25 frames a second. Bounded in count and time; stops by itself.
+
+    python benchmarks/serve_load.py --sessions 1,2,3 --seconds 10 --size 64 --steps 4 \\
+        --out benchmarks/results/serve_load_64_steps4_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+
+from talkstream.machine import describe, report
+from talkstream.serve import protocol as P
+
+FPS = 25
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(app):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class Reader:
+    """One session: hello, then every frame's arrival time, index and JPEG size."""
+
+    def __init__(self, url: str, stop: threading.Event) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(url, max_size=2**22, legacy=True)
+        self.stop, self.messages, self.frames = stop, [], []
+        self.ws.send(json.dumps({"type": "hello", "version": 1, "voice": "espeak"}))
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            while not self.stop.is_set():
+                try:
+                    msg = self.ws.recv(timeout=1.0)
+                except TimeoutError:
+                    continue
+                if isinstance(msg, str):
+                    self.messages.append(json.loads(msg))
+                else:
+                    index, _, jpeg, _ = P.decode_frame(msg)
+                    self.frames.append((time.perf_counter(), index, len(jpeg)))
+
+    def ready(self) -> bool:
+        return any(m["type"] == "ready" for m in self.messages) and bool(self.frames)
+
+    def stats(self, t0: float, t1: float) -> dict:
+        fr = [f for f in self.frames if t0 <= f[0] <= t1]
+        idx = np.array([f[1] for f in fr])
+        t = np.array([f[0] for f in fr])
+        gaps = np.diff(t) if len(t) > 1 else np.zeros(1)
+        fps = len(fr) / (t1 - t0)
+        return dict(
+            frames=len(fr),
+            fps=round(fps, 2),
+            real_time=fps >= 0.95 * FPS,
+            frames_lost=int(np.sum(np.diff(idx) - 1)) if len(idx) > 1 else 0,
+            images_dropped=int(sum(f[2] == 0 for f in fr)),
+            interval_p50_ms=round(float(np.percentile(gaps, 50)) * 1000, 1),
+            interval_p99_ms=round(float(np.percentile(gaps, 99)) * 1000, 1),
+            interval_max_ms=round(float(gaps.max()) * 1000, 1),
+            errors=[m for m in self.messages if m["type"] == "error"],
+        )
+
+
+def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
+    import dataclasses
+
+    from talkstream.serve.app import build_app
+
+    app = build_app(dataclasses.replace(cfg, max_sessions=n), models)
+    stop = threading.Event()
+    with _serving(app) as url:
+        readers = [Reader(url, stop) for _ in range(n)]
+        deadline = time.perf_counter() + 180
+        while not all(r.ready() for r in readers):
+            if time.perf_counter() > deadline:
+                raise RuntimeError("sessions did not start within 180 s")
+            time.sleep(0.05)
+        from websockets.sync.client import connect
+
+        with connect(url) as extra:  # the N+1th
+            busy = json.loads(extra.recv(timeout=10))
+        time.sleep(warmup)
+        t0 = time.perf_counter()
+        sessions_during = len(app.state.talkstream["sessions"])
+        time.sleep(seconds)
+        t1 = time.perf_counter()
+        stop.set()
+        for r in readers:
+            r.ws.close()
+            r.thread.join(5)
+        freed = time.perf_counter()
+        while app.state.talkstream["sessions"] and time.perf_counter() - freed < 10:
+            time.sleep(0.01)
+        freed_s = time.perf_counter() - freed
+        per = [r.stats(t0, t1) for r in readers]
+    return dict(
+        sessions=n,
+        seconds=round(t1 - t0, 2),
+        server_sessions_during=sessions_during,
+        server_sessions_after=len(app.state.talkstream["sessions"]),
+        freed_s=round(freed_s, 3),
+        extra_client=busy,
+        real_time_sessions=sum(p["real_time"] for p in per),
+        fps_min=min(p["fps"] for p in per),
+        interval_p99_ms_max=max(p["interval_p99_ms"] for p in per),
+        frames_lost_total=sum(p["frames_lost"] for p in per),
+        images_dropped_total=sum(p["images_dropped"] for p in per),
+        per_session=per,
+    )
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = res["levels"]
+    ns = [lv["sessions"] for lv in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for lv in levels:
+        a.scatter([lv["sessions"]] * len(lv["per_session"]), [p["fps"] for p in lv["per_session"]], c="C0")
+        b.scatter([lv["sessions"]] * len(lv["per_session"]), [p["interval_p99_ms"] for p in lv["per_session"]], c="C1")
+    a.axhline(FPS, ls="--", c="gray", label="real time (25 fps)")
+    a.set(xlabel="concurrent sessions", ylabel="frames/s received per session", xticks=ns)
+    a.legend()
+    b.axhline(1000 / FPS, ls="--", c="gray", label="40 ms")
+    b.set(xlabel="concurrent sessions", ylabel="p99 inter-frame interval (ms)", xticks=ns)
+    b.legend()
+    fig.suptitle(f"talkstream serve on loopback: {res['size']}x{res['size']}, {res['steps']} steps, {res['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", default="1,2,3", help="comma-separated concurrent session counts (at most 16)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level (at most 120)")
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", help="JSON path (a PNG plot is written next to it)")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.sessions.split(",")]
+    if not levels or max(levels) > 16 or min(levels) < 1 or not 0 < args.seconds <= 120:
+        raise SystemExit("serve_load: error: --sessions must be 1-16 each and --seconds in (0, 120]")
+
+    import torch
+
+    from talkstream.serve.app import Models, ServeConfig
+
+    # the LLM is never asked (nobody speaks): a closed local port keeps the local model from loading
+    cfg = ServeConfig(
+        size=args.size,
+        device=args.device,
+        voice="espeak",
+        llm_url="http://127.0.0.1:9/v1",
+        stream_options={"steps": args.steps},
+    )
+    models = Models(cfg)
+    res = dict(
+        benchmark="serve_load",
+        size=args.size,
+        steps=args.steps,
+        device=args.device,
+        decoder=cfg.decoder,
+        torch_threads=torch.get_num_threads(),
+        machine=describe(),
+        load_average_before=os.getloadavg(),
+        levels=[],
+    )
+    for n in levels:
+        lv = run_level(cfg, models, n, args.seconds, args.warmup)
+        print(
+            f"{n} sessions: real-time {lv['real_time_sessions']}/{n}, min {lv['fps_min']} fps, "
+            f"p99 interval <= {lv['interval_p99_ms_max']} ms, lost {lv['frames_lost_total']}, "
+            f"N+1th: {lv['extra_client'].get('type')}, freed in {lv['freed_s']} s",
+            flush=True,
+        )
+        res["levels"].append(lv)
+    res["load_average_after"] = os.getloadavg()
+    res["real_time_sessions_held"] = max(
+        [lv["sessions"] for lv in res["levels"] if lv["real_time_sessions"] == lv["sessions"]], default=0
+    )
+    report(res, args.out, show={k: v for k, v in res.items() if k != "levels"})
+    if args.out:
+        plot(res, os.path.splitext(args.out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()
