@@ -275,7 +275,7 @@ def test_a_thousand_malformed_messages_crash_nothing(serve):
     sent: list[set[str]] = []
     from websockets.sync.client import connect
 
-    ws = connect(url.replace("http", "ws") + "/ws", max_size=2**22)
+    ws = connect(url.replace("http", "ws") + "/ws", max_size=2**22, legacy=True)
     received: list[dict] = []
 
     def read():
