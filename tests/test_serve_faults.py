@@ -385,8 +385,8 @@ def test_a_worker_that_raises_ends_only_its_session(serve):
 
 
 def test_a_slow_reader_loses_video_images_before_any_audio(stack):
-    """While nobody reads, the oldest queued frames lose their images (at most ``max_queue`` images are held); no
-    frame's audio is lost."""
+    """While nobody reads, the oldest queued frames lose their images (at most ``max_queue`` images are held) and no
+    frame's audio is lost; a reader 4 x ``max_queue`` items behind loses its oldest frames too (bounded memory)."""
     from talkstream.agent.avatar_loop import MediaFrame
     from talkstream.agent.conversation import Conversation, ConversationConfig
 
@@ -402,7 +402,15 @@ def test_a_slow_reader_loses_video_images_before_any_audio(stack):
             while conv.frames_sent < 30 and time.perf_counter() < deadline:  # nobody reads
                 await asyncio.sleep(0.02)
                 assert sum(isinstance(x, MediaFrame) and x.image is not None for x in conv._out) <= 12
-            return conv.frames_sent, conv.dropped_images, [x for x in conv._out if isinstance(x, MediaFrame)]
+            snapshot = [x for x in conv._out if isinstance(x, MediaFrame)]
+            made, dropped = conv.frames_sent, conv.dropped_images
+            while conv.frames_sent < 60 and time.perf_counter() < deadline:  # far behind: audio goes too, bounded
+                await asyncio.sleep(0.02)
+                assert len(conv._out) <= 4 * 12
+            tail = [x.index for x in conv._out if isinstance(x, MediaFrame)]
+            assert conv.frames_sent >= 60 and len(tail) >= 4 * 12 - 2 and tail[-1] == conv.frames_sent - 1, tail
+            assert tail == list(range(tail[0], tail[0] + len(tail)))  # the oldest went, the newest are all there
+            return made, dropped, snapshot
         finally:
             await conv.close()
 

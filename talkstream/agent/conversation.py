@@ -161,6 +161,10 @@ class Conversation:
             else:
                 if isinstance(self._out[0], MediaFrame):
                     self._out.popleft()  # only images-free frames left: the oldest goes
+        if len(self._out) > 4 * self.cfg.max_queue:  # a reader that never reads: its oldest audio goes too (bounded)
+            i = next((i for i, x in enumerate(self._out) if isinstance(x, MediaFrame)), None)
+            if i is not None:
+                del self._out[i]
         self._wake.set()
 
     def _event(self, type: str, **data) -> None:
