@@ -20,7 +20,7 @@ pytest.importorskip("faster_whisper")
 import httpx  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_agent_standins import chat_app, serve_in_thread  # noqa: E402
+from test_agent_standins import chat_app, free_port, serve_in_thread  # noqa: E402
 from test_serve import Client  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
@@ -420,3 +420,24 @@ def test_a_slow_reader_loses_video_images_before_any_audio(stack):
     imgs = [f.image is not None for f in frames]
     assert imgs == sorted(imgs) and sum(imgs) <= 12, imgs  # the oldest lost their images first
     assert [f.index for f in frames] == list(range(frames[0].index, frames[0].index + len(frames)))
+
+
+def test_a_server_restart_ends_sessions_and_clients_start_new_ones(stack):
+    from talkstream.serve.app import build_app
+
+    cfg, models = stack
+    app = build_app(cfg, models)
+    port = free_port()
+    with serve_in_thread(app, port) as url:
+        c = Client(url, voice="espeak")
+        first = c.wait(lambda: c.of("ready"), 60, "ready")[0]["session"]
+    c.thread.join(10)
+    assert not c.thread.is_alive() and not sessions_of(app)  # the stop closed the socket and freed the session
+    app2 = build_app(cfg, models)
+    with serve_in_thread(app2, port) as url:
+        c2 = Client(url, voice="espeak")  # the client reconnects to the same address
+        try:
+            again = c2.wait(lambda: c2.of("ready") and c2.frames, 60, "ready and frames")
+            assert c2.of("ready")[0]["session"] != first and again
+        finally:
+            c2.close()
