@@ -441,3 +441,32 @@ def test_a_server_restart_ends_sessions_and_clients_start_new_ones(stack):
             assert c2.of("ready")[0]["session"] != first and again
         finally:
             c2.close()
+
+
+@pytest.mark.slow
+def test_the_page_passes_its_token_on(serve, tmp_path):
+    """Headless Chromium opens ``/?token=...`` on a server that requires it: the page's API calls and its WebSocket
+    carry the token (the session starts and frames are drawn); without it the server refuses them."""
+    import shutil
+
+    pytest.importorskip("playwright")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make install installs it)")
+    from playwright.sync_api import sync_playwright
+
+    url, app = serve(security=SecurityConfig(**{**LOOSE.__dict__, "token": TOKEN}))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}/?token={TOKEN}")
+            page.wait_for_function("window.talkstream && window.talkstream.ready !== null", timeout=60_000)
+            page.wait_for_function("window.talkstream.drawn.length > 3", timeout=120_000)
+            assert page.evaluate("window.talkstream.errors") == [] and not errors, errors
+            refused = page.evaluate("fetch('/api/info').then(r => r.status)")  # the same page without the token
+            assert refused == 401
+        finally:
+            browser.close()
