@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -30,6 +31,11 @@ from ..media import MediaError
 from ..stream.engine import FPS
 from . import protocol as P
 from .security import Guard, SecurityConfig, check_image_header
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from ..agent.tts import TTS
 
 STATIC = Path(__file__).resolve().parent / "static"
 REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference.png"
@@ -107,7 +113,7 @@ class Models:
 
         return {name: render_frame(Identity.sample(seed), size=size) for name, seed in WORLD_FACES.items()}
 
-    def tts(self, voice: str | None):
+    def tts(self, voice: str | None) -> TTS:
         from ..agent.tts import make_tts
 
         voice = voice or self.cfg.voice
@@ -253,7 +259,7 @@ class Session:
                 await self.sender
 
 
-def build_app(cfg: ServeConfig, models: Models | None = None):
+def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
     """The Starlette app; ``models`` may be given (tests share one load between apps)."""
     from starlette.applications import Starlette
     from starlette.responses import FileResponse, JSONResponse, Response
