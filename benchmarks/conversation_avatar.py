@@ -1,7 +1,7 @@
 """The avatar stage of the conversation loop alone, on any device: reply speech handed to a running ``AvatarLoop``
 (paced at real time, idling on silence, as ``talkstream serve`` runs it) -> the first frame carrying that speech.
 
-For a machine without the audio / text encoders' packages (a lent GPU machine), ``--make-inputs`` (run where they are
+For a machine without the audio / text encoders' packages (a remote GPU machine), ``--make-inputs`` (run where they are
 installed) writes the Whisper features of the reply and of silence and the encoded captions; the timed run reads them
 back (the encoders' cost is measured on the CPU by ``talkstream bench-conversation``). The engine's work per chunk does
 not depend on the features' values, so the timing is the one the live encoders would give.

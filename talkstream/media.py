@@ -17,7 +17,7 @@ from pathlib import Path
 
 try:
     import av
-except ImportError:  # a machine without PyAV (e.g. a lent GPU) still gets everything but mp4/wav I/O
+except ImportError:  # a machine without PyAV (e.g. a remote GPU) still gets everything but mp4/wav I/O
     av = None
 import numpy as np
 from scipy.signal import resample_poly

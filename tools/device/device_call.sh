@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A lent GPU machine's work as one detached pipeline: several training stages at once (one process each,
+# A remote GPU machine's work as one detached pipeline: several training stages at once (one process each,
 # sharing the GPU), then the held-out suite on what they made, then an optional command. Each device call
 # lasts at most 10 minutes, so the pipeline runs in its own process session and later calls collect from it.
 #

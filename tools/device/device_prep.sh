@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a device round carries that git does not hold, made here from nothing (a fresh checkout after
-# `make install`): the renderer's wheel for the lent machine's Python (.whl), the GL / X libraries it links that
+# `make install`): the renderer's wheel for the GPU machine's Python (.whl), the GL / X libraries it links that
 # the machine's image lacks (.carry/lib), the training packs (espeak-ng speech, Whisper and MiniLM features: only
 # here) and the suite's inputs, and the shipped VAE / causal model / teacher where device_round.sh reads them
 # (data/keep, data/init, data/t0). A fresh checkout has none of these: this script re-makes them all.
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 packs=${*:-a b c d}
 
-# skia-python for the lent machines' python3 (3.12, manylinux); its other needs are in their image
+# skia-python for the GPU machines' python3 (3.12, manylinux); its other needs are in their image
 mkdir -p .whl
 ver=$(python3 -c "import importlib.metadata as m; print(m.version('skia-python'))")
 ls .whl/skia_python-"$ver"-cp312-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \

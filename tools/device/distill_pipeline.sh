@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Few-step distillation on one lent GPU as one detached pipeline: ODE pairs -> ODE init -> four DMD runs side by
+# Few-step distillation on one remote GPU as one detached pipeline: ODE pairs -> ODE init -> four DMD runs side by
 # side ({Self-Forcing, LiveTalk} settings x {4, 2} steps) -> held-out suites of every student -> GPU stream speed
 # -> the ship rule (tools/device/distill_rule.py) -> the chosen student handed back.
 #
