@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..media import MediaError, read_audio, read_video
-from ..world.behaviour import FPS, make_clip
+from ..world.behaviour import FPS, Clip, make_clip
 from ..world.render import Renderer, render_states
 from . import metrics
 from .probes import FrameProbe, load_frame_probe
@@ -200,7 +200,7 @@ def _encode_clip(clip, whisper, text):
 def prepare_suite(seeds: tuple[int, ...] = SUITE_SEEDS, seconds: float = 8.0) -> dict:
     """What the suite needs from espeak-ng, Whisper and MiniLM, computed once: per seed the planned clip, its
     Whisper features, its encoded first spoken caption and its caption timeline. Pickled (`eval suite
-    --save-inputs`) it lets the suite run on a machine without those (a lent GPU)."""
+    --save-inputs`) it lets the suite run on a machine without those (a remote GPU)."""
     import torch
 
     from ..models.encoders import TextEncoder, WhisperFeatures
@@ -253,7 +253,7 @@ def checkpoint_generator(
     reference_init: float | None = None,
     start_from: str | None = None,
     captions: str = "timeline",
-):
+) -> Callable[[np.ndarray, Clip], np.ndarray]:
     """A suite generator from trained checkpoints: Whisper features of the clip's audio, its captions (see
     ``captions``), the reference frame -> generated frames. A causal checkpoint (it records its chunk)
     streams through the engine (``steps`` Euler steps per chunk); a teacher samples offline (``stream.offline``).
@@ -312,7 +312,7 @@ def checkpoint_generator(
             size=size,
         )
 
-        def generate(reference: np.ndarray, clip) -> np.ndarray:
+        def generate(reference: np.ndarray, clip: Clip) -> np.ndarray:
             feats, emb, mask = encoded(clip)
             return np.stack(list(avatar.from_features(reference, feats, clip.n_frames, emb, mask)))
 
@@ -330,7 +330,7 @@ def checkpoint_generator(
         **sampler,
     )
 
-    def generate(reference: np.ndarray, clip) -> np.ndarray:
+    def generate(reference: np.ndarray, clip: Clip) -> np.ndarray:
         feats, emb, mask = encoded(clip)
         return gen.generate(reference, feats, clip.n_frames, emb, mask)
 

@@ -91,7 +91,7 @@ class FrameProbe(nn.Module):
         y0, y1, x0, x1 = FACE_BOX
         return x[:, :, y0:y1, x0:x1].contiguous(), F.avg_pool2d(x, 4)
 
-    def forward(self, face: torch.Tensor, glob: torch.Tensor):
+    def forward(self, face: torch.Tensor, glob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.embed(torch.cat([self.face(face), self.glob(glob)], 1))
         return self.state_head(h), self.id_head(h), h
 

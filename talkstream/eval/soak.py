@@ -13,11 +13,15 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..eval.metrics import BLACK_LEVEL, BLANK_STD, FROZEN_DIFF, FROZEN_RUN
 from .speed import loadavg, rss_mib
+
+if TYPE_CHECKING:
+    from ..stream.avatar import LiveAudio
 
 SENTENCES = (
     "Hello, I am a talkstream avatar.",
@@ -59,7 +63,9 @@ def speech_loop(sentences=SENTENCES, pause: float = 1.5) -> np.ndarray:
     return np.concatenate([np.concatenate([synthesize(s).audio.astype(np.float32), gap]) for s in sentences])
 
 
-def push_live(live, audio: np.ndarray, seconds: float, packet: float = 0.1, stop: threading.Event | None = None):
+def push_live(
+    live: LiveAudio, audio: np.ndarray, seconds: float, packet: float = 0.1, stop: threading.Event | None = None
+) -> None:
     """Push ``audio`` (looped) into ``live`` in ``packet``-second pieces on the wall clock for ``seconds``; close."""
     from ..media import SAMPLE_RATE
 

@@ -85,7 +85,9 @@ def measure_stream(
     return out
 
 
-def world_source(seconds: float = 10.0, size: int = 256, chunk_frames: int = 12, seed: int = 0):
+def world_source(
+    seconds: float = 10.0, size: int = 256, chunk_frames: int = 12, seed: int = 0
+) -> Callable[[], Iterator[np.ndarray]]:
     from ..world.behaviour import make_clip
     from ..world.render import FrameState, Renderer
 
@@ -109,7 +111,7 @@ def dit_source(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-):
+) -> Callable[[], Iterator[np.ndarray]]:
     """Random-weight DiT streaming + tiny-decoder decode: the real cost of the real shapes."""
     from ..diffusion.flow import sigmas_from_timesteps
     from ..models.config import TinyDecoderConfig, dit_config

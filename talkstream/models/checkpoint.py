@@ -18,12 +18,17 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import DiTConfig, TinyDecoderConfig, VAEConfig
+
+if TYPE_CHECKING:
+    from .dit import WanDiT
+    from .vae import CausalVAE, TinyDecoder
 
 MAX_SHARD_BYTES = 15 * 2**20  # every file we commit stays under 16 MiB
 
@@ -318,7 +323,9 @@ def save_checkpoint(
     return [path.parent / n for n in names] + [index]
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> WanDiT | CausalVAE | TinyDecoder:
     """Build and load a model saved by ``save_checkpoint`` (the config comes from the file)."""
     from .dit import WanDiT
     from .vae import CausalVAE, TinyDecoder

@@ -23,6 +23,7 @@ with RMSNorm on q/k and 3D RoPE, text cross-attention, GELU(tanh) FFN. Our addit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,17 +144,38 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
         self.audio_attn = AudioAdapter(d, cfg.num_heads, cfg.eps) if audio else None
 
-    def forward(self, x, e0, context, context_mask, audio, attend, layer: int, n_sink: int):
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        layer: int,
+        n_sink: int,
+    ) -> torch.Tensor:
         """x [B, F, S, D] (sinks first), e0 [B, F, 6, D]; ``attend`` runs self-attention for the mode."""
         mods = (self.modulation[None].float() + e0.float()).chunk(6, dim=2)
         q, k, v = self.pre_attention(x, mods[0], mods[1])
         return self.post_attention(x, attend(layer, q, k, v), mods, context, context_mask, audio, n_sink)
 
-    def pre_attention(self, x, shift, scale):
+    def pre_attention(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = (self.norm1(x).float() * (1 + scale) + shift).type_as(x)
         return self.self_attn.qkv(h)
 
-    def post_attention(self, x, y, mods, context, context_mask, audio, n_sink: int):
+    def post_attention(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mods: tuple[torch.Tensor, ...],
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        n_sink: int,
+    ) -> torch.Tensor:
         B, Fr, S, D = x.shape
         _, _, gate, c_shift, c_scale, c_gate = mods
         x = (x.float() + self.self_attn.o(y.flatten(-2)).float() * gate).type_as(x)

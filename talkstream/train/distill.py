@@ -37,7 +37,7 @@ from .config import TrainConfig
 from .dmd import critic_loss, dmd_loss, guided_x0, score_sigmas, score_windows, take_window
 from .ode_pairs import check_audio_span, condition_bank, load_pairs
 from .rollout import ROLLOUT_ANCHORS, rollout
-from .runner import Runner, init_distributed, plot_log, train_device
+from .runner import LossFn, Runner, init_distributed, plot_log, train_device
 
 STUDENT_FILE = "student.safetensors"
 
@@ -117,7 +117,7 @@ def pair_levels(meta: dict, timesteps, shift: float) -> tuple[list[int], torch.T
     return idx, want
 
 
-def ode_regression_loss(cfg: TrainConfig, levels: list[int], sigmas: torch.Tensor):
+def ode_regression_loss(cfg: TrainConfig, levels: list[int], sigmas: torch.Tensor) -> LossFn:
     """Per chunk a random student level: the input is the teacher's trajectory there, the target its clean window
     (x0 regression, lips weighted ``1 + mouth_weight``); half the samples see clean context chunks first."""
 

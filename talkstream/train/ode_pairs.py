@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -28,10 +30,13 @@ from .data import load_pack
 from .dmd import guided_flow
 from .runner import init_distributed, train_device
 
+if TYPE_CHECKING:
+    from .stages import LatentBank
+
 PAIRS_FILE = "pairs.pt"
 
 
-def condition_bank(cfg: TrainConfig, device: str, log=print):
+def condition_bank(cfg: TrainConfig, device: str, log: Callable[[str], None] = print) -> LatentBank:
     """The distillation stages' conditions: a ``stages.LatentBank`` of the pack's training clips (the held-out
     split is left out as in every DiT stage): audio windows, captions, reference latents (4 frames per clip),
     lips' maps; rendered and VAE-encoded, or read back from ``cfg.latent_cache``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..models.losses import kl_divergence, masked_l1, reconstruction_loss
 from ..models.vae import CausalVAE, TinyDecoder
 from .config import TrainConfig
 from .data import WorldPack, load_pack, mouth_maps, mouth_pixels, render_pack
-from .lip_reader import lip_read_loss, lip_targets, train_lip_reader
+from .lip_reader import LatentLipReader, lip_read_loss, lip_targets, train_lip_reader
 from .runner import Runner, train_device
 
 HELD_OUT_FRACTION = 0.05
@@ -49,7 +50,9 @@ class FrameBank:
         self.n, self.T = frames.shape[:2]
         self.F, self.device = n_frames, device
 
-    def sample(self, gen: torch.Generator, batch: int, crop: int = 0, with_mouth: bool = False):
+    def sample(
+        self, gen: torch.Generator, batch: int, crop: int = 0, with_mouth: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``crop`` > 0: a random crop x crop square of each window (the VAE is fully convolutional)."""
         i = torch.randint(self.n, (batch,), generator=gen)
         a = torch.randint(self.T - self.F + 1, (batch,), generator=gen)
@@ -576,7 +579,14 @@ def audio_reliance(
     return out
 
 
-def fit_lip_reader(cfg: TrainConfig, bank: LatentBank, held: LatentBank, n_latent: int, device: str, log=print):
+def fit_lip_reader(
+    cfg: TrainConfig,
+    bank: LatentBank,
+    held: LatentBank,
+    n_latent: int,
+    device: str,
+    log: Callable[[str], None] = print,
+) -> tuple[LatentLipReader, dict]:
     """The lip-read loss's reader, fitted on ``bank`` and checked on ``held``'s clips; a fit whose held-out jaw error
     is above ``lip_reader_max_error`` is redone with the next seed (``lip_reader_tries`` fits at most; a reader
     that reads no better than its floor gives the DiT nothing to learn). Returns the best reader and its metrics."""
