@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 from .config import DiTConfig, TinyDecoderConfig, VAEConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .dit import WanDiT
     from .vae import CausalVAE, TinyDecoder
 
@@ -169,28 +171,34 @@ def normalize_dit_state_dict(sd: dict) -> dict:
     return diffusers_to_wan(sd) if detect_format(sd) == "diffusers" else sd
 
 
+def state_dict_mismatch(sd: dict, own: dict, optional: Callable[[str], bool] | None = None) -> str | None:
+    """What keeps ``sd`` from loading into a model whose state dict is ``own``: shape mismatches, missing keys (those
+    ``optional`` accepts excepted) and unexpected ones, a few of each named; None when it fits."""
+    missing = [k for k in own if k not in sd and not (optional and optional(k))]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape]
+    lines = []
+    if mismatched:
+        lines.append(
+            "shape mismatch: "
+            + "; ".join(f"{k} {a} in file vs {b} in model" for k, a, b in mismatched[:4])
+            + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else "")
+        )
+    if missing:
+        lines.append(f"missing {len(missing)}: {missing[:4]}")
+    if unexpected:
+        lines.append(f"unexpected {len(unexpected)}: {unexpected[:4]}")
+    return "; ".join(lines) or None
+
+
 def load_dit_weights(model: torch.nn.Module, sd: dict, strict_additions: bool = False) -> dict:
     """Load a (normalised) state dict into ``model`` with clear errors. Returns what was missing/extra."""
     from .dit import _is_addition
 
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and (strict_additions or not _is_addition(k))]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
+    if why := state_dict_mismatch(sd, own, None if strict_additions else _is_addition):
         cfg = getattr(model, "cfg", None)
-        lines = [f"checkpoint does not fit the {getattr(cfg, 'name', 'model')} config"]
-        if mismatched:
-            lines.append(
-                "shape mismatch: "
-                + "; ".join(f"{k} {a} in file vs {b} in model" for k, a, b in mismatched[:4])
-                + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else "")
-            )
-        if missing:
-            lines.append(f"missing {len(missing)}: {missing[:4]}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)}: {unexpected[:4]}")
-        raise CheckpointError("; ".join(lines))
+        raise CheckpointError(f"checkpoint does not fit the {getattr(cfg, 'name', 'model')} config; {why}")
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v.to(own[k].dtype))

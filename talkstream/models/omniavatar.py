@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _strip_wrappers, read_state_dict
+from .checkpoint import CheckpointError, _strip_wrappers, read_state_dict, state_dict_mismatch
 from .config import DiTConfig, dit_config
 from .dit import WanDiT
 
@@ -129,19 +129,8 @@ def build_omniavatar(
     cfg = cfg or detect_omniavatar_config(sd)
     with torch.device("meta"):
         model = WanDiT(cfg)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"the checkpoint does not fit {cfg.name}"]
-        if wrong:
-            parts.append("shape mismatch: " + "; ".join(f"{k} {a} in file vs {b}" for k, a, b in wrong[:4]))
-        if missing:
-            parts.append(f"missing {len(missing)}: {missing[:4]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {unexpected[:4]}")
-        raise CheckpointError("; ".join(parts))
+    if why := state_dict_mismatch(sd, model.state_dict()):
+        raise CheckpointError(f"the checkpoint does not fit {cfg.name}; {why}")
     target = dtype or next(iter(sd.values())).dtype
     model.load_state_dict({k: v.to(device=device, dtype=target) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval()

@@ -195,18 +195,11 @@ def load_taehv_state(model: TAEHV, sd: dict, where: str = "state dict") -> None:
         key = f"decoder.{i}.conv.weight"
         if isinstance(layer, TGrow) and key in sd and sd[key].shape[0] > own[key].shape[0]:
             sd[key] = sd[key][-own[key].shape[0] :]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        lines = [f"{where}: not a TAEHV checkpoint for {model.latent_channels}-channel latents (taew2_1)"]
-        if bad:
-            lines.append("shape mismatch: " + "; ".join(f"{k} {a} in file vs {b} in model" for k, a, b in bad[:3]))
-        if missing:
-            lines.append(f"missing {len(missing)}: {missing[:3]}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)}: {unexpected[:3]}")
-        raise TAEHVError("; ".join(lines))
+    from .checkpoint import state_dict_mismatch
+
+    if why := state_dict_mismatch(sd, own):
+        kind = f"a TAEHV checkpoint for {model.latent_channels}-channel latents (taew2_1)"
+        raise TAEHVError(f"{where}: not {kind}; {why}")
     model.load_state_dict(sd, strict=True)
 
 

@@ -472,18 +472,10 @@ def load_wan_vae_state(model: WanVAE, sd: dict, where: str = "state dict") -> No
     if detect_vae_format(sd) == "diffusers":
         sd = diffusers_to_wan_vae(sd, model.cfg)
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        lines = [f"{where}: does not fit the Wan2.1 VAE (dim {model.cfg.dim}, z_dim {model.cfg.z_dim})"]
-        if bad:
-            lines.append("shape mismatch: " + "; ".join(f"{k} {a} in file vs {b} in model" for k, a, b in bad[:3]))
-        if missing:
-            lines.append(f"missing {len(missing)}: {missing[:3]}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)}: {unexpected[:3]}")
-        raise WanVAEError("; ".join(lines))
+    from .checkpoint import state_dict_mismatch
+
+    if why := state_dict_mismatch(sd, own):
+        raise WanVAEError(f"{where}: does not fit the Wan2.1 VAE (dim {model.cfg.dim}, z_dim {model.cfg.z_dim}); {why}")
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v.to(own[k].dtype))
