@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from talkstream.eval.speed import randomize_zeros  # noqa: E402
 from talkstream.machine import describe  # noqa: E402
 from talkstream.models.config import TinyDecoderConfig, dit_config  # noqa: E402
 from talkstream.models.dit import WanDiT  # noqa: E402
@@ -36,14 +37,6 @@ DEV = "cuda"  # --device cpu: a smoke test of this script's code on a small conf
 def _sync() -> None:
     if DEV == "cuda":
         torch.cuda.synchronize()
-
-
-def _random(model):
-    with torch.no_grad():  # never time zeros: the zero-initialised outputs get weights too
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return model
 
 
 def sdpa_backends(q_len: int, k_len: int, heads: int, head_dim: int) -> dict:
@@ -161,8 +154,8 @@ def main() -> None:
     DEV = a.device
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = _random(WanDiT(dit_config(a.config))).to(torch.bfloat16).eval()
-        dec = _random(TinyDecoder(TinyDecoderConfig(latent_dim=model.cfg.in_dim))).to(torch.bfloat16).eval()
+        model = randomize_zeros(WanDiT(dit_config(a.config))).to(torch.bfloat16).eval()
+        dec = randomize_zeros(TinyDecoder(TinyDecoderConfig(latent_dim=model.cfg.in_dim))).to(torch.bfloat16).eval()
     res = dict(
         machine=describe(),
         model=f"{a.config} (random weights, real shapes), bf16",

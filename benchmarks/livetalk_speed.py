@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from talkstream.eval.speed import randomize_zeros  # noqa: E402
 from talkstream.machine import describe  # noqa: E402
 from talkstream.models.config import dit_config  # noqa: E402
 from talkstream.models.dit import WanDiT  # noqa: E402
@@ -50,11 +51,7 @@ def random_model(config: str, device: str, dtype: torch.dtype) -> WanDiT:
     torch.manual_seed(0)
     with torch.device(device):
         model = WanDiT(dit_config(config))
-    with torch.no_grad():  # never time zeros: randomise the zero-initialised head too
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return model.to(dtype).eval()
+    return randomize_zeros(model).to(dtype).eval()
 
 
 def stream_once(model, decoder, cfg: StreamConfig, device: str, size: int, chunks: int, text_len: int, seed: int = 0):

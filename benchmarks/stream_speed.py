@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from talkstream.eval.speed import randomize_zeros  # noqa: E402
 from talkstream.machine import describe  # noqa: E402
 from talkstream.models.checkpoint import load_checkpoint  # noqa: E402
 from talkstream.models.config import TinyDecoderConfig, dit_config, vae_config  # noqa: E402
@@ -41,14 +42,6 @@ CASES = {
 }
 
 
-def _random(model):
-    with torch.no_grad():  # never time zeros: randomise the zero-initialised outputs too
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return model
-
-
 def build(dit: str, decoder: str, device: str, dtype: torch.dtype, compile: bool):
     if dit == "embedded":
         if not (WEIGHTS / "causal.safetensors.index.json").exists():
@@ -63,9 +56,13 @@ def build(dit: str, decoder: str, device: str, dtype: torch.dtype, compile: bool
         weights = "trained (embedded)"
     else:
         with torch.device(device):
-            model = _random(WanDiT(dit_config(dit))).to(dtype).eval()
-            vae = _random(CausalVAE(vae_config("small"))).to(dtype).eval()
-            dec = _random(TinyDecoder(TinyDecoderConfig(latent_dim=16))).to(dtype).eval() if decoder == "tiny" else vae
+            model = randomize_zeros(WanDiT(dit_config(dit))).to(dtype).eval()
+            vae = randomize_zeros(CausalVAE(vae_config("small"))).to(dtype).eval()
+            dec = (
+                randomize_zeros(TinyDecoder(TinyDecoderConfig(latent_dim=16))).to(dtype).eval()
+                if decoder == "tiny"
+                else vae
+            )
         weights = "random (real shapes)"
     if compile:
         torch._dynamo.config.cache_size_limit = 64

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from talkstream.eval.speed import randomize_zeros  # noqa: E402
 from talkstream.machine import describe  # noqa: E402
 from talkstream.stream.parallel import (  # noqa: E402
     TPPConfig,
@@ -55,14 +56,6 @@ def stream_config(spec: dict):
     return StreamConfig(**kw)
 
 
-def _randomise(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():  # never time zeros: the zero-initialised outputs get values too
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return model
-
-
 def build(spec: dict, part: str, device: str) -> torch.nn.Module:
     """The DiT or the decoder of a case, random weights of the real shapes, in the case's dtype on ``device``."""
     from talkstream.models.config import dit_config, vae_config
@@ -76,7 +69,7 @@ def build(spec: dict, part: str, device: str) -> torch.nn.Module:
             if part == "dit":
                 from talkstream.models.dit import WanDiT
 
-                m = _randomise(WanDiT(dit_config(spec["model"]))).eval()
+                m = randomize_zeros(WanDiT(dit_config(spec["model"]))).eval()
                 if spec.get("fp8"):
                     from talkstream.stream.fp8 import to_fp8
 
@@ -89,14 +82,14 @@ def build(spec: dict, part: str, device: str) -> torch.nn.Module:
             if spec["decoder"] == "wan_vae":
                 from talkstream.models.wan_vae import WanVAE
 
-                return _randomise(WanVAE()).eval()
+                return randomize_zeros(WanVAE()).eval()
             if spec["decoder"] == "taehv":
                 from talkstream.models.taehv import TAEHV
 
-                return _randomise(TAEHV()).eval()
+                return randomize_zeros(TAEHV()).eval()
             from talkstream.models.vae import CausalVAE
 
-            return _randomise(CausalVAE(vae_config(spec["decoder"]))).eval()
+            return randomize_zeros(CausalVAE(vae_config(spec["decoder"]))).eval()
     finally:
         torch.set_default_dtype(old)
 
