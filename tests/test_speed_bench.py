@@ -5,32 +5,21 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from talkstream.eval.bench_cli import ladder
 from talkstream.eval.soak import FrameHealth, push_live
 from talkstream.eval.speed import EngineCase, engine_bench
 from talkstream.models.checkpoint import save_checkpoint
-from talkstream.models.config import TinyDecoderConfig, dit_config, vae_config
-from talkstream.models.dit import WanDiT
-from talkstream.models.vae import CausalVAE, TinyDecoder
+from talkstream.models.config import TinyDecoderConfig, vae_config
+from talkstream.models.vae import TinyDecoder
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("w")
-    torch.manual_seed(0)
-    dit = WanDiT(dit_config("tiny"))
-    with torch.no_grad():
-        for p in dit.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    save_checkpoint(d / "causal.safetensors", dit, "dit", dit.cfg, extra=dict(chunk=2, look_back=0, look_ahead=0))
-    vae = CausalVAE(vae_config("tiny"))
-    save_checkpoint(d / "vae.safetensors", vae, "vae", vae.cfg)
-    tiny = TinyDecoder(TinyDecoderConfig(latent_dim=vae.cfg.latent_dim, channels=(8, 8, 8)))
-    save_checkpoint(d / "tiny_decoder.safetensors", tiny, "tiny_decoder", tiny.cfg)
-    return d
+def weights(tiny_weights):
+    """conftest's tiny causal model + VAE (this module's own folder), with a tiny decoder beside them."""
+    tiny = TinyDecoder(TinyDecoderConfig(latent_dim=vae_config("tiny").latent_dim, channels=(8, 8, 8)))
+    save_checkpoint(tiny_weights / "tiny_decoder.safetensors", tiny, "tiny_decoder", tiny.cfg)
+    return tiny_weights
 
 
 def test_engine_bench_times_the_avatars_path_with_pacing(weights):
