@@ -259,9 +259,10 @@ MALFORMED = st.one_of(
     st.sampled_from(["text", "interrupt"]).map(lambda t: (json.dumps({"type": t, "text": "hi"}), {"no_hello"})),
     st.integers(4_200, 9_000).map(lambda n: ("x" * n, {"too_large"})),
     st.binary(min_size=1, max_size=300).filter(lambda b: len(b) % 2).map(lambda b: (b, {"not_audio"})),
-    st.sampled_from([b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"OggS", b"fLaC", b"PK\x03\x04", b"{"]).flatmap(
+    st.sampled_from([b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"OggS", b"fLaC", b"PK\x03\x04"]).flatmap(
         lambda m: st.binary(max_size=200).map(lambda b: (m + b + b"\0" * ((len(m) + len(b)) % 2), {"not_audio"}))
     ),
+    st.text(max_size=80).map(lambda t: (json.dumps({"type": "hello", "note": t}).encode(), {"not_audio"})),
     st.binary(min_size=2, max_size=400).map(lambda b: (b[: len(b) // 2 * 2], {"no_hello", "not_audio"})),
     st.just((b"", {"empty_audio"})),
     st.just((b"\0" * (P.MAX_AUDIO_BYTES + 2), {"too_large"})),

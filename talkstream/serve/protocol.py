@@ -50,7 +50,6 @@ _MAGIC = {
     b"fLaC": "a FLAC file",
     b"%PDF": "a PDF file",
     b"PK\x03\x04": "a ZIP file",
-    b"{": "JSON sent as a binary frame (send control messages as text frames)",
 }
 
 
@@ -103,6 +102,15 @@ def parse_hello(msg: dict, voices: tuple[str, ...]) -> Hello:
     return Hello(rate, image, voice)
 
 
+def _is_json_object(data: bytes) -> bool:
+    if not data.startswith(b"{"):
+        return False
+    try:
+        return isinstance(json.loads(data.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
 def decode_audio(data: bytes) -> np.ndarray:
     """A binary client message -> float32 samples, or ``ProtocolError`` naming what it is instead."""
     if not data:
@@ -112,6 +120,9 @@ def decode_audio(data: bytes) -> np.ndarray:
     for magic, what in _MAGIC.items():
         if data.startswith(magic):
             raise ProtocolError("not_audio", f"binary message looks like {what}, not PCM int16 audio")
+    if _is_json_object(data):  # not by its first byte alone: 1 in 256 PCM messages starts with b"{"
+        what = "JSON sent as a binary frame (send control messages as text frames)"
+        raise ProtocolError("not_audio", f"binary message looks like {what}, not PCM int16 audio")
     try:
         return pcm16_to_float(data)
     except AudioFormatError as e:
