@@ -446,7 +446,7 @@ def head_motion(values: dict) -> float:
 
 
 def run_suite(
-    generate: Callable[[int, object], np.ndarray] | None = None,
+    generate: Callable[[np.ndarray, Clip], np.ndarray] | None = None,
     seconds: float = 8.0,
     size: int = 256,
     seeds: tuple[int, ...] = SUITE_SEEDS,
