@@ -161,3 +161,81 @@ def test_suite_plans_start_every_line_once_and_collect(tmp_path):
     with tarfile.open(tmp_path / "out" / "suites.tar") as t:
         names = {Path(n).name for n in t.getnames()}
     assert {"suite_t3.json", "suite_t3_s1.json", "suite_c6_s2.json", "suite_t3.txt"} <= names
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = dict(
+        os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t"
+    )
+    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def _slim(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "tools" / "device" / "slim_tree.sh"), *args], cwd=repo, capture_output=True, text=True
+    )
+
+
+def test_slim_tree_takes_the_shards_out_and_puts_back_exactly_what_it_took(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "talkstream" / "weights").mkdir(parents=True)
+    (repo / "docs").mkdir()
+    _git(repo, "init", "-q")
+    for i in (1, 2):
+        (repo / "talkstream" / "weights" / f"causal-0000{i}-of-00002.safetensors").write_bytes(bytes([i]) * 300_000)
+    (repo / "talkstream" / "weights" / "causal.safetensors.index.json").write_text("{}")
+    (repo / "talkstream" / "weights" / "probe.safetensors").write_bytes(b"p" * 1000)
+    (repo / "docs" / "strip.png").write_bytes(b"x" * 200_000)
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / ".git" / "info" / "exclude").write_text("/.devin/")  # (someone's line, without its newline)
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "base")
+    before_index = _git(repo, "ls-files", "-s")
+    before_exclude = (repo / ".git" / "info" / "exclude").read_text()
+
+    # a staged change of someone else's: refused, nothing touched
+    (repo / "code.py").write_text("x = 2\n")
+    _git(repo, "add", "code.py")
+    staged = _git(repo, "ls-files", "-s")
+    r = _slim(repo, "on")
+    assert r.returncode == 1 and "staged changes" in r.stderr and "code.py" in r.stderr
+    assert _git(repo, "diff", "--cached", "--name-only") == "code.py\n" and _git(repo, "ls-files", "-s") == staged
+    assert "slim tree: off" in _slim(repo, "status").stdout
+    _git(repo, "commit", "-qm", "code", "--", "code.py")
+    before_index = _git(repo, "ls-files", "-s")
+
+    full = _slim(repo, "status").stdout
+    assert "0.8 MiB" in full  # 2 x 300 kB shards + the 200 kB picture + small files
+    assert "slim tree + carry code.py: 0.0 MiB" in _slim(repo, "check", "code.py").stdout
+    r = _slim(repo, "on")
+    assert r.returncode == 0, r.stderr
+    assert "slim tree: on (3 files out of the index)" in r.stdout and "a call sends 0.0 MiB" in r.stdout
+    tracked = _git(repo, "ls-files").split()
+    assert "talkstream/weights/causal-00001-of-00002.safetensors" not in tracked and "docs/strip.png" not in tracked
+    assert {"talkstream/weights/causal.safetensors.index.json", "talkstream/weights/probe.safetensors"} <= set(tracked)
+    assert _git(repo, "ls-files", "-o", "--exclude-standard") == ""  # ignored: they do not travel as untracked
+    assert (repo / "docs" / "strip.png").exists()  # the files stay on disk
+    assert "already on" in _slim(repo, "on").stdout
+
+    # someone commits their own path while the tree is slim: the deletions stay out of their commit
+    (repo / "notes.md").write_text("n\n")
+    _git(repo, "add", "notes.md")
+    _git(repo, "commit", "-qm", "notes", "--", "notes.md")
+    assert "causal-00001-of-00002.safetensors" in _git(repo, "ls-tree", "-r", "--name-only", "HEAD")
+    (repo / ".git" / "info" / "exclude").write_text((repo / ".git" / "info" / "exclude").read_text() + "/.gl/\n")
+
+    r = _slim(repo, "off")
+    assert r.returncode == 0, r.stderr
+    assert "slim tree: off" in r.stdout and "warning" not in r.stdout
+    notes = _git(repo, "ls-files", "-s", "notes.md").splitlines()
+    assert sorted(_git(repo, "ls-files", "-s").splitlines()) == sorted(before_index.splitlines() + notes)  # exactly
+    assert _git(repo, "status", "--porcelain") == ""  # index = HEAD = working files again
+    assert (repo / ".git" / "info" / "exclude").read_text() == before_exclude + "\n/.gl/\n"  # ours gone, theirs kept
+    assert "already off" in _slim(repo, "off").stdout
+
+    # on, then off with someone's staged change pending: ours are restored, theirs stays staged
+    assert _slim(repo, "on").returncode == 0
+    (repo / "code.py").write_text("x = 3\n")
+    _git(repo, "add", "code.py")
+    assert _slim(repo, "off").returncode == 0
+    assert _git(repo, "diff", "--cached", "--name-only") == "code.py\n"
