@@ -90,3 +90,23 @@ def test_the_sweep_covers_sizes_and_windows_and_plots(tmp_path):
     fake = [dict(config=dict(size=c.size, window=c.window), steady_fps=float(c.window)) for c in cases]
     plot_sweep(fake, tmp_path / "s.png", "t")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_soak_streams_live_speech_paced_and_records_each_minute(weights, tmp_path, monkeypatch):
+    """A 6-second soak of live espeak-ng speech on the tiny model: every frame released at the frame rate, the
+    per-minute row with its identity distance (probed after the stream from the saved frames, which are removed),
+    frame health and the emit mode recorded."""
+    import tempfile
+
+    from talkstream.eval.soak import soak
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "soak.json"
+    res = soak(0.1, out, weights=str(weights), steps=1, progress=False)
+    s, rows = res["summary"], res["per_minute"]
+    assert json.loads(out.read_text())["summary"] == s and out.with_suffix(".png").is_file()
+    assert res["config"]["emit"] == "latency" and res["config"]["pace_delay_s"] == 1.0
+    assert 6 * 25 <= s["frames"] <= 6 * 25 + 13  # 6 s of speech + the last hop's padding: no silence slipped in
+    assert len(rows) == 1 and rows[0]["identity_distance"] > 0 and rows[0]["chunks_so_far"] > 0
+    assert s["black_frames"] == 0 and s["inter_frame_ms"]["p50"] >= 39.0 and s["ttff_s"] > 0
+    assert not list(tmp_path.glob("talkstream-soak-*"))  # the identity frames are gone

@@ -253,3 +253,82 @@ def test_the_prepared_runner_streams_what_the_plain_passes_stream(models, anchor
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
     with pytest.raises(ValueError, match="runner"):
         StreamConfig(runner="turbo")
+
+
+def _emit_stream(dit, vae, emit, n_chunks=4, audio_for=None, async_decode=True):
+    cfg = StreamConfig(chunk=2, window=4, steps=2, first_chunk=1, cache_mode="timestep_forcing", emit=emit)
+    eng = StreamEngine(dit, vae, cfg, async_decode=async_decode)
+    eng.start(_ref())
+    feed = AudioFeed(0, 0)
+    feed.push(np.random.default_rng(3).standard_normal((400, A)).astype(np.float32))
+    return eng, eng.frames(audio_for or feed.windows, n_chunks=n_chunks), feed
+
+
+def test_latency_emit_streams_the_same_frames_in_the_same_order(models):
+    dit, vae = models
+    out = {}
+    for emit, sync in (("overlapped", False), ("latency", False), ("latency", True)):
+        _, frames, _ = _emit_stream(dit, vae, emit, async_decode=not sync)
+        out[emit, sync] = list(frames)
+    ref = out["overlapped", False]
+    assert [i for i, _ in ref] == list(range(1 + 3 * 2 * 4))
+    for other in out.values():
+        assert [i for i, _ in other] == [i for i, _ in ref]
+        assert all((a[1] == b[1]).all() for a, b in zip(ref, other))
+    with pytest.raises(ValueError, match="emit"):
+        StreamConfig(emit="soon")
+
+
+@pytest.mark.parametrize("emit", ["overlapped", "latency"])
+def test_latency_emit_shows_a_chunk_while_the_next_chunks_audio_is_still_coming(models, emit):
+    """Live audio: chunk 2's audio arrives only after the viewer has seen chunk 1 (or after 1 s). With
+    ``emit="latency"`` chunk 1's frames leave as soon as they are decoded, without waiting for chunk 2; the
+    overlapped mode holds them until chunk 2 has been denoised, so its audio wait runs out first."""
+    import threading
+
+    dit, vae = models
+    seen_chunk1 = threading.Event()
+    waited_out = []
+    feed = AudioFeed(0, 0)
+    feed.push(np.random.default_rng(3).standard_normal((400, A)).astype(np.float32))
+
+    def audio_for(first, k):
+        if first == 3:  # chunk 2 (latents 3-4): its audio "arrives" once chunk 1 has been shown
+            waited_out.append(not seen_chunk1.wait(1.0))
+        return feed.windows(first, k)
+
+    _, frames, _ = _emit_stream(dit, vae, emit, n_chunks=3, audio_for=audio_for)
+    got = []
+    for idx, _ in frames:
+        got.append(idx)
+        if idx == 1:  # chunk 1's first frame (chunk 0 is frame 0 alone)
+            seen_chunk1.set()
+    assert got == list(range(1 + 2 * 2 * 4))
+    assert waited_out == [emit == "overlapped"]
+
+
+def test_latency_emit_raises_the_producers_error_and_stops_when_closed(models):
+    import threading
+
+    dit, vae = models
+
+    def broken(first, k):
+        if first > 0:
+            raise RuntimeError("microphone unplugged")
+        return torch.zeros(k, 8, A)
+
+    _, frames, _ = _emit_stream(dit, vae, "latency", n_chunks=None, audio_for=broken)
+    with pytest.raises(RuntimeError, match="unplugged"):
+        list(frames)
+    asked = []
+
+    def endless(first, k):
+        asked.append(first)
+        return torch.zeros(k, 8, A)
+
+    before = threading.active_count()
+    _, frames, _ = _emit_stream(dit, vae, "latency", n_chunks=None, audio_for=endless)
+    assert next(frames)[0] == 0
+    frames.close()  # the producer stops at its next chunk; no thread is left behind
+    n = len(asked)
+    assert threading.active_count() == before and n <= 4

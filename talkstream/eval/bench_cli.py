@@ -172,7 +172,16 @@ def _soak(args) -> None:
 
     check_device(args.device)
     out = args.out or RESULTS / f"soak_{args.minutes:g}min_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    soak(args.minutes, out, weights=args.weights, device=args.device, steps=args.steps, cache_mode=args.cache_mode)
+    soak(
+        args.minutes,
+        out,
+        weights=args.weights,
+        device=args.device,
+        steps=args.steps,
+        cache_mode=args.cache_mode,
+        pace_delay=args.pace_delay,
+        emit=args.emit,
+    )
 
 
 def register(sub) -> None:
@@ -203,6 +212,8 @@ def register(sub) -> None:
     b.add_argument("--window", type=int, default=9)
     b.add_argument("--size", type=int, default=256)
     b.add_argument("--minutes", type=float, default=60.0, help="soak: stream length")
+    b.add_argument("--pace-delay", type=float, default=1.0, help="soak: playout buffer, seconds (eval.soak.PACE_DELAY)")
+    b.add_argument("--emit", default="latency", choices=["latency", "overlapped"], help="soak: StreamConfig.emit")
     b.add_argument("--source", choices=["world", "dit"], help="the generic harness instead of the engine")
     b.add_argument("--config", default="small", help="--source dit: the DiT size (random weights)")
     b.add_argument("--seconds", type=float, default=10.0, help="--source world: clip length")

@@ -2,20 +2,33 @@
 memory, identity, frame health and timing.
 
 Speech (espeak-ng sentences with pauses between them, looped) is pushed into ``LiveAudio`` in 0.1 s packets on the
-wall clock, as a microphone would; ``Avatar.stream`` paces its frames at 25 FPS. Per minute: RSS, the frame probe's
-identity distance to the reference (one frame a second), black / blank frames and frozen runs (``eval.metrics``
-thresholds), the inter-frame interval and audio-video offset percentiles. Written as JSON and a plot.
+wall clock, as a microphone would; ``Avatar.stream`` paces its frames at 25 FPS, each chunk leaving as soon as it is
+decoded (``StreamConfig.emit="latency"``: the next chunk's audio is still arriving). Per minute: RSS, the frame
+probe's identity distance to the reference (one frame a second), black / blank frames and frozen runs
+(``eval.metrics`` thresholds), the inter-frame interval and audio-video offset percentiles. Written as JSON and a
+plot.
+
+The identity frames are written to a temporary folder as PNGs while streaming and read by the probe after the stream:
+probing a minute's 60 frames takes ~1 s of both cores, which in the stream's middle would make 25 frames late.
+
+The playout delay (``PACE_DELAY``): with live audio a chunk can start only once its audio (and the model's look-ahead)
+has arrived, so its frames are ready one packet, one Whisper hop and one chunk's work after that audio, while the
+clock starts at the first (one-latent) chunk's frame. Frame 12i - 11 (chunk i's first) is due at
+t0 + delay + (12i - 11) / 25 with t0 = 0.48 s + the first chunk's work, and ready at 0.48 (i + 1) s + one packet
+(0.1 s) + chunk i's work: the delay must cover 0.28 s + 0.1 s + a chunk's work (0.45-0.6 s on 2 cores) and its jitter.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from ..eval.metrics import BLACK_LEVEL, BLANK_STD, FROZEN_DIFF, FROZEN_RUN
 from .speed import loadavg, rss_mib
@@ -23,6 +36,7 @@ from .speed import loadavg, rss_mib
 if TYPE_CHECKING:
     from ..stream.avatar import LiveAudio
 
+PACE_DELAY = 1.0  # seconds of playout buffer: the module docstring says how it is sized
 SENTENCES = (
     "Hello, I am a talkstream avatar.",
     "I listen, I think, and then I answer you.",
@@ -85,15 +99,17 @@ def soak(
     device: str = "cpu",
     steps: int = 2,
     cache_mode: str = "timestep_forcing",
-    pace_delay: float = 0.5,
+    pace_delay: float = PACE_DELAY,
     progress: bool = True,
+    emit: str = "latency",
 ) -> dict:
     """Stream ``minutes`` of live speech at real-time pacing; write the per-minute record to ``out`` (+ .png)."""
+    from PIL import Image
     from tqdm import tqdm
 
     from ..eval.probes import load_frame_probe
     from ..stream.avatar import BUNDLED_REFERENCE, Avatar, LiveAudio, load_reference
-    from ..stream.engine import FPS
+    from ..stream.engine import FPS, StreamStats
     from ..stream.pacing import PacingStats, percentiles
 
     if minutes <= 0:
@@ -106,6 +122,7 @@ def soak(
         cache_mode=cache_mode,
         first_chunk=1,
         decoder="tiny",  # the soak measures the fastest path (its record says so); the VAE decoder is not real time
+        emit=emit,
     )
     warm = avatar.warm_up()
     probe = load_frame_probe()
@@ -117,34 +134,38 @@ def soak(
     pacing = PacingStats(FPS)
     health = FrameHealth()
     per_frame = int(FPS * 60)
-    rows, sampled, n_released = [], [], 0
+    rows, n_released = [], 0
+    stats = StreamStats()
     load0 = loadavg()
     bar = tqdm(total=int(minutes * 60 * FPS), unit="frame", desc="soak", disable=not progress)
+    shots = Path(tempfile.mkdtemp(prefix="talkstream-soak-"))  # identity frames, probed after the stream
 
     def close_minute() -> None:
-        d = np.sqrt(((probe.read(np.stack(sampled))["identity"] - ref_id[None]) ** 2).sum(1)) if sampled else []
         lo = len(rows) * per_frame
         rows.append(
             dict(
                 minute=len(rows) + 1,
                 rss_mib=round(rss_mib(), 1),
-                identity_distance=round(float(np.mean(d)), 4) if len(d) else None,
+                identity_distance=None,  # filled in after the stream
                 inter_frame_ms=percentiles(np.diff(pacing.released[max(0, lo - 1) :])),
                 av_offset_ms=percentiles(np.abs(pacing.offsets[lo:])),
                 late_frames_so_far=pacing.late,
                 **health.counts(),
+                chunks_so_far=stats.chunks,
+                denoise_s_per_chunk=round(stats.denoise_s / max(stats.chunks, 1), 3),
                 loadavg=loadavg(),
             )
         )
-        sampled.clear()
 
     t0 = time.perf_counter()
     pusher.start()
     try:
-        for frame in avatar.stream(BUNDLED_REFERENCE, live, pace=True, pace_delay=pace_delay, pacing=pacing):
+        for frame in avatar.stream(
+            BUNDLED_REFERENCE, live, pace=True, pace_delay=pace_delay, pacing=pacing, stats=stats
+        ):
             health.add(frame.image)
             if frame.index % FPS == 0:
-                sampled.append(frame.image)
+                Image.fromarray(frame.image).save(shots / f"{frame.index:08d}.png", compress_level=1)
             n_released += 1
             bar.update()
             if n_released % per_frame == 0:
@@ -155,10 +176,20 @@ def soak(
     if n_released % per_frame:
         close_minute()
     wall = time.perf_counter() - t0
+    _identity(rows, shots, probe, ref_id, per_frame)
     summary = _summary(rows, pacing, health, n_released, wall, warm)
+    summary["ttff_s"] = None if stats.ttff is None else round(stats.ttff, 3)
     res = dict(
         minutes=minutes,
-        config=dict(steps=steps, cache_mode=cache_mode, pace_delay_s=pace_delay, decoder="tiny", first_chunk=1),
+        config=dict(
+            steps=steps,
+            cache_mode=cache_mode,
+            pace_delay_s=pace_delay,
+            decoder="tiny",
+            first_chunk=1,
+            emit=emit,
+            torch_threads=torch.get_num_threads(),
+        ),
         weights=str(weights or "embedded causal model"),
         summary=summary,
         per_minute=rows,
@@ -174,6 +205,22 @@ def soak(
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
     return res
+
+
+def _identity(rows: list[dict], shots: Path, probe, ref_id: np.ndarray, per_frame: int) -> None:
+    """Each minute's mean identity distance to the reference from the frames saved in ``shots`` (then removed)."""
+    import shutil
+
+    from PIL import Image
+
+    files = sorted(shots.glob("*.png"))
+    for row in rows:
+        lo, hi = (row["minute"] - 1) * per_frame, row["minute"] * per_frame
+        mine = [f for f in files if lo <= int(f.stem) < hi]
+        if mine:
+            ids = probe.read(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in mine]))["identity"]
+            row["identity_distance"] = round(float(np.sqrt(((ids - ref_id[None]) ** 2).sum(1)).mean()), 4)
+    shutil.rmtree(shots, ignore_errors=True)
 
 
 def _summary(rows, pacing, health, frames, wall, warm) -> dict:
@@ -221,4 +268,4 @@ def _plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["FrameHealth", "push_live", "soak", "speech_loop"]
+__all__ = ["PACE_DELAY", "FrameHealth", "push_live", "soak", "speech_loop"]

@@ -318,7 +318,11 @@ class Avatar:
         pacing: PacingStats | None = None,
     ) -> Iterator[Frame]:
         """Frames as they are generated from live audio chunks (float arrays at ``sample_rate``). An empty
-        chunk means "no audio now": half a chunk of silence is added so the avatar keeps moving.
+        chunk means "no audio now": half a chunk of silence is added so the avatar keeps moving. From a
+        ``LiveAudio`` (a wall-clock source) silence is added only while the audio received is half a chunk or more
+        behind the wall clock (the microphone stopped), never for a packet that is merely late: otherwise every
+        wait of a stream faster than real time would slip silence between the speech and move the lips away from
+        it.
 
         The reference is encoded and the sinks prefilled on a worker thread while the first chunk's audio is
         encoded. ``pace``: frames are released at 25 a second of wall clock (``stream.pacing.paced``, after a
@@ -341,7 +345,13 @@ class Avatar:
                         feed.push(ws.flush())
                         feed.close()
                         continue
-                    a = silence if a is None or len(a) == 0 else load_audio(a, sample_rate)
+                    if a is None or len(a) == 0:
+                        if live and (time.perf_counter() - began) * SAMPLE_RATE - heard[0] < len(silence):
+                            continue  # the next packet is late, not missing: wait for it
+                        a = silence
+                    else:
+                        a = load_audio(a, sample_rate)
+                    heard[0] += len(a)
                     feed.push(ws.push(a))
                 return True
 

@@ -21,6 +21,8 @@ Anchor modes (``StreamConfig.anchor``), each a different content of the cache's 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -40,6 +42,7 @@ FPS = 25
 FEATURE_RATE = 50  # Whisper encoder frames per second
 ANCHORS = ("reference", "anchor_heavy", "rolling_sink", "memory_bank")
 START_FROM = ("reference", "previous")  # what a chunk starts from under reference_init < 1
+EMIT = ("overlapped", "latency")  # when a chunk's frames leave the engine (StreamConfig.emit)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class StreamConfig:
     # concatenation); "graphs" (CUDA): that, replayed as a CUDA graph once the window is full (stream.runner)
     first_chunk: int = 0  # latent frames of the first chunk (0: ``chunk``); 1 shows the first frame after one
     # latent's work (the VAE's first latent is one video frame alone)
+    emit: str = "overlapped"  # "overlapped": chunk i is decoded on a worker while chunk i+1 is denoised and its frames
+    # leave after that denoising (the first chunk's at once): most frames a second when audio is all there (files);
+    # "latency": each chunk is decoded as soon as it is denoised and its frames leave before the next chunk is asked
+    # for: a live stream, whose next chunk's audio has not arrived yet, shows every frame one chunk sooner
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +97,8 @@ class StreamConfig:
             raise ValueError(f"first_chunk must be >= 0 (0: the chunk size), got {self.first_chunk}")
         if self.start_from not in START_FROM:
             raise ValueError(f"unknown start_from {self.start_from!r}; choose one of {START_FROM}")
+        if self.emit not in EMIT:
+            raise ValueError(f"unknown emit {self.emit!r}; choose one of {EMIT}")
 
     def sigmas(self) -> torch.Tensor:
         if self.sampler == "euler":
@@ -359,9 +368,14 @@ class StreamEngine:
         """Yield (absolute frame index, uint8 frame) for chunk after chunk.
 
         ``audio_chunks(first_latent, k)`` returns that chunk's audio windows, or raises StopIteration when
-        the stream is closed. Decoding of a chunk overlaps the denoising of the next one.
+        the stream is closed. ``cfg.emit == "overlapped"`` (with ``async_decode``): decoding of a chunk overlaps the
+        denoising of the next one, and its frames leave after it; ``"latency"``: a chunk's frames leave as soon as it
+        is decoded, before the next chunk's audio is asked for (same frames, one chunk sooner).
         """
         stats = stats or StreamStats()
+        if self.async_decode and self.cfg.emit == "latency":
+            yield from self._frames_latency(audio_chunks, n_chunks, stats)
+            return
         decode = ChunkDecoder(self.decoder)
         cuda = self.device.startswith("cuda")
         side = torch.cuda.Stream() if cuda and self.async_decode else None
@@ -407,6 +421,74 @@ class StreamEngine:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
+    def _frames_latency(
+        self, audio_chunks: Callable[[int, int], torch.Tensor | None], n_chunks: int | None, stats: StreamStats
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``emit="latency"``: a producer thread asks for audio, denoises and hands each chunk to the decode worker;
+        the caller gets a chunk's frames as soon as that decode is done, while the producer denoises the next chunk
+        (or waits for its audio). At most one decoded chunk waits for the caller (bounded memory); an error on either
+        thread is raised here; closing this generator stops the producer at its next chunk."""
+        decode = ChunkDecoder(self.decoder)
+        side = torch.cuda.Stream() if self.device.startswith("cuda") else None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        handed: queue.Queue = queue.Queue(1)
+        stop = threading.Event()
+        end = object()
+
+        def run_decode(z: torch.Tensor, ready) -> np.ndarray:
+            if side is None:
+                return decode(z)
+            with torch.cuda.stream(side):
+                side.wait_event(ready)
+                return decode(z)
+
+        def hand(item) -> bool:
+            while not stop.is_set():
+                try:
+                    handed.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                i = 0
+                while (n_chunks is None or i < n_chunks) and not stop.is_set():
+                    try:
+                        audio = audio_chunks(self.next_latent, self.chunk_size)
+                    except StopIteration:
+                        break
+                    chunk = self.next_chunk(audio)
+                    stats.chunks += 1
+                    stats.denoise_s += chunk.denoise_s
+                    ev = None
+                    if side is not None:
+                        ev = torch.cuda.Event()
+                        ev.record()
+                        chunk.latents.record_stream(side)
+                    if not hand((chunk, pool.submit(run_decode, chunk.latents, ev))):
+                        return
+                    i += 1
+                hand((end, None))
+            except BaseException as e:  # handed to the caller
+                hand((end, e))
+
+        producer = threading.Thread(target=produce, name="stream-producer", daemon=True)
+        producer.start()
+        try:
+            while True:
+                chunk, res = handed.get()
+                if chunk is end:
+                    if res is not None:
+                        raise res
+                    return
+                yield from self._emit((chunk, res), stats)
+        finally:
+            stop.set()
+            producer.join()
+            pool.shutdown(wait=True, cancel_futures=True)
+
     @staticmethod
     def _emit(item, stats: StreamStats) -> Iterator[tuple[int, np.ndarray]]:
         chunk, res = item
@@ -418,4 +500,14 @@ class StreamEngine:
             yield chunk.first_frame + j, f
 
 
-__all__ = ["ANCHORS", "AudioFeed", "ChunkDecoder", "Chunk", "FPS", "StreamConfig", "StreamEngine", "StreamStats"]
+__all__ = [
+    "ANCHORS",
+    "EMIT",
+    "AudioFeed",
+    "ChunkDecoder",
+    "Chunk",
+    "FPS",
+    "StreamConfig",
+    "StreamEngine",
+    "StreamStats",
+]
