@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,3 +342,128 @@ def test_ship_rule_follows_the_bounds(tmp_path):
         _suite_json(tmp_path, "dmd_lt2", seed, 0.0400)
     r = _rule(tmp_path)
     assert r["ship"] is None and r["hand_back"] == "dmd_sf4" and "c6 stays" in r["why"]
+
+
+# -- the GPU pipeline's whole `run`, rehearsed on the CPU with tiny models ------------------------------------------
+def _pipeline(work, env, *args, timeout=240):
+    res = subprocess.run(
+        ["bash", "tools/device/distill_pipeline.sh", *args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.stdout
+
+
+def _machine(tmp_path, name):
+    """A fresh checkout-like folder: the repository's code and configs, its own runs/ and hand-back folder."""
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / name
+    (work / "bin").mkdir(parents=True)
+    for sub in ("configs", "tools", "talkstream"):
+        (work / sub).symlink_to(root / sub)
+    (work / "bin" / "python3").symlink_to(sys.executable)
+    return work
+
+
+def test_the_gpu_pipeline_rehearses_on_cpu_and_resumes_on_a_fresh_machine(world, tmp_path):
+    """`distill_pipeline.sh` start -> run (pairs -> ODE init -> DMD -> suites -> rule) -> wait, with micro settings;
+    then the hand-back of a run's newest export and of a finished run, and a fresh machine that resumes from them."""
+    import pickle
+
+    from talkstream.eval.evaluate import SUITE_SEEDS, prepare_suite
+
+    d, pack = world
+    inputs = tmp_path / "inputs.pkl"
+    inputs.write_bytes(pickle.dumps(prepare_suite(SUITE_SEEDS[:1], 1.2)))
+    a = _machine(tmp_path, "a")
+    env = dict(
+        os.environ,
+        PATH=f"{a / 'bin'}:{os.environ['PATH']}",
+        OMP_NUM_THREADS="1",
+        DEVICE="cpu",
+        INSTALL="0",
+        STREAM_FPS="0",
+        TEACHER=str(d / "teacher.safetensors"),
+        VAE=str(d / "vae.safetensors"),
+        INIT=str(d / "causal.safetensors"),
+        PACK=str(pack),
+        INPUTS=str(inputs),
+        SUITE_ARGS="--clips 1 --seconds 1.2 --size 64 --steps 3",
+        STAGE_SETS=f"model=tiny size=64 workers=1 look_back=0 look_ahead=0 log_every=1 ckpt_every=1 warmup=1 "
+        f"latent_cache={d / 'latents'}",
+        PAIRS="3",
+        PAIRS_SETS="ode_substeps=1 batch=2",
+        ODE_SETS="steps=2 batch=2",
+        DMD_RUNS="lt2",
+        DMD_BATCH="1",
+        DMD_SETS="steps=2 critic_ratio=1 rollout_latents=6 score_window=3 cache_window=3",
+        ODE_SEEDS="0",
+        DMD_SEEDS="0",
+        RULE_ARGS="--seeds 1",
+        OUT="out",
+    )
+    assert "pipeline started" in _pipeline(a, env, "start")
+    out = _pipeline(a, env, "wait", "200")
+    assert "DONE" in out
+    stages = (a / "runs" / "distill" / "stages.txt").read_text()
+    for line in ("ode_pairs (ode_pairs) exit 0", "ode_init (ode_init) exit 0", "dmd_lt2 (distill_livetalk) exit 0"):
+        assert line in stages, stages
+    assert "suite ode_init seed 0 exit 0" in stages and "suite dmd_lt2 seed 0 exit 0" in stages
+    ship = json.loads((a / "runs" / "distill" / "ship.json").read_text())
+    assert ship["hand_back"] == "dmd_lt2" and "c6 stays" in ship["why"]  # (random tiny models meet no bound)
+    with tarfile.open(a / "out" / "small_dmd_lt2.tar") as t:
+        assert {"./student.safetensors", "./log.jsonl", "./metrics.json"} <= set(t.getnames())
+    assert tarfile.open(a / "out" / "logs.tar").getnames()
+    lt2 = load_checkpoint(a / "runs" / "dmd_lt2" / "student.safetensors")
+    assert sampling_of(lt2)["timesteps"] == [1000.0, 500.0]
+    assert (
+        json.loads((a / "runs" / "dmd_lt2" / "config.json").read_text())["init"] == "runs/ode_init/student.safetensors"
+    )
+    # every run exported its newest weights while it trained (what `wait` hands back)
+    latest = (a / "runs" / "dmd_lt2" / "latest.txt").read_text().strip()
+    export = load_checkpoint(a / "runs" / "dmd_lt2" / latest / "student.safetensors")
+    assert latest == "ckpt_000002" and export.checkpoint_info["step"] == 2 and sampling_of(export) == sampling_of(lt2)
+
+    # the machine is taken back while dmd_lt2 runs: pretend it had not finished, and collect as the calls would
+    (a / "runs" / "distill" / "DONE").unlink()
+    (a / "runs" / "dmd_lt2" / "metrics.json").unlink()
+    os.utime(a / "runs" / "ode_init" / "metrics.json", (1e9, 1e9))  # older than dmd_lt2's export
+    handed = tmp_path / "handed"
+    said = []
+    for call in (1, 2, 3):
+        shutil.rmtree(a / "out")
+        said.append(_pipeline(a, env, "wait", "0"))
+        shutil.copytree(a / "out", handed / str(call))
+    assert "handed back: dmd_lt2 (ckpt_000002)" in said[0] and "handed back: ode_init (final)" in said[1]
+    assert not list((handed / "3").glob("ckpt_*")) and "handed back" not in said[2]  # nothing newer to send
+    parts = sorted(p.name for p in (handed / "1").glob("ckpt_*")) + sorted(
+        p.name for p in (handed / "2").glob("ckpt_*")
+    )
+    assert parts == ["ckpt_dmd_lt2.tgz.part00", "ckpt_ode_init.tgz.part00"]
+    here = _machine(tmp_path, "here")
+    for call in ("1", "2"):
+        assert "data/resume/" in _pipeline(here, env, "keep", str(handed / call))
+    with tarfile.open(here / "data" / "resume" / "dmd_lt2.tgz") as t:
+        names = set(t.getnames())
+    assert {"dmd_lt2/latest.txt", "dmd_lt2/ckpt_000002/student.safetensors", "dmd_lt2/log.jsonl"} <= names
+    assert not any("state.pt" in n or "ckpt_000001" in n for n in names)
+
+    # a fresh machine: the finished ODE init and the unfinished DMD run come back; no pairs, no ODE init again
+    b = _machine(tmp_path, "b")
+    (b / "data").symlink_to(here / "data")
+    env_b = dict(env, PATH=f"{b / 'bin'}:{os.environ['PATH']}", RESUME="ode_init dmd_lt2", DMD_S="500")
+    for name in ("ode_init", "dmd_lt2"):
+        _pipeline(b, env_b, "resume", f"data/resume/{name}.tgz")
+    assert (b / "runs" / "ode_init" / "metrics.json").exists() and (b / "runs" / "dmd_lt2.carried").is_dir()
+    _pipeline(b, env_b, "run")
+    stages = (b / "runs" / "distill" / "stages.txt").read_text()
+    assert "ode_pairs" not in stages and "ode_init (ode_init)" not in stages
+    carried = "runs/dmd_lt2.carried/ckpt_000002/student.safetensors"
+    trained = json.loads((a / "runs" / "dmd_lt2" / "log.jsonl").read_text().splitlines()[-1])["seconds"]
+    assert f"dmd_lt2 resumes from {carried} for {max(60, int(500 - trained))} s" in stages
+    assert "dmd_lt2 (distill_livetalk) exit 0" in stages and "suite dmd_lt2 seed 0 exit 0" in stages
+    assert json.loads((b / "runs" / "dmd_lt2" / "config.json").read_text())["init"] == carried

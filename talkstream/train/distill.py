@@ -94,6 +94,46 @@ def save_student(cfg: TrainConfig, model: WanDiT, metrics: dict, init_info: dict
     )
 
 
+LATEST_FILE = "latest.txt"  # a run's newest periodic export: the name of its ckpt_NNNNNN folder
+
+
+def export_latest(cfg: TrainConfig, model: WanDiT, step: int, seconds: float, init_info: dict, keep: int = 2) -> Path:
+    """A training run's newest weights as a student checkpoint in ``OUT/ckpt_<step>/`` (bf16, with its sampling
+    settings, the step and the seconds trained), named in ``OUT/latest.txt`` once whole; the ``keep`` newest such
+    folders stay. What a GPU machine hands back while the stage runs, and what a stage started again on another
+    machine resumes from (``init``): a machine taken back loses the time since the last export, not the run."""
+    out = Path(cfg.out)
+    folder = out / f"ckpt_{step:06d}"
+    extra = dict(
+        stage=cfg.stage,
+        step=step,
+        seconds_trained=round(seconds, 1),
+        config=cfg.to_dict(),
+        look_back=cfg.look_back,
+        look_ahead=cfg.look_ahead,
+        chunk=cfg.chunk,
+        window_latents=init_info.get("window_latents", cfg.score_window),
+        motion_latents=0,
+        init=str(cfg.init),
+    )
+    save_checkpoint(
+        folder / STUDENT_FILE,
+        model,
+        "dit",
+        model.cfg,
+        extra=extra,
+        dtype=torch.bfloat16,
+        sampling=student_sampling(cfg),
+    )
+    with atomic_path(out / LATEST_FILE) as tmp:
+        Path(tmp).write_text(folder.name + "\n")
+    for old in sorted(out.glob("ckpt_*"))[:-keep]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    return folder
+
+
 def _anchor_refs(cfg: TrainConfig, ref: torch.Tensor) -> torch.Tensor:
     """The sink frames the student sees in a block-causal forward: those the engine streams with."""
     return ref.repeat(1, 1, cfg.anchor_copies, 1, 1) if cfg.anchor == "anchor_heavy" else ref
@@ -173,7 +213,13 @@ def train_ode_init(cfg: TrainConfig, log=print, started: float | None = None) ->
         i = torch.randint(n, (cfg.batch,), generator=g).to(device)
         return {k: v[i] for k, v in pairs.items() if k != "meta"}
 
-    runner = Runner(cfg, student, ode_regression_loss(cfg, levels, sigmas), sample, device, started)
+    t0 = time.perf_counter()
+
+    def export(r: Runner) -> None:
+        if r.rank == 0:
+            export_latest(cfg, r.ema if r.ema is not None else r.model, r.step, time.perf_counter() - t0, init_info)
+
+    runner = Runner(cfg, student, ode_regression_loss(cfg, levels, sigmas), sample, device, started, export)
     last = runner.train()
     final = runner.final_model()
     if final is None:
@@ -428,6 +474,9 @@ class DMDTrainer:
                     bar.set_postfix(dmd=f"{info['dmd_grad']:.3f}", critic=f"{last['critic_loss']:.4f}")
             if self.step % c.ckpt_every == 0:
                 self.save_state()
+                if self.rank == 0:
+                    model = self.ema if self.ema is not None else self.student
+                    export_latest(c, model, self.step, time.perf_counter() - t0, self.init_info)
         bar.close()
         self.save_state()
         if self.rank == 0:

@@ -112,10 +112,13 @@ class Runner:
         sample_batch: Callable[[torch.Generator], Batch],
         device: str,
         started: float | None = None,
+        on_checkpoint: Callable[[Runner], None] | None = None,
     ) -> None:
         """``started``: the stage's ``time.perf_counter()`` at its start, so ``cfg.time_budget`` bounds the whole
-        stage (data, latents, lip reader, compile: all before the first step) and not only the training loop."""
+        stage (data, latents, lip reader, compile: all before the first step) and not only the training loop.
+        ``on_checkpoint``: called on every rank after each periodic state save (e.g. a stage's weights export)."""
         self.cfg, self.loss_fn, self.sample_batch, self.started = cfg, loss_fn, sample_batch, started
+        self.on_checkpoint = on_checkpoint
         self.rank, self.world = init_distributed()
         self.device = device
         torch.manual_seed(cfg.seed + self.rank)
@@ -305,6 +308,8 @@ class Runner:
                     bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if self.step % c.ckpt_every == 0 or self.step == c.steps:
                 self.save_state()
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(self)
         bar.close()
         if self.rank == 0:
             plot_log(log_file, self.out / "loss.png")

@@ -14,9 +14,9 @@ mouth error ships, being 3-5x cheaper; if none is, c6 stays. Writes DIR/ship.jso
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 BOUNDS = {4: 0.0296, 2: 0.0325}
@@ -28,14 +28,15 @@ def summarise(d: Path) -> dict:
     out: dict = {}
     for f in sorted(d.glob("suite_*_s*.json")):
         m = re.match(r"suite_(.+)_s(\d+)\.json", f.name)
-        s = json.loads(f.read_text())["summary"]
+        suite = json.loads(f.read_text())
+        s = suite["summary"]
         r = out.setdefault(m.group(1), dict(seeds=[], mouth=[], ident=[], head=[], zero=0, measured=0, flagged=0))
         r["seeds"].append(int(m.group(2)))
         r["mouth"].append(s["mouth_error"])
         r["ident"].append(s["identity_nn_accuracy"])
         r["head"].append(s["head_motion"])
         r["zero"] += round((s["offset_zero_fraction"] or 0) * s["offset_measured_clips"])
-        r["measured"] += 4
+        r["measured"] += len(suite.get("rows", ())) or 4  # clip draws (4 clips a suite)
         r["flagged"] += s["flagged_clips"]
     return {
         k: dict(
@@ -53,7 +54,11 @@ def summarise(d: Path) -> dict:
 
 
 def main() -> None:
-    d = Path(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", type=Path, help="the pipeline's folder of suite_NAME_sSEED.json files")
+    ap.add_argument("--seeds", type=int, default=4, help="noise seeds a run needs to be judged (a rehearsal: 1)")
+    a = ap.parse_args()
+    d = a.dir
     rows = summarise(d)
     for k, r in rows.items():
         print(
@@ -62,7 +67,7 @@ def main() -> None:
         )
     chosen = {}
     for steps, names in RUNS.items():
-        have = [n for n in names if n in rows and len(rows[n]["seeds"]) == 4]
+        have = [n for n in names if n in rows and len(rows[n]["seeds"]) == a.seeds]
         sound = [n for n in have if rows[n]["identity_nn"] >= 0.95 and rows[n]["flagged_clips"] == 0]
         pool = sound or have
         if pool:
