@@ -1,0 +1,264 @@
+"""Several streams' chunks denoised in one forward pass: one model shared by many sessions.
+
+Each session keeps its own ``StreamEngine`` (its own KV cache, noise generator, prompt, anchors); for one chunk their
+inputs are stacked on the batch dimension: the noisy chunks, the audio windows, the captions (padded to the longest,
+masked) and, per layer, the caches' [sinks | window] keys and values. Every pass of the step schedule then runs once
+for all of them, and the caches are split back afterwards. Rolling RoPE re-bases positions every chunk, so streams at
+different points in time share a pass as long as their caches hold the same number of frames (after the first few
+chunks all windows are full). Each session's noise comes from its own generator in its own order, so a batched chunk
+is the chunk the session would have made alone (``tests/test_batch.py``: equal in fp32 to 1e-5).
+
+    chunks = next_chunks([engine_a, engine_b], [audio_a, audio_b])     # one call, two sessions' chunks
+
+``ChunkBatcher`` does this for streams that run in their own threads (the server's sessions): each engine is
+attached to it, and an engine's ``next_chunk`` then waits a few milliseconds for the other attached engines' requests
+and runs them together. Whether a batch is faster than separate passes depends on the device and the size
+(``benchmarks/serve_load.py --batch``): the server measures it when it starts and batches only where it is faster.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..diffusion.flow import add_noise, x0_from_velocity
+from ..models.kv_cache import KVCache
+from .chunk import chunk_velocity
+from .engine import Chunk, StreamEngine
+
+
+def batch_key(engine: StreamEngine) -> tuple | None:
+    """What must be equal for engines to share a pass (None: this engine never batches)."""
+    c, cache = engine.cfg, engine.cache
+    if getattr(engine.dit.cfg, "omniavatar", False) or cache.sink_frames:  # frame-0-dependent inputs
+        return None
+    return (
+        id(engine.dit),
+        str(engine.device),
+        engine.dtype,
+        c.sampler,
+        tuple(engine.sigmas.tolist()),
+        c.cache_mode,
+        c.audio_guidance,
+        engine.chunk_size,
+        cache.n_sink,
+        cache.n_context,
+        cache.window,
+        tuple(engine.reference.shape),
+        engine.text is None,
+        engine.text is None or engine.text.shape[-1],
+    )
+
+
+def stack_caches(caches: list[KVCache]) -> KVCache:
+    """One cache whose layers hold every cache's keys and values on the batch dimension (same frame counts)."""
+    first = caches[0]
+
+    def cat(tensors):
+        return None if tensors[0] is None else torch.cat(tensors, 0)
+
+    n = first.num_layers
+    return KVCache(
+        n,
+        first.window,
+        [cat([c.sink_k[i] for c in caches]) for i in range(n)],
+        [cat([c.sink_v[i] for c in caches]) for i in range(n)],
+        [cat([c.k[i] for c in caches]) for i in range(n)],
+        [cat([c.v[i] for c in caches]) for i in range(n)],
+        frame_ids=list(first.frame_ids),
+        next_frame=first.next_frame,
+        ref_tokens=cat([c.ref_tokens for c in caches]),
+        reference=cat([c.reference for c in caches]),
+    )
+
+
+def _stack_text(engines: list[StreamEngine]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if engines[0].text is None:
+        return None, None
+    L = max(e.text.shape[1] for e in engines)
+    texts, masks = [], []
+    for e in engines:
+        t = e.text
+        m = e.text_mask if e.text_mask is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+        texts.append(torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])))
+        masks.append(torch.nn.functional.pad(m.bool(), (0, L - m.shape[1])))
+    if all(e.text_mask is None for e in engines) and all(e.text.shape[1] == L for e in engines):
+        return torch.cat(texts), None
+    return torch.cat(texts), torch.cat(masks)
+
+
+def _denoise(engines: list[StreamEngine], cache: KVCache, noise, text, audio, mask) -> torch.Tensor:
+    """``stream.chunk.denoise_chunk`` for a batch whose rows draw their fresh noise from their own generators."""
+    e0 = engines[0]
+    c, model, sigmas = e0.cfg, e0.dit, e0.sigmas
+    forcing = c.cache_mode == "timestep_forcing"
+    n = len(sigmas) - 1
+    x = x0 = noise
+    for i in range(n):
+        last = forcing and i == n - 1
+        v = chunk_velocity(model, cache, x, sigmas[i], text, audio, mask, c.audio_guidance, commit=last)
+        if c.sampler == "euler":
+            x = x0 = x + (sigmas[i + 1] - sigmas[i]) * v
+            continue
+        x0 = x0_from_velocity(x, v, sigmas[i])
+        if sigmas[i + 1] > 0:
+            fresh = torch.cat(
+                [torch.randn(x.shape[1:], generator=e.gen, device=x.device, dtype=x.dtype)[None] for e in engines]
+            )
+            x = add_noise(x0, fresh, sigmas[i + 1])
+    if not forcing:
+        model.forward_chunk(x0, 0.0, cache, text, audio, commit=True, context_mask=mask)
+    return x0
+
+
+@torch.no_grad()
+def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) -> list[Chunk]:
+    """Each engine's next chunk (``StreamEngine.next_chunk(audio)``), denoised in one batch. The engines must share
+    ``batch_key``; a single engine, or engines that do not, run one by one."""
+    if len(engines) != len(audios):
+        raise ValueError(f"{len(engines)} engines and {len(audios)} audio windows")
+    keys = {batch_key(e) for e in engines}
+    if len(engines) == 1 or len(keys) != 1 or None in keys or len({id(e) for e in engines}) != len(engines):
+        return [e.next_chunk(a) for e, a in zip(engines, audios)]
+    if (audios[0] is None) != all(a is None for a in audios) or any(a is None for a in audios[1:]) != (
+        audios[0] is None
+    ):
+        return [e.next_chunk(a) for e, a in zip(engines, audios)]
+    e0 = engines[0]
+    k, (h, w), dev = e0.chunk_size, e0.reference.shape[-2:], e0.device
+    noises = []
+    for e in engines:  # StreamEngine.next_chunk's draws, per engine and in its order
+        nz = torch.randn(1, e.dit.cfg.in_dim, k, h, w, generator=e.gen, device=dev).to(e.dtype)
+        if e.cfg.reference_init < 1:
+            start = e.last_latent if e.cfg.start_from == "previous" and e.last_latent is not None else e.reference
+            nz = add_noise(start.expand_as(nz), nz, e.cfg.reference_init)
+        noises.append(nz)
+    a = None if audios[0] is None else [x[None].to(dev, e0.dtype) for x in audios]
+    text, mask = _stack_text(engines)
+    t0 = time.perf_counter()
+    cache = stack_caches([e.cache for e in engines])
+    z = _denoise(engines, cache, torch.cat(noises), text, None if a is None else torch.cat(a), mask)
+    out = []
+    for i, e in enumerate(engines):
+        for layer in range(cache.num_layers):  # the window after the commit: this engine's row
+            e.cache.k[layer], e.cache.v[layer] = cache.k[layer][i : i + 1], cache.v[layer][i : i + 1]
+        e.cache.advance(k)
+        zi = z[i : i + 1]
+        e.last_audio, e.last_latent = None if a is None else a[i], zi[:, :, -1:]
+        chunk = Chunk(e.n_chunks, zi, 0 if e.next_latent == 0 else 1 + (e.next_latent - 1) * 4)
+        e.n_chunks += 1
+        e.next_latent += k
+        e._update_anchors(zi)
+        out.append(chunk)
+    elapsed = time.perf_counter() - t0
+    for chunk in out:
+        chunk.denoise_s = elapsed
+    return out
+
+
+@dataclass(eq=False)  # compared by identity
+class _Request:
+    engine: StreamEngine
+    audio: torch.Tensor | None
+    done: threading.Event = field(default_factory=threading.Event)
+    chunk: Chunk | None = None
+    error: BaseException | None = None
+
+
+class ChunkBatcher:
+    """Batches the chunks of engines that run in their own threads. ``attach(engine)`` routes the engine's
+    ``next_chunk`` through the batcher; a request waits at most ``gather_s`` for the other attached engines' requests,
+    then the waiting requests run together (``max_batch`` at most, in groups that share ``batch_key``)."""
+
+    def __init__(self, max_batch: int = 4, gather_s: float = 0.02) -> None:
+        if max_batch < 1 or gather_s < 0:
+            raise ValueError("max_batch must be >= 1 and gather_s >= 0")
+        self.max_batch, self.gather_s = max_batch, gather_s
+        self._cond = threading.Condition()
+        self._waiting: list[_Request] = []
+        self._attached: dict[int, StreamEngine] = {}
+        self._running = False
+        self.batches: list[int] = []  # the size of every batch run (bounded: the last 1,000)
+
+    def attach(self, engine: StreamEngine) -> None:
+        own = engine.next_chunk  # the engine's own method (kept for detach)
+        engine._batcher_own = own
+        engine.next_chunk = lambda audio: self.next_chunk(engine, audio)
+        with self._cond:
+            self._attached[id(engine)] = engine
+
+    def detach(self, engine: StreamEngine) -> None:
+        with self._cond:
+            self._attached.pop(id(engine), None)
+            self._cond.notify_all()
+        own = getattr(engine, "_batcher_own", None)
+        if own is not None:
+            engine.next_chunk = own
+
+    @property
+    def attached(self) -> int:
+        with self._cond:
+            return len(self._attached)
+
+    def next_chunk(self, engine: StreamEngine, audio: torch.Tensor | None) -> Chunk:
+        req = _Request(engine, audio)
+        with self._cond:
+            self._waiting.append(req)
+            self._cond.notify_all()
+            deadline = time.perf_counter() + self.gather_s
+            while not req.done.is_set():
+                if self._running:  # woken when it ends
+                    self._cond.wait(0.05)
+                    continue
+                ready = len(self._waiting) >= min(self.max_batch, max(1, len(self._attached)))
+                left = deadline - time.perf_counter()
+                if ready or left <= 0:
+                    batch, self._running = self._take(req), True
+                    break
+                self._cond.wait(left)
+            else:
+                batch = None
+        if batch is None:  # another thread ran this request
+            return self._result(req)
+        try:
+            groups: dict = {}
+            for r in batch:
+                groups.setdefault(batch_key(r.engine), []).append(r)
+            for key, group in groups.items():
+                try:
+                    if key is None:
+                        chunks = [r.engine._batcher_own(r.audio) for r in group]
+                    else:
+                        chunks = next_chunks([r.engine for r in group], [r.audio for r in group])
+                    for r, c in zip(group, chunks):
+                        r.chunk = c
+                except BaseException as e:  # every request of the group learns of the failure
+                    for r in group:
+                        r.error = e
+                self.batches = (self.batches + [len(group)])[-1000:]
+        finally:
+            with self._cond:
+                self._running = False
+                for r in batch:
+                    r.done.set()
+                self._cond.notify_all()
+        return self._result(req)
+
+    def _take(self, req: _Request) -> list[_Request]:
+        """``req`` and the oldest other waiting requests, ``max_batch`` at most (removed from the queue)."""
+        batch = [req] + [r for r in self._waiting if r is not req][: self.max_batch - 1]
+        self._waiting = [r for r in self._waiting if all(r is not b for b in batch)]
+        return batch
+
+    @staticmethod
+    def _result(req: _Request) -> Chunk:
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.chunk
+
+
+__all__ = ["ChunkBatcher", "batch_key", "next_chunks", "stack_caches"]

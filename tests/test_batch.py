@@ -1,0 +1,152 @@
+"""Several streams' chunks in one forward pass (stream/batch.py): the same chunks and caches as streaming alone."""
+
+import threading
+
+import pytest
+import torch
+
+from talkstream.models.config import dit_config
+from talkstream.models.dit import WanDiT
+from talkstream.models.vae import CausalVAE
+from talkstream.stream.batch import ChunkBatcher, batch_key, next_chunks
+from talkstream.stream.engine import StreamConfig, StreamEngine
+
+CONFIGS = {
+    "few_step_commit": dict(sampler="few_step", timesteps=(1000, 750, 500), reference_init=0.9),
+    "few_step_forcing": dict(sampler="few_step", timesteps=(1000, 500), cache_mode="timestep_forcing"),
+    "euler_guided": dict(sampler="euler", steps=2, audio_guidance=2.0),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    from talkstream.models.config import vae_config
+
+    torch.manual_seed(0)
+    dit = WanDiT(dit_config("tiny")).eval()
+    with torch.no_grad():  # zero-initialised head / adapters: give them weight so every input matters
+        for n, p in dit.named_parameters():
+            if "audio" in n or not p.any():
+                p.normal_(0, 0.05)
+    return dit, CausalVAE(vae_config("tiny")).eval()
+
+
+def _inputs(dit, i: int, tokens: int):
+    g = torch.Generator().manual_seed(100 + i)
+    ref = torch.randn(1, dit.cfg.in_dim, 1, 4, 4, generator=g)
+    text = torch.randn(1, tokens, dit.cfg.text_dim, generator=g)
+    mask = torch.ones(1, tokens, dtype=torch.bool)
+    mask[0, tokens - 1 :] = tokens < 3  # one session's caption ends in padding of its own
+    return ref, text, mask
+
+
+def _audio(dit, engine, chunk_index: int, i: int):
+    g = torch.Generator().manual_seed(1000 * i + chunk_index)
+    return torch.randn(engine.chunk_size, dit.cfg.audio_tokens_per_frame, dit.cfg.audio_dim, generator=g)
+
+
+def _engines(models, cfg: StreamConfig, n: int):
+    dit, vae = models
+    out = []
+    for i in range(n):
+        e = StreamEngine(dit, vae, StreamConfig(**{**cfg.__dict__, "seed": i}))
+        ref, text, mask = _inputs(dit, i, tokens=2 + 2 * i)  # captions of different lengths
+        e.start(ref, text, mask)
+        out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_batched_chunks_equal_separate_streams(models, name):
+    dit, _ = models
+    cfg = StreamConfig(chunk=2, window=4, **CONFIGS[name])
+    alone, together = _engines(models, cfg, 2), _engines(models, cfg, 2)
+    for c in range(3):  # past the window's filling (2 chunks of 2): the cache rolls
+        want = [e.next_chunk(_audio(dit, e, c, i)) for i, e in enumerate(alone)]
+        assert len({batch_key(e) for e in together}) == 1  # one pass for both
+        got = next_chunks(together, [_audio(dit, e, c, i) for i, e in enumerate(together)])
+        for w, g in zip(want, got):
+            assert (w.index, w.first_frame) == (g.index, g.first_frame)
+            torch.testing.assert_close(g.latents, w.latents, rtol=0, atol=1e-5)
+    for a, b in zip(alone, together):  # each cache holds its own stream: the next chunks stay equal
+        assert a.cache.frame_ids == b.cache.frame_ids and a.cache.next_frame == b.cache.next_frame
+        for layer in range(a.cache.num_layers):
+            torch.testing.assert_close(b.cache.k[layer], a.cache.k[layer], rtol=0, atol=1e-5)
+            torch.testing.assert_close(b.cache.v[layer], a.cache.v[layer], rtol=0, atol=1e-5)
+            assert b.cache.k[layer].shape[0] == 1
+
+
+def test_streams_at_different_fill_fall_back_to_one_by_one(models):
+    dit, _ = models
+    cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500))
+    alone, together = _engines(models, cfg, 2), _engines(models, cfg, 2)
+    alone[0].next_chunk(_audio(dit, alone[0], 0, 0))
+    together[0].next_chunk(_audio(dit, together[0], 0, 0))  # one stream a chunk ahead: its window holds more
+    assert batch_key(together[0]) != batch_key(together[1])
+    want = [alone[0].next_chunk(_audio(dit, alone[0], 1, 0)), alone[1].next_chunk(_audio(dit, alone[1], 0, 1))]
+    got = next_chunks(together, [_audio(dit, together[0], 1, 0), _audio(dit, together[1], 0, 1)])
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.latents, w.latents, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="2 engines and 1 audio"):
+        next_chunks(together, [None])
+
+
+def test_batcher_gathers_threads_into_one_pass(models):
+    dit, _ = models
+    cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500), cache_mode="timestep_forcing")
+    alone, threaded = _engines(models, cfg, 3), _engines(models, cfg, 3)
+    n_chunks = 4
+    want = [[e.next_chunk(_audio(dit, e, c, i)).latents for c in range(n_chunks)] for i, e in enumerate(alone)]
+    batcher = ChunkBatcher(max_batch=3, gather_s=2.0)  # generous: the test's threads may start late
+    for e in threaded:
+        batcher.attach(e)
+    got: list[list] = [[] for _ in threaded]
+    errors = []
+
+    def run(i, e):
+        try:
+            for c in range(n_chunks):
+                got[i].append(e.next_chunk(_audio(dit, e, c, i)).latents)  # the engine's own call, routed
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i, e)) for i, e in enumerate(threaded)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert max(batcher.batches) == 3 and sum(batcher.batches) == 3 * n_chunks
+    for e in threaded:
+        batcher.detach(e)
+    assert batcher.attached == 0
+    e = threaded[0]
+    e.next_chunk(_audio(dit, e, n_chunks, 0))  # detached: its own method again
+    assert sum(batcher.batches) == 3 * n_chunks
+
+
+def test_batcher_reports_a_failure_to_every_request(models):
+    dit, _ = models
+    cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500))
+    engines = _engines(models, cfg, 2)
+    batcher = ChunkBatcher(max_batch=2, gather_s=2.0)
+    for e in engines:
+        batcher.attach(e)
+    bad = torch.zeros(2, 1, 1)  # not an audio window: the model refuses it
+    errors = []
+
+    def run(e):
+        try:
+            e.next_chunk(bad)
+        except ValueError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 2
