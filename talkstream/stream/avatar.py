@@ -333,6 +333,7 @@ class Avatar:
             feed, ws = self._feed(), self.whisper.stream()
             source = iter(audio_chunks)
             silence = np.zeros(int(SAMPLE_RATE * self.cfg.chunk * 4 / FPS / 2), np.float32)
+            live, began, heard = isinstance(audio_chunks, LiveAudio), time.perf_counter(), [0]
 
             def fill(first: int, k: int) -> bool:
                 """Encode audio until latents first .. first + k - 1 have theirs; False: the source has ended."""
