@@ -108,5 +108,6 @@ def test_soak_streams_live_speech_paced_and_records_each_minute(weights, tmp_pat
     assert res["config"]["emit"] == "latency" and res["config"]["pace_delay_s"] == 1.0
     assert 6 * 25 <= s["frames"] <= 6 * 25 + 13  # 6 s of speech + the last hop's padding: no silence slipped in
     assert len(rows) == 1 and rows[0]["identity_distance"] > 0 and rows[0]["chunks_so_far"] > 0
+    assert 0 < s["chunk_latency_ms"]["p50"] <= s["chunk_latency_ms"]["max"] <= rows[0]["chunk_latency_ms"]["max"]
     assert s["black_frames"] == 0 and s["inter_frame_ms"]["p50"] >= 39.0 and s["ttff_s"] > 0
     assert not list(tmp_path.glob("talkstream-soak-*"))  # the identity frames are gone

@@ -10,7 +10,7 @@ from talkstream.models.dit import WanDiT
 from talkstream.models.vae import CausalVAE
 from talkstream.stream.accel import cpu_has_bf16, set_threads, stream_dtype
 from talkstream.stream.chunk import denoise_chunk
-from talkstream.stream.engine import AudioFeed, StreamConfig, StreamEngine
+from talkstream.stream.engine import AudioFeed, StreamConfig, StreamEngine, StreamStats
 from talkstream.stream.pacing import PacingStats, paced, percentiles, prefetch
 
 A = 384
@@ -272,6 +272,11 @@ def test_latency_emit_streams_the_same_frames_in_the_same_order(models):
         out[emit, sync] = list(frames)
     ref = out["overlapped", False]
     assert [i for i, _ in ref] == list(range(1 + 3 * 2 * 4))
+    stats = StreamStats()
+    eng, _, _ = _emit_stream(dit, vae, "latency")  # (its own frames() call below, with a StreamStats)
+    for _ in eng.frames(lambda f, k: torch.zeros(k, 8, A), n_chunks=4, stats=stats):
+        pass
+    assert len(stats.chunk_latency_s) == stats.chunks == 4 and min(stats.chunk_latency_s) > 0
     for other in out.values():
         assert [i for i, _ in other] == [i for i, _ in ref]
         assert all((a[1] == b[1]).all() for a, b in zip(ref, other))

@@ -134,7 +134,7 @@ def soak(
     pacing = PacingStats(FPS)
     health = FrameHealth()
     per_frame = int(FPS * 60)
-    rows, n_released = [], 0
+    rows, n_released, done_chunks = [], 0, [0]
     stats = StreamStats()
     load0 = loadavg()
     bar = tqdm(total=int(minutes * 60 * FPS), unit="frame", desc="soak", disable=not progress)
@@ -153,9 +153,11 @@ def soak(
                 **health.counts(),
                 chunks_so_far=stats.chunks,
                 denoise_s_per_chunk=round(stats.denoise_s / max(stats.chunks, 1), 3),
+                chunk_latency_ms=percentiles(stats.chunk_latency_s[done_chunks[0] :]),
                 loadavg=loadavg(),
             )
         )
+        done_chunks[0] = len(stats.chunk_latency_s)
 
     t0 = time.perf_counter()
     pusher.start()
@@ -179,6 +181,7 @@ def soak(
     _identity(rows, shots, probe, ref_id, per_frame)
     summary = _summary(rows, pacing, health, n_released, wall, warm)
     summary["ttff_s"] = None if stats.ttff is None else round(stats.ttff, 3)
+    summary["chunk_latency_ms"] = percentiles(stats.chunk_latency_s[1:])  # (the first chunk is one latent)
     res = dict(
         minutes=minutes,
         config=dict(

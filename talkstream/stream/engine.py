@@ -191,6 +191,7 @@ class Chunk:
     latents: torch.Tensor  # [1, C, k, h, w]
     first_frame: int  # absolute index of its first video frame
     denoise_s: float = 0.0  # wall time of its denoising (and anchor updates)
+    started: float = 0.0  # perf_counter when its denoising began
 
 
 @dataclass
@@ -200,6 +201,8 @@ class StreamStats:
     frames: int = 0
     chunks: int = 0
     denoise_s: float = 0.0
+    chunk_latency_s: list[float] = field(default_factory=list)  # per chunk: start of its denoising -> its first
+    # frame leaving the engine (denoise + decode + any hold): what a live stream's playout delay must cover
 
     @property
     def ttff(self) -> float | None:
@@ -317,7 +320,7 @@ class StreamEngine:
         self.n_chunks += 1
         self.next_latent += k
         self._update_anchors(z)
-        chunk.denoise_s = time.perf_counter() - t0
+        chunk.denoise_s, chunk.started = time.perf_counter() - t0, t0
         return chunk
 
     def _update_anchors(self, z: torch.Tensor) -> None:
@@ -496,6 +499,8 @@ class StreamEngine:
         for j, f in enumerate(frames):
             if stats.first_frame_at is None:
                 stats.first_frame_at = time.perf_counter()
+            if j == 0:
+                stats.chunk_latency_s.append(time.perf_counter() - chunk.started)
             stats.frames += 1
             yield chunk.first_frame + j, f
 
