@@ -83,3 +83,22 @@ def test_generate_with_published_weights_names_missing_files_and_refuses_a_cpu(t
         (tmp_path / name).write_bytes(b"x")
     assert main([*args, "--weights", str(tmp_path), "--device", "cpu"]) == 2
     assert "needs a GPU" in capsys.readouterr().err and not out.exists()
+
+
+def test_guard_file_keeps_the_precision_upper_triangle_in_fp16(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from talkstream.eval.guard import GUARD_FILE, _precision, save_guard
+
+    f = np.random.default_rng(1).normal(size=(40, 6))
+    mean, precision = shrunk_precision(f)
+    save_guard(tmp_path / "g.safetensors", mean, precision, 3.5, 40)
+    t = load_file(str(tmp_path / "g.safetensors"))
+    assert set(t) == {"mean", "precision_upper", "threshold"} and t["precision_upper"].dtype == torch.float16
+    assert t["precision_upper"].shape == (21,) and float(t["threshold"]) == 3.5
+    back = _precision(t)
+    assert np.array_equal(back, back.T) and np.allclose(back, precision, rtol=1e-3, atol=1e-4)
+    g = OODGuard.load(tmp_path / "g.safetensors", probe=OODGuard.load().probe)
+    assert np.allclose(mahalanobis(f, g.mean, g.precision), mahalanobis(f, mean, precision), rtol=1e-3)
+    assert GUARD_FILE.stat().st_size < 1.1e6  # the shipped file: 1 MB (4.2 MB as a whole fp32 matrix)

@@ -101,12 +101,7 @@ class OODGuard:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no guard statistics (make them: python -m talkstream.eval.guard --fit)")
         t = load_file(str(path))
-        return OODGuard(
-            probe or load_frame_probe(),
-            t["mean"].double().numpy(),
-            t["precision"].double().numpy(),
-            float(t["threshold"]),
-        )
+        return OODGuard(probe or load_frame_probe(), t["mean"].double().numpy(), _precision(t), float(t["threshold"]))
 
     def scores(self, frames: np.ndarray) -> np.ndarray:
         """Scores of uint8 frames [N, H, W, 3] (already references: square, any size)."""
@@ -191,6 +186,71 @@ def other_images() -> dict[str, np.ndarray]:
     return {k: _as_reference(v if v.ndim == 3 else np.repeat(v[..., None], 3, 2)) for k, v in out.items()}
 
 
+def _precision(t: dict) -> np.ndarray:
+    """The precision matrix of a guard file: whole (``precision``) or its upper triangle (``precision_upper``)."""
+    if "precision" in t:
+        return t["precision"].double().numpy()
+    upper = t["precision_upper"].double().numpy()
+    n = int(round((np.sqrt(8 * len(upper) + 1) - 1) / 2))
+    m = np.zeros((n, n))
+    m[np.triu_indices(n)] = upper
+    return m + np.triu(m, 1).T
+
+
+def save_guard(out: str | Path, mean: np.ndarray, precision: np.ndarray, threshold: float, n_fit: int) -> None:
+    """The guard file: the mean (fp32), the symmetric precision matrix's upper triangle (fp16: 1 MB instead of the
+    whole matrix's 4 MB in fp32; ``check_guard`` measures the stored file: the same alarms and warnings) and the
+    threshold (fp32)."""
+    p = np.asarray(precision)
+    save_file(
+        {
+            "mean": torch.from_numpy(np.asarray(mean)).float(),
+            "precision_upper": torch.from_numpy(p[np.triu_indices(p.shape[0])]).half(),
+            "threshold": torch.tensor(float(threshold)),
+        },
+        str(out),
+        metadata={"talkstream": json.dumps(dict(kind="ood_guard", renders=n_fit, seed=FIT_SEED, shrink=SHRINK))},
+    )
+
+
+def check_guard(path: str | Path | None = None, n_calibration: int = 200, n_held_out: int = 200) -> dict:
+    """A guard file measured as shipped: the calibration renders' largest score (the threshold is 1.1x it), false
+    alarms on the held-out world renders, and warnings on ``other_images``."""
+    t0 = time.perf_counter()
+    guard = OODGuard.load(path)
+    cal = guard.scores(world_references(n_calibration, CALIBRATION_SEED))
+    held = guard.scores(world_references(n_held_out, HELD_OUT_SEED))
+    others = other_images()
+    names = list(others)
+    other_scores = guard.scores(np.stack([others[k] for k in names]))
+    portraits = np.array([s for k, s in zip(names, other_scores) if k.startswith("portrait/")])
+    return dict(
+        file=Path(path or GUARD_FILE).name,
+        stored={
+            k: f"{tuple(v.shape)} {v.dtype}".replace("torch.", "")
+            for k, v in load_file(str(path or GUARD_FILE)).items()
+        },
+        threshold=guard.threshold,
+        calibration=dict(renders=n_calibration, seed=CALIBRATION_SEED, max=float(cal.max())),
+        held_out_world=dict(
+            renders=n_held_out,
+            seed=HELD_OUT_SEED,
+            false_alarms=int((held > guard.threshold).sum()),
+            max=float(held.max()),
+        ),
+        other=dict(
+            images=len(names),
+            warned=int((other_scores > guard.threshold).sum()),
+            min=float(other_scores.min()),
+            min_image=names[int(other_scores.argmin())],
+            portraits=len(portraits),
+            portraits_warned=int((portraits > guard.threshold).sum()),
+            portraits_min=float(portraits.min()),
+        ),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+
+
 def fit_guard(
     n_fit: int = 600, n_calibration: int = 200, n_held_out: int = 200, margin: float = 1.1, out: Path | None = None
 ) -> dict:
@@ -247,30 +307,30 @@ def fit_guard(
         seconds=round(time.perf_counter() - t0, 1),
     )
     if out is not None:
-        save_file(
-            {
-                "mean": torch.from_numpy(mean).float(),
-                "precision": torch.from_numpy(precision).float(),
-                "threshold": torch.tensor(guard.threshold),
-            },
-            str(out),
-            metadata={"talkstream": json.dumps(dict(kind="ood_guard", renders=n_fit, seed=FIT_SEED, shrink=SHRINK))},
-        )
+        save_guard(out, mean, precision, guard.threshold, n_fit)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="fit / measure the out-of-domain guard")
     ap.add_argument("--fit", action="store_true", help="fit the statistics and write the guard file")
+    ap.add_argument("--check", action="store_true", help="measure the guard file as it is (--out) into --json")
     ap.add_argument("--renders", type=int, default=600)
     ap.add_argument("--calibration", type=int, default=200)
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--out", type=Path, default=GUARD_FILE)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/ood_guard_cpu.json"))
     a = ap.parse_args()
-    if not a.fit:
-        raise SystemExit("nothing to do: pass --fit")
+    if not a.fit and not a.check:
+        raise SystemExit("nothing to do: pass --fit or --check")
     from ..machine import describe
+
+    if a.check:
+        res = dict(check_guard(a.out, a.calibration, a.held_out), machine=describe())
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=2))
+        return
 
     res = fit_guard(a.renders, a.calibration, a.held_out, out=a.out)
     res["machine"] = describe()
@@ -288,6 +348,8 @@ __all__ = [
     "GUARD_FILE",
     "GuardResult",
     "OODGuard",
+    "check_guard",
+    "save_guard",
     "OutOfDomainError",
     "guard_reference",
     "WARNING",
