@@ -21,6 +21,7 @@ t0 + delay + (12i - 11) / 25 with t0 = 0.48 s + the first chunk's work, and read
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -172,6 +173,9 @@ def soak(
             bar.update()
             if n_released % per_frame == 0:
                 close_minute()
+    except BaseException:
+        shutil.rmtree(shots, ignore_errors=True)  # a failed or interrupted soak leaves no frames behind
+        raise
     finally:
         stop.set()
         bar.close()
@@ -212,8 +216,6 @@ def soak(
 
 def _identity(rows: list[dict], shots: Path, probe, ref_id: np.ndarray, per_frame: int) -> None:
     """Each minute's mean identity distance to the reference from the frames saved in ``shots`` (then removed)."""
-    import shutil
-
     from PIL import Image
 
     files = sorted(shots.glob("*.png"))
