@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from talkstream.agent.actions import ACTION_CAPTIONS, STATE_CAPTIONS
-from talkstream.agent.avatar_loop import AvatarLoop
+from talkstream.agent.avatar_loop import DECODE_MODES, AvatarLoop
 from talkstream.machine import describe, report
 
 REPLY = "I am doing very well, thank you for asking!"
@@ -51,6 +51,7 @@ class TableStream:
     def __init__(self, silence: np.ndarray, reply: np.ndarray, hop: int) -> None:
         self.silence, self.reply, self.hop = silence, reply, hop
         self.pending = np.zeros(0, np.float32)
+        self.buffer = np.zeros(0, np.float32)  # (AvatarLoop's QuietWhisperStream reads it)
         self.at = 0
         self.enc = self
 
@@ -81,17 +82,30 @@ class TableWhisper:
     def stream(self) -> TableStream:
         return TableStream(*self.args)
 
+    @property
+    def hop_samples(self) -> int:
+        return self.args[2]
+
+    @property
+    def window_samples(self) -> int:
+        return 48000  # WhisperFeatures' 3-s window
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:  # only asked for silence
+        return self.args[0]
+
 
 def run(args) -> dict:
     from talkstream.stream.avatar import Avatar
 
     data = np.load(args.inputs)
-    opts = {"steps": args.steps} if args.steps else {}
+    from talkstream.serve.app import FAST
+
+    opts = {"steps": args.steps} if args.steps else dict(FAST) if args.speed == "fast" else {}
     t = time.perf_counter()
-    avatar = Avatar.from_pretrained(device=args.device, size=args.size, **opts)
+    avatar = Avatar.from_pretrained(device=args.device, size=args.size, decoder="tiny", **opts)
     load_s = time.perf_counter() - t
     avatar._whisper = TableWhisper(data["silence"], data["reply"], 7680)
-    loop = AvatarLoop(avatar, avatar_reference(), async_decode=not args.sync_decode)
+    loop = AvatarLoop(avatar, avatar_reference(), decode=args.decode)
     for i, c in enumerate(data["captions"]):
         loop._encoded[str(c)] = (torch.from_numpy(data["emb"][i : i + 1]), torch.from_numpy(data["mask"][i : i + 1]))
     frames: list = []
@@ -127,7 +141,7 @@ def run(args) -> dict:
         "end of speech -> first reply frame); encoders' features read from precomputed tables",
         device=args.device,
         size=args.size,
-        async_decode=not args.sync_decode,
+        decode=args.decode,
         stream_config=str(avatar.cfg),
         dtype=str(next(avatar.dit.parameters()).dtype),
         model_load_s=round(load_s, 2),
@@ -158,7 +172,8 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--warm", type=float, default=3.0, help="seconds of idle streaming before the first reply")
-    p.add_argument("--sync-decode", action="store_true", help="decode each chunk before denoising the next")
+    p.add_argument("--decode", default="latency", choices=DECODE_MODES, help="AvatarLoop's decode mode")
+    p.add_argument("--speed", default="fast", choices=["fast", "quality"], help="the server's --speed path")
     p.add_argument("--out")
     args = p.parse_args()
     if args.make_inputs:

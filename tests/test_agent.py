@@ -175,3 +175,49 @@ def test_asyncio_runs_clients_on_one_loop():  # the clients hold no state betwee
             return a, b
 
         assert asyncio.run(two()) == (["Yes."], ["Yes."])
+
+
+def test_quiet_whisper_stream_skips_silence_with_the_same_features():
+    from talkstream.agent.avatar_loop import QuietWhisperStream
+    from talkstream.models.encoders import WhisperFeatures
+    from talkstream.world.speech import synthesize
+
+    enc = WhisperFeatures()
+    speech = synthesize("Hello there.").audio
+    audio = np.concatenate([np.zeros(16000 * 4, np.float32), speech, np.zeros(16000 * 5, np.float32)])
+    plain, quiet = enc.stream(), QuietWhisperStream(enc)
+    want, got = [], []
+    for k in range(0, len(audio), 2500):  # pieces that are not whole hops
+        want.append(plain.push(audio[k : k + 2500]))
+        got.append(quiet.push(audio[k : k + 2500]))
+    want, got = np.concatenate(want), np.concatenate(got)
+    assert want.shape == got.shape and len(got) == (len(audio) // enc.hop_samples) * int(enc.hop * 50)
+    np.testing.assert_array_equal(got, want)
+    # silence at the start and, once the speech has left the 3-s window, at the end skips the encoder
+    assert quiet.skipped >= 6 and quiet.encoded < len(audio) // enc.hop_samples - 6
+
+
+def test_the_avatar_thread_can_run_nicer_than_the_rest():
+    import os
+    import threading
+
+    from talkstream.agent.avatar_loop import lower_thread_priority
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def run():
+        tid = threading.get_native_id()
+        seen["ok"] = lower_thread_priority(3)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, tid)
+        inner = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
+        inner.start()  # threads it starts (the engine's producer and decode pool) inherit it
+        inner.join()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if not seen["ok"]:
+        pytest.skip("this OS does not set a thread's nice value")
+    assert seen["nice"] == seen["child"] == min(19, before + 3)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread (the rest of the process) is unchanged

@@ -12,20 +12,62 @@ rate it gives. ``interrupt()`` (barge-in) drops queued speech and mutes what was
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from ..stream.avatar import Avatar
+from ..stream.batch import ChunkBatcher
 from ..stream.engine import FPS
 from .actions import STATE_CAPTIONS
 from .audio import SAMPLE_RATE
 
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
+DECODE_MODES = ("latency", "sync", "overlapped")
+
+
+def lower_thread_priority(by: int) -> bool:
+    """Make the calling thread ``by`` nicer (Linux: a thread is a task with its own nice value, which threads it
+    starts inherit). False where the OS does not allow it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+class QuietWhisperStream:
+    """A live Whisper feature stream (``WhisperStream``) whose hops of pure silence skip the encoder: a window of
+    all-zero audio always encodes to the same features, computed once. An avatar in a conversation is fed silence
+    most of the time (listening, thinking, idle), and the encoder then no longer takes CPU from the rest of the loop;
+    the features are the ones the encoder gives (exactly: same window, same numbers)."""
+
+    def __init__(self, enc) -> None:
+        self.stream = enc.stream()
+        self.hop_samples, self.window_samples = enc.hop_samples, enc.window_samples
+        self.silent = enc.encode(np.zeros(self.hop_samples, np.float32))  # one hop after a window of zeros
+        self.pending = np.zeros(0, np.float32)
+        self.encoded = self.skipped = 0
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        s, h = self.stream, self.hop_samples  # whole hops only reach ``s`` (its own pending stays empty)
+        self.pending = np.concatenate([self.pending, np.asarray(samples, np.float32)])
+        out = []
+        while len(self.pending) >= h:
+            hop, self.pending = self.pending[:h], self.pending[h:]
+            if not hop.any() and not s.buffer[-(self.window_samples - h) :].any():
+                s.buffer = np.concatenate([s.buffer, hop])[-self.window_samples :]
+                out.append(self.silent)
+                self.skipped += 1
+            else:
+                out.append(s.push(hop))
+                self.encoded += 1
+        return np.concatenate(out) if out else np.zeros((0, self.silent.shape[1]), np.float32)
 
 
 @dataclass
@@ -50,14 +92,26 @@ class AvatarLoop:
         image,
         lead: float = 0.3,
         on_error: Callable | None = None,
-        async_decode: bool = False,
+        decode: str = "latency",
+        batcher: ChunkBatcher | None = None,
+        nice: int = 0,
     ) -> None:
-        """``async_decode``: decode chunk i while chunk i+1 is denoised (the engine's default: more frames a second,
-        but each chunk leaves one chunk later). A conversation wants the reply soon: False (each chunk decoded before
-        the next starts) measured 1.87 s from reply audio to its first frame against 2.70 s, for 9.0 against 10.0
-        frames a second (64x64, 4 steps, 2 loaded CPU cores; benchmarks/results/conversation_avatar_64_steps4_*)."""
+        """``decode``: when a chunk's frames leave. "latency" (the engine's ``emit="latency"``): as soon as the chunk
+        is decoded, while the next one is denoised on another thread; "sync": each chunk decoded before the next is
+        denoised, on one thread; "overlapped" (the engine's default for files): decoded while the next is denoised but
+        shown after it, one chunk later. A conversation wants the reply soon: "sync" measured 1.87 s from reply audio
+        to its first frame against 2.70 s for "overlapped" (64x64, 4 steps, 2 loaded CPU cores;
+        benchmarks/results/conversation_avatar_64_steps4_*); "latency" keeps sync's latency with the overlap's rate.
+        ``batcher``: a ``stream.batch.ChunkBatcher`` shared by several loops (one model serving several sessions).
+        ``nice`` > 0: the engine's threads (this loop's, and the denoising / decoding threads and pools it starts) run
+        that much nicer than the rest of the process, so that on a busy CPU speech recognition, the language model
+        and the voice, which decide when a reply starts, take the cores first (Linux; elsewhere ignored)."""
         self.avatar, self.image, self.lead = avatar, image, lead
-        self.async_decode = async_decode
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.decode = decode
+        self.nice = nice
+        self.batcher = batcher  # shared with other sessions: their chunks denoised in one pass (stream.batch)
         self.on_error = on_error
         self._cond = threading.Condition()
         self._queue: list[tuple[np.ndarray, int, int]] = []  # (audio, reply id, caption id) waiting to be fed
@@ -131,7 +185,7 @@ class AvatarLoop:
     def _encoded_caption(self, cid: int):
         caption = self._captions[cid]
         if caption not in self._encoded:
-            self._encoded[caption] = self.avatar._prompt(caption)
+            self._encoded[caption] = self.avatar.encode_prompt(caption)
         return self._encoded[caption]
 
     def _take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,6 +207,8 @@ class AvatarLoop:
 
     def _run(self) -> None:
         try:
+            if self.nice:
+                lower_thread_priority(self.nice)
             self._stream()
         except BaseException as e:  # reported to the conversation, which ends the session with a message
             self.error = e
@@ -162,11 +218,21 @@ class AvatarLoop:
     def _stream(self) -> None:
         avatar = self.avatar
         text, mask = self._encoded_caption(self._state_caption)
-        with torch.no_grad():
-            engine = avatar._engine(self.image, None, text, mask)
-        engine.async_decode = self.async_decode
-        feed, ws = avatar._feed(), avatar.whisper.stream()
-        hop = ws.enc.hop_samples
+        engine = avatar.start_engine(self.image, text, mask)
+        engine.async_decode = self.decode != "sync"
+        engine.cfg = replace(engine.cfg, emit="latency" if self.decode == "latency" else "overlapped")
+        if self.batcher is not None:
+            self.batcher.attach(engine)
+            try:
+                self._frames(engine, avatar)
+            finally:
+                self.batcher.detach(engine)
+        else:
+            self._frames(engine, avatar)
+
+    def _frames(self, engine, avatar: Avatar) -> None:
+        feed, ws = avatar.audio_feed(), QuietWhisperStream(avatar.whisper)
+        hop = ws.hop_samples
         self.started_at = time.perf_counter()
         current = [self._state_caption]
 
@@ -218,4 +284,4 @@ class AvatarLoop:
                 return
 
 
-__all__ = ["AvatarLoop", "MediaFrame", "SAMPLES_PER_FRAME"]
+__all__ = ["AvatarLoop", "DECODE_MODES", "MediaFrame", "QuietWhisperStream", "SAMPLES_PER_FRAME"]

@@ -306,6 +306,24 @@ class Avatar:
         lb, la = audio_span(self.dit)
         return AudioFeed(lb, la)
 
+    # -- the parts of a stream, for front-ends that drive the engine themselves (agent.AvatarLoop) ------
+    def encode_prompt(self, prompt: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A caption -> (text [1, L, 384], mask) for ``start_engine`` / ``StreamEngine.set_prompt``; (None, None)
+        for no caption."""
+        return self._prompt(prompt)
+
+    def start_engine(
+        self, image, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+    ) -> StreamEngine:
+        """A started engine for one stream of ``image`` (its reference latent cached, the sinks prefilled) with an
+        encoded caption (``encode_prompt``)."""
+        with torch.no_grad():
+            return self._engine(image, None, text, text_mask)
+
+    def audio_feed(self) -> AudioFeed:
+        """An empty feed of 50 Hz audio features sized for this model's per-latent audio windows."""
+        return self._feed()
+
     def stream(
         self,
         image,
