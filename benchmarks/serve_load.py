@@ -8,6 +8,15 @@ real-time when it receives >= 95% of 25 frames a second. Bounded in count and ti
 
     python benchmarks/serve_load.py --sessions 1,2,3 --seconds 10 --size 64 --steps 4 \\
         --out benchmarks/results/serve_load_64_steps4_cpu.json
+
+``--batch-bench``: no server; the avatar alone, as the server's start-up calibration times it
+(``serve.capacity.calibrate``): rounds of 1..``--max-batch`` sessions' chunks (each denoised and decoded), one after
+another and batched in one forward pass (``stream.batch``), at each ``--sizes``; how many sessions fit real time
+(a round within 0.48 s, and within the server's 75% headroom) each way. On a GPU (measures real-time sessions per
+card):
+
+    python benchmarks/serve_load.py --batch-bench --device cuda --sizes 256,512 --max-batch 32 \\
+        --out benchmarks/results/serve_batch_h100.json
 """
 
 from __future__ import annotations
@@ -149,6 +158,54 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
     )
 
 
+def batch_bench(args) -> None:
+    import torch
+
+    from talkstream.serve.app import ServeConfig, speed_path, stream_options
+    from talkstream.serve.capacity import calibrate
+    from talkstream.stream.avatar import BUNDLED_REFERENCE, Avatar, load_reference
+
+    sizes = [int(x) for x in args.sizes.split(",")]
+    if not 1 <= args.max_batch <= 64 or not 1 <= args.rounds <= 20:
+        raise SystemExit("serve_load: error: --max-batch must be 1-64 and --rounds 1-20")
+    res = dict(
+        benchmark="serve_batch",
+        what="seconds per round of n sessions' chunks (denoised + decoded; 0.48 s of video each), separate passes "
+        "against one batched pass; real-time sessions = largest n whose round fits 0.48 s (and 0.75 x: the server)",
+        device=args.device,
+        torch_threads=torch.get_num_threads(),
+        machine=describe(),
+        load_average_before=os.getloadavg(),
+        sizes=[],
+    )
+    for size in sizes:
+        cfg = ServeConfig(size=size, device=args.device, speed=args.speed)
+        avatar = Avatar.from_pretrained(None, device=args.device, decoder="tiny", size=size, **stream_options(cfg))
+        cap = calibrate(
+            avatar,
+            load_reference(BUNDLED_REFERENCE, size),
+            max_sessions=args.max_batch,
+            rounds=args.rounds,
+            measure_all=True,
+            progress=lambda m, size=size: print(f"{size}px {m}", flush=True),
+        )
+        video = cap.chunk_video_s
+        row = dict(size=size, speed=speed_path(cfg), stream_config=str(avatar.cfg), round_s=cap.round_s)
+        for w, times in cap.round_s.items():
+            row[f"real_time_sessions_{w}"] = max([n for n, s in times.items() if s <= video], default=0)
+            row[f"server_sessions_{w}"] = max([n for n, s in times.items() if s <= 0.75 * video], default=0)
+        row["batched_speedup"] = {
+            n: round(cap.round_s["separate"][n] / cap.round_s["batched"][n], 3)
+            for n in cap.round_s["batched"]
+            if n in cap.round_s["separate"]
+        }
+        row["server_would_batch"] = cap.batch
+        row["memory_per_session_mb"] = cap.memory_per_session_mb
+        res["sizes"].append(row)
+    res["load_average_after"] = os.getloadavg()
+    report(res, args.out, show={k: v for k, v in res.items() if k != "machine"})
+
+
 def plot(res: dict, path: str) -> None:
     import matplotlib
 
@@ -178,10 +235,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level (at most 120)")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, help="euler steps (the quality path); default: the --speed path's")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--speed", default="auto", choices=["auto", "fast", "quality"], help="the server's --speed")
+    ap.add_argument("--batch", default="auto", choices=["auto", "on", "off"], help="the server's --batch")
+    ap.add_argument("--batch-bench", action="store_true", help="time batched against separate chunks (no server)")
+    ap.add_argument("--sizes", default="64,256", help="--batch-bench: video sizes")
+    ap.add_argument("--max-batch", type=int, default=4, help="--batch-bench: most sessions a round")
+    ap.add_argument("--rounds", type=int, default=4, help="--batch-bench: timed rounds per point (median)")
     ap.add_argument("--out", help="JSON path (a PNG plot is written next to it)")
     args = ap.parse_args()
+    if args.batch_bench:
+        batch_bench(args)
+        return
     levels = [int(x) for x in args.sessions.split(",")]
     if not levels or max(levels) > 16 or min(levels) < 1 or not 0 < args.seconds <= 120:
         raise SystemExit("serve_load: error: --sessions must be 1-16 each and --seconds in (0, 120]")
@@ -196,13 +262,19 @@ def main() -> None:
         device=args.device,
         voice="espeak",
         llm_url="http://127.0.0.1:9/v1",
-        stream_options={"steps": args.steps},
+        stream_options={"steps": args.steps} if args.steps else {},
+        speed=args.speed,
+        batch={"on": True, "off": False}.get(args.batch),
+        max_sessions=max(levels),
     )
     models = Models(cfg)
     res = dict(
         benchmark="serve_load",
         size=args.size,
         steps=args.steps,
+        speed=models.speed,
+        batch=models.capacity.batch,
+        stream_config=str(models.avatar.cfg),
         device=args.device,
         decoder=cfg.decoder,
         torch_threads=torch.get_num_threads(),
@@ -210,6 +282,11 @@ def main() -> None:
         load_average_before=os.getloadavg(),
         levels=[],
     )
+    from talkstream.serve.capacity import calibrate
+
+    cap = calibrate(models.avatar, models.images["reference"], headroom=cfg.headroom, batch=cfg.batch)
+    res["startup_capacity"] = cap.as_dict()  # what `talkstream serve` would admit here, measured as at its start-up
+    print(f"start-up calibration: {cap.sessions} session(s), batched: {cap.batch}, rounds {cap.round_s}", flush=True)
     for n in levels:
         lv = run_level(cfg, models, n, args.seconds, args.warmup)
         print(

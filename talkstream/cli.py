@@ -418,7 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+ALIASES: dict[tuple[str, str], str] = {("bench", "conversation"): "bench-conversation"}  # two-word spellings
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if tuple(argv[:2]) in ALIASES:
+        argv = [ALIASES[tuple(argv[:2])], *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -471,3 +471,32 @@ def test_the_page_passes_its_token_on(serve, tmp_path):
             assert refused == 401
         finally:
             browser.close()
+
+
+def test_the_client_past_capacity_or_memory_is_told_busy_and_why(serve, monkeypatch):
+    """Admission: with the capacity at one conversation the second client is told busy (how many this server holds,
+    retry later) and closed; with too little free memory for a session's bound, a client is told that instead. The
+    first session streams on untouched."""
+    import talkstream.serve.app as app_module
+
+    url, app = serve(max_sessions=1)
+    a = Client(url, voice="espeak")
+    try:
+        a.wait(lambda: a.of("ready") and a.frames, 120, "frames")
+        info = httpx.get(url + "/api/info").json()
+        assert info["max_sessions"] == 1 and info["capacity"]["memory_per_session_mb"] > 0
+        with raw_client(url) as extra:
+            busy = json.loads(extra.recv(timeout=10))
+        assert busy["type"] == "busy" and busy["reason"] == "sessions" and busy["max_sessions"] == 1
+        assert "holds 1 real-time conversation at a time" in busy["message"] and busy["retry_after_s"] > 0
+        url2, app2 = serve(max_sessions=4)
+        monkeypatch.setattr(app_module, "memory_ok", lambda cap: (False, 100.0))
+        with raw_client(url2) as extra:
+            low = json.loads(extra.recv(timeout=10))
+        assert low["type"] == "busy" and low["reason"] == "memory" and "100 MB free" in low["message"]
+        assert not sessions_of(app2) and len(sessions_of(app)) == 1
+        n = len(a.frames)
+        a.wait(lambda: len(a.frames) > n + 12, 60, "the admitted session's frames")
+        assert not a.of("error")
+    finally:
+        a.close()

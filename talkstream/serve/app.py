@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from ..agent.avatar_loop import MediaFrame
+from ..agent.avatar_loop import AvatarLoop, MediaFrame
 from ..agent.conversation import Conversation, ConversationConfig, Event
 from ..media import MediaError
+from ..stream.batch import ChunkBatcher
 from ..stream.engine import FPS
 from . import protocol as P
+from .capacity import Capacity, memory_ok
 from .security import Guard, SecurityConfig, check_image_header
 
 if TYPE_CHECKING:
@@ -56,11 +58,37 @@ class ServeConfig:
     llm_timeout: float = 10.0  # seconds to the first token before the avatar apologises
     audio_chat_url: str | None = None  # an audio-native endpoint (speech in, speech + text out): no ASR/TTS here
     voice: str = "piper"  # piper | espeak (the default voice; a session may pick another)
-    max_sessions: int = 4
+    speed: str = "auto"  # fast | quality | auto (fast on CPU, where the quality path is not live; quality elsewhere)
+    max_sessions: int | None = None  # None: what this machine holds in real time, measured when the models load
+    batch: bool | None = None  # sessions' chunks in one forward pass; None: where it measured faster (start-up)
+    headroom: float = 0.75  # share of real time the avatars may take (the rest: ASR, LLM, voice, encoding)
+    avatar_nice: int = 0  # > 0: the avatars' threads this much nicer than ASR / LLM / voice (AvatarLoop's ``nice``)
     security: SecurityConfig = field(default_factory=SecurityConfig)  # token, rate and picture limits
     upload_bytes: int = 8_000_000
     jpeg_quality: int = 80
     stream_options: dict = field(default_factory=dict)  # StreamConfig fields for the avatar (steps, anchor, ...)
+
+
+SPEEDS = ("auto", "fast", "quality")
+FAST = dict(sampler="few_step", timesteps=(1000.0, 750.0), cache_mode="timestep_forcing")  # the fastest measured
+# path (docs/speed.md): the few-step schedule (1000, 750) started at the model's sigma 0.9 is one denoising pass, whose
+# last step writes the cache (timestep forcing: no commit pass); with the tiny decoder it is what makes a 256x256
+# stream live on 2 CPU cores. Its costs are in docs/speed.md's quality table (forcing +11% mouth error; one pass
+# instead of the model's 6 softens the face) and docs/serve.md says so.
+
+
+def speed_path(cfg: ServeConfig) -> str:
+    """ "fast" or "quality": what ``cfg.speed`` means on ``cfg.device``."""
+    if cfg.speed not in SPEEDS:
+        raise ValueError(f"speed must be one of {SPEEDS}, got {cfg.speed!r}")
+    if cfg.speed != "auto":
+        return cfg.speed
+    return "fast" if cfg.device == "cpu" and not cfg.stream_options else "quality"
+
+
+def stream_options(cfg: ServeConfig) -> dict:
+    """The avatar's StreamConfig options: the fast path's, then ``cfg.stream_options`` on top."""
+    return {**(FAST if speed_path(cfg) == "fast" else {}), **cfg.stream_options}
 
 
 class Models:
@@ -72,11 +100,12 @@ class Models:
 
         self.cfg = cfg
         t = time.perf_counter()
+        self.speed = speed_path(cfg)
         self.avatar = Avatar.from_pretrained(
-            cfg.weights, device=cfg.device, decoder=cfg.decoder, size=cfg.size, **cfg.stream_options
+            cfg.weights, device=cfg.device, decoder=cfg.decoder, size=cfg.size, **stream_options(cfg)
         )
         self.avatar.whisper  # noqa: B018 (load the audio encoder now, not in the first session)
-        self.avatar._prompt("speaks calmly")  # and the text encoder
+        self.avatar.encode_prompt("speaks calmly")  # and the text encoder
         self.images: dict[str, np.ndarray] = {"reference": load_reference(cfg.image or REFERENCE, cfg.size)}
         self.images.update(self._world_faces(cfg.size))
         self.uploads: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -104,7 +133,25 @@ class Models:
 
                 self.llm = LlamaCppLLM()
             self.tts(cfg.voice)
+        self.capacity = self._capacity(cfg)
+        self.batcher = ChunkBatcher(max_batch=self.capacity.sessions) if self.capacity.batch else None
         self.load_s = time.perf_counter() - t
+
+    def _capacity(self, cfg: ServeConfig) -> Capacity:
+        """Measured (``max_sessions`` None) or given; the per-session memory bound is measured either way."""
+        from .capacity import calibrate, given
+
+        ref = self.images["reference"]
+        if cfg.max_sessions is None:
+            cap = calibrate(self.avatar, ref, headroom=cfg.headroom, batch=cfg.batch, progress=log.info)
+            log.info("capacity: %d real-time session(s), batched: %s (%s)", cap.sessions, cap.batch, cap.round_s)
+            if not cap.real_time:
+                log.warning("one session is slower than real time on this machine (%s)", cap.round_s)
+            return cap
+        one = calibrate(self.avatar, ref, max_sessions=1, rounds=1, batch=False)
+        cap = given(cfg.max_sessions, batch=bool(cfg.batch))
+        cap.memory_per_session_mb = one.memory_per_session_mb
+        return cap
 
     @staticmethod
     def _world_faces(size: int) -> dict[str, np.ndarray]:
@@ -120,6 +167,10 @@ class Models:
         if voice not in self._tts:
             self._tts[voice] = make_tts(voice)
         return self._tts[voice]
+
+    def avatar_loop(self, image: np.ndarray) -> AvatarLoop:
+        """A session's avatar stream, as the server runs it (shared batcher, the avatar's thread priority)."""
+        return AvatarLoop(self.avatar, image, batcher=self.batcher, nice=self.cfg.avatar_nice)
 
     def image(self, name: str) -> np.ndarray:
         if name.startswith("upload:"):
@@ -181,9 +232,8 @@ class Session:
         image = m.image(h.image)
         tts = None if m.asr is None else m.tts(h.voice)
         self.rate = h.sample_rate
-        self.conv = Conversation(
-            m.avatar, m.asr, m.llm, tts, image=image, cfg=ConversationConfig(), fallback_tts=m.fallback_tts
-        )
+        loop = m.avatar_loop(image)
+        self.conv = Conversation(loop, m.asr, m.llm, tts, cfg=ConversationConfig(), fallback_tts=m.fallback_tts)
         await self.conv.start()
         self.sender = asyncio.create_task(self._send_loop())
         await self.send_json(
@@ -197,6 +247,7 @@ class Session:
                 voice=None if tts is None else tts.name,
                 llm=m.llm.name,
                 device=m.cfg.device,
+                speed=m.speed,
             )
         )
 
@@ -292,8 +343,10 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
                 llm=m.llm.name,
                 size=cfg.size,
                 device=cfg.device,
+                speed=m.speed,
                 sessions=len(state["sessions"]),
-                max_sessions=cfg.max_sessions,
+                max_sessions=capacity().sessions,
+                capacity=capacity().as_dict(),
             )
         )
 
@@ -320,11 +373,33 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
             return JSONResponse({"error": str(e)}, status_code=400)
         return JSONResponse({"id": f"upload:{key}", "warning": warning})
 
+    def capacity() -> Capacity:
+        """The app's own ``max_sessions`` when given, else what the models measured at start-up."""
+        m: Models = state["models"]
+        if cfg.max_sessions is None or cfg.max_sessions == m.capacity.sessions:
+            return m.capacity
+        from .capacity import given
+
+        cap = given(cfg.max_sessions, m.capacity.batch)
+        cap.memory_per_session_mb = m.capacity.memory_per_session_mb
+        return cap
+
     async def session(ws: WebSocket):
         await ws.accept()
         sessions = state["sessions"]
-        if len(sessions) >= cfg.max_sessions:
-            await ws.send_text(json.dumps({"type": "busy", "message": "all sessions are taken; try again later"}))
+        cap = capacity()
+        fits, avail = memory_ok(cap)
+        if len(sessions) >= cap.sessions or not fits:
+            msg = (
+                cap.busy_message()
+                if fits
+                else (
+                    f"the server is low on memory ({avail:.0f} MB free, a conversation needs up to "
+                    f"{cap.memory_per_session_mb:.0f} MB); try again in a minute"
+                )
+            )
+            busy = dict(type="busy", message=msg, reason="sessions" if fits else "memory", retry_after_s=60)
+            await ws.send_text(json.dumps({**busy, "sessions": len(sessions), "max_sessions": cap.sessions}))
             await ws.close(1013)
             return
         sid = secrets.token_hex(6)

@@ -24,11 +24,10 @@ async def _run(models, turns: int, progress: bool, reply_timeout: float) -> dict
     from ..world.speech import synthesize
 
     conv = Conversation(
-        models.avatar,
+        models.avatar_loop(models.images["reference"]),
         models.asr,
         models.llm,
         None if models.asr is None else models.tts(None),
-        image=models.images["reference"],
         fallback_tts=models.fallback_tts,
     )
     await conv.start()
@@ -84,7 +83,7 @@ async def _run(models, turns: int, progress: bool, reply_timeout: float) -> dict
 
 def run_bench(cfg, turns: int = 3, progress: bool = True, reply_timeout: float = 240.0) -> dict:
     from ..machine import describe
-    from .app import Models
+    from .app import Models, stream_options
 
     t = time.perf_counter()
     load_before = os.getloadavg()[0]  # the machine may be shared: its load is part of the measurement
@@ -98,7 +97,10 @@ def run_bench(cfg, turns: int = 3, progress: bool = True, reply_timeout: float =
         device=cfg.device,
         size=cfg.size,
         decoder=cfg.decoder,
-        stream_options=cfg.stream_options,
+        speed=models.speed,
+        avatar_nice=cfg.avatar_nice,
+        avatar_decode="latency",  # AvatarLoop's default: a chunk's frames leave as soon as it is decoded
+        stream_options={k: list(v) if isinstance(v, tuple) else v for k, v in stream_options(cfg).items()},
         stream_config=str(models.avatar.cfg),
         dtype=str(next(models.avatar.dit.parameters()).dtype),
         llm=models.llm.name if cfg.llm_url is None else f"{models.llm.name} {cfg.llm_url}",

@@ -17,7 +17,14 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="the avatar's device: cpu | cuda")
     p.add_argument("--size", type=int, default=256, help="video side in pixels (default 256)")
     p.add_argument("--decoder", choices=["tiny", "vae"], default="tiny")
-    p.add_argument("--steps", type=int, help="denoising steps per chunk (default: the model's)")
+    p.add_argument("--steps", type=int, help="denoising steps per chunk (default: the model's; implies quality)")
+    p.add_argument(
+        "--speed",
+        choices=["auto", "fast", "quality"],
+        default="auto",
+        help="fast: one denoising pass with timestep forcing (what is live on a CPU; softer lips, docs/serve.md); "
+        "quality: the model's own sampling; auto (default): fast on CPU, quality elsewhere",
+    )
     p.add_argument("--llm-url", help="an OpenAI-compatible endpoint (llama.cpp server, Ollama, vLLM); default: local")
     p.add_argument("--llm-model", default="default", help="the model name sent to --llm-url / --audio-chat-url")
     p.add_argument("--llm-timeout", type=float, default=10.0, help="seconds to the first token before apologising")
@@ -25,6 +32,12 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
         "--audio-chat-url", help="an audio-native endpoint (OpenAI-style audio chat: speech in, speech + text out)"
     )
     p.add_argument("--voice", choices=["piper", "espeak"], default="piper")
+    p.add_argument(
+        "--avatar-nice",
+        type=int,
+        default=0,
+        help="run the avatar's threads this much nicer than speech recognition, the LLM and the voice (default 0)",
+    )
 
 
 def _config(args):
@@ -45,7 +58,10 @@ def _config(args):
         llm_timeout=args.llm_timeout,
         audio_chat_url=args.audio_chat_url,
         voice=args.voice,
-        max_sessions=getattr(args, "max_sessions", 4),
+        speed=args.speed,
+        avatar_nice=args.avatar_nice,
+        max_sessions=getattr(args, "max_sessions", 1),
+        batch={"on": True, "off": False}.get(getattr(args, "batch", "auto")),
         stream_options=opts,
     )
 
@@ -58,6 +74,8 @@ def _serve(args) -> None:
     from .security import SecurityConfig, SecurityError, check_bind, load_token
 
     check_device(args.device)
+    if args.max_sessions is not None and args.max_sessions < 1:
+        sys.exit(f"talkstream serve: error: --max-sessions must be >= 1, got {args.max_sessions}")
     try:
         token = load_token(args.token, args.token_file)
         check_bind(args.host, token)
@@ -87,7 +105,17 @@ def register(sub) -> None:
     s = sub.add_parser("serve", help="talk to the avatar in a browser: a local page with microphone, video and voice")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-sessions", type=int, default=4)
+    s.add_argument(
+        "--max-sessions",
+        type=int,
+        help="concurrent conversations (default: what this machine holds in real time, measured at start-up)",
+    )
+    s.add_argument(
+        "--batch",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="denoise several sessions' chunks in one pass (auto: where it measured faster at start-up)",
+    )
     s.add_argument("--token", help="required from every client (needed for any --host other than 127.0.0.1)")
     s.add_argument("--token-file", help="read the token from this file (keeps it out of the process list)")
     _add_stack_args(s)
@@ -95,7 +123,8 @@ def register(sub) -> None:
 
     b = sub.add_parser(
         "bench-conversation",
-        help="reply latency by stage (VAD, ASR, LLM first token, TTS first audio, avatar first frame) for spoken turns",
+        help="reply latency by stage (VAD, ASR, LLM first token, TTS first audio, avatar first frame) for spoken turns "
+        "(also spelled: talkstream bench conversation)",
     )
     _add_stack_args(b)
     b.add_argument("--turns", type=int, default=3, help="spoken questions (each waits for the whole reply)")

@@ -38,7 +38,8 @@ function onMessage(msg) {
   switch (msg.type) {
     case "ready":
       ts.ready = msg;
-      $("conn").textContent = `connected · ${msg.llm} · ${msg.voice || "audio model"} · ${msg.device}`;
+      $("conn").textContent = `connected · ${msg.llm} · ${msg.voice || "audio model"} · ${msg.device}` +
+        (msg.speed === "fast" ? " · fast path (one denoising step: softer lips, see docs/serve.md)" : "");
       for (const el of [$("stop"), $("typed-text"), document.querySelector("#typed button")]) el.disabled = false;
       canvas.width = canvas.height = msg.size;
       break;

@@ -1,0 +1,176 @@
+"""How many conversations this machine holds in real time, measured; and whether to batch their chunks.
+
+A session's avatar must make one chunk (``chunk`` latent frames = 0.48 s of video at 25 FPS) every 0.48 s. The server
+times the avatar itself when it starts: rounds of ``n`` sessions' chunks (each denoised and decoded, as a session
+does), one after another and, for ``n`` >= 2, batched in one forward pass (``stream.batch``). The capacity is the
+largest ``n`` whose round fits in ``headroom`` x 0.48 s (the rest of the time is for speech recognition, the
+language model, the voice and the picture encoding, which share the same device on a CPU); batching is used when it
+measured faster than one by one at that ``n``. A machine that cannot hold even one session in real time still
+serves one (the page shows its frame rate) and says so. Beyond the capacity a new client is told ``busy``.
+
+Memory: a session holds its KV cache (bounded by the window), its decoder's feature cache, and its outgoing queue
+(bounded by ``ConversationConfig.max_queue``: images are dropped first, then the oldest audio beyond 4x); the bound
+per session is measured from a calibration stream and stated. A new session is refused while the machine's
+available memory is under ``memory_margin`` x that bound.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..agent.conversation import ConversationConfig
+from ..stream.engine import FPS, ChunkDecoder
+
+AUDIO_BYTES_PER_FRAME = 640 * 4  # float32 samples of one frame's 40 ms
+
+
+@dataclass
+class Capacity:
+    sessions: int  # concurrent real-time sessions admitted
+    batch: bool  # sessions' chunks denoised in one forward pass
+    real_time: bool  # False: even one session is slower than real time here (one is still served)
+    chunk_video_s: float  # seconds of video a chunk makes
+    headroom: float  # share of each chunk's time the avatar may use
+    round_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "separate"/"batched" -> n -> s per round
+    memory_per_session_mb: float = 0.0
+    how: str = "measured at start-up"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def busy_message(self) -> str:
+        return (
+            f"this server holds {self.sessions} real-time conversation{'s' * (self.sessions != 1)} at a time and "
+            "all are taken; try again in a minute"
+        )
+
+
+def available_memory_mb() -> float | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def session_memory_bound_mb(engine, decoder_cache: dict, size: int, cfg: ConversationConfig | None = None) -> float:
+    """The most a session holds: its KV cache (full window), decoder feature cache, and its outgoing queue at its
+    bound (4 x max_queue frames; images only in the first max_queue, the rest audio only)."""
+    cfg = cfg or ConversationConfig()
+    cache = engine.cache.nbytes()
+    dec = sum(t.numel() * t.element_size() for t in decoder_cache.values() if isinstance(t, torch.Tensor))
+    queue = cfg.max_queue * size * size * 3 + 4 * cfg.max_queue * AUDIO_BYTES_PER_FRAME
+    return (cache + dec + queue) / 2**20
+
+
+def _round_time(engines, decoders, audio, batched: bool, rounds: int) -> float:
+    from ..stream.batch import next_chunks
+
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        if batched:
+            chunks = next_chunks(engines, [audio] * len(engines))
+        else:
+            chunks = [e.next_chunk(audio) for e in engines]
+        for d, c in zip(decoders, chunks):
+            d(c.latents)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def calibrate(
+    avatar,
+    image,
+    max_sessions: int = 8,
+    headroom: float = 0.75,
+    rounds: int = 3,
+    batch: bool | None = None,
+    progress=None,
+    measure_all: bool = False,
+) -> Capacity:
+    """Time rounds of 1, 2, ... sessions' chunks on ``avatar`` at its size (``image``: a reference frame) until a
+    round no longer fits ``headroom`` x a chunk's video time; ``batch``: None measures both ways, True / False only
+    that way; ``measure_all``: every n up to ``max_sessions`` both ways (a benchmark, not a start-up). Warm-up chunks
+    (until the cache's window is full) are not timed."""
+    if not 0 < headroom <= 1 or max_sessions < 1 or rounds < 1:
+        raise ValueError("need 0 < headroom <= 1, max_sessions >= 1, rounds >= 1")
+    cfg = avatar.cfg
+    video_s = cfg.chunk * 4 / FPS
+    budget = headroom * video_s
+    dit = avatar.dit
+    audio = torch.zeros(cfg.chunk, dit.cfg.audio_tokens_per_frame, dit.cfg.audio_dim)
+    text, mask = avatar.encode_prompt("listens attentively")
+    ways = ("separate", "batched") if batch is None else (("batched",) if batch else ("separate",))
+    round_s: dict[str, dict[int, float]] = {w: {} for w in ways}
+    fits = dict.fromkeys(ways, 0)  # the largest n that fitted, each way
+    engines, decoders = [], []
+    warm = 1 + -(-cfg.window // cfg.chunk)  # chunks until the window is full (steady state, as batches need)
+    memory = 0.0
+    for n in range(1, max_sessions + 1):
+        e, d = avatar.start_engine(image, text, mask), ChunkDecoder(avatar.decoder)
+        for _ in range(warm):
+            d(e.next_chunk(audio).latents)
+        engines.append(e)
+        decoders.append(d)
+        if n == 1:
+            memory = session_memory_bound_mb(e, d.cache, avatar.size)
+        for w in ways:
+            if fits[w] < n - 1 and not measure_all:  # this way no longer fits
+                continue
+            if n == 1 and w == "batched" and 1 in round_s.get("separate", {}):
+                s = round_s["separate"][1]  # one session: nothing to batch
+            else:
+                s = _round_time(engines, decoders, audio, w == "batched", rounds)
+            round_s[w][n] = round(s, 4)
+            if progress is not None:
+                progress(f"capacity: {n} session(s) {w}: {s:.3f} s a round (budget {budget:.3f} s)")
+            if s <= budget and fits[w] == n - 1:
+                fits[w] = n
+        if max(fits.values()) < n and not measure_all:
+            break
+    best = max(fits.values())
+    faster = "batched" in ways and fits["batched"] == best >= 2
+    if faster and "separate" in ways and fits["separate"] == best:
+        faster = round_s["batched"][best] < round_s["separate"][best]
+    return Capacity(
+        sessions=max(1, best),
+        batch=bool(faster),
+        real_time=best >= 1,
+        chunk_video_s=video_s,
+        headroom=headroom,
+        round_s=round_s,
+        memory_per_session_mb=round(memory, 1),
+    )
+
+
+def given(sessions: int, batch: bool = False) -> Capacity:
+    """A capacity set by the operator (``--max-sessions``): not measured."""
+    if sessions < 1:
+        raise ValueError(f"max sessions must be >= 1, got {sessions}")
+    return Capacity(sessions, batch, True, 0.0, 0.0, how="given (--max-sessions)")
+
+
+def memory_ok(cap: Capacity, margin: float = 2.0, floor_mb: float = 256.0) -> tuple[bool, float | None]:
+    """Whether a new session fits the machine's available memory (and what is available, MB)."""
+    avail = available_memory_mb()
+    if avail is None:
+        return True, None
+    return avail >= margin * cap.memory_per_session_mb + floor_mb, round(avail, 1)
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+__all__ = ["Capacity", "available_memory_mb", "calibrate", "given", "memory_ok", "session_memory_bound_mb"]

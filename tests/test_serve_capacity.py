@@ -1,0 +1,102 @@
+"""Admission by capacity: the server times what this machine holds in real time, refuses beyond it, and bounds each
+session's memory; the CPU's fast path; ``talkstream bench conversation``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from talkstream.serve.app import FAST, ServeConfig, speed_path, stream_options
+from talkstream.serve.capacity import Capacity, calibrate, given, memory_ok, session_memory_bound_mb
+
+
+@pytest.fixture(scope="module")
+def avatar(tiny_weights):
+    from talkstream.stream.avatar import Avatar
+
+    return Avatar.from_pretrained(tiny_weights, size=32, sampler="few_step", timesteps=(1000, 500), window=2)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    from talkstream.stream.avatar import BUNDLED_REFERENCE, load_reference
+
+    return load_reference(BUNDLED_REFERENCE, 32)
+
+
+def test_calibration_times_rounds_both_ways_and_admits_what_fits(avatar, ref):
+    cap = calibrate(avatar, ref, max_sessions=2, rounds=1, measure_all=True)
+    assert set(cap.round_s) == {"separate", "batched"}
+    assert set(cap.round_s["separate"]) == set(cap.round_s["batched"]) == {1, 2}
+    assert all(s > 0 for w in cap.round_s.values() for s in w.values())
+    budget = cap.headroom * cap.chunk_video_s
+    assert cap.chunk_video_s == pytest.approx(avatar.cfg.chunk * 4 / 25)
+
+    def fits(way):  # the largest n whose round and every smaller one fit the budget
+        n = 0
+        while n + 1 in cap.round_s[way] and cap.round_s[way][n + 1] <= budget:
+            n += 1
+        return n
+
+    best = max(fits("separate"), fits("batched"))
+    assert cap.sessions == max(1, best) and cap.real_time == (best >= 1)
+    if cap.batch:  # batching is chosen only where it measured at least as many sessions, and faster at that n
+        assert fits("batched") == best >= 2
+    assert cap.memory_per_session_mb > 0
+    assert "holds" in cap.busy_message() and str(cap.sessions) in cap.busy_message()
+
+
+def test_a_machine_too_slow_for_one_session_still_serves_one_and_says_so(avatar, ref):
+    cap = calibrate(avatar, ref, max_sessions=4, rounds=1, headroom=1e-9)
+    assert cap.sessions == 1 and not cap.real_time and not cap.batch
+    assert list(cap.round_s["separate"]) == [1]  # it stops as soon as nothing fits
+    with pytest.raises(ValueError):
+        calibrate(avatar, ref, headroom=0)
+    with pytest.raises(ValueError, match="max sessions"):
+        given(0)
+
+
+def test_a_sessions_memory_stays_under_its_bound(avatar, ref):
+    from talkstream.stream.engine import ChunkDecoder
+
+    e, d = avatar.start_engine(ref, *avatar.encode_prompt("listens")), ChunkDecoder(avatar.decoder)
+    audio = torch.zeros(avatar.cfg.chunk, avatar.dit.cfg.audio_tokens_per_frame, avatar.dit.cfg.audio_dim)
+    sizes = []
+    for _ in range(5):  # past the window (2 latents)
+        d(e.next_chunk(audio).latents)
+        sizes.append(e.cache.nbytes())
+    bound = session_memory_bound_mb(e, d.cache, avatar.size)
+    assert max(sizes) == sizes[-1] == sizes[-3]  # the cache stops growing once its window is full
+    assert max(sizes) / 2**20 < bound
+    cap = given(2)
+    cap.memory_per_session_mb = 1e9  # more than any machine has: a new session would not fit
+    assert memory_ok(cap)[0] is False
+    cap.memory_per_session_mb = 1.0
+    assert memory_ok(cap)[0] is True
+
+
+def test_the_cpu_gets_the_fast_path_unless_asked_otherwise():
+    assert speed_path(ServeConfig(device="cpu")) == "fast"
+    assert speed_path(ServeConfig(device="cuda")) == "quality"
+    assert speed_path(ServeConfig(device="cpu", stream_options={"steps": 4})) == "quality"  # --steps: the user's
+    assert speed_path(ServeConfig(device="cuda", speed="fast")) == "fast"
+    assert stream_options(ServeConfig(device="cpu")) == FAST
+    assert stream_options(ServeConfig(device="cpu", speed="quality")) == {}
+    with pytest.raises(ValueError, match="speed must be one of"):
+        speed_path(ServeConfig(speed="fastest"))
+
+
+def test_bench_conversation_has_the_issues_spelling(capsys):
+    from talkstream.cli import main
+
+    for argv in (["bench", "conversation", "--help"], ["bench-conversation", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        assert "talkstream bench-conversation" in capsys.readouterr().out
+
+
+def test_capacity_is_plain_data():
+    cap = Capacity(2, True, True, 0.48, 0.75, {"separate": {1: 0.2}}, 12.5)
+    d = cap.as_dict()
+    assert d["sessions"] == 2 and d["round_s"]["separate"][1] == 0.2 and d["how"] == "measured at start-up"
