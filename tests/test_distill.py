@@ -345,7 +345,7 @@ def test_ship_rule_follows_the_bounds(tmp_path):
 
 
 # -- the GPU pipeline's whole `run`, rehearsed on the CPU with tiny models ------------------------------------------
-def _pipeline(work, env, *args, timeout=240):
+def _pipeline(work, env, *args, timeout=600):
     res = subprocess.run(
         ["bash", "tools/device/distill_pipeline.sh", *args],
         cwd=work,

@@ -25,7 +25,7 @@
 # A finished run carried is not run again; an unfinished one starts from its carried weights with what is left of
 # its time budget (ODE_S / DMD_S less the seconds its log shows; the optimiser's moments start afresh).
 #
-# Settings: DMD_S (each DMD run's time budget, s; 270), ODE_S (ODE init, s; 180), PAIRS (1536), DMD_RUNS
+# Settings: DMD_S (each DMD run's time budget, s; 400), ODE_S (ODE init, s; 540), PAIRS (1536), DMD_RUNS
 # ("sf4 lt4 sf2 lt2"), DMD_BATCH (rollouts per update; 8), ODE_SEEDS (the ODE-init student's suites; "0 1"),
 # DMD_SEEDS ("0 1 2 3"), FROM_DMD=1 (pairs and ODE init are on the machine already), SUITE_PAR (suites at once; 6).
 # For a rehearsal elsewhere (tests/test_distill.py runs start -> run -> wait and a resume on a CPU with tiny models):
@@ -186,7 +186,7 @@ run)
   if [ -z "${FROM_DMD:-}" ] && [ ! -f runs/ode_init/metrics.json ]; then
     # shellcheck disable=SC2086
     train ode_pairs runs/ode_pairs n_pairs="${PAIRS:-1536}" ${PAIRS_SETS:-}
-    init=$INIT budget=${ODE_S:-180}
+    init=$INIT budget=${ODE_S:-540}
     if resuming ode_init; then
       init=$(carried_student ode_init) budget=$(budget_left ode_init "$budget")
       log "ODE init resumes from $init for $budget s"
@@ -204,7 +204,7 @@ run)
     [ -f "runs/dmd_$r/metrics.json" ] && { log "dmd_$r: carried whole"; continue; }
     config=distill_sf; [ "${r:0:2}" = lt ] && config=distill_livetalk
     steps=(); [ "${r:2}" = 2 ] && steps=("student_timesteps=[1000, 500]")
-    init=runs/ode_init/student.safetensors budget=${DMD_S:-270}
+    init=runs/ode_init/student.safetensors budget=${DMD_S:-400}
     if resuming "dmd_$r"; then
       init=$(carried_student "dmd_$r") budget=$(budget_left "dmd_$r" "$budget")
       log "dmd_$r resumes from $init for $budget s"
@@ -227,8 +227,9 @@ run)
   if [ "${STREAM_FPS:-1}" = 1 ]; then
     models=(runs/ode_init/student.safetensors)
     for r in $runs; do [ -f "runs/dmd_$r/metrics.json" ] && models+=("runs/dmd_$r/student.safetensors"); done
+    { [ -e "$INIT" ] || [ -e "$INIT.index.json" ]; } && models+=("$INIT")  # (c6: not carried when ODE init was)
     python3 tools/device/stream_fps.py --out "$R/stream_fps_gpu.json" --device "$DEVICE" --vae "$VAE" \
-      --inputs "$INPUTS" "${models[@]}" "$INIT" > "$R/stream_fps.txt" 2>&1
+      --inputs "$INPUTS" "${models[@]}" > "$R/stream_fps.txt" 2>&1
     log "stream speed exit $?"
   fi
   # shellcheck disable=SC2086
