@@ -141,7 +141,7 @@ def run(args) -> dict:
         "end of speech -> first reply frame); encoders' features read from precomputed tables",
         device=args.device,
         size=args.size,
-        decode=args.decode,
+        decode=loop.decode,
         stream_config=str(avatar.cfg),
         dtype=str(next(avatar.dit.parameters()).dtype),
         model_load_s=round(load_s, 2),
@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--warm", type=float, default=3.0, help="seconds of idle streaming before the first reply")
-    p.add_argument("--decode", default="latency", choices=DECODE_MODES, help="AvatarLoop's decode mode")
+    p.add_argument("--decode", default="auto", choices=[*DECODE_MODES, "auto"], help="AvatarLoop's decode mode")
     p.add_argument("--speed", default="fast", choices=["fast", "quality"], help="the server's --speed path")
     p.add_argument("--out")
     args = p.parse_args()

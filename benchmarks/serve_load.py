@@ -10,10 +10,10 @@ real-time when it receives >= 95% of 25 frames a second. Bounded in count and ti
         --out benchmarks/results/serve_load_64_steps4_cpu.json
 
 ``--batch-bench``: no server; the avatar alone, as the server's start-up calibration times it
-(``serve.capacity.calibrate``): rounds of 1..``--max-batch`` sessions' chunks (each denoised and decoded), one after
-another and batched in one forward pass (``stream.batch``), at each ``--sizes``; how many sessions fit real time
-(a round within 0.48 s, and within the server's 75% headroom) each way. On a GPU (measures real-time sessions per
-card):
+(``serve.capacity.calibrate``): rounds of 1..``--max-batch`` sessions' chunks (each denoised and decoded), each session
+in its own thread (as the server runs them) and batched in one forward pass (``stream.batch``), at each ``--sizes``;
+how many sessions fit real time (a round within 0.48 s, and within the server's 75% headroom) each way. On a GPU
+(real-time sessions per card):
 
     python benchmarks/serve_load.py --batch-bench --device cuda --sizes 256,512 --max-batch 32 \\
         --out benchmarks/results/serve_batch_h100.json
@@ -170,8 +170,9 @@ def batch_bench(args) -> None:
         raise SystemExit("serve_load: error: --max-batch must be 1-64 and --rounds 1-20")
     res = dict(
         benchmark="serve_batch",
-        what="seconds per round of n sessions' chunks (denoised + decoded; 0.48 s of video each), separate passes "
-        "against one batched pass; real-time sessions = largest n whose round fits 0.48 s (and 0.75 x: the server)",
+        what="seconds per round of n sessions' chunks (denoised + decoded; 0.48 s of video each), each session in "
+        "its own thread against one batched pass; real-time sessions = largest n whose round fits 0.48 s "
+        "(and 0.75 x: the server)",
         device=args.device,
         torch_threads=torch.get_num_threads(),
         machine=describe(),

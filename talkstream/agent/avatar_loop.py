@@ -92,23 +92,28 @@ class AvatarLoop:
         image,
         lead: float = 0.3,
         on_error: Callable | None = None,
-        decode: str = "latency",
+        decode: str = "auto",
         batcher: ChunkBatcher | None = None,
         nice: int = 0,
     ) -> None:
         """``decode``: when a chunk's frames leave. "latency" (the engine's ``emit="latency"``): as soon as the chunk
         is decoded, while the next one is denoised on another thread; "sync": each chunk decoded before the next is
         denoised, on one thread; "overlapped" (the engine's default for files): decoded while the next is denoised but
-        shown after it, one chunk later. A conversation wants the reply soon: "sync" measured 1.87 s from reply audio
-        to its first frame against 2.70 s for "overlapped" (64x64, 4 steps, 2 loaded CPU cores;
-        benchmarks/results/conversation_avatar_64_steps4_*); "latency" keeps sync's latency with the overlap's rate.
+        shown after it, one chunk later; "auto": "sync" on a CPU, "latency" elsewhere. A conversation wants the reply
+        soon: on 2 loaded CPU cores "sync" measured 1.87 s from reply audio to its first frame against 2.70 s for
+        "overlapped" (64x64, 4 steps; benchmarks/results/conversation_avatar_64_steps4_*), and 2.32 s against 4.13 s
+        for "latency" (256x256, the fast path, load 10-12: denoising and decoding on two threads fight over the two
+        cores; conversation_avatar_256_fast_{sync,latency}_cpu.json). On a GPU the decode runs on its own CUDA stream
+        and "latency" hides it (not measured here).
         ``batcher``: a ``stream.batch.ChunkBatcher`` shared by several loops (one model serving several sessions).
         ``nice`` > 0: the engine's threads (this loop's, and the denoising / decoding threads and pools it starts) run
         that much nicer than the rest of the process, so that on a busy CPU speech recognition, the language model
         and the voice, which decide when a reply starts, take the cores first (Linux; elsewhere ignored)."""
         self.avatar, self.image, self.lead = avatar, image, lead
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode not in (*DECODE_MODES, "auto"):
+            raise ValueError(f"decode must be one of {DECODE_MODES} or 'auto', got {decode!r}")
+        if decode == "auto":
+            decode = "sync" if str(avatar.device) == "cpu" else "latency"
         self.decode = decode
         self.nice = nice
         self.batcher = batcher  # shared with other sessions: their chunks denoised in one pass (stream.batch)

@@ -99,7 +99,7 @@ def run_bench(cfg, turns: int = 3, progress: bool = True, reply_timeout: float =
         decoder=cfg.decoder,
         speed=models.speed,
         avatar_nice=cfg.avatar_nice,
-        avatar_decode="latency",  # AvatarLoop's default: a chunk's frames leave as soon as it is decoded
+        avatar_decode="sync" if cfg.device == "cpu" else "latency",  # AvatarLoop's decode="auto"
         stream_options={k: list(v) if isinstance(v, tuple) else v for k, v in stream_options(cfg).items()},
         stream_config=str(models.avatar.cfg),
         dtype=str(next(models.avatar.dit.parameters()).dtype),

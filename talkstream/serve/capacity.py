@@ -2,10 +2,11 @@
 
 A session's avatar must make one chunk (``chunk`` latent frames = 0.48 s of video at 25 FPS) every 0.48 s. The server
 times the avatar itself when it starts: rounds of ``n`` sessions' chunks (each denoised and decoded, as a session
-does), one after another and, for ``n`` >= 2, batched in one forward pass (``stream.batch``). The capacity is the
+does), each session in its own thread at the same time as the server runs them and, for ``n`` >= 2, batched in one
+forward pass (``stream.batch``). The capacity is the
 largest ``n`` whose round fits in ``headroom`` x 0.48 s (the rest of the time is for speech recognition, the
 language model, the voice and the picture encoding, which share the same device on a CPU); batching is used when it
-measured faster than one by one at that ``n``. A machine that cannot hold even one session in real time still
+measured faster than separate threads at that ``n``. A machine that cannot hold even one session in real time still
 serves one (the page shows its frame rate) and says so. Beyond the capacity a new client is told ``busy``.
 
 Memory: a session holds its KV cache (bounded by the window), its decoder's feature cache, and its outgoing queue
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -73,18 +75,27 @@ def session_memory_bound_mb(engine, decoder_cache: dict, size: int, cfg: Convers
 
 
 def _round_time(engines, decoders, audio, batched: bool, rounds: int) -> float:
+    """Median wall seconds for every engine to make (and decode) one chunk: batched in one pass, or each in its own
+    thread at the same time, as the server's sessions run."""
     from ..stream.batch import next_chunks
 
+    def one(i: int) -> None:
+        with torch.no_grad():
+            decoders[i](engines[i].next_chunk(audio).latents)
+
     times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        if batched:
-            chunks = next_chunks(engines, [audio] * len(engines))
-        else:
-            chunks = [e.next_chunk(audio) for e in engines]
-        for d, c in zip(decoders, chunks):
-            d(c.latents)
-        times.append(time.perf_counter() - t)
+    with ThreadPoolExecutor(len(engines)) as pool:
+        for r in range(rounds + 1):  # the first round is not timed (a new batch size's first pass allocates)
+            t = time.perf_counter()
+            if batched:
+                with torch.no_grad():
+                    chunks = next_chunks(engines, [audio] * len(engines))
+                    for d, c in zip(decoders, chunks):
+                        d(c.latents)
+            else:
+                list(pool.map(one, range(len(engines))))
+            if r:
+                times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
