@@ -26,7 +26,7 @@
 # its time budget (ODE_S / DMD_S less the seconds its log shows; the optimiser's moments start afresh).
 #
 # Settings: DMD_S (each DMD run's time budget, s; 400), ODE_S (ODE init, s; 540), PAIRS (1536), DMD_RUNS
-# ("sf4 lt4 sf2 lt2"), DMD_BATCH (rollouts per update; 8), ODE_SEEDS (the ODE-init student's suites; "0 1"),
+# ("sf4 lt4 sf2 lt2"; "": ODE init alone), DMD_BATCH (rollouts per update; 8), ODE_SEEDS (the ODE-init student's suites; "0 1"),
 # DMD_SEEDS ("0 1 2 3"), FROM_DMD=1 (pairs and ODE init are on the machine already), SUITE_PAR (suites at once; 6).
 # For a rehearsal elsewhere (tests/test_distill.py runs start -> run -> wait and a resume on a CPU with tiny models):
 # DEVICE (cuda), TEACHER / VAE / INIT (the weights' paths), PACK, INPUTS (the suite's; "" prepares them),
@@ -199,7 +199,7 @@ run)
   if ! ls runs/ode_init/student*.safetensors* > /dev/null 2>&1 || [ ! -f runs/ode_init/metrics.json ]; then
     log "no ODE-init student"; touch "$R/DONE"; exit 1
   fi
-  runs=${DMD_RUNS:-sf4 lt4 sf2 lt2}  # side by side on the GPU (batch and count: docs/distillation.md)
+  runs=${DMD_RUNS-sf4 lt4 sf2 lt2}  # side by side on the GPU (batch and count: docs/distillation.md); "": none
   for r in $runs; do
     [ -f "runs/dmd_$r/metrics.json" ] && { log "dmd_$r: carried whole"; continue; }
     config=distill_sf; [ "${r:0:2}" = lt ] && config=distill_livetalk
