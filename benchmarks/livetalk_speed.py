@@ -6,8 +6,10 @@ audio) with random weights of the real shapes; LiveTalk's inference settings: 51
 4 steps [1000, 936, 832, 624] (few-step sampler, fresh noise between steps), Anchor-Heavy Identity Sinks (the stream's
 first 9 latent frames) + 3 window frames + the chunk = 15 attended latent frames, the clean chunk committed to the
 cache by one more pass at t = 0, umT5 text of 512 tokens, bf16. The stream runs through ``StreamEngine`` (decode on
-its own thread and CUDA stream, overlapping the next chunk's denoising). TTFF: from ``start()`` to the first decoded
-frame; FPS: video frames per second over the second half of the stream (the model's own rate is 16 fps).
+its own thread and CUDA stream, overlapping the chunk's commit pass and the next chunk's denoising; the variants
+"commit pass before the decode" measure the order before, ``StreamConfig(defer_commit=False)``). TTFF: from
+``start()`` to the first decoded frame; FPS: video frames per second over the second half of the stream (the
+model's own rate is 16 fps).
 
     python benchmarks/livetalk_speed.py --device cuda --out benchmarks/results/livetalk_speed_512_h100.json
     python benchmarks/livetalk_speed.py --device cpu --config omniavatar-tiny --size 64 --chunks 4   # a smoke run
@@ -159,6 +161,11 @@ def main() -> None:
         "prepared context": dict(runner="prepared"),
         "CUDA graphs": dict(runner="graphs"),
         "CUDA graphs + first chunk of 1 latent frame": dict(runner="graphs", first_chunk=1),
+        # the order before the deferred commit pass: a chunk's commit pass runs before it is handed to the decoder
+        "commit pass before the decode": dict(defer_commit=False),
+        "CUDA graphs + first chunk of 1 latent frame, commit pass before the decode": dict(
+            runner="graphs", first_chunk=1, defer_commit=False
+        ),
     }
     for variant, options in variants.items():
         if options.get("runner") == "graphs" and not a.device.startswith("cuda"):

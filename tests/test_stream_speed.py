@@ -10,7 +10,7 @@ from talkstream.models.dit import WanDiT
 from talkstream.models.vae import CausalVAE
 from talkstream.stream.accel import cpu_has_bf16, set_threads, stream_dtype
 from talkstream.stream.chunk import denoise_chunk
-from talkstream.stream.engine import AudioFeed, StreamConfig, StreamEngine, StreamStats
+from talkstream.stream.engine import AudioFeed, ChunkDecoder, StreamConfig, StreamEngine, StreamStats
 from talkstream.stream.pacing import PacingStats, paced, percentiles, prefetch
 
 A = 384
@@ -337,3 +337,88 @@ def test_latency_emit_raises_the_producers_error_and_stops_when_closed(models):
     frames.close()  # the producer stops at its next chunk; no thread is left behind
     n = len(asked)
     assert threading.active_count() == before and n <= 4
+
+
+def _reference_frames(dit, vae, cfg, audio, n_chunks):
+    """Today's order: each chunk denoised and committed (and its anchors updated), then decoded."""
+    eng = StreamEngine(dit, vae, cfg)
+    eng.start(_ref())
+    decode = ChunkDecoder(vae)
+    out = []
+    for _ in range(n_chunks):
+        chunk = eng.next_chunk(audio(eng.next_latent, eng.chunk_size))
+        out += [(chunk.first_frame + j, f) for j, f in enumerate(decode(chunk.latents))]
+    return eng, out
+
+
+@pytest.mark.parametrize(
+    "emit, extra",
+    [
+        ("overlapped", dict()),
+        ("latency", dict(anchor="anchor_heavy", runner="prepared")),
+        ("sync", dict(anchor="rolling_sink")),
+        ("overlapped", dict(anchor="memory_bank", long_term_every=1, short_term=2, refine_every=2)),
+        ("latency", dict(sampler="euler", steps=2, audio_guidance=2.0)),
+    ],
+)
+def test_the_commit_pass_runs_after_the_chunk_is_handed_to_the_decoder_with_the_same_frames(
+    models, monkeypatch, emit, extra
+):
+    """cache_mode="commit": a chunk's commit pass writes keys/values only the next chunk reads, so the engine hands
+    the clean chunk to its decoder first. Every commit pass here waits until that chunk has been decoded (it would
+    wait forever if the decode came after it), and the frames are bit-identical to denoise -> commit -> decode, over
+    a window that rolls (chunk 2, window 4, 5 chunks) and with the anchors that read the committed chunk."""
+    import threading
+
+    from talkstream.stream import engine as engine_mod
+
+    dit, vae = models
+    kw = dict(sampler="few_step", timesteps=(1000, 500), chunk=2, window=4, first_chunk=1, cache_mode="commit")
+    cfg = StreamConfig(**{**kw, **extra, "emit": "latency" if emit == "latency" else "overlapped"})
+    feed_audio = np.random.default_rng(3).standard_normal((600, A)).astype(np.float32)
+
+    def audio_for(feed):
+        return lambda first, k: feed.windows(first, k)
+
+    feed = AudioFeed(0, 0)
+    feed.push(feed_audio)
+    ref_eng, want = _reference_frames(dit, vae, cfg, audio_for(feed), 5)
+    decoded, commits, first_seen = [], [], []
+    done = threading.Condition()
+    orig_decode, orig_commit = ChunkDecoder.__call__, engine_mod.commit_chunk
+
+    def spy_decode(self, z):
+        out = orig_decode(self, z)
+        with done:
+            decoded.append(z.shape[2])
+            done.notify_all()
+        return out
+
+    def spy_commit(*a, **kw):
+        with done:  # the chunk being committed has been decoded
+            assert done.wait_for(lambda: len(decoded) > len(commits), timeout=60), "commit pass before its decode"
+            commits.append(len(decoded))
+        return orig_commit(*a, **kw)
+
+    monkeypatch.setattr(ChunkDecoder, "__call__", spy_decode)
+    monkeypatch.setattr(engine_mod, "commit_chunk", spy_commit)
+    eng = StreamEngine(dit, vae, cfg, async_decode=emit != "sync")
+    eng.start(_ref())
+    feed = AudioFeed(0, 0)
+    feed.push(feed_audio)
+    got = []
+    for i, f in eng.frames(audio_for(feed), n_chunks=5):
+        if not got and emit != "latency":  # on a CPU the first chunk is shown before its commit pass
+            first_seen.append(len(commits))
+        got.append((i, f))
+    assert len(commits) == 5 and len(decoded) == 5
+    assert first_seen in ([], [0])
+    if emit != "latency":
+        assert first_seen == [0]
+    assert [i for i, _ in got] == [i for i, _ in want] == list(range(1 + 4 * 2 * 4))
+    assert all((a[1] == b[1]).all() for a, b in zip(want, got))
+    # the engine is left as after committing everything: its next chunk is the reference run's next chunk
+    monkeypatch.undo()
+    assert eng.next_latent == ref_eng.next_latent
+    audio = feed.windows(eng.next_latent, 2)
+    torch.testing.assert_close(eng.next_chunk(audio).latents, ref_eng.next_chunk(audio).latents, atol=0, rtol=0)

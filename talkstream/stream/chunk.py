@@ -80,21 +80,16 @@ def denoise_chunk(
         raise ValueError(f"unknown cache_mode {cache_mode!r}; choose one of {CACHE_MODES}")
     forcing = commit and cache_mode == "timestep_forcing"
     n = len(sigmas) - 1
-    if runner is not None and (audio_guidance == 1.0 or audio is None):
+    prepared = uses_runner(runner, audio, audio_guidance)
+    if prepared:
         runner.begin(cache, noise.shape, context, context_mask, audio)
 
         def velocity(x, sigma, commit):
             return runner.forward(x, sigma * NUM_TRAIN_TIMESTEPS, cache, commit=commit)
-
-        def commit_pass(x0):
-            runner.forward(x0, 0.0, cache, commit=True)
     else:
 
         def velocity(x, sigma, commit):
             return chunk_velocity(model, cache, x, sigma, context, audio, context_mask, audio_guidance, commit=commit)
-
-        def commit_pass(x0):
-            model.forward_chunk(x0, 0.0, cache, context, audio, commit=True, context_mask=context_mask)
 
     x = x0 = noise
     for i in range(n):
@@ -108,5 +103,30 @@ def denoise_chunk(
             fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = add_noise(x0, fresh, sigmas[i + 1])
     if commit and not forcing:
-        commit_pass(x0)
+        commit_chunk(model, cache, x0, context, audio, context_mask, runner if prepared else None)
     return x0
+
+
+def uses_runner(runner: ChunkRunner | None, audio: torch.Tensor | None, audio_guidance: float) -> bool:
+    """Whether ``denoise_chunk`` runs its passes through ``runner`` (not with audio guidance)."""
+    return runner is not None and (audio_guidance == 1.0 or audio is None)
+
+
+@torch.no_grad()
+def commit_chunk(
+    model: WanDiT,
+    cache: KVCache,
+    x0: torch.Tensor,
+    context: torch.Tensor | None = None,
+    audio: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    runner: ChunkRunner | None = None,
+) -> None:
+    """The commit pass of ``cache_mode="commit"``: the clean chunk ``x0`` at timestep 0 writes its keys/values into
+    the cache (the window moves on). Only the next chunk's denoising reads them, so a stream may hand ``x0`` to its
+    decoder first (``denoise_chunk(commit=False)`` then this). ``runner``: the one whose ``begin`` prepared this
+    chunk's denoising (``uses_runner``), else None."""
+    if runner is not None:
+        runner.forward(x0, 0.0, cache, commit=True)
+    else:
+        model.forward_chunk(x0, 0.0, cache, context, audio, commit=True, context_mask=context_mask)

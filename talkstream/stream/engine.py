@@ -1,8 +1,9 @@
 """The streaming engine: chunk after chunk of latent frames with a bounded KV cache, anchors, async decode.
 
 Per chunk (``k`` latent frames): fresh noise is denoised against [sinks | window] of the cache, the clean
-chunk is committed (its keys/values enter the window, the oldest leave), and its decode is handed to a
-worker so that decoding chunk i overlaps denoising chunk i+1. Positions are re-based every chunk (rolling
+chunk is handed to the decode worker, then committed (its keys/values enter the window, the oldest leave: only
+the next chunk's denoising reads them, so the decode does not wait for that pass), so that decoding chunk i
+overlaps committing it and denoising chunk i+1. Positions are re-based every chunk (rolling
 RoPE, see ``models/kv_cache.py``), so memory and positions stay bounded for any stream length.
 
 Anchor modes (``StreamConfig.anchor``), each a different content of the cache's sink slots:
@@ -35,7 +36,7 @@ import torch
 from ..diffusion.flow import add_noise, euler_sigmas, reference_sigmas, sigmas_from_timesteps
 from ..models.dit import WanDiT
 from ..models.vae import CausalVAE, FeatureCache, TinyDecoder
-from .chunk import CACHE_MODES, SAMPLERS, denoise_chunk
+from .chunk import CACHE_MODES, SAMPLERS, commit_chunk, denoise_chunk, uses_runner
 from .runner import RUNNERS, ChunkRunner
 
 FPS = 25
@@ -76,6 +77,9 @@ class StreamConfig:
     # leave after that denoising (the first chunk's at once): most frames a second when audio is all there (files);
     # "latency": each chunk is decoded as soon as it is denoised and its frames leave before the next chunk is asked
     # for: a live stream, whose next chunk's audio has not arrived yet, shows every frame one chunk sooner
+    # cache_mode "commit": a chunk goes to the decoder before its commit pass (frames one pass sooner, same frames);
+    # False: after it (the order before, kept to measure the difference)
+    defer_commit: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -190,8 +194,9 @@ class Chunk:
     index: int
     latents: torch.Tensor  # [1, C, k, h, w]
     first_frame: int  # absolute index of its first video frame
-    denoise_s: float = 0.0  # wall time of its denoising (and anchor updates)
+    denoise_s: float = 0.0  # wall time of its denoising (and commit pass and anchor updates)
     started: float = 0.0  # perf_counter when its denoising began
+    handed: bool = False  # its latents went to the engine's ``hand`` callback before its commit pass
 
 
 @dataclass
@@ -227,6 +232,10 @@ class StreamEngine:
         self.dit, self.decoder, self.cfg, self.device = dit.eval(), decoder.eval(), cfg, device
         self.async_decode = async_decode
         self.dtype = next(dit.parameters()).dtype  # bf16 weights: run the stream in bf16
+        # called by ``next_chunk`` with each clean chunk before its commit pass; True defers that pass (and the anchor
+        # updates) to ``finish_chunk``. ``frames`` sets it to hand the latents to the decoder one pass sooner.
+        self.hand: Callable[[Chunk], bool] | None = None
+        self._pending: Callable[[], None] | None = None
 
     # -- state ----------------------------------------------------------------------------------------
     def start(
@@ -246,6 +255,7 @@ class StreamEngine:
         self.last_audio: torch.Tensor | None = None
         self.last_latent: torch.Tensor | None = None
         self.refinements = 0
+        self._pending = None
         if getattr(self, "runner", None) is None:  # kept across restarts: a warm-up's captured graph stays valid
             graphs = c.runner == "graphs" and str(self.device).startswith("cuda")
             use = c.runner != "plain" and ChunkRunner.supports(self.dit)
@@ -291,7 +301,9 @@ class StreamEngine:
     @torch.no_grad()
     def next_chunk(self, audio: torch.Tensor | None) -> Chunk:
         """Denoise and commit the next chunk's latents (``chunk_size``); ``audio`` [k, Na, A] windows (None: no
-        audio input)."""
+        audio input). With ``hand`` set, the clean chunk goes to it before its commit pass; if it returns True the
+        pass (and the anchor updates) wait for ``finish_chunk`` (at the latest the next call)."""
+        self.finish_chunk()
         c, dev = self.cfg, self.device
         k = self.chunk_size
         h, w = self.reference.shape[-2:]
@@ -301,6 +313,7 @@ class StreamEngine:
             noise = add_noise(start.expand_as(noise), noise, c.reference_init)
         a = None if audio is None else audio[None].to(dev, self.dtype)
         t0 = time.perf_counter()
+        deferred = c.cache_mode == "commit"  # the commit pass runs after the hand-off (timestep forcing has none)
         z = denoise_chunk(
             self.dit,
             self.cache,
@@ -312,6 +325,7 @@ class StreamEngine:
             generator=self.gen,
             sampler=c.sampler,
             audio_guidance=c.audio_guidance,
+            commit=not deferred,
             cache_mode=c.cache_mode,
             runner=self.runner,
         )
@@ -319,9 +333,33 @@ class StreamEngine:
         chunk = Chunk(self.n_chunks, z, 0 if self.next_latent == 0 else 1 + (self.next_latent - 1) * 4)
         self.n_chunks += 1
         self.next_latent += k
-        self._update_anchors(z)
         chunk.denoise_s, chunk.started = time.perf_counter() - t0, t0
+        runner = self.runner if uses_runner(self.runner, a, c.audio_guidance) else None
+        text, mask = self.text, self.text_mask
+
+        def finish() -> None:
+            t1 = time.perf_counter()
+            if deferred:
+                commit_chunk(self.dit, self.cache, z, text, a, mask, runner)
+            self._update_anchors(z)
+            chunk.denoise_s += time.perf_counter() - t1
+
+        hand = self.hand if c.defer_commit else None
+        later = False
+        if hand is not None:
+            chunk.handed = True
+            later = bool(hand(chunk))
+        self._pending = finish
+        if not later:
+            self.finish_chunk()
         return chunk
+
+    @torch.no_grad()
+    def finish_chunk(self) -> None:
+        """Run the last chunk's deferred commit pass and anchor updates, if any (``next_chunk``'s ``hand``)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
 
     def _update_anchors(self, z: torch.Tensor) -> None:
         c = self.cfg
@@ -392,6 +430,22 @@ class StreamEngine:
                 return decode(z)
 
         pending: deque[tuple[Chunk, Future | np.ndarray]] = deque()
+
+        def start_decode(chunk: Chunk) -> bool:
+            if pool is None:
+                pending.append((chunk, decode(chunk.latents)))
+                return True  # shown before its commit pass
+            ev = None
+            if side is not None:
+                ev = torch.cuda.Event()
+                ev.record()
+                chunk.latents.record_stream(side)
+            pending.append((chunk, pool.submit(run_decode, chunk.latents, ev)))
+            # the first chunk on a CPU: shown before its commit pass, which would share the cores with its decode (on
+            # CUDA the pass runs meanwhile, the decode on its own stream)
+            return side is None and stats.first_frame_at is None and len(pending) == 1
+
+        self.hand = start_decode
         try:
             i = 0
             while n_chunks is None or i < n_chunks:
@@ -401,26 +455,22 @@ class StreamEngine:
                     break
                 chunk = self.next_chunk(audio)
                 stats.chunks += 1
-                stats.denoise_s += chunk.denoise_s
-                if pool is None:
-                    pending.append((chunk, decode(chunk.latents)))
-                else:
-                    ev = None
-                    if side is not None:
-                        ev = torch.cuda.Event()
-                        ev.record()
-                        chunk.latents.record_stream(side)
-                    pending.append((chunk, pool.submit(run_decode, chunk.latents, ev)))
+                if not chunk.handed:  # a next_chunk that did not call ``hand`` (e.g. a batch of streams' chunks)
+                    start_decode(chunk)
                 # the first chunk is shown as soon as it is decoded (not after the next chunk's denoising): the time
-                # to the first frame is one chunk + its decode; later chunks overlap decode with denoising
+                # to the first frame is one chunk's denoising + its decode; later chunks overlap decode with denoising
                 first = stats.first_frame_at is None
                 while pending and (pool is None or first or pending[0][1].done() or len(pending) > 1):
                     yield from self._emit(pending.popleft(), stats)
                     first = False
+                self.finish_chunk()  # a deferred commit pass, before the next chunk's audio is asked for
+                stats.denoise_s += chunk.denoise_s
                 i += 1
             while pending:
                 yield from self._emit(pending.popleft(), stats)
         finally:
+            self.hand = None
+            self.finish_chunk()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -454,6 +504,17 @@ class StreamEngine:
                     continue
             return False
 
+        def start_decode(chunk: Chunk) -> bool:
+            """To the decoder and on to the caller before the chunk's commit pass (which runs meanwhile)."""
+            ev = None
+            if side is not None:
+                ev = torch.cuda.Event()
+                ev.record()
+                chunk.latents.record_stream(side)
+            if not hand((chunk, pool.submit(run_decode, chunk.latents, ev))):
+                stop.set()
+            return False
+
         def produce() -> None:
             try:
                 i = 0
@@ -465,17 +526,16 @@ class StreamEngine:
                     chunk = self.next_chunk(audio)
                     stats.chunks += 1
                     stats.denoise_s += chunk.denoise_s
-                    ev = None
-                    if side is not None:
-                        ev = torch.cuda.Event()
-                        ev.record()
-                        chunk.latents.record_stream(side)
-                    if not hand((chunk, pool.submit(run_decode, chunk.latents, ev))):
+                    if not chunk.handed:  # a next_chunk that did not call ``hand`` (e.g. a batch of streams' chunks)
+                        start_decode(chunk)
+                    if stop.is_set():
                         return
                     i += 1
                 hand((end, None))
             except BaseException as e:  # handed to the caller
                 hand((end, e))
+
+        self.hand = start_decode
 
         producer = threading.Thread(target=produce, name="stream-producer", daemon=True)
         producer.start()
@@ -490,6 +550,7 @@ class StreamEngine:
         finally:
             stop.set()
             producer.join()
+            self.hand = None
             pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
