@@ -422,3 +422,35 @@ def test_the_commit_pass_runs_after_the_chunk_is_handed_to_the_decoder_with_the_
     assert eng.next_latent == ref_eng.next_latent
     audio = feed.windows(eng.next_latent, 2)
     torch.testing.assert_close(eng.next_chunk(audio).latents, ref_eng.next_chunk(audio).latents, atol=0, rtol=0)
+
+
+def test_a_busy_caller_does_not_hold_up_the_commit_pass_in_latency_emit(models, monkeypatch):
+    """emit="latency", cache_mode="commit": while the caller is still busy with chunk 0's frames, the producer
+    denoises chunk 1 (handed at once), then chunk 2, whose hand-off finds the caller busy: chunk 2's commit pass
+    runs anyway and only the hand-off waits."""
+    import threading
+
+    from talkstream.stream import engine as engine_mod
+
+    dit, vae = models
+    commits = []
+    three = threading.Event()
+    orig = engine_mod.commit_chunk
+
+    def spy_commit(*a, **kw):
+        orig(*a, **kw)
+        commits.append(1)
+        if len(commits) == 3:
+            three.set()
+
+    monkeypatch.setattr(engine_mod, "commit_chunk", spy_commit)
+    cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500), first_chunk=1, emit="latency")
+    eng = StreamEngine(dit, vae, cfg)
+    eng.start(_ref())
+    feed = AudioFeed(0, 0)
+    feed.push(np.random.default_rng(3).standard_normal((400, A)).astype(np.float32))
+    frames = eng.frames(feed.windows, n_chunks=4)
+    next(frames)  # the caller holds chunk 0's frames
+    assert three.wait(60), f"{len(commits)} commit passes while the caller was busy"
+    rest = list(frames)
+    assert len(rest) == 1 + 2 * 4 * 3 - 1 and len(commits) == 4

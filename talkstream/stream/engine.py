@@ -504,15 +504,21 @@ class StreamEngine:
                     continue
             return False
 
+        late: list = []  # a decoded-chunk hand-off that found the caller busy: made after the commit pass
+
         def start_decode(chunk: Chunk) -> bool:
-            """To the decoder and on to the caller before the chunk's commit pass (which runs meanwhile)."""
+            """To the decoder and on to the caller before the chunk's commit pass (which runs meanwhile; a caller
+            still busy with the chunk before does not hold the pass up)."""
             ev = None
             if side is not None:
                 ev = torch.cuda.Event()
                 ev.record()
                 chunk.latents.record_stream(side)
-            if not hand((chunk, pool.submit(run_decode, chunk.latents, ev))):
-                stop.set()
+            item = (chunk, pool.submit(run_decode, chunk.latents, ev))
+            try:
+                handed.put_nowait(item)
+            except queue.Full:
+                late.append(item)
             return False
 
         def produce() -> None:
@@ -528,7 +534,7 @@ class StreamEngine:
                     stats.denoise_s += chunk.denoise_s
                     if not chunk.handed:  # a next_chunk that did not call ``hand`` (e.g. a batch of streams' chunks)
                         start_decode(chunk)
-                    if stop.is_set():
+                    if late and not hand(late.pop()):
                         return
                     i += 1
                 hand((end, None))
