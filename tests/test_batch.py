@@ -150,3 +150,21 @@ def test_batcher_reports_a_failure_to_every_request(models):
     for t in threads:
         t.join(30)
     assert len(errors) == 2
+
+
+def test_a_deferred_commit_pass_enters_the_cache_before_a_batch(models):
+    """An engine whose last chunk's commit pass waits (``StreamEngine.hand``, the engine's decode-first order) has it
+    run before its cache is stacked: the batch reads the same history as the engine alone."""
+    dit, _ = models
+    cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500))
+    alone, together = _engines(models, cfg, 2), _engines(models, cfg, 2)
+    for e in together:
+        e.hand = lambda chunk: True  # every commit pass deferred to finish_chunk / the next chunk
+    for c in range(3):
+        want = [e.next_chunk(_audio(dit, e, c, i)) for i, e in enumerate(alone)]
+        if c == 0:  # the first chunk alone, its commit left pending
+            got = [e.next_chunk(_audio(dit, e, c, i)) for i, e in enumerate(together)]
+        else:
+            got = next_chunks(together, [_audio(dit, e, c, i) for i, e in enumerate(together)])
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g.latents, w.latents, rtol=0, atol=1e-5)

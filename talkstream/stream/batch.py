@@ -120,6 +120,8 @@ def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) 
     ``batch_key``; a single engine, or engines that do not, run one by one."""
     if len(engines) != len(audios):
         raise ValueError(f"{len(engines)} engines and {len(audios)} audio windows")
+    for e in engines:  # a commit pass an engine deferred (StreamEngine.hand) enters its cache first
+        e.finish_chunk()
     keys = {batch_key(e) for e in engines}
     if len(engines) == 1 or len(keys) != 1 or None in keys or len({id(e) for e in engines}) != len(engines):
         return [e.next_chunk(a) for e, a in zip(engines, audios)]
@@ -155,7 +157,7 @@ def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) 
         out.append(chunk)
     elapsed = time.perf_counter() - t0
     for chunk in out:
-        chunk.denoise_s = elapsed
+        chunk.denoise_s, chunk.started = elapsed, t0
     return out
 
 
@@ -226,6 +228,7 @@ class ChunkBatcher:
         try:
             groups: dict = {}
             for r in batch:
+                r.engine.finish_chunk()  # (its key counts the frames its cache holds)
                 groups.setdefault(batch_key(r.engine), []).append(r)
             for key, group in groups.items():
                 try:
