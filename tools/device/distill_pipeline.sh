@@ -26,8 +26,9 @@
 # its time budget (ODE_S / DMD_S less the seconds its log shows; the optimiser's moments start afresh).
 #
 # Settings: DMD_S (each DMD run's time budget, s; 400), ODE_S (ODE init, s; 540), PAIRS (1536), DMD_RUNS
-# ("sf4 lt4 sf2 lt2"; "": ODE init alone), DMD_BATCH (rollouts per update; 8), ODE_SEEDS (the ODE-init student's suites; "0 1"),
-# DMD_SEEDS ("0 1 2 3"), FROM_DMD=1 (pairs and ODE init are on the machine already), SUITE_PAR (suites at once; 6).
+# ("sf4 lt4 sf2 lt2"; "": ODE init alone), DMD_BATCH (rollouts per update; 8), ODE_SEEDS (the ODE-init student's
+# suites' noise seeds; "0 1"; "": none), DMD_SEEDS ("0 1 2 3"), FROM_DMD=1 (pairs and ODE init are on the machine
+# already), SUITE_PAR (suites at once; 6).
 # For a rehearsal elsewhere (tests/test_distill.py runs start -> run -> wait and a resume on a CPU with tiny models):
 # DEVICE (cuda), TEACHER / VAE / INIT (the weights' paths), PACK, INPUTS (the suite's; "" prepares them),
 # SUITE_ARGS ("--clips 4"), STAGE_SETS / PAIRS_SETS / ODE_SETS / DMD_SETS (KEY=VALUE overrides: all stages / one
@@ -214,10 +215,10 @@ run)
       ${DMD_SETS:-} &
   done
   wait
-  for spec in "ode_init ${ODE_SEEDS:-0 1}" $(for r in $runs; do echo "dmd_$r"; done); do
-    read -r name one <<< "$spec"
+  for name in ode_init $(for r in $runs; do echo "dmd_$r"; done); do
     [ -f "runs/$name/metrics.json" ] || continue  # (a run that failed: its log says why)
-    for seed in ${one:-${DMD_SEEDS:-0 1 2 3}}; do
+    seeds=${DMD_SEEDS-0 1 2 3}; [ "$name" = ode_init ] && seeds=${ODE_SEEDS-0 1}
+    for seed in $seeds; do
       [ -f "$R/suite_${name}_s$seed.json" ] && continue  # (done by an earlier start)
       while [ "$(jobs -rp | wc -l)" -ge "${SUITE_PAR:-6}" ]; do sleep 1; done
       suite "runs/$name/student.safetensors" "$name" "$seed" &
