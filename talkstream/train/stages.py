@@ -260,10 +260,12 @@ def tiny_decoder_loss(
     mouth_weight: float = 0.0,
     target: torch.Tensor | None = None,
     distill_weight: float = 0.0,
+    motion_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """The tiny decoder's loss on its frames ``y`` against the true frames ``x`` ([B, 3, T, H, W]): reconstruction
     (L1 + ``l2`` L2 + MS-SSIM), + ``distill_weight`` x L1 against the VAE decoder's frames ``target``, +
-    ``mouth_weight`` x L1 at the lips (``mouth``: [B, 1, T, H, W] weights). Returns the loss and its parts."""
+    ``mouth_weight`` x L1 at the lips (``mouth``: [B, 1, T, H, W] weights), + ``motion_weight`` x L1 of the lips'
+    frame-to-frame change (as the VAE decoder's fine-tuning). Returns the loss and its parts."""
     y = y.float()
     truth = reconstruction_loss(y, x, l2=l2, ms_ssim_weight=ms_ssim_weight)
     loss, info = truth, dict(truth=truth.detach())
@@ -273,16 +275,34 @@ def tiny_decoder_loss(
     if mouth_weight:
         lips = masked_l1(y, x, mouth)
         loss, info["lips"] = loss + mouth_weight * lips, lips.detach()
+    if motion_weight:
+        if mouth is None:
+            raise ValueError("motion_weight needs the lips' weight map (mouth)")
+        dy, dx = y[:, :, 1:] - y[:, :, :-1], x[:, :, 1:] - x[:, :, :-1]
+        lips_motion = masked_l1(dy, dx, mouth[:, :, 1:])
+        loss, info["lips_motion"] = loss + motion_weight * lips_motion, lips_motion.detach()
     return loss, info
 
 
 def train_decoder(cfg: TrainConfig, log=print, started: float | None = None) -> dict:
+    mouth_w = float(cfg.extra.get("mouth_weight", 0.0))
+    # distill: weight of matching the VAE decoder's output (one extra VAE decode per step) beside the true frames
+    distill_w, crop = float(cfg.extra.get("distill", 1.0)), int(cfg.extra.get("crop", 0))
+    l2_w = float(cfg.extra.get("l2_weight", 0.0))  # squared error over the whole frame: what PSNR measures
+    motion_w = float(cfg.extra.get("motion_weight", 0.0))  # the lips' frame-to-frame change (needs mouth_weight)
+    if motion_w and not mouth_w:
+        raise ValueError("motion_weight needs mouth_weight > 0 (both use the lips' weight map)")
+    # latent_noise: half the samples' latents get Gaussian noise of a std drawn in [0, latent_noise] (normalised
+    # units): latents off the encoder's manifold, as a DiT's are; the distillation target is the VAE decoder's
+    # frames for those same latents
+    noise = float(cfg.extra.get("latent_noise", 0.0))
+    if noise and not distill_w:
+        raise ValueError("latent_noise needs distill > 0 (the target for noised latents is the VAE decoder's output)")
     device = train_device()
     vae = load_checkpoint(cfg.vae, device=device, dtype=torch.float32).requires_grad_(False)
     pack = load_pack(cfg.data)
     tr, ho = _split(pack.n_clips)
     frames = render_pack(pack, cfg.size, cfg.workers)
-    mouth_w = float(cfg.extra.get("mouth_weight", 0.0))
     bank = FrameBank(frames[tr], cfg.frames, device, mouth_pixels(pack, tr, cfg.size) if mouth_w else None)
     held, held_mouths = frames[ho], mouth_pixels(pack, ho, cfg.size)
     channels = cfg.extra.get("channels", TinyDecoderConfig.channels)
@@ -298,14 +318,14 @@ def train_decoder(cfg: TrainConfig, log=print, started: float | None = None) -> 
         dec.load_state_dict(load_checkpoint(cfg.init, dtype=torch.float32).state_dict())
     dec.latent_mean.copy_(vae.latent_mean.cpu())
     dec.latent_std.copy_(vae.latent_std.cpu())
-    # distill: weight of matching the VAE decoder's output (one extra VAE decode per step) beside the true frames
-    distill_w, crop = float(cfg.extra.get("distill", 1.0)), int(cfg.extra.get("crop", 0))
-    l2_w = float(cfg.extra.get("l2_weight", 0.0))  # squared error over the whole frame: what PSNR measures
 
     def sample(g):
         x, m = bank.sample(g, cfg.batch, crop, with_mouth=True) if mouth_w else (bank.sample(g, cfg.batch, crop), None)
         with torch.no_grad():
             z = vae.encode(x)
+            if noise:
+                s = torch.rand(len(z), generator=g) * noise * (torch.rand(len(z), generator=g) < 0.5)
+                z = z + s.to(z).view(-1, 1, 1, 1, 1) * torch.randn(z.shape, generator=g).to(z)
             target = vae.decode(z).clamp(-1, 1) if distill_w else None
         return dict(x=x, z=z, target=target, mouth=m)
 
@@ -319,6 +339,7 @@ def train_decoder(cfg: TrainConfig, log=print, started: float | None = None) -> 
             mouth_weight=mouth_w,
             target=b["target"],
             distill_weight=distill_w,
+            motion_weight=motion_w,
         )
 
     runner = Runner(cfg, dec, loss_fn, sample, device, started)
