@@ -369,6 +369,7 @@ def _machine(tmp_path, name):
     return work
 
 
+@pytest.mark.slow
 def test_the_gpu_pipeline_rehearses_on_cpu_and_resumes_on_a_fresh_machine(world, tmp_path):
     """`distill_pipeline.sh` start -> run (pairs -> ODE init -> DMD -> suites -> rule) -> wait, with micro settings;
     then the hand-back of a run's newest export and of a finished run, and a fresh machine that resumes from them."""
@@ -401,7 +402,7 @@ def test_the_gpu_pipeline_rehearses_on_cpu_and_resumes_on_a_fresh_machine(world,
         DMD_RUNS="lt2",
         DMD_BATCH="1",
         DMD_SETS="steps=2 critic_ratio=1 rollout_latents=6 score_window=3 cache_window=3",
-        ODE_SEEDS="0",
+        ODE_SEEDS="",  # (the suite's path is the DMD students'; one suite fewer)
         DMD_SEEDS="0",
         RULE_ARGS="--seeds 1",
         OUT="out",
@@ -412,7 +413,7 @@ def test_the_gpu_pipeline_rehearses_on_cpu_and_resumes_on_a_fresh_machine(world,
     stages = (a / "runs" / "distill" / "stages.txt").read_text()
     for line in ("ode_pairs (ode_pairs) exit 0", "ode_init (ode_init) exit 0", "dmd_lt2 (distill_livetalk) exit 0"):
         assert line in stages, stages
-    assert "suite ode_init seed 0 exit 0" in stages and "suite dmd_lt2 seed 0 exit 0" in stages
+    assert "suite dmd_lt2 seed 0 exit 0" in stages and "suite ode_init" not in stages
     ship = json.loads((a / "runs" / "distill" / "ship.json").read_text())
     assert ship["hand_back"] == "dmd_lt2" and "c6 stays" in ship["why"]  # (random tiny models meet no bound)
     with tarfile.open(a / "out" / "small_dmd_lt2.tar") as t:
