@@ -239,3 +239,50 @@ def test_slim_tree_takes_the_shards_out_and_puts_back_exactly_what_it_took(tmp_p
     _git(repo, "add", "code.py")
     assert _slim(repo, "off").returncode == 0
     assert _git(repo, "diff", "--cached", "--name-only") == "code.py\n"
+
+
+def test_distill_wait_hands_back_the_newest_export_within_a_calls_limits(tmp_path):
+    """`distill_pipeline.sh wait` while a run trains: its newest export (4 incompressible shards of a student's
+    size, the worst case) comes back in parts of at most 16 MiB, at most 8 files and 64 MiB with the logs; the next
+    wait sends nothing again until a newer export exists."""
+    (tmp_path / "tools").symlink_to(ROOT / "tools")
+    run = tmp_path / "runs" / "dmd_sf4"
+    for step in (10, 20):
+        (run / f"ckpt_{step:06d}").mkdir(parents=True)
+        for i in range(1, 5):
+            (run / f"ckpt_{step:06d}" / f"student-0000{i}-of-00004.safetensors").write_bytes(os.urandom(12 * MIB))
+        (run / f"ckpt_{step:06d}" / "student.safetensors.index.json").write_text("{}")
+    (run / "latest.txt").write_text("ckpt_000010\n")
+    (run / "log.jsonl").write_text('{"step": 10, "seconds": 42.0}\n')
+    (run / "config.json").write_text("{}")
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+
+    def wait() -> str:
+        if (tmp_path / "out").exists():
+            for f in (tmp_path / "out").iterdir():
+                f.unlink()
+        r = subprocess.run(
+            ["bash", "tools/device/distill_pipeline.sh", "wait", "0"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "handed back: dmd_sf4 (ckpt_000010)" in wait()
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(p.stat().st_size <= 16 * MIB for p in files)
+    assert sum(p.stat().st_size for p in files) <= 64 * MIB
+    parts = sorted(p for p in files if p.name.startswith("ckpt_dmd_sf4.tgz.part"))
+    assert len(parts) == 4  # 48 MiB of random bytes in parts of 15 MiB
+    joined = tmp_path / "joined.tgz"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(joined) as t:
+        names = set(t.getnames())
+    assert "dmd_sf4/ckpt_000010/student-00004-of-00004.safetensors" in names and "dmd_sf4/latest.txt" in names
+    assert not any("ckpt_000020" in n for n in names)
+    assert "handed back" not in wait()  # nothing newer
+    (run / "latest.txt").write_text("ckpt_000020\n")
+    assert "handed back: dmd_sf4 (ckpt_000020)" in wait()
