@@ -168,3 +168,31 @@ def test_a_deferred_commit_pass_enters_the_cache_before_a_batch(models):
             got = next_chunks(together, [_audio(dit, e, c, i) for i, e in enumerate(together)])
         for w, g in zip(want, got):
             torch.testing.assert_close(g.latents, w.latents, rtol=0, atol=1e-5)
+
+
+def test_two_conversations_avatar_loops_share_one_batcher(tiny_weights):
+    """Two sessions' AvatarLoops (the server's sessions) with one ChunkBatcher: both stream frames in order, and their
+    chunks were made in batches of two once their windows matched."""
+    import time
+
+    pytest.importorskip("ctranslate2")
+    from talkstream.agent.avatar_loop import AvatarLoop
+    from talkstream.stream.avatar import BUNDLED_REFERENCE, Avatar
+
+    avatar = Avatar.from_pretrained(tiny_weights, size=32, sampler="few_step", timesteps=(1000, 500), window=2)
+    avatar.encode_prompt("idle")  # the encoders load once, as the server's Models does (their lazy loading races)
+    assert avatar.whisper is not None
+    batcher = ChunkBatcher(max_batch=2, gather_s=0.5)
+    frames: list[list[int]] = [[], []]
+    loops = [AvatarLoop(avatar, BUNDLED_REFERENCE, lead=2.0, batcher=batcher) for _ in range(2)]
+    for i, loop in enumerate(loops):
+        loop.start(lambda f, i=i: frames[i].append(f.index))
+    deadline = time.perf_counter() + 60
+    while min(len(f) for f in frames) < 40 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    for loop in loops:
+        loop.close()
+    assert all(loop.error is None for loop in loops)
+    for f in frames:
+        assert len(f) >= 40 and f == list(range(len(f)))
+    assert 2 in batcher.batches and batcher.attached == 0

@@ -114,6 +114,11 @@ def _denoise(engines: list[StreamEngine], cache: KVCache, noise, text, audio, ma
     return x0
 
 
+def _own_chunk(engine: StreamEngine, audio: torch.Tensor | None) -> Chunk:
+    """The engine's own ``next_chunk`` (not a ``ChunkBatcher``'s routing of it, which would wait for itself)."""
+    return type(engine).next_chunk(engine, audio)
+
+
 @torch.no_grad()
 def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) -> list[Chunk]:
     """Each engine's next chunk (``StreamEngine.next_chunk(audio)``), denoised in one batch. The engines must share
@@ -124,11 +129,11 @@ def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) 
         e.finish_chunk()
     keys = {batch_key(e) for e in engines}
     if len(engines) == 1 or len(keys) != 1 or None in keys or len({id(e) for e in engines}) != len(engines):
-        return [e.next_chunk(a) for e, a in zip(engines, audios)]
+        return [_own_chunk(e, a) for e, a in zip(engines, audios)]
     if (audios[0] is None) != all(a is None for a in audios) or any(a is None for a in audios[1:]) != (
         audios[0] is None
     ):
-        return [e.next_chunk(a) for e, a in zip(engines, audios)]
+        return [_own_chunk(e, a) for e, a in zip(engines, audios)]
     e0 = engines[0]
     k, (h, w), dev = e0.chunk_size, e0.reference.shape[-2:], e0.device
     noises = []
@@ -186,9 +191,8 @@ class ChunkBatcher:
         self.batches: list[int] = []  # the size of every batch run (bounded: the last 1,000)
 
     def attach(self, engine: StreamEngine) -> None:
-        own = engine.next_chunk  # the engine's own method (kept for detach)
-        engine._batcher_own = own
-        engine.next_chunk = lambda audio: self.next_chunk(engine, audio)
+        """Route ``engine.next_chunk`` (as its ``frames`` calls it) through this batcher until ``detach``."""
+        engine.next_chunk = lambda audio: self.next_chunk(engine, audio)  # an instance attribute over the method
         with self._cond:
             self._attached[id(engine)] = engine
 
@@ -196,9 +200,7 @@ class ChunkBatcher:
         with self._cond:
             self._attached.pop(id(engine), None)
             self._cond.notify_all()
-        own = getattr(engine, "_batcher_own", None)
-        if own is not None:
-            engine.next_chunk = own
+        vars(engine).pop("next_chunk", None)  # the class's method again
 
     @property
     def attached(self) -> int:
@@ -233,7 +235,7 @@ class ChunkBatcher:
             for key, group in groups.items():
                 try:
                     if key is None:
-                        chunks = [r.engine._batcher_own(r.audio) for r in group]
+                        chunks = [_own_chunk(r.engine, r.audio) for r in group]
                     else:
                         chunks = next_chunks([r.engine for r in group], [r.audio for r in group])
                     for r, c in zip(group, chunks):
