@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -230,6 +231,7 @@ class Avatar:
         self.decoder = decoder if decoder is not None else vae
         self.cfg = cfg or stream_config(dit)
         self._whisper = self._text = None
+        self._loading = threading.Lock()  # two streams starting at once load an encoder once (its import races)
         self._references: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -265,19 +267,21 @@ class Avatar:
     # encoders are loaded on first use (CTranslate2 / MiniLM from their PyPI packages)
     @property
     def whisper(self) -> WhisperFeatures:
-        if self._whisper is None:
-            from ..models.encoders import WhisperFeatures
+        with self._loading:
+            if self._whisper is None:
+                from ..models.encoders import WhisperFeatures
 
-            self._whisper = WhisperFeatures()
+                self._whisper = WhisperFeatures()
         return self._whisper
 
     def _prompt(self, prompt: str | None):
         if not prompt:
             return None, None
-        if self._text is None:
-            from ..models.encoders import TextEncoder
+        with self._loading:
+            if self._text is None:
+                from ..models.encoders import TextEncoder
 
-            self._text = TextEncoder()
+                self._text = TextEncoder()
         return self._text.encode([prompt])
 
     def _engine(self, image, prompt: str | None, text=None, text_mask=None) -> StreamEngine:
