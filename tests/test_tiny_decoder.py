@@ -202,7 +202,7 @@ def test_refit_of_the_last_convolution_recovers_it_from_its_own_frames(tmp_path)
     finally:
         sys.argv = old
     fit = load_checkpoint(tmp_path / "fit" / "tiny_decoder.safetensors", dtype=torch.float32)
-    w0, w1 = dec.conv_out.weight.flatten(), fit.conv_out.weight.flatten()
+    w0, w1 = dec.conv_out.weight.detach().flatten(), fit.conv_out.weight.detach().flatten()
     assert float(torch.corrcoef(torch.stack([w0, w1]))[0, 1]) > 0.99
     scrambled = TinyDecoder(dec.cfg)  # another network's last layer does not fit these frames
-    assert float(torch.corrcoef(torch.stack([scrambled.conv_out.weight.flatten(), w1]))[0, 1]) < 0.5
+    assert float(torch.corrcoef(torch.stack([scrambled.conv_out.weight.detach().flatten(), w1]))[0, 1]) < 0.5
