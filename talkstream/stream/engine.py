@@ -189,6 +189,25 @@ class ChunkDecoder:
         return ((y[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
 
 
+def submit_decode(
+    pool: ThreadPoolExecutor, decode: ChunkDecoder, side: torch.cuda.Stream | None, z: torch.Tensor
+) -> Future:
+    """``decode(z)`` on the worker ``pool``; with a CUDA ``side`` stream it runs there, after the work queued so far
+    on the current stream (an event), and ``z`` is kept alive for that stream."""
+    if side is None:
+        return pool.submit(decode, z)
+    ready = torch.cuda.Event()
+    ready.record()
+    z.record_stream(side)
+
+    def run() -> np.ndarray:
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            return decode(z)
+
+    return pool.submit(run)
+
+
 @dataclass
 class Chunk:
     index: int
@@ -422,25 +441,13 @@ class StreamEngine:
         side = torch.cuda.Stream() if cuda and self.async_decode else None
         pool = ThreadPoolExecutor(1) if self.async_decode else None
 
-        def run_decode(z: torch.Tensor, ready) -> np.ndarray:
-            if side is None:
-                return decode(z)
-            with torch.cuda.stream(side):
-                side.wait_event(ready)
-                return decode(z)
-
         pending: deque[tuple[Chunk, Future | np.ndarray]] = deque()
 
         def start_decode(chunk: Chunk) -> bool:
             if pool is None:
                 pending.append((chunk, decode(chunk.latents)))
                 return True  # shown before its commit pass
-            ev = None
-            if side is not None:
-                ev = torch.cuda.Event()
-                ev.record()
-                chunk.latents.record_stream(side)
-            pending.append((chunk, pool.submit(run_decode, chunk.latents, ev)))
+            pending.append((chunk, submit_decode(pool, decode, side, chunk.latents)))
             # the first chunk on a CPU: shown before its commit pass, which would share the cores with its decode (on
             # CUDA the pass runs meanwhile, the decode on its own stream)
             return side is None and stats.first_frame_at is None and len(pending) == 1
@@ -488,13 +495,6 @@ class StreamEngine:
         stop = threading.Event()
         end = object()
 
-        def run_decode(z: torch.Tensor, ready) -> np.ndarray:
-            if side is None:
-                return decode(z)
-            with torch.cuda.stream(side):
-                side.wait_event(ready)
-                return decode(z)
-
         def hand(item) -> bool:
             while not stop.is_set():
                 try:
@@ -509,12 +509,7 @@ class StreamEngine:
         def start_decode(chunk: Chunk) -> bool:
             """To the decoder and on to the caller before the chunk's commit pass (which runs meanwhile; a caller
             still busy with the chunk before does not hold the pass up)."""
-            ev = None
-            if side is not None:
-                ev = torch.cuda.Event()
-                ev.record()
-                chunk.latents.record_stream(side)
-            item = (chunk, pool.submit(run_decode, chunk.latents, ev))
+            item = (chunk, submit_decode(pool, decode, side, chunk.latents))
             try:
                 handed.put_nowait(item)
             except queue.Full:

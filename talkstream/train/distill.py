@@ -71,10 +71,12 @@ def load_student(cfg: TrainConfig, device: str) -> WanDiT:
     return student.train().requires_grad_(True)
 
 
-def save_student(cfg: TrainConfig, model: WanDiT, metrics: dict, init_info: dict) -> list[Path]:
+def _write_student(path: Path, cfg: TrainConfig, model: WanDiT, init_info: dict, **fields) -> list[Path]:
+    """A student checkpoint (bf16, with its sampling settings and the stage's config) at ``path``; ``fields`` (the
+    final metrics, or an export's step and seconds trained) join its metadata."""
     extra = dict(
         stage=cfg.stage,
-        **metrics,
+        **fields,
         config=cfg.to_dict(),
         look_back=cfg.look_back,
         look_ahead=cfg.look_ahead,
@@ -84,14 +86,12 @@ def save_student(cfg: TrainConfig, model: WanDiT, metrics: dict, init_info: dict
         init=str(cfg.init),
     )
     return save_checkpoint(
-        Path(cfg.out) / STUDENT_FILE,
-        model.cpu(),
-        "dit",
-        model.cfg,
-        extra=extra,
-        dtype=torch.bfloat16,
-        sampling=student_sampling(cfg),
+        path, model, "dit", model.cfg, extra=extra, dtype=torch.bfloat16, sampling=student_sampling(cfg)
     )
+
+
+def save_student(cfg: TrainConfig, model: WanDiT, metrics: dict, init_info: dict) -> list[Path]:
+    return _write_student(Path(cfg.out) / STUDENT_FILE, cfg, model.cpu(), init_info, **metrics)
 
 
 LATEST_FILE = "latest.txt"  # a run's newest periodic export: the name of its ckpt_NNNNNN folder
@@ -104,27 +104,7 @@ def export_latest(cfg: TrainConfig, model: WanDiT, step: int, seconds: float, in
     machine resumes from (``init``): a machine taken back loses the time since the last export, not the run."""
     out = Path(cfg.out)
     folder = out / f"ckpt_{step:06d}"
-    extra = dict(
-        stage=cfg.stage,
-        step=step,
-        seconds_trained=round(seconds, 1),
-        config=cfg.to_dict(),
-        look_back=cfg.look_back,
-        look_ahead=cfg.look_ahead,
-        chunk=cfg.chunk,
-        window_latents=init_info.get("window_latents", cfg.score_window),
-        motion_latents=0,
-        init=str(cfg.init),
-    )
-    save_checkpoint(
-        folder / STUDENT_FILE,
-        model,
-        "dit",
-        model.cfg,
-        extra=extra,
-        dtype=torch.bfloat16,
-        sampling=student_sampling(cfg),
-    )
+    _write_student(folder / STUDENT_FILE, cfg, model, init_info, step=step, seconds_trained=round(seconds, 1))
     with atomic_path(out / LATEST_FILE) as tmp:
         Path(tmp).write_text(folder.name + "\n")
     for old in sorted(out.glob("ckpt_*"))[:-keep]:
