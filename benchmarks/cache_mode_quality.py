@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from talkstream.eval.evaluate import load_suite_inputs, run_suite  # noqa: E402
+from talkstream.eval.evaluate import inputs_generator, load_suite_inputs, run_suite  # noqa: E402
 from talkstream.eval.speed import loadavg  # noqa: E402
 from talkstream.machine import describe  # noqa: E402
 from talkstream.models.checkpoint import load_checkpoint  # noqa: E402
@@ -64,14 +63,8 @@ def main() -> None:
         cfg = stream_config(dit, sampler=a.sampler, cache_mode=mode, first_chunk=a.first_chunk, **sampling)
         avatar = Avatar(dit, vae, dec, cfg)
 
-        def generate(reference: np.ndarray, clip, avatar=avatar) -> np.ndarray:
-            c = inputs["clips"][clip.seed]
-            track = c["track"].to(dtype=torch.float32)
-            feats = c["audio_features"].astype(np.float32)
-            return np.stack(list(avatar.from_features(reference, feats, clip.n_frames, track)))
-
         t = time.perf_counter()
-        suite = run_suite(generate, seeds=tuple(a.seeds), inputs=inputs)
+        suite = run_suite(inputs_generator(avatar, inputs), seeds=tuple(a.seeds), inputs=inputs)
         res["modes"][mode] = dict(
             summary={k: suite["summary"][k] for k in KEYS},
             rows=suite["rows"],

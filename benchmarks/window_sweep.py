@@ -53,7 +53,7 @@ def speed(a: argparse.Namespace) -> None:
 
 
 def quality(a: argparse.Namespace) -> None:
-    from talkstream.eval.evaluate import load_suite_inputs, run_suite
+    from talkstream.eval.evaluate import inputs_generator, load_suite_inputs, run_suite
     from talkstream.models.checkpoint import load_checkpoint
     from talkstream.stream.accel import stream_dtype
     from talkstream.stream.avatar import WEIGHTS, Avatar, stream_config
@@ -80,14 +80,8 @@ def quality(a: argparse.Namespace) -> None:
             cfg = stream_config(dit, sampler="euler", steps=a.steps, cache_mode="commit", window=w, seed=n)
             avatar = Avatar(dit, vae, dec, cfg)
 
-            def generate(reference: np.ndarray, clip, avatar=avatar) -> np.ndarray:
-                c = inputs["clips"][clip.seed]
-                track = c["track"].to(dtype=torch.float32)
-                feats = c["audio_features"].astype(np.float32)
-                return np.stack(list(avatar.from_features(reference, feats, clip.n_frames, track)))
-
             t = time.perf_counter()
-            suite = run_suite(generate, seeds=tuple(a.seeds), inputs=inputs)
+            suite = run_suite(inputs_generator(avatar, inputs), seeds=tuple(a.seeds), inputs=inputs)
             row = dict(window=w, noise_seed=n, summary={k: suite["summary"][k] for k in KEYS}, rows=suite["rows"])
             row["sigmas"] = [round(float(x), 4) for x in cfg.sigmas()]
             row["seconds"] = round(time.perf_counter() - t, 1)

@@ -337,6 +337,20 @@ def checkpoint_generator(
     return generate
 
 
+def inputs_generator(avatar, inputs: dict) -> Callable[[np.ndarray, Clip], np.ndarray]:
+    """A suite generator that streams ``avatar`` (a ``stream.avatar.Avatar``) from saved suite inputs
+    (``prepare_suite``): each clip's Whisper features and its caption timeline."""
+    import torch
+
+    def generate(reference: np.ndarray, clip: Clip) -> np.ndarray:
+        c = inputs["clips"][clip.seed]
+        track = c["track"].to(dtype=torch.float32)
+        feats = c["audio_features"].astype(np.float32)
+        return np.stack(list(avatar.from_features(reference, feats, clip.n_frames, track)))
+
+    return generate
+
+
 def vae_roundtrip(vae, frames: np.ndarray, segment: int = 33) -> np.ndarray:
     """uint8 frames [T, H, W, 3] through ``vae`` (encode, decode) in segments of ``segment`` frames (bounded
     memory; each segment starts a fresh causal clip): what any DiT in that latent space can reproduce at best.
