@@ -17,7 +17,6 @@ available memory is under ``memory_margin`` x that bound.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -178,10 +177,6 @@ def memory_ok(cap: Capacity, margin: float = 2.0, floor_mb: float = 256.0) -> tu
     if avail is None:
         return True, None
     return avail >= margin * cap.memory_per_session_mb + floor_mb, round(avail, 1)
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 __all__ = ["Capacity", "available_memory_mb", "calibrate", "given", "memory_ok", "session_memory_bound_mb"]

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..diffusion.flow import add_noise, x0_from_velocity
 from ..models.kv_cache import KVCache
-from .chunk import chunk_velocity
+from .chunk import denoise_chunk
 from .engine import Chunk, StreamEngine
 
 
@@ -90,30 +89,6 @@ def _stack_text(engines: list[StreamEngine]) -> tuple[torch.Tensor | None, torch
     return torch.cat(texts), torch.cat(masks)
 
 
-def _denoise(engines: list[StreamEngine], cache: KVCache, noise, text, audio, mask) -> torch.Tensor:
-    """``stream.chunk.denoise_chunk`` for a batch whose rows draw their fresh noise from their own generators."""
-    e0 = engines[0]
-    c, model, sigmas = e0.cfg, e0.dit, e0.sigmas
-    forcing = c.cache_mode == "timestep_forcing"
-    n = len(sigmas) - 1
-    x = x0 = noise
-    for i in range(n):
-        last = forcing and i == n - 1
-        v = chunk_velocity(model, cache, x, sigmas[i], text, audio, mask, c.audio_guidance, commit=last)
-        if c.sampler == "euler":
-            x = x0 = x + (sigmas[i + 1] - sigmas[i]) * v
-            continue
-        x0 = x0_from_velocity(x, v, sigmas[i])
-        if sigmas[i + 1] > 0:
-            fresh = torch.cat(
-                [torch.randn(x.shape[1:], generator=e.gen, device=x.device, dtype=x.dtype)[None] for e in engines]
-            )
-            x = add_noise(x0, fresh, sigmas[i + 1])
-    if not forcing:
-        model.forward_chunk(x0, 0.0, cache, text, audio, commit=True, context_mask=mask)
-    return x0
-
-
 def _own_chunk(engine: StreamEngine, audio: torch.Tensor | None) -> Chunk:
     """The engine's own ``next_chunk`` (not a ``ChunkBatcher``'s routing of it, which would wait for itself)."""
     return type(engine).next_chunk(engine, audio)
@@ -135,19 +110,25 @@ def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) 
     ):
         return [_own_chunk(e, a) for e, a in zip(engines, audios)]
     e0 = engines[0]
-    k, (h, w), dev = e0.chunk_size, e0.reference.shape[-2:], e0.device
-    noises = []
-    for e in engines:  # StreamEngine.next_chunk's draws, per engine and in its order
-        nz = torch.randn(1, e.dit.cfg.in_dim, k, h, w, generator=e.gen, device=dev).to(e.dtype)
-        if e.cfg.reference_init < 1:
-            start = e.last_latent if e.cfg.start_from == "previous" and e.last_latent is not None else e.reference
-            nz = add_noise(start.expand_as(nz), nz, e.cfg.reference_init)
-        noises.append(nz)
+    k, dev, c = e0.chunk_size, e0.device, e0.cfg
+    noise = torch.cat([e.start_noise() for e in engines])  # StreamEngine.next_chunk's draws, per engine in its order
     a = None if audios[0] is None else [x[None].to(dev, e0.dtype) for x in audios]
     text, mask = _stack_text(engines)
     t0 = time.perf_counter()
     cache = stack_caches([e.cache for e in engines])
-    z = _denoise(engines, cache, torch.cat(noises), text, None if a is None else torch.cat(a), mask)
+    z = denoise_chunk(
+        e0.dit,
+        cache,
+        noise,
+        e0.sigmas,
+        text,
+        None if a is None else torch.cat(a),
+        mask,
+        generator=[e.gen for e in engines],
+        sampler=c.sampler,
+        audio_guidance=c.audio_guidance,
+        cache_mode=c.cache_mode,
+    )
     out = []
     for i, e in enumerate(engines):
         for layer in range(cache.num_layers):  # the window after the commit: this engine's row

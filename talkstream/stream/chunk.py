@@ -64,7 +64,7 @@ def denoise_chunk(
     context: torch.Tensor | None = None,
     audio: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     commit: bool = True,
     sampler: str = "few_step",
     audio_guidance: float = 1.0,
@@ -73,7 +73,8 @@ def denoise_chunk(
 ) -> torch.Tensor:
     """noise [B, C, k, h, w] at sigmas[0] -> clean chunk (``sigmas`` ends with 0). With ``commit`` the chunk enters
     the cache as ``cache_mode`` says (module docstring). ``runner`` (``stream.runner``): the passes run against a
-    context prepared once for the chunk (and replayed as a CUDA graph); without audio guidance only."""
+    context prepared once for the chunk (and replayed as a CUDA graph); without audio guidance only. ``generator``:
+    the few-step sampler's fresh noise, one generator, or one per batch row (streams batched together)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if cache_mode not in CACHE_MODES:
@@ -100,11 +101,20 @@ def denoise_chunk(
             continue
         x0 = x0_from_velocity(x, v, sigmas[i])
         if sigmas[i + 1] > 0:
-            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = add_noise(x0, fresh, sigmas[i + 1])
+            x = add_noise(x0, fresh_noise(x, generator), sigmas[i + 1])
     if commit and not forcing:
         commit_chunk(model, cache, x0, context, audio, context_mask, runner if prepared else None)
     return x0
+
+
+def fresh_noise(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard noise shaped as ``x``: from one generator, or row by row from one generator per batch row (each row
+    the draw its stream would make alone)."""
+    if not isinstance(generator, list):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype) for g in generator])
 
 
 def uses_runner(runner: ChunkRunner | None, audio: torch.Tensor | None, audio_guidance: float) -> bool:

@@ -318,6 +318,17 @@ class StreamEngine:
         return time.perf_counter() - t0
 
     @torch.no_grad()
+    def start_noise(self) -> torch.Tensor:
+        """The next chunk's starting latents at the first sigma, drawn from this stream's generator: pure noise, or
+        (``reference_init`` < 1) the reference (or the last latent) noised to that sigma."""
+        c, k = self.cfg, self.chunk_size
+        h, w = self.reference.shape[-2:]
+        noise = torch.randn(1, self.dit.cfg.in_dim, k, h, w, generator=self.gen, device=self.device).to(self.dtype)
+        if c.reference_init < 1:
+            start = self.last_latent if c.start_from == "previous" and self.last_latent is not None else self.reference
+            noise = add_noise(start.expand_as(noise), noise, c.reference_init)
+        return noise
+
     def next_chunk(self, audio: torch.Tensor | None) -> Chunk:
         """Denoise and commit the next chunk's latents (``chunk_size``); ``audio`` [k, Na, A] windows (None: no
         audio input). With ``hand`` set, the clean chunk goes to it before its commit pass; if it returns True the
@@ -325,11 +336,7 @@ class StreamEngine:
         self.finish_chunk()
         c, dev = self.cfg, self.device
         k = self.chunk_size
-        h, w = self.reference.shape[-2:]
-        noise = torch.randn(1, self.dit.cfg.in_dim, k, h, w, generator=self.gen, device=dev).to(self.dtype)
-        if c.reference_init < 1:  # the chunk starts as the reference (or the last latent) noised to the first sigma
-            start = self.last_latent if c.start_from == "previous" and self.last_latent is not None else self.reference
-            noise = add_noise(start.expand_as(noise), noise, c.reference_init)
+        noise = self.start_noise()
         a = None if audio is None else audio[None].to(dev, self.dtype)
         t0 = time.perf_counter()
         deferred = c.cache_mode == "commit"  # the commit pass runs after the hand-off (timestep forcing has none)
