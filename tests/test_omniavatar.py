@@ -278,7 +278,9 @@ def test_tiny_config_validates():
         DiTConfig.from_dict({**dit_config("omniavatar-tiny").to_dict(), "audio_adaln": True})
 
 
-def _tiny_published():
+def _tiny_published(**windows):
+    """A PublishedAvatar of small random parts (wav2vec2, Wan VAE, OmniAvatar DiT); ``windows``: the audio features'
+    look_back / look_ahead (seconds), else Wav2VecFeatures' defaults."""
     import transformers
 
     from talkstream.models.wan_vae import WanVAE, WanVAEConfig
@@ -295,7 +297,7 @@ def _tiny_published():
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2,
     )
-    audio = Wav2VecFeatures(transformers.Wav2Vec2Model(w2v_cfg).eval(), fps=16, look_back=0.5, look_ahead=0.25)
+    audio = Wav2VecFeatures(transformers.Wav2Vec2Model(w2v_cfg).eval(), fps=16, **windows)
     cfg = DiTConfig.from_dict({**dit_config("omniavatar-tiny").to_dict(), "audio_dim": audio.dim})
     dit = WanDiT(cfg).eval()
     vae = WanVAE(WanVAEConfig(dim=8)).eval()
@@ -307,7 +309,7 @@ def test_published_live_stream_equals_the_whole_file():
     frames of the whole-file path."""
     import numpy as np
 
-    avatar = _tiny_published()
+    avatar = _tiny_published(look_back=0.5, look_ahead=0.25)
     wav = np.random.default_rng(0).normal(0, 0.1, 24000).astype(np.float32)  # 1.5 s: 25 frames at 16 fps
     image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     whole = list(avatar.frames(image, wav))
@@ -323,28 +325,10 @@ def test_published_pipeline_end_to_end_on_cpu_at_a_tiny_size(tmp_path):
     """The whole --weights path on small random parts: the Wan VAE encodes the reference, wav2vec2 features are
     packed per latent frame, the student streams with LiveTalk's sinks, an mp4 at the model's 16 fps comes out."""
     import numpy as np
-    import transformers
 
     from talkstream.media import read_video
-    from talkstream.models.wan_vae import WanVAE, WanVAEConfig
-    from talkstream.models.wav2vec import Wav2VecFeatures
-    from talkstream.stream.published import PublishedAvatar
 
-    torch.manual_seed(0)
-    w2v_cfg = transformers.Wav2Vec2Config(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
-    audio = Wav2VecFeatures(transformers.Wav2Vec2Model(w2v_cfg).eval(), fps=16)
-    cfg = DiTConfig.from_dict({**dit_config("omniavatar-tiny").to_dict(), "audio_dim": audio.dim})
-    dit = WanDiT(cfg).eval()
-    vae = WanVAE(WanVAEConfig(dim=8)).eval()
-    avatar = PublishedAvatar(dit, vae, vae, audio, torch.randn(1, 5, cfg.text_dim), device="cpu", size=64)
+    avatar = _tiny_published()
     wav = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)  # 1 s: 17 frames at 16 fps
     frames = list(
         avatar.frames(np.full((80, 80, 3), 128, np.uint8) + np.arange(80, dtype=np.uint8)[:, None, None], wav)
