@@ -274,19 +274,9 @@ class Avatar:
                 self._whisper = WhisperFeatures()
         return self._whisper
 
-    def _prompt(self, prompt: str | None):
-        if not prompt:
-            return None, None
-        with self._loading:
-            if self._text is None:
-                from ..models.encoders import TextEncoder
-
-                self._text = TextEncoder()
-        return self._text.encode([prompt])
-
     def _engine(self, image, prompt: str | None, text=None, text_mask=None) -> StreamEngine:
         ref = load_reference(image, self.size)
-        text, mask = (text, text_mask) if text is not None else self._prompt(prompt)
+        text, mask = (text, text_mask) if text is not None else self.encode_prompt(prompt)
         z_ref = self.reference_latent(ref)
         engine = StreamEngine(self.dit, self.decoder, self.cfg, self.device)
         engine.start(z_ref, text, mask)
@@ -306,15 +296,18 @@ class Avatar:
             self._references[key] = self._references.pop(key)  # most recently used last
         return self._references[key]
 
-    def _feed(self) -> AudioFeed:
-        lb, la = audio_span(self.dit)
-        return AudioFeed(lb, la)
-
     # -- the parts of a stream, for front-ends that drive the engine themselves (agent.AvatarLoop) ------
     def encode_prompt(self, prompt: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A caption -> (text [1, L, 384], mask) for ``start_engine`` / ``StreamEngine.set_prompt``; (None, None)
         for no caption."""
-        return self._prompt(prompt)
+        if not prompt:
+            return None, None
+        with self._loading:
+            if self._text is None:
+                from ..models.encoders import TextEncoder
+
+                self._text = TextEncoder()
+        return self._text.encode([prompt])
 
     def start_engine(
         self, image, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
@@ -326,7 +319,8 @@ class Avatar:
 
     def audio_feed(self) -> AudioFeed:
         """An empty feed of 50 Hz audio features sized for this model's per-latent audio windows."""
-        return self._feed()
+        lb, la = audio_span(self.dit)
+        return AudioFeed(lb, la)
 
     def stream(
         self,
@@ -352,7 +346,7 @@ class Avatar:
         actually delivered. Otherwise frames come as fast as they are made."""
         with ThreadPoolExecutor(1) as pool:
             started = pool.submit(self._engine, image, prompt)
-            feed, ws = self._feed(), self.whisper.stream()
+            feed, ws = self.audio_feed(), self.whisper.stream()
             source = iter(audio_chunks)
             silence = np.zeros(int(SAMPLE_RATE * self.cfg.chunk * 4 / FPS / 2), np.float32)
             live, began, heard = isinstance(audio_chunks, LiveAudio), time.perf_counter(), [0]
@@ -405,7 +399,7 @@ class Avatar:
         if track is not None:
             text, text_mask = track.for_latents(0, self.cfg.chunk)
         engine = self._engine(image, None, text, text_mask)
-        feed = self._feed()
+        feed = self.audio_feed()
         feed.push(np.asarray(features, np.float32))
         feed.close()
         if stats is not None:
@@ -448,7 +442,7 @@ class Avatar:
         n_frames = max(1, int(round(len(wav) / SAMPLE_RATE * FPS)))
         stats = StreamStats()
         features = self.whisper.encode(np.pad(wav, (0, SAMPLE_RATE // 2)))  # half a second of look-ahead room
-        text, mask = self._prompt(prompt)
+        text, mask = self.encode_prompt(prompt)
         bar = tqdm(total=n_frames, desc="generate", unit="frame", disable=not progress)
         written = [0]
 

@@ -1100,7 +1100,7 @@ def _tpp_inputs(args, avatar, device: str) -> dict:
     n_frames = max(1, int(round(len(wav) / SAMPLE_RATE * FPS)))
     ref = load_reference(args.image, args.size)
     features = avatar.whisper.encode(np.pad(wav, (0, SAMPLE_RATE // 2)))
-    text, mask = avatar._prompt(args.prompt)
+    text, mask = avatar.encode_prompt(args.prompt)
     with torch.no_grad():
         z_ref = avatar.vae.encode(frames_to_video(ref[None], args.size).to(device))
     feed = AudioFeed(*audio_span(avatar.dit))
