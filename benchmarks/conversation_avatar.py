@@ -51,7 +51,6 @@ class TableStream:
     def __init__(self, silence: np.ndarray, reply: np.ndarray, hop: int) -> None:
         self.silence, self.reply, self.hop = silence, reply, hop
         self.pending = np.zeros(0, np.float32)
-        self.buffer = np.zeros(0, np.float32)  # (AvatarLoop's QuietWhisperStream reads it)
         self.at = 0
         self.enc = self
 
@@ -81,17 +80,6 @@ class TableWhisper:
 
     def stream(self) -> TableStream:
         return TableStream(*self.args)
-
-    @property
-    def hop_samples(self) -> int:
-        return self.args[2]
-
-    @property
-    def window_samples(self) -> int:
-        return 48000  # WhisperFeatures' 3-s window
-
-    def encode(self, audio: np.ndarray) -> np.ndarray:  # only asked for silence
-        return self.args[0]
 
 
 def run(args) -> dict:

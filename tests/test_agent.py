@@ -178,14 +178,13 @@ def test_asyncio_runs_clients_on_one_loop():  # the clients hold no state betwee
 
 
 def test_quiet_whisper_stream_skips_silence_with_the_same_features():
-    from talkstream.agent.avatar_loop import QuietWhisperStream
     from talkstream.models.encoders import WhisperFeatures
     from talkstream.world.speech import synthesize
 
     enc = WhisperFeatures()
     speech = synthesize("Hello there.").audio
     audio = np.concatenate([np.zeros(16000 * 4, np.float32), speech, np.zeros(16000 * 5, np.float32)])
-    plain, quiet = enc.stream(), QuietWhisperStream(enc)
+    plain, quiet = enc.stream(skip_silence=False), enc.stream()
     want, got = [], []
     for k in range(0, len(audio), 2500):  # pieces that are not whole hops
         want.append(plain.push(audio[k : k + 2500]))

@@ -41,35 +41,6 @@ def lower_thread_priority(by: int) -> bool:
         return False
 
 
-class QuietWhisperStream:
-    """A live Whisper feature stream (``WhisperStream``) whose hops of pure silence skip the encoder: a window of
-    all-zero audio always encodes to the same features, computed once. An avatar in a conversation is fed silence
-    most of the time (listening, thinking, idle), and the encoder then no longer takes CPU from the rest of the loop;
-    the features are the ones the encoder gives (exactly: same window, same numbers)."""
-
-    def __init__(self, enc) -> None:
-        self.stream = enc.stream()
-        self.hop_samples, self.window_samples = enc.hop_samples, enc.window_samples
-        self.silent = enc.encode(np.zeros(self.hop_samples, np.float32))  # one hop after a window of zeros
-        self.pending = np.zeros(0, np.float32)
-        self.encoded = self.skipped = 0
-
-    def push(self, samples: np.ndarray) -> np.ndarray:
-        s, h = self.stream, self.hop_samples  # whole hops only reach ``s`` (its own pending stays empty)
-        self.pending = np.concatenate([self.pending, np.asarray(samples, np.float32)])
-        out = []
-        while len(self.pending) >= h:
-            hop, self.pending = self.pending[:h], self.pending[h:]
-            if not hop.any() and not s.buffer[-(self.window_samples - h) :].any():
-                s.buffer = np.concatenate([s.buffer, hop])[-self.window_samples :]
-                out.append(self.silent)
-                self.skipped += 1
-            else:
-                out.append(s.push(hop))
-                self.encoded += 1
-        return np.concatenate(out) if out else np.zeros((0, self.silent.shape[1]), np.float32)
-
-
 @dataclass
 class MediaFrame:
     index: int
@@ -236,8 +207,8 @@ class AvatarLoop:
             self._frames(engine, avatar)
 
     def _frames(self, engine, avatar: Avatar) -> None:
-        feed, ws = avatar.audio_feed(), QuietWhisperStream(avatar.whisper)
-        hop = ws.hop_samples
+        feed, ws = avatar.audio_feed(), avatar.whisper.stream()
+        hop = ws.enc.hop_samples
         self.started_at = time.perf_counter()
         current = [self._state_caption]
 
@@ -289,4 +260,4 @@ class AvatarLoop:
                 return
 
 
-__all__ = ["AvatarLoop", "DECODE_MODES", "MediaFrame", "QuietWhisperStream", "SAMPLES_PER_FRAME"]
+__all__ = ["AvatarLoop", "DECODE_MODES", "MediaFrame", "SAMPLES_PER_FRAME"]

@@ -131,17 +131,23 @@ class WhisperFeatures:
             out.append(self._encode_windows(wins).reshape(-1, AUDIO_DIM))
         return np.concatenate(out)
 
-    def stream(self) -> WhisperStream:
-        return WhisperStream(self)
+    def stream(self, skip_silence: bool = True) -> WhisperStream:
+        return WhisperStream(self, skip_silence)
 
 
 class WhisperStream:
-    """Live audio in, features out: ``push(samples)`` returns the features of every completed hop."""
+    """Live audio in, features out: ``push(samples)`` returns the features of every completed hop.
 
-    def __init__(self, enc: WhisperFeatures) -> None:
-        self.enc = enc
+    ``skip_silence``: a window of pure silence always encodes to the same features, so they are computed once and
+    reused (exactly the encoder's numbers): a live avatar is fed silence much of the time (listening, thinking,
+    idle), and the encoder then takes no CPU from the rest of the stream. ``encoded`` / ``skipped`` count hops."""
+
+    def __init__(self, enc: WhisperFeatures, skip_silence: bool = True) -> None:
+        self.enc, self.skip_silence = enc, skip_silence
         self.buffer = np.zeros(enc.window_samples - enc.hop_samples, np.float32)
         self.pending = np.zeros(0, np.float32)
+        self.silent: np.ndarray | None = None  # the features of an all-zero window, once encoded
+        self.encoded = self.skipped = 0
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         self.pending = np.concatenate([self.pending, np.asarray(samples, np.float32)])
@@ -150,7 +156,15 @@ class WhisperStream:
         while len(self.pending) >= h:
             self.buffer = np.concatenate([self.buffer, self.pending[:h]])[-self.enc.window_samples :]
             self.pending = self.pending[h:]
-            out.append(self.enc._encode_windows(self.buffer[None])[0])
+            if self.skip_silence and self.silent is not None and not self.buffer.any():
+                out.append(self.silent)
+                self.skipped += 1
+                continue
+            feats = self.enc._encode_windows(self.buffer[None])[0]
+            if self.skip_silence and self.silent is None and not self.buffer.any():
+                self.silent = feats
+            out.append(feats)
+            self.encoded += 1
         return np.concatenate(out) if out else np.zeros((0, AUDIO_DIM), np.float32)
 
     def flush(self) -> np.ndarray:
