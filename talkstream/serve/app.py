@@ -149,9 +149,7 @@ class Models:
                 log.warning("one session is slower than real time on this machine (%s)", cap.round_s)
             return cap
         one = calibrate(self.avatar, ref, max_sessions=1, rounds=1, batch=False)
-        cap = given(cfg.max_sessions, batch=bool(cfg.batch))
-        cap.memory_per_session_mb = one.memory_per_session_mb
-        return cap
+        return given(cfg.max_sessions, bool(cfg.batch), one.memory_per_session_mb)
 
     @staticmethod
     def _world_faces(size: int) -> dict[str, np.ndarray]:
@@ -334,6 +332,7 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
 
     async def info(request):
         m: Models = state["models"]
+        cap = capacity()
         return JSONResponse(
             dict(
                 version=P.VERSION,
@@ -345,8 +344,8 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
                 device=cfg.device,
                 speed=m.speed,
                 sessions=len(state["sessions"]),
-                max_sessions=capacity().sessions,
-                capacity=capacity().as_dict(),
+                max_sessions=cap.sessions,
+                capacity=cap.as_dict(),
             )
         )
 
@@ -380,9 +379,7 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
             return m.capacity
         from .capacity import given
 
-        cap = given(cfg.max_sessions, m.capacity.batch)
-        cap.memory_per_session_mb = m.capacity.memory_per_session_mb
-        return cap
+        return given(cfg.max_sessions, m.capacity.batch, m.capacity.memory_per_session_mb)
 
     async def session(ws: WebSocket):
         await ws.accept()

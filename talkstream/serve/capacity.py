@@ -164,11 +164,13 @@ def calibrate(
     )
 
 
-def given(sessions: int, batch: bool = False) -> Capacity:
-    """A capacity set by the operator (``--max-sessions``): not measured."""
+def given(sessions: int, batch: bool = False, memory_per_session_mb: float = 0.0) -> Capacity:
+    """A capacity set by the operator (``--max-sessions``): not measured (the memory bound may be)."""
     if sessions < 1:
         raise ValueError(f"max sessions must be >= 1, got {sessions}")
-    return Capacity(sessions, batch, True, 0.0, 0.0, how="given (--max-sessions)")
+    return Capacity(
+        sessions, batch, True, 0.0, 0.0, memory_per_session_mb=memory_per_session_mb, how="given (--max-sessions)"
+    )
 
 
 def memory_ok(cap: Capacity, margin: float = 2.0, floor_mb: float = 256.0) -> tuple[bool, float | None]:
