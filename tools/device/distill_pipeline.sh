@@ -33,7 +33,8 @@
 # DEVICE (cuda), TEACHER / VAE / INIT (the weights' paths), PACK, INPUTS (the suite's; "" prepares them),
 # SUITE_ARGS ("--clips 4"), STAGE_SETS / PAIRS_SETS / ODE_SETS / DMD_SETS (KEY=VALUE overrides: all stages / one
 # stage), RULE_ARGS (e.g. "--seeds 1"), STREAM_FPS=0 (skip the speed run), INSTALL=0 (skip the renderer's install),
-# OUT (where hand-backs go; the machine's $OUT).
+# OUT (where hand-backs go; the machine's $OUT). BENCH (a command run after the rule with the GPU to itself, at most
+# BENCH_S s, 180; its results belong in runs/distill/, which `wait` hands back).
 set -uo pipefail
 mode=${1:-}; shift || true
 R=runs/distill
@@ -164,7 +165,7 @@ sys.exit(0 if want <= have else f'{sys.argv[1]}: missing {sorted(want - have)}')
 start)
   if [ "${INSTALL:-1}" = 1 ]; then device_install && echo "renderer ok" || exit 3; fi
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R/gpu.txt"
-  rm -f "$R/DONE"
+  rm -f "$R/DONE" "$R/RULED"
   setsid nohup bash "$0" run > "$R/pipeline.log" 2>&1 < /dev/null &
   sleep 3; echo "pipeline started${RESUME:+ (resuming: $RESUME)}"; cat "$R/pipeline.log" ;;
 unpack)  # FILE DIR: a tar.gz of weights (gzip gets bf16 weights to ~78%)
@@ -235,7 +236,13 @@ run)
   fi
   # shellcheck disable=SC2086
   python3 tools/device/distill_rule.py "$R" ${RULE_ARGS:-} > "$R/rule.txt" 2>&1
-  log "rule exit $?; done after $((SECONDS - T0)) s"
+  log "rule exit $?; ruled after $((SECONDS - T0)) s"
+  touch "$R/RULED"  # (from here `wait` hands back the chosen student even while BENCH runs)
+  if [ -n "${BENCH:-}" ]; then  # speed benchmarks on the GPU alone, their JSON written into $R (handed back by wait)
+    timeout "${BENCH_S:-180}" bash -c "$BENCH" > "$R/bench.txt" 2>&1
+    log "bench exit $?"
+  fi
+  log "done after $((SECONDS - T0)) s"
   touch "$R/DONE" ;;
 wait)  # SECONDS: until DONE (or SECONDS); then the logs, suites, and the newest weights (the chosen student at DONE)
   deadline=$((SECONDS + ${1:-540}))
@@ -249,11 +256,11 @@ wait)  # SECONDS: until DONE (or SECONDS); then the logs, suites, and the newest
   cp "$R"/*.txt "$R"/*.json "$R"/pipeline.log "$t"/ 2>/dev/null  # (the GIFs come with fetch: 64 MiB a call)
   for d in runs/*/; do n=$(basename "$d"); for f in log.jsonl metrics.json loss.png; do cp "$d$f" "$t/${n}_$f" 2>/dev/null; done; done
   tar -cf "$OUT/logs.tar" -C "$t" .
-  if [ -f "$R/DONE" ]; then
+  if [ -f "$R/DONE" ] || [ -f "$R/RULED" ]; then
     cat "$R/rule.txt"
     ship=$(python3 -c "import json; print(json.load(open('$R/ship.json')).get('hand_back') or '')" 2>/dev/null)
     [ -n "$ship" ] && ship_files "$ship"
-    echo DONE
+    if [ -f "$R/DONE" ]; then echo DONE; else echo "RULED (BENCH still running)"; fi
   else
     checkpoint_back
   fi

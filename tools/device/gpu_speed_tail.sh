@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Speed figures that need a GPU to themselves, run after the distillation pipeline's rule
+# (`BENCH="bash tools/device/gpu_speed_tail.sh" distill_pipeline.sh start`): the LiveTalk layout's stream with the
+# deferred commit (TTFF), batched against separate sessions at 256 and 512 (serve's capacity), the compiled ladder
+# when LADDER is set.
+# Results land in runs/distill/ (handed back by `distill_pipeline.sh wait`), named after the GPU.
+R=${R:-runs/distill}
+g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -q H200 && echo h200 || echo h100)
+# the embedded avatar's shards stay out of a slim tree: the pipeline's unpacked copies stand in
+for d in data/init data/keep; do cp -n "$d"/*.safetensors* talkstream/weights/ 2>/dev/null; done
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+timeout 65 python3 benchmarks/livetalk_speed.py --device cuda --out "$R/livetalk_speed_512_deferred_commit_$g.json"
+echo "livetalk_speed exit $?"
+timeout 70 python3 benchmarks/serve_load.py --batch-bench --device cuda --sizes 256,512 --max-batch 32 \
+  --out "$R/serve_batch_$g.json"
+echo "serve_load exit $?"
+[ -n "${LADDER:-}" ] && timeout "$LADDER" python3 benchmarks/gpu_stream_speedups.py --compile \
+  --out "$R/stream_gpu_speedups_wan1.3b_compiled_$g.json"  # (LADDER=SECONDS: the compiled ladder too)
