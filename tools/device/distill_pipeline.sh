@@ -33,8 +33,8 @@
 # DEVICE (cuda), TEACHER / VAE / INIT (the weights' paths), PACK, INPUTS (the suite's; "" prepares them),
 # SUITE_ARGS ("--clips 4"), STAGE_SETS / PAIRS_SETS / ODE_SETS / DMD_SETS (KEY=VALUE overrides: all stages / one
 # stage), RULE_ARGS (e.g. "--seeds 1"), STREAM_FPS=0 (skip the speed run), INSTALL=0 (skip the renderer's install),
-# OUT (where hand-backs go; the machine's $OUT). BENCH (a command run after the rule with the GPU to itself, at most
-# BENCH_S s, 180; its results belong in runs/distill/, which `wait` hands back).
+# OUT (where hand-backs go; the machine's $OUT). BENCH (a command run first, once the causal model and the VAE are
+# there, with the GPU to itself, at most BENCH_S s, 240; its results belong in runs/distill/, which `wait` hands back).
 set -uo pipefail
 mode=${1:-}; shift || true
 R=runs/distill
@@ -183,6 +183,11 @@ resume)  # FILE: a run's weights handed back by `wait` (data/resume/NAME.tgz): f
 run)
   T0=$SECONDS
   for n in ${RESUME:-}; do wait_for "runs/.resume_$n"; done  # (its calls come before or while the weights do)
+  if [ -n "${BENCH:-}" ] && [ ! -f "$R/bench.txt" ]; then  # speed figures first, with the GPU to themselves
+    wait_weights "$INIT" "$VAE"
+    timeout "${BENCH_S:-240}" bash -c "$BENCH" > "$R/bench.txt" 2>&1
+    log "bench exit $? after $((SECONDS - T0)) s"
+  fi
   wait_weights "$TEACHER" "$VAE"
   log "weights here after $((SECONDS - T0)) s"
   if [ -z "${FROM_DMD:-}" ] && [ ! -f runs/ode_init/metrics.json ]; then
@@ -236,13 +241,8 @@ run)
   fi
   # shellcheck disable=SC2086
   python3 tools/device/distill_rule.py "$R" ${RULE_ARGS:-} > "$R/rule.txt" 2>&1
-  log "rule exit $?; ruled after $((SECONDS - T0)) s"
-  touch "$R/RULED"  # (from here `wait` hands back the chosen student even while BENCH runs)
-  if [ -n "${BENCH:-}" ]; then  # speed benchmarks on the GPU alone, their JSON written into $R (handed back by wait)
-    timeout "${BENCH_S:-180}" bash -c "$BENCH" > "$R/bench.txt" 2>&1
-    log "bench exit $?"
-  fi
-  log "done after $((SECONDS - T0)) s"
+  log "rule exit $?; done after $((SECONDS - T0)) s"
+  touch "$R/RULED"
   touch "$R/DONE" ;;
 wait)  # SECONDS: until DONE (or SECONDS); then the logs, suites, and the newest weights (the chosen student at DONE)
   deadline=$((SECONDS + ${1:-540}))

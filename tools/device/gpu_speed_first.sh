@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Speed figures that need a GPU to themselves, run after the distillation pipeline's rule
-# (`BENCH="bash tools/device/gpu_speed_tail.sh" distill_pipeline.sh start`): the LiveTalk layout's stream with the
-# deferred commit (TTFF), batched against separate sessions at 256 and 512 (serve's capacity), the compiled ladder
-# when LADDER is set.
+# Speed figures that need a GPU to themselves, run by the distillation pipeline before its training
+# (`BENCH="bash tools/device/gpu_speed_first.sh" distill_pipeline.sh start`): the LiveTalk layout's stream with the
+# deferred commit (TTFF), the conversation's avatar stage (reply audio -> first frame; CONV: its inputs, made here by
+# `benchmarks/conversation_avatar.py --make-inputs`), batched against separate sessions at 256 and 512 (serve's
+# capacity), the compiled ladder when LADDER is set.
 # Results land in runs/distill/ (handed back by `distill_pipeline.sh wait`), named after the GPU.
 R=${R:-runs/distill}
 g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -q H200 && echo h200 || echo h100)
@@ -11,6 +12,10 @@ for d in data/init data/keep; do cp -n "$d"/*.safetensors* talkstream/weights/ 2
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 timeout 65 python3 benchmarks/livetalk_speed.py --device cuda --out "$R/livetalk_speed_512_deferred_commit_$g.json"
 echo "livetalk_speed exit $?"
+CONV=${CONV:-data/carry_init/conv_inputs.npz}
+[ -f "$CONV" ] && timeout 60 python3 benchmarks/conversation_avatar.py --inputs "$CONV" --device cuda --speed quality \
+  --trials 3 --out "$R/conversation_avatar_256_quality_$g.json"
+echo "conversation_avatar exit $?"
 timeout 70 python3 benchmarks/serve_load.py --batch-bench --device cuda --sizes 256,512 --max-batch 32 \
   --out "$R/serve_batch_$g.json"
 echo "serve_load exit $?"
