@@ -111,3 +111,12 @@ def test_soak_streams_live_speech_paced_and_records_each_minute(weights, tmp_pat
     assert 0 < s["chunk_latency_ms"]["p50"] <= s["chunk_latency_ms"]["max"] <= rows[0]["chunk_latency_ms"]["max"]
     assert s["black_frames"] == 0 and s["inter_frame_ms"]["p50"] >= 39.0 and s["ttff_s"] > 0
     assert not list(tmp_path.glob("talkstream-soak-*"))  # the identity frames are gone
+    # where the time went: each stage's wall time a chunk, CPU a chunk by thread (each with its OpenMP workers)
+    assert set(s["stage_ms"]) == set(rows[0]["stage_ms"]) == {"audio", "denoise", "decode"}
+    assert s["stage_ms"]["denoise"]["p50"] > 0 and s["stage_ms"]["decode"]["p50"] > 0
+    by_thread = s["cpu_s_per_chunk_by_thread"]
+    assert by_thread["ts-producer"] > 0 and by_thread["ts-decode"] > 0 and "ts-whisper" in by_thread
+    assert 0 < sum(by_thread.values()) <= s["cpu_s_per_chunk"] * 1.05 + 0.01
+    assert 0 < s["process_cores_busy"] and 0 < s["machine_busy_fraction"] <= 1
+    assert 20 < s["fps_delivered"] < 30 and rows[0]["fps_delivered"] > 0  # paced at 25 (the tiny model keeps up)
+    assert res["config"]["decode_nice"] == 10 and "gomp_spincount" in res["config"]

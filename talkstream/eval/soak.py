@@ -21,6 +21,7 @@ t0 + delay + (12i - 11) / 25 with t0 = 0.48 s + the first chunk's work, and read
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..eval.metrics import BLACK_LEVEL, BLANK_STD, FROZEN_DIFF, FROZEN_RUN
-from .speed import loadavg, rss_mib
+from .speed import loadavg, machine_cpu_jiffies, rss_mib
 
 if TYPE_CHECKING:
     from ..stream.avatar import LiveAudio
@@ -103,6 +104,7 @@ def soak(
     pace_delay: float = PACE_DELAY,
     progress: bool = True,
     emit: str = "latency",
+    decode_nice: int | None = None,
 ) -> dict:
     """Stream ``minutes`` of live speech at real-time pacing; write the per-minute record to ``out`` (+ .png)."""
     from PIL import Image
@@ -112,6 +114,7 @@ def soak(
     from ..stream.avatar import BUNDLED_REFERENCE, Avatar, LiveAudio, load_reference
     from ..stream.engine import FPS, StreamStats
     from ..stream.pacing import PacingStats, percentiles
+    from ..stream.threads import thread_cpu_seconds, thread_named
 
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
@@ -124,8 +127,11 @@ def soak(
         first_chunk=1,
         decoder="tiny",  # the soak measures the fastest path (its record says so); the VAE decoder is not real time
         emit=emit,
+        **({} if decode_nice is None else {"decode_nice": decode_nice}),
     )
     warm = avatar.warm_up()
+    with thread_named("ts-whisper"):  # CTranslate2's threads, started with the model, carry the name
+        _ = avatar.whisper
     probe = load_frame_probe()
     ref = load_reference(BUNDLED_REFERENCE, avatar.size)
     ref_id = probe.read(ref[None])["identity"][0]
@@ -137,24 +143,31 @@ def soak(
     per_frame = int(FPS * 60)
     rows, n_released, done_chunks = [], 0, [0]
     stats = StreamStats()
+    seen: dict[int, tuple[str, float]] = {}  # thread CPU seconds by thread id (threads that ended still count)
+    marks = [_cpu_mark(seen)]  # at the start and each minute's end
     load0 = loadavg()
     bar = tqdm(total=int(minutes * 60 * FPS), unit="frame", desc="soak", disable=not progress)
     shots = Path(tempfile.mkdtemp(prefix="talkstream-soak-"))  # identity frames, probed after the stream
 
     def close_minute() -> None:
         lo = len(rows) * per_frame
+        c0 = rows[-1]["chunks_so_far"] if rows else 0
+        marks.append(_cpu_mark(seen))
         rows.append(
             dict(
                 minute=len(rows) + 1,
                 rss_mib=round(rss_mib(), 1),
                 identity_distance=None,  # filled in after the stream
                 inter_frame_ms=percentiles(np.diff(pacing.released[max(0, lo - 1) :])),
+                fps_delivered=_rate(pacing.released[max(0, lo - 1) :]),
                 av_offset_ms=percentiles(np.abs(pacing.offsets[lo:])),
                 late_frames_so_far=pacing.late,
                 **health.counts(),
                 chunks_so_far=stats.chunks,
                 denoise_s_per_chunk=round(stats.denoise_s / max(stats.chunks, 1), 3),
                 chunk_latency_ms=percentiles(stats.chunk_latency_s[done_chunks[0] :]),
+                stage_ms={k: percentiles(v[c0 : stats.chunks]) for k, v in stats.stages.items()},
+                **_cpu_use(marks[-2], marks[-1], stats.chunks - c0),
                 loadavg=loadavg(),
             )
         )
@@ -171,6 +184,8 @@ def soak(
                 Image.fromarray(frame.image).save(shots / f"{frame.index:08d}.png", compress_level=1)
             n_released += 1
             bar.update()
+            if n_released % FPS == 0:
+                thread_cpu_seconds(seen)
             if n_released % per_frame == 0:
                 close_minute()
     except BaseException:
@@ -186,6 +201,8 @@ def soak(
     summary = _summary(rows, pacing, health, n_released, wall, warm)
     summary["ttff_s"] = None if stats.ttff is None else round(stats.ttff, 3)
     summary["chunk_latency_ms"] = percentiles(stats.chunk_latency_s[1:])  # (the first chunk is one latent)
+    summary["stage_ms"] = {k: percentiles(v[1:]) for k, v in stats.stages.items()}
+    summary.update(_cpu_use(marks[0], marks[-1], stats.chunks))
     res = dict(
         minutes=minutes,
         config=dict(
@@ -195,7 +212,9 @@ def soak(
             decoder="tiny",
             first_chunk=1,
             emit=emit,
+            decode_nice=avatar.cfg.decode_nice,
             torch_threads=torch.get_num_threads(),
+            gomp_spincount=os.environ.get("GOMP_SPINCOUNT"),
         ),
         weights=str(weights or "embedded causal model"),
         summary=summary,
@@ -212,6 +231,36 @@ def soak(
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
     return res
+
+
+def _rate(released: list[float]) -> float | None:
+    """Frames a second over release times (the frames after the first, over the span)."""
+    span = released[-1] - released[0] if len(released) > 1 else 0.0
+    return round((len(released) - 1) / span, 3) if span > 0 else None
+
+
+def _cpu_mark(seen: dict) -> tuple[float, float, dict[str, float], tuple[int, int] | None]:
+    """(wall, process CPU, CPU seconds by thread name, the machine's busy/total ticks) now."""
+    from ..stream.threads import thread_cpu_seconds
+
+    return time.perf_counter(), time.process_time(), thread_cpu_seconds(seen), machine_cpu_jiffies()
+
+
+def _cpu_use(a: tuple, b: tuple, chunks: int) -> dict:
+    """Where the CPU went between two ``_cpu_mark``s: the process's CPU seconds a chunk, split by thread name (each
+    named thread with the OpenMP workers it started: ts-producer = Whisper's log-mel windows + denoising, ts-decode,
+    ts-whisper = the Whisper encoder's own threads, ts-prefetch and the caller's = pacing and the frame checks), the
+    cores the process kept busy on average, and the share of the machine's cores busy (anything running)."""
+    wall, n = b[0] - a[0], max(chunks, 1)
+    by_thread = {k: round((v - a[2].get(k, 0.0)) / n, 4) for k, v in sorted(b[2].items())}
+    out = dict(
+        cpu_s_per_chunk=round((b[1] - a[1]) / n, 4),
+        cpu_s_per_chunk_by_thread={k: v for k, v in by_thread.items() if v > 0},
+        process_cores_busy=round((b[1] - a[1]) / wall, 3) if wall > 0 else None,
+    )
+    if a[3] is not None and b[3] is not None and b[3][1] > a[3][1]:
+        out["machine_busy_fraction"] = round((b[3][0] - a[3][0]) / (b[3][1] - a[3][1]), 3)
+    return out
 
 
 def _identity(rows: list[dict], shots: Path, probe, ref_id: np.ndarray, per_frame: int) -> None:
@@ -245,6 +294,7 @@ def _summary(rows, pacing, health, frames, wall, warm) -> dict:
         inter_frame_ms=percentiles(pacing.intervals),
         av_offset_ms=percentiles(np.abs(pacing.offsets)),
         late_frames=pacing.late,
+        fps_delivered=pacing.summary()["fps_delivered"],  # releases a second from the first frame to the last
     )
 
 

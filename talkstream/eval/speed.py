@@ -169,6 +169,18 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def machine_cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine since boot, in clock ticks (``/proc/stat``; None elsewhere): the
+    difference of two readings says how much of the cores anything used meanwhile (idle and I/O wait are not busy)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - fields[3] - fields[4], total
+
+
 @dataclass(frozen=True)
 class EngineCase:
     """One streaming configuration to time (``engine_bench``)."""

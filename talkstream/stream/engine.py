@@ -38,12 +38,14 @@ from ..models.dit import WanDiT
 from ..models.vae import CausalVAE, FeatureCache, TinyDecoder
 from .chunk import CACHE_MODES, SAMPLERS, commit_chunk, denoise_chunk, uses_runner
 from .runner import RUNNERS, ChunkRunner
+from .threads import lower_thread_priority, name_thread
 
 FPS = 25
 FEATURE_RATE = 50  # Whisper encoder frames per second
 ANCHORS = ("reference", "anchor_heavy", "rolling_sink", "memory_bank")
 START_FROM = ("reference", "previous")  # what a chunk starts from under reference_init < 1
 EMIT = ("overlapped", "latency")  # when a chunk's frames leave the engine (StreamConfig.emit)
+ENDED = object()  # StreamEngine._audio: the audio source has ended
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class StreamConfig:
     # cache_mode "commit": a chunk goes to the decoder before its commit pass (frames one pass sooner, same frames);
     # False: after it (the order before, kept to measure the difference)
     defer_commit: bool = True
+    # CPU: the decode worker (and the OpenMP workers it starts) runs this much nicer than the denoiser, which is the
+    # stream's critical path; same frames (stream.threads; 0: the same priority)
+    decode_nice: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +108,8 @@ class StreamConfig:
             raise ValueError(f"unknown start_from {self.start_from!r}; choose one of {START_FROM}")
         if self.emit not in EMIT:
             raise ValueError(f"unknown emit {self.emit!r}; choose one of {EMIT}")
+        if not 0 <= self.decode_nice <= 19:
+            raise ValueError(f"decode_nice must be in 0..19, got {self.decode_nice}")
 
     def sigmas(self) -> torch.Tensor:
         if self.sampler == "euler":
@@ -176,17 +183,24 @@ class AudioFeed:
 
 
 class ChunkDecoder:
-    """Latent chunks -> uint8 frames, chunk by chunk with a causal feature cache (VAE or tiny decoder)."""
+    """Latent chunks -> uint8 frames, chunk by chunk with a causal feature cache (VAE or tiny decoder). ``times``: a
+    list that gets each call's wall seconds (on CUDA the host's side of it)."""
 
-    def __init__(self, decoder: CausalVAE | TinyDecoder) -> None:
-        self.decoder, self.cache = decoder, FeatureCache()
+    def __init__(self, decoder: CausalVAE | TinyDecoder, times: list[float] | None = None) -> None:
+        self.decoder, self.cache, self.times = decoder, FeatureCache(), times
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> np.ndarray:
+        t0 = time.perf_counter()
         dec = self.decoder
         z = z.to(next(dec.parameters()).dtype)
         y = dec.decode(z, self.cache) if isinstance(dec, CausalVAE) else dec(z, self.cache)
-        return ((y[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+        # ((y + 1) * 127.5).round() of y clamped to [-1, 1], in place on one fp32 copy, permuted once as uint8
+        x = y[0].to(torch.float32, copy=True).clamp_(-1, 1).add_(1).mul_(127.5).round_()
+        out = x.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        if self.times is not None:
+            self.times.append(time.perf_counter() - t0)
+        return out
 
 
 def submit_decode(
@@ -227,6 +241,9 @@ class StreamStats:
     denoise_s: float = 0.0
     chunk_latency_s: list[float] = field(default_factory=list)  # per chunk: start of its denoising -> its first
     # frame leaving the engine (denoise + decode + any hold): what a live stream's playout delay must cover
+    # per chunk, wall seconds of each stage: "audio" (waiting for and encoding its audio: the audio_chunks call),
+    # "denoise" (next_chunk), "decode" (the decoder's call)
+    stages: dict[str, list[float]] = field(default_factory=lambda: {"audio": [], "denoise": [], "decode": []})
 
     @property
     def ttff(self) -> float | None:
@@ -443,10 +460,10 @@ class StreamEngine:
         if self.async_decode and self.cfg.emit == "latency":
             yield from self._frames_latency(audio_chunks, n_chunks, stats)
             return
-        decode = ChunkDecoder(self.decoder)
+        decode = ChunkDecoder(self.decoder, stats.stages["decode"])
         cuda = self.device.startswith("cuda")
         side = torch.cuda.Stream() if cuda and self.async_decode else None
-        pool = ThreadPoolExecutor(1) if self.async_decode else None
+        pool = self._decode_pool() if self.async_decode else None
 
         pending: deque[tuple[Chunk, Future | np.ndarray]] = deque()
 
@@ -463,12 +480,10 @@ class StreamEngine:
         try:
             i = 0
             while n_chunks is None or i < n_chunks:
-                try:
-                    audio = audio_chunks(self.next_latent, self.chunk_size)
-                except StopIteration:
+                audio = self._audio(audio_chunks, stats)
+                if audio is ENDED:
                     break
-                chunk = self.next_chunk(audio)
-                stats.chunks += 1
+                chunk = self._next(audio, stats)
                 if not chunk.handed:  # a next_chunk that did not call ``hand`` (e.g. a batch of streams' chunks)
                     start_decode(chunk)
                 # the first chunk is shown as soon as it is decoded (not after the next chunk's denoising): the time
@@ -495,9 +510,9 @@ class StreamEngine:
         the caller gets a chunk's frames as soon as that decode is done, while the producer denoises the next chunk
         (or waits for its audio). At most one decoded chunk waits for the caller (bounded memory); an error on either
         thread is raised here; closing this generator stops the producer at its next chunk."""
-        decode = ChunkDecoder(self.decoder)
+        decode = ChunkDecoder(self.decoder, stats.stages["decode"])
         side = torch.cuda.Stream() if self.device.startswith("cuda") else None
-        pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        pool = self._decode_pool()
         handed: queue.Queue = queue.Queue(1)
         stop = threading.Event()
         end = object()
@@ -524,15 +539,14 @@ class StreamEngine:
             return False
 
         def produce() -> None:
+            name_thread("ts-producer")  # (its OpenMP workers, started by its first kernel, carry the name)
             try:
                 i = 0
                 while (n_chunks is None or i < n_chunks) and not stop.is_set():
-                    try:
-                        audio = audio_chunks(self.next_latent, self.chunk_size)
-                    except StopIteration:
+                    audio = self._audio(audio_chunks, stats)
+                    if audio is ENDED:
                         break
-                    chunk = self.next_chunk(audio)
-                    stats.chunks += 1
+                    chunk = self._next(audio, stats)
                     stats.denoise_s += chunk.denoise_s
                     if not chunk.handed:  # a next_chunk that did not call ``hand`` (e.g. a batch of streams' chunks)
                         start_decode(chunk)
@@ -545,7 +559,7 @@ class StreamEngine:
 
         self.hand = start_decode
 
-        producer = threading.Thread(target=produce, name="stream-producer", daemon=True)
+        producer = threading.Thread(target=produce, name="ts-producer", daemon=True)
         producer.start()
         try:
             while True:
@@ -560,6 +574,34 @@ class StreamEngine:
             producer.join()
             self.hand = None
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        """The decode worker: named ``ts-decode``; on a CPU ``cfg.decode_nice`` nicer than the denoiser."""
+        nice = 0 if self.device.startswith("cuda") else self.cfg.decode_nice
+
+        def init() -> None:
+            name_thread("ts-decode")
+            lower_thread_priority(nice)
+
+        return ThreadPoolExecutor(1, thread_name_prefix="ts-decode", initializer=init)
+
+    def _audio(self, audio_chunks: Callable[[int, int], torch.Tensor | None], stats: StreamStats):
+        """The next chunk's audio windows, or ``ENDED`` when the source has ended; its wall time into ``stats``."""
+        t0 = time.perf_counter()
+        try:
+            audio = audio_chunks(self.next_latent, self.chunk_size)
+        except StopIteration:
+            return ENDED
+        stats.stages["audio"].append(time.perf_counter() - t0)
+        return audio
+
+    def _next(self, audio: torch.Tensor | None, stats: StreamStats) -> Chunk:
+        """``next_chunk`` counted in ``stats`` (its wall time: denoising, a commit pass not deferred, the hand-off)."""
+        t0 = time.perf_counter()
+        chunk = self.next_chunk(audio)
+        stats.chunks += 1
+        stats.stages["denoise"].append(time.perf_counter() - t0)
+        return chunk
 
     @staticmethod
     def _emit(item, stats: StreamStats) -> Iterator[tuple[int, np.ndarray]]:

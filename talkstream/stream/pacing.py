@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from .threads import name_thread
+
 T = TypeVar("T")
 
 
@@ -98,6 +100,7 @@ def prefetch(items: Iterable[T], max_ahead: int = 48) -> Iterator[T]:
     done = object()
 
     def work() -> None:
+        name_thread("ts-prefetch")
         try:
             for item in items:
                 while not stop.is_set():
@@ -112,7 +115,7 @@ def prefetch(items: Iterable[T], max_ahead: int = 48) -> Iterator[T]:
         except BaseException as e:  # handed to the consumer
             q.put((done, e))
 
-    worker = threading.Thread(target=work, name="prefetch", daemon=True)
+    worker = threading.Thread(target=work, name="ts-prefetch", daemon=True)
     worker.start()
     try:
         while True:
