@@ -422,9 +422,6 @@ ALIASES: dict[tuple[str, str], str] = {("bench", "conversation"): "bench-convers
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .stream.threads import omp_environment
-
-    omp_environment()  # before anything loads torch: OpenMP's spin-wait for 2-core streaming (stream.threads)
     argv = list(sys.argv[1:] if argv is None else argv)
     if tuple(argv[:2]) in ALIASES:
         argv = [ALIASES[tuple(argv[:2])], *argv[2:]]

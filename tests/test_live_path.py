@@ -1,5 +1,5 @@
-"""The live path's threads on a CPU: the decode worker's priority and name, the per-stage record of a stream, the
-OpenMP spin-wait setting, per-thread CPU accounting, the decoder's pixel conversion. Behaviour only: the frames are
+"""The live path's threads on a CPU: the decode worker's priority and name, the per-stage record of a stream,
+per-thread CPU accounting, the decoder's pixel conversion. Behaviour only: the frames are
 the same with every setting; timings live in benchmarks (docs/speed.md)."""
 
 import os
@@ -14,14 +14,7 @@ from talkstream.models.config import dit_config, vae_config
 from talkstream.models.dit import WanDiT
 from talkstream.models.vae import CausalVAE
 from talkstream.stream.engine import AudioFeed, ChunkDecoder, StreamConfig, StreamEngine, StreamStats
-from talkstream.stream.threads import (
-    OMP_SPINCOUNT,
-    lower_thread_priority,
-    name_thread,
-    omp_environment,
-    thread_cpu_seconds,
-    thread_named,
-)
+from talkstream.stream.threads import lower_thread_priority, name_thread, thread_cpu_seconds, thread_named
 
 A = 384
 
@@ -136,23 +129,6 @@ def test_the_decoder_records_each_calls_time(models):
     dec(torch.randn(1, 8, 1, 4, 4))
     dec(torch.randn(1, 8, 2, 4, 4))
     assert len(times) == 2 and all(t > 0 for t in times)
-
-
-def test_omp_environment_sets_the_spin_count_and_keeps_the_users():
-    env = {}
-    assert omp_environment(env) == {"GOMP_SPINCOUNT": OMP_SPINCOUNT} and env == {"GOMP_SPINCOUNT": "10000"}
-    env = {"GOMP_SPINCOUNT": "300000"}
-    assert omp_environment(env) == {"GOMP_SPINCOUNT": "300000"}
-
-
-def test_the_command_line_sets_the_openmp_environment_first(monkeypatch):
-    """``talkstream ...`` puts the spin count into the environment before a command loads torch (a command that
-    fails at once still has it set)."""
-    from talkstream.cli import main
-
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert main(["bench", "soak", "--minutes", "0"]) == 2  # refused before any model loads
-    assert os.environ["GOMP_SPINCOUNT"] == OMP_SPINCOUNT
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux threads")

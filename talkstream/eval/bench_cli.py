@@ -215,7 +215,7 @@ def register(sub) -> None:
     b.add_argument("--minutes", type=float, default=60.0, help="soak: stream length")
     b.add_argument("--pace-delay", type=float, default=1.0, help="soak: playout buffer, seconds (eval.soak.PACE_DELAY)")
     b.add_argument("--emit", default="latency", choices=["latency", "overlapped"], help="soak: StreamConfig.emit")
-    b.add_argument("--decode-nice", type=int, help="soak: StreamConfig.decode_nice (default 10; 0: as the denoiser)")
+    b.add_argument("--decode-nice", type=int, help="soak: StreamConfig.decode_nice (default 0)")
     b.add_argument("--source", choices=["world", "dit"], help="the generic harness instead of the engine")
     b.add_argument("--config", default="small", help="--source dit: the DiT size (random weights)")
     b.add_argument("--seconds", type=float, default=10.0, help="--source world: clip length")

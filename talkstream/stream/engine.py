@@ -82,9 +82,9 @@ class StreamConfig:
     # cache_mode "commit": a chunk goes to the decoder before its commit pass (frames one pass sooner, same frames);
     # False: after it (the order before, kept to measure the difference)
     defer_commit: bool = True
-    # CPU: the decode worker (and the OpenMP workers it starts) runs this much nicer than the denoiser, which is the
-    # stream's critical path; same frames (stream.threads; 0: the same priority)
-    decode_nice: int = 10
+    # CPU: the decode worker (and the OpenMP workers it starts) runs this much nicer than the denoiser; same frames.
+    # Off: on 2 cores it did not raise the live stream's rate and doubled a chunk's decode time (docs/speed.md)
+    decode_nice: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:

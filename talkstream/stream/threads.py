@@ -1,21 +1,17 @@
-"""The streaming path's threads on a CPU: names the operating system shows, the decode worker's priority, and the
-OpenMP runtime's spin-wait.
+"""The streaming path's threads on a CPU: the names the operating system shows, per-thread CPU accounting, and the
+decode worker's priority.
 
-On two cores a live stream runs the denoiser (its thread + one OpenMP worker), the decoder (a worker thread + its
-own OpenMP worker), Whisper (CTranslate2's threads, its own OpenMP runtime) and the pacing threads. Each OpenMP team
-belongs to the thread that started it, so up to three teams share two cores:
+On two cores a live stream runs the denoiser (the producer thread + one OpenMP worker), the decoder (a worker thread
++ its own OpenMP worker), Whisper (CTranslate2's threads, with their own OpenMP runtime) and the pacing threads.
 
-- **spin-wait** (``GOMP_SPINCOUNT``): after each parallel region GNU OpenMP's workers spin for up to 300,000 pause
-  instructions (several ms on these cores) before they sleep; a team spinning between the denoiser's thousands of
-  small regions keeps a core from the other teams. ``omp_environment`` sets 10,000 (~0.25 ms), measured faster for
-  the live path on 2 cores (docs/speed.md). It is read when the runtime loads, so it must be in the environment
-  before ``torch`` is imported (the command line does it first); a value the user set is kept.
-- **the decode worker's priority** (``lower_thread_priority``): the denoiser is the stream's critical path (the next
-  chunk waits for it) while a chunk's decode has until the next chunk is denoised; a nicer decode thread (its
-  OpenMP workers inherit the nice value when they start) takes the cores when the denoiser leaves them (Whisper,
-  Python between kernels, waits for audio) instead of splitting every parallel region with it.
-- **names** (``name_thread``): the threads and the OpenMP workers they start carry the name in ``top -H`` and
-  ``/proc/<pid>/task/*/comm``; ``thread_cpu_seconds`` sums CPU time by that name (the soak's per-stage CPU).
+- **names** (``name_thread``, ``thread_named``): the threads and the OpenMP workers they start (which inherit the
+  name) show as ts-producer / ts-decode / ts-prefetch in ``top -H`` and ``/proc/<pid>/task/*/comm``;
+  ``thread_cpu_seconds`` sums CPU time by that name (the soak's CPU a chunk, per stage).
+- **the decode worker's priority** (``lower_thread_priority``, ``StreamConfig.decode_nice``): a nicer decode thread
+  (its OpenMP workers inherit the nice value when they start) leaves the cores to the denoiser. Measured on 2 cores
+  it did not raise the live stream's rate and doubled a chunk's decode time, so it is off by default
+  (docs/speed.md). OpenMP's spin-wait (``GOMP_SPINCOUNT``, read when the runtime loads) was measured the same way:
+  no difference beyond this machine's drift, so nothing sets it.
 """
 
 from __future__ import annotations
@@ -23,19 +19,10 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-OMP_SPINCOUNT = "10000"  # GNU OpenMP spin-wait iterations before a waiting worker sleeps (its default: 300,000)
 _PR_SET_NAME = 15
-
-
-def omp_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Put the OpenMP settings of the streaming path into ``environ`` (default ``os.environ``) unless already set;
-    returns what is in effect. Only a runtime loaded afterwards reads them (call before ``import torch``)."""
-    env = os.environ if environ is None else environ
-    env.setdefault("GOMP_SPINCOUNT", OMP_SPINCOUNT)
-    return {"GOMP_SPINCOUNT": env["GOMP_SPINCOUNT"]}
 
 
 def name_thread(name: str, os_name: str | None = None) -> None:
@@ -104,10 +91,8 @@ def thread_cpu_seconds(seen: dict[int, tuple[str, float]] | None = None) -> dict
 
 
 __all__ = [
-    "OMP_SPINCOUNT",
     "lower_thread_priority",
     "name_thread",
-    "omp_environment",
     "thread_cpu_seconds",
     "thread_named",
 ]
