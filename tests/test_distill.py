@@ -431,7 +431,6 @@ def test_the_gpu_pipeline_rehearses_on_cpu_and_resumes_on_a_fresh_machine(world,
 
     # the machine is taken back while dmd_lt2 runs: pretend it had not finished, and collect as the calls would
     (a / "runs" / "distill" / "DONE").unlink()
-    (a / "runs" / "distill" / "RULED").unlink()  # (no rule yet: `wait` hands back exports, not a chosen student)
     (a / "runs" / "dmd_lt2" / "metrics.json").unlink()
     os.utime(a / "runs" / "ode_init" / "metrics.json", (1e9, 1e9))  # older than dmd_lt2's export
     handed = tmp_path / "handed"

@@ -165,7 +165,7 @@ sys.exit(0 if want <= have else f'{sys.argv[1]}: missing {sorted(want - have)}')
 start)
   if [ "${INSTALL:-1}" = 1 ]; then device_install && echo "renderer ok" || exit 3; fi
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R/gpu.txt"
-  rm -f "$R/DONE" "$R/RULED"
+  rm -f "$R/DONE"
   setsid nohup bash "$0" run > "$R/pipeline.log" 2>&1 < /dev/null &
   sleep 3; echo "pipeline started${RESUME:+ (resuming: $RESUME)}"; cat "$R/pipeline.log" ;;
 unpack)  # FILE DIR: a tar.gz of weights (gzip gets bf16 weights to ~78%)
@@ -242,7 +242,6 @@ run)
   # shellcheck disable=SC2086
   python3 tools/device/distill_rule.py "$R" ${RULE_ARGS:-} > "$R/rule.txt" 2>&1
   log "rule exit $?; done after $((SECONDS - T0)) s"
-  touch "$R/RULED"
   touch "$R/DONE" ;;
 wait)  # SECONDS: until DONE (or SECONDS); then the logs, suites, and the newest weights (the chosen student at DONE)
   deadline=$((SECONDS + ${1:-540}))
@@ -256,11 +255,11 @@ wait)  # SECONDS: until DONE (or SECONDS); then the logs, suites, and the newest
   cp "$R"/*.txt "$R"/*.json "$R"/pipeline.log "$t"/ 2>/dev/null  # (the GIFs come with fetch: 64 MiB a call)
   for d in runs/*/; do n=$(basename "$d"); for f in log.jsonl metrics.json loss.png; do cp "$d$f" "$t/${n}_$f" 2>/dev/null; done; done
   tar -cf "$OUT/logs.tar" -C "$t" .
-  if [ -f "$R/DONE" ] || [ -f "$R/RULED" ]; then
+  if [ -f "$R/DONE" ]; then
     cat "$R/rule.txt"
     ship=$(python3 -c "import json; print(json.load(open('$R/ship.json')).get('hand_back') or '')" 2>/dev/null)
     [ -n "$ship" ] && ship_files "$ship"
-    if [ -f "$R/DONE" ]; then echo DONE; else echo "RULED (BENCH still running)"; fi
+    echo DONE
   else
     checkpoint_back
   fi
