@@ -33,3 +33,22 @@ def tiny_weights(tmp_path_factory):
     vae = CausalVAE(vae_config("tiny"))
     save_checkpoint(d / "vae.safetensors", vae, "vae", vae.cfg)
     return d
+
+
+@pytest.fixture(scope="module")
+def stream_models():
+    """A tiny random DiT (eval) and VAE for the streaming tests: the zero-initialised head and audio adapters get
+    weight, so every input (audio included) changes the output."""
+    import torch
+
+    from talkstream.models.config import dit_config, vae_config
+    from talkstream.models.dit import WanDiT
+    from talkstream.models.vae import CausalVAE
+
+    torch.manual_seed(0)
+    dit = WanDiT(dit_config("tiny")).eval()
+    with torch.no_grad():
+        for n, p in dit.named_parameters():
+            if "audio" in n or not p.any():
+                p.normal_(0, 0.05)
+    return dit, CausalVAE(vae_config("tiny")).eval()

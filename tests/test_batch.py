@@ -5,9 +5,6 @@ import threading
 import pytest
 import torch
 
-from talkstream.models.config import dit_config
-from talkstream.models.dit import WanDiT
-from talkstream.models.vae import CausalVAE
 from talkstream.stream.batch import ChunkBatcher, batch_key, next_chunks
 from talkstream.stream.engine import StreamConfig, StreamEngine
 
@@ -16,19 +13,6 @@ CONFIGS = {
     "few_step_forcing": dict(sampler="few_step", timesteps=(1000, 500), cache_mode="timestep_forcing"),
     "euler_guided": dict(sampler="euler", steps=2, audio_guidance=2.0),
 }
-
-
-@pytest.fixture(scope="module")
-def models():
-    from talkstream.models.config import vae_config
-
-    torch.manual_seed(0)
-    dit = WanDiT(dit_config("tiny")).eval()
-    with torch.no_grad():  # zero-initialised head / adapters: give them weight so every input matters
-        for n, p in dit.named_parameters():
-            if "audio" in n or not p.any():
-                p.normal_(0, 0.05)
-    return dit, CausalVAE(vae_config("tiny")).eval()
 
 
 def _inputs(dit, i: int, tokens: int):
@@ -45,8 +29,8 @@ def _audio(dit, engine, chunk_index: int, i: int):
     return torch.randn(engine.chunk_size, dit.cfg.audio_tokens_per_frame, dit.cfg.audio_dim, generator=g)
 
 
-def _engines(models, cfg: StreamConfig, n: int):
-    dit, vae = models
+def _engines(stream_models, cfg: StreamConfig, n: int):
+    dit, vae = stream_models
     out = []
     for i in range(n):
         e = StreamEngine(dit, vae, StreamConfig(**{**cfg.__dict__, "seed": i}))
@@ -57,10 +41,10 @@ def _engines(models, cfg: StreamConfig, n: int):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_batched_chunks_equal_separate_streams(models, name):
-    dit, _ = models
+def test_batched_chunks_equal_separate_streams(stream_models, name):
+    dit, _ = stream_models
     cfg = StreamConfig(chunk=2, window=4, **CONFIGS[name])
-    alone, together = _engines(models, cfg, 2), _engines(models, cfg, 2)
+    alone, together = _engines(stream_models, cfg, 2), _engines(stream_models, cfg, 2)
     for c in range(3):  # past the window's filling (2 chunks of 2): the cache rolls
         want = [e.next_chunk(_audio(dit, e, c, i)) for i, e in enumerate(alone)]
         assert len({batch_key(e) for e in together}) == 1  # one pass for both
@@ -76,10 +60,10 @@ def test_batched_chunks_equal_separate_streams(models, name):
             assert b.cache.k[layer].shape[0] == 1
 
 
-def test_streams_at_different_fill_fall_back_to_one_by_one(models):
-    dit, _ = models
+def test_streams_at_different_fill_fall_back_to_one_by_one(stream_models):
+    dit, _ = stream_models
     cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500))
-    alone, together = _engines(models, cfg, 2), _engines(models, cfg, 2)
+    alone, together = _engines(stream_models, cfg, 2), _engines(stream_models, cfg, 2)
     alone[0].next_chunk(_audio(dit, alone[0], 0, 0))
     together[0].next_chunk(_audio(dit, together[0], 0, 0))  # one stream a chunk ahead: its window holds more
     assert batch_key(together[0]) != batch_key(together[1])
@@ -91,10 +75,10 @@ def test_streams_at_different_fill_fall_back_to_one_by_one(models):
         next_chunks(together, [None])
 
 
-def test_batcher_gathers_threads_into_one_pass(models):
-    dit, _ = models
+def test_batcher_gathers_threads_into_one_pass(stream_models):
+    dit, _ = stream_models
     cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500), cache_mode="timestep_forcing")
-    alone, threaded = _engines(models, cfg, 3), _engines(models, cfg, 3)
+    alone, threaded = _engines(stream_models, cfg, 3), _engines(stream_models, cfg, 3)
     n_chunks = 4
     want = [[e.next_chunk(_audio(dit, e, c, i)).latents for c in range(n_chunks)] for i, e in enumerate(alone)]
     batcher = ChunkBatcher(max_batch=3, gather_s=2.0)  # generous: the test's threads may start late
@@ -128,10 +112,10 @@ def test_batcher_gathers_threads_into_one_pass(models):
     assert sum(batcher.batches) == 3 * n_chunks
 
 
-def test_batcher_reports_a_failure_to_every_request(models):
-    dit, _ = models
+def test_batcher_reports_a_failure_to_every_request(stream_models):
+    dit, _ = stream_models
     cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500))
-    engines = _engines(models, cfg, 2)
+    engines = _engines(stream_models, cfg, 2)
     batcher = ChunkBatcher(max_batch=2, gather_s=2.0)
     for e in engines:
         batcher.attach(e)
@@ -152,12 +136,12 @@ def test_batcher_reports_a_failure_to_every_request(models):
     assert len(errors) == 2
 
 
-def test_a_deferred_commit_pass_enters_the_cache_before_a_batch(models):
+def test_a_deferred_commit_pass_enters_the_cache_before_a_batch(stream_models):
     """An engine whose last chunk's commit pass waits (``StreamEngine.hand``, the engine's decode-first order) has it
     run before its cache is stacked: the batch reads the same history as the engine alone."""
-    dit, _ = models
+    dit, _ = stream_models
     cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500))
-    alone, together = _engines(models, cfg, 2), _engines(models, cfg, 2)
+    alone, together = _engines(stream_models, cfg, 2), _engines(stream_models, cfg, 2)
     for e in together:
         e.hand = lambda chunk: True  # every commit pass deferred to finish_chunk / the next chunk
     for c in range(3):

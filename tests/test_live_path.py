@@ -10,24 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from talkstream.models.config import dit_config, vae_config
-from talkstream.models.dit import WanDiT
-from talkstream.models.vae import CausalVAE
 from talkstream.stream.engine import AudioFeed, ChunkDecoder, StreamConfig, StreamEngine, StreamStats
 from talkstream.stream.threads import lower_thread_priority, name_thread, thread_cpu_seconds, thread_named
 
 A = 384
-
-
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    dit = WanDiT(dit_config("tiny")).eval()
-    with torch.no_grad():
-        for n, p in dit.named_parameters():
-            if "audio" in n or not p.any():
-                p.normal_(0, 0.05)
-    return dit, CausalVAE(vae_config("tiny")).eval()
 
 
 def _stream(dit, vae, n_chunks=4, stats=None, **cfg):
@@ -46,8 +32,8 @@ def _comm(tid: int) -> str:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux threads")
 @pytest.mark.parametrize("emit", ["latency", "overlapped"])
-def test_a_nicer_decode_thread_decodes_the_same_frames(models, monkeypatch, emit):
-    dit, vae = models
+def test_a_nicer_decode_thread_decodes_the_same_frames(stream_models, monkeypatch, emit):
+    dit, vae = stream_models
     seen = []
     call = ChunkDecoder.__call__
 
@@ -72,8 +58,8 @@ def test_a_nicer_decode_thread_decodes_the_same_frames(models, monkeypatch, emit
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux threads")
-def test_the_latency_producer_thread_is_named(models, monkeypatch):
-    dit, vae = models
+def test_the_latency_producer_thread_is_named(stream_models, monkeypatch):
+    dit, vae = stream_models
     names = []
     nxt = StreamEngine.next_chunk
 
@@ -87,8 +73,8 @@ def test_the_latency_producer_thread_is_named(models, monkeypatch):
 
 
 @pytest.mark.parametrize("emit", ["latency", "overlapped"])
-def test_stream_stats_record_each_stage_of_each_chunk(models, emit):
-    dit, vae = models
+def test_stream_stats_record_each_stage_of_each_chunk(stream_models, emit):
+    dit, vae = stream_models
     stats = StreamStats()
     _stream(dit, vae, n_chunks=3, stats=stats, emit=emit)
     assert stats.chunks == 3 and set(stats.stages) == {"audio", "denoise", "decode"}
@@ -122,8 +108,8 @@ def test_the_decoders_pixels_are_the_formulas_for_either_decoder_dtype():
         assert (got == want).all() and torch.equal(y, kept)
 
 
-def test_the_decoder_records_each_calls_time(models):
-    _, vae = models
+def test_the_decoder_records_each_calls_time(stream_models):
+    _, vae = stream_models
     times = []
     dec = ChunkDecoder(vae, times)
     dec(torch.randn(1, 8, 1, 4, 4))

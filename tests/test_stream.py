@@ -15,18 +15,6 @@ from talkstream.stream.engine import AudioFeed, StreamConfig, StreamEngine
 A = 384
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    dit = WanDiT(dit_config("tiny")).eval()
-    with torch.no_grad():  # head and audio adapter are zero-initialised: give them weight so outputs matter
-        for n, p in dit.named_parameters():
-            if "audio" in n or not p.any():
-                p.normal_(0, 0.05)
-    vae = CausalVAE(vae_config("tiny")).eval()
-    return dit, vae
-
-
 def _ref(seed=1):
     return torch.randn(1, 8, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
 
@@ -69,8 +57,8 @@ def _run(dit, vae, cfg, feats, step=None, n_chunks=None):
     return eng, torch.cat(lat, 2), frames, feed
 
 
-def test_streamed_equals_offline_and_chunked_decode(models):
-    dit, vae = models
+def test_streamed_equals_offline_and_chunked_decode(stream_models):
+    dit, vae = stream_models
     cfg = StreamConfig(chunk=2, window=4, steps=3)
     feats = _features(3.0)
     _, lat_live, frames_live, feed = _run(dit, vae, cfg, feats, step=7)
@@ -109,8 +97,8 @@ def test_streamed_equals_offline_and_chunked_decode(models):
     assert len(feed.buf) < 2 * 4 * 4 + 16  # fed features are dropped once no window needs them
 
 
-def test_audio_changes_the_stream(models):
-    dit, vae = models
+def test_audio_changes_the_stream(stream_models):
+    dit, vae = stream_models
     cfg = StreamConfig(chunk=2, window=4, steps=2)
     _, a, _, _ = _run(dit, vae, cfg, _features(1.0, seed=2))
     _, b, _, _ = _run(dit, vae, cfg, _features(1.0, seed=3))
@@ -123,8 +111,8 @@ def _sink_keys(dit, latents):
     return cache.sink_k[0]
 
 
-def test_anchor_reference_and_anchor_heavy(models):
-    dit, vae = models
+def test_anchor_reference_and_anchor_heavy(stream_models):
+    dit, vae = stream_models
     eng, *_ = _run(dit, vae, StreamConfig(chunk=2, window=4, steps=2), _features(1.0), n_chunks=2)
     assert eng.cache.n_sink == 1
     torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, _ref()))
@@ -139,8 +127,8 @@ def test_anchor_reference_and_anchor_heavy(models):
     torch.testing.assert_close(eng.cache.sink_k[0], _sink_keys(dit, _ref().repeat(1, 1, 3, 1, 1)))
 
 
-def test_anchor_rolling_sink_replaces_reference_by_first_generated_frame(models):
-    dit, vae = models
+def test_anchor_rolling_sink_replaces_reference_by_first_generated_frame(stream_models):
+    dit, vae = stream_models
     eng, lat, *_ = _run(
         dit, vae, StreamConfig(chunk=2, window=4, steps=2, anchor="rolling_sink"), _features(2.0), n_chunks=3
     )
@@ -150,8 +138,8 @@ def test_anchor_rolling_sink_replaces_reference_by_first_generated_frame(models)
     assert (eng.cache.sink_k[0] - _sink_keys(dit, _ref())).abs().max() > 1e-3
 
 
-def test_anchor_memory_bank_and_refinement(models):
-    dit, vae = models
+def test_anchor_memory_bank_and_refinement(stream_models):
+    dit, vae = stream_models
     cfg = StreamConfig(chunk=2, steps=2, anchor="memory_bank", long_term_every=2, long_term_size=3, short_term=2)
     eng, lat, *_ = _run(dit, vae, cfg, _features(6.0), n_chunks=8)
     assert len(eng.long_term) == 3 and eng.cache.n_sink == 4  # reference + 3 long-term latents
@@ -167,8 +155,8 @@ def test_anchor_memory_bank_and_refinement(models):
     assert (eng_r.cache.k[0] - eng_n.cache.k[0]).abs().max() > 1e-4  # ... and the window now holds the repair
 
 
-def test_memory_and_positions_bounded_over_a_long_stream(models):
-    dit, vae = models
+def test_memory_and_positions_bounded_over_a_long_stream(stream_models):
+    dit, vae = stream_models
     eng = StreamEngine(
         dit, vae, StreamConfig(chunk=2, short_term=2, steps=1, anchor="memory_bank", long_term_every=3, refine_every=5)
     )
@@ -197,7 +185,6 @@ def test_stream_config_errors():
 def test_teacher_generates_window_by_window():
     """The offline teacher samples windows of its trained length; later windows start from the previous
     window's last latents (clean motion latents), so generating further never changes what came before."""
-    from talkstream.models.config import dit_config, vae_config
     from talkstream.models.dit import WanDiT
     from talkstream.models.vae import CausalVAE
     from talkstream.stream.offline import OfflineGenerator
@@ -232,7 +219,6 @@ def test_reference_init_starts_the_teachers_sampling_from_the_noised_reference()
     """``reference_init`` s < 1: the schedule starts at s (then the sigmas below it), and the new latents start as the
     reference latent noised to s, so s -> 0 returns the reference itself in every frame; 1 is the plain sampler."""
     from talkstream.diffusion.flow import reference_sigmas
-    from talkstream.models.config import dit_config, vae_config
     from talkstream.stream.engine import ChunkDecoder
     from talkstream.stream.offline import OfflineGenerator, frames_to_video
 
@@ -261,10 +247,10 @@ def test_reference_init_starts_the_teachers_sampling_from_the_noised_reference()
         OfflineGenerator(dit, vae, size=32, reference_init=0.0).generate(ref, feats, 9)
 
 
-def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(models):
+def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(stream_models):
     """The engine's ``reference_init``: every chunk starts at that sigma from the reference latent, so a start near 0
     commits the reference itself; 1 (the default) is the plain stream; outside (0, 1] is an error."""
-    dit, vae = models
+    dit, vae = stream_models
     cfg = StreamConfig(chunk=2, window=4, steps=4)
     _, plain, _, _ = _run(dit, vae, cfg, _features(), n_chunks=2)
     _, same, _, _ = _run(
@@ -284,10 +270,10 @@ def test_reference_init_starts_each_stream_chunk_from_the_noised_reference(model
         StreamConfig(reference_init=1.5)
 
 
-def test_start_from_previous_starts_each_later_chunk_from_the_last_committed_latent(models):
+def test_start_from_previous_starts_each_later_chunk_from_the_last_committed_latent(stream_models):
     """``start_from="previous"``: the first chunk starts from the reference, each later one from the last latent
     the stream committed (near sigma 0 a chunk commits its start, so what it started from reads back)."""
-    dit, vae = models
+    dit, vae = stream_models
     other = torch.randn_like(_ref())
     for start_from, expect in (("reference", _ref()), ("previous", other)):
         cfg = StreamConfig(chunk=2, window=4, steps=4, reference_init=1e-6, start_from=start_from)
@@ -309,7 +295,6 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
     shift: its own 3; default start: the teacher's ``TEACHER_REFERENCE_INIT``)."""
     from talkstream.eval.evaluate import checkpoint_generator
     from talkstream.models.checkpoint import save_checkpoint
-    from talkstream.models.config import dit_config, vae_config
     from talkstream.models.dit import WanDiT
     from talkstream.models.vae import CausalVAE
     from talkstream.stream.offline import TEACHER_REFERENCE_INIT
@@ -382,8 +367,8 @@ def test_suite_generator_passes_the_timestep_shift(tmp_path):
     assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])  # --noise-seed
 
 
-def test_a_moving_sink_keeps_the_identity_reference_for_ref_concat(models):
-    dit, vae = models
+def test_a_moving_sink_keeps_the_identity_reference_for_ref_concat(stream_models):
+    dit, vae = stream_models
     rc = WanDiT(DiTConfig.from_dict({**dit.cfg.to_dict(), "ref_concat": True})).eval()
     rc.load_state_dict(dit.state_dict(), strict=False)
     with torch.no_grad():
@@ -423,14 +408,14 @@ def test_a_prompt_track_gives_each_window_its_middle_latents_caption():
         PromptTrack.from_captions([], encode)
 
 
-def test_teacher_and_engine_follow_a_prompt_track(models):
+def test_teacher_and_engine_follow_a_prompt_track(stream_models):
     """A track that never changes is the one caption (bit-equal); one that changes moves only what comes after
     the change: the teacher's later windows, the engine's later chunks."""
     from talkstream.stream.avatar import Avatar
     from talkstream.stream.offline import OfflineGenerator
     from talkstream.stream.prompts import PromptTrack
 
-    dit, vae = models
+    dit, vae = stream_models
     dit.checkpoint_info = dict(window_latents=3, motion_latents=1, look_back=0, look_ahead=0)
     ref = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     feats = _features(1.0)

@@ -5,26 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from talkstream.models.config import dit_config, vae_config
-from talkstream.models.dit import WanDiT
-from talkstream.models.vae import CausalVAE
 from talkstream.stream.accel import cpu_has_bf16, set_threads, stream_dtype
 from talkstream.stream.chunk import denoise_chunk
 from talkstream.stream.engine import AudioFeed, ChunkDecoder, StreamConfig, StreamEngine, StreamStats
 from talkstream.stream.pacing import PacingStats, paced, percentiles, prefetch
 
 A = 384
-
-
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    dit = WanDiT(dit_config("tiny")).eval()
-    with torch.no_grad():
-        for n, p in dit.named_parameters():
-            if "audio" in n or not p.any():
-                p.normal_(0, 0.05)
-    return dit, CausalVAE(vae_config("tiny")).eval()
 
 
 def _ref(seed=1):
@@ -47,8 +33,8 @@ def _spy(dit):
 
 
 @pytest.mark.parametrize("sampler", ["few_step", "euler"])
-def test_timestep_forcing_caches_the_last_steps_own_keys_instead_of_a_commit_pass(models, monkeypatch, sampler):
-    dit, _ = models
+def test_timestep_forcing_caches_the_last_steps_own_keys_instead_of_a_commit_pass(stream_models, monkeypatch, sampler):
+    dit, _ = stream_models
     sig = StreamConfig(sampler=sampler, steps=3, timesteps=(1000, 750, 500)).sigmas()
     out, caches, calls = {}, {}, {}
     for mode in ("commit", "timestep_forcing"):
@@ -80,8 +66,8 @@ def test_timestep_forcing_caches_the_last_steps_own_keys_instead_of_a_commit_pas
     assert caches["timestep_forcing"].next_frame == caches["commit"].next_frame == 2
 
 
-def test_timestep_forcing_with_audio_guidance_reads_the_cache_before_writing(models, monkeypatch):
-    dit, _ = models
+def test_timestep_forcing_with_audio_guidance_reads_the_cache_before_writing(stream_models, monkeypatch):
+    dit, _ = stream_models
     sig = StreamConfig(sampler="few_step", timesteps=(1000, 500)).sigmas()
     cache = dit.new_cache(window=4)
     dit.prefill_sinks(_ref(), cache)
@@ -130,8 +116,8 @@ def _stream(dit, vae, cfg, n_chunks, warm=False):
     return eng, frames, asked, sizes
 
 
-def test_a_first_chunk_of_one_latent_shows_one_frame_first(models):
-    dit, vae = models
+def test_a_first_chunk_of_one_latent_shows_one_frame_first(stream_models):
+    dit, vae = stream_models
     eng, frames, asked, sizes = _stream(dit, vae, StreamConfig(chunk=2, window=4, steps=2, first_chunk=1), 3)
     assert sizes == [1, 2, 2] and asked == [(0, 1), (1, 2), (3, 2)]
     idx = [i for i, _ in frames]
@@ -139,8 +125,8 @@ def test_a_first_chunk_of_one_latent_shows_one_frame_first(models):
     assert eng.cache.next_frame == 5 and eng.cache.n_context == 4
 
 
-def test_warm_up_leaves_the_stream_as_started(models):
-    dit, vae = models
+def test_warm_up_leaves_the_stream_as_started(stream_models):
+    dit, vae = stream_models
     cfg = StreamConfig(chunk=2, window=4, steps=2, first_chunk=1, cache_mode="timestep_forcing")
     _, cold, *_ = _stream(dit, vae, cfg, 3)
     eng, warm, *_ = _stream(dit, vae, cfg, 3, warm=True)
@@ -237,8 +223,8 @@ def test_stream_dtype_follows_the_device_and_the_cpu():
 
 @pytest.mark.parametrize("anchor", ["reference", "anchor_heavy", "rolling_sink"])
 @pytest.mark.parametrize("cache_mode", ["commit", "timestep_forcing"])
-def test_the_prepared_runner_streams_what_the_plain_passes_stream(models, anchor, cache_mode):
-    dit, vae = models
+def test_the_prepared_runner_streams_what_the_plain_passes_stream(stream_models, anchor, cache_mode):
+    dit, vae = stream_models
     cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500), anchor=anchor)
     cfg = StreamConfig(**{**cfg.__dict__, "cache_mode": cache_mode, "first_chunk": 1})
     plain, frames_plain, *_ = _stream(dit, vae, cfg, 5)
@@ -264,8 +250,8 @@ def _emit_stream(dit, vae, emit, n_chunks=4, audio_for=None, async_decode=True):
     return eng, eng.frames(audio_for or feed.windows, n_chunks=n_chunks), feed
 
 
-def test_latency_emit_streams_the_same_frames_in_the_same_order(models):
-    dit, vae = models
+def test_latency_emit_streams_the_same_frames_in_the_same_order(stream_models):
+    dit, vae = stream_models
     out = {}
     for emit, sync in (("overlapped", False), ("latency", False), ("latency", True)):
         _, frames, _ = _emit_stream(dit, vae, emit, async_decode=not sync)
@@ -285,13 +271,13 @@ def test_latency_emit_streams_the_same_frames_in_the_same_order(models):
 
 
 @pytest.mark.parametrize("emit", ["overlapped", "latency"])
-def test_latency_emit_shows_a_chunk_while_the_next_chunks_audio_is_still_coming(models, emit):
+def test_latency_emit_shows_a_chunk_while_the_next_chunks_audio_is_still_coming(stream_models, emit):
     """Live audio: chunk 2's audio arrives only after the viewer has seen chunk 1 (or after 1 s). With
     ``emit="latency"`` chunk 1's frames leave as soon as they are decoded, without waiting for chunk 2; the
     overlapped mode holds them until chunk 2 has been denoised, so its audio wait runs out first."""
     import threading
 
-    dit, vae = models
+    dit, vae = stream_models
     seen_chunk1 = threading.Event()
     waited_out = []
     feed = AudioFeed(0, 0)
@@ -312,10 +298,10 @@ def test_latency_emit_shows_a_chunk_while_the_next_chunks_audio_is_still_coming(
     assert waited_out == [emit == "overlapped"]
 
 
-def test_latency_emit_raises_the_producers_error_and_stops_when_closed(models):
+def test_latency_emit_raises_the_producers_error_and_stops_when_closed(stream_models):
     import threading
 
-    dit, vae = models
+    dit, vae = stream_models
 
     def broken(first, k):
         if first > 0:
@@ -362,7 +348,7 @@ def _reference_frames(dit, vae, cfg, audio, n_chunks):
     ],
 )
 def test_the_commit_pass_runs_after_the_chunk_is_handed_to_the_decoder_with_the_same_frames(
-    models, monkeypatch, emit, extra
+    stream_models, monkeypatch, emit, extra
 ):
     """cache_mode="commit": a chunk's commit pass writes keys/values only the next chunk reads, so the engine hands
     the clean chunk to its decoder first. Every commit pass here waits until that chunk has been decoded (it would
@@ -372,7 +358,7 @@ def test_the_commit_pass_runs_after_the_chunk_is_handed_to_the_decoder_with_the_
 
     from talkstream.stream import engine as engine_mod
 
-    dit, vae = models
+    dit, vae = stream_models
     kw = dict(sampler="few_step", timesteps=(1000, 500), chunk=2, window=4, first_chunk=1, cache_mode="commit")
     cfg = StreamConfig(**{**kw, **extra, "emit": "latency" if emit == "latency" else "overlapped"})
     feed_audio = np.random.default_rng(3).standard_normal((600, A)).astype(np.float32)
@@ -424,7 +410,7 @@ def test_the_commit_pass_runs_after_the_chunk_is_handed_to_the_decoder_with_the_
     torch.testing.assert_close(eng.next_chunk(audio).latents, ref_eng.next_chunk(audio).latents, atol=0, rtol=0)
 
 
-def test_a_busy_caller_does_not_hold_up_the_commit_pass_in_latency_emit(models, monkeypatch):
+def test_a_busy_caller_does_not_hold_up_the_commit_pass_in_latency_emit(stream_models, monkeypatch):
     """emit="latency", cache_mode="commit": while the caller is still busy with chunk 0's frames, the producer
     denoises chunk 1 (handed at once), then chunk 2, whose hand-off finds the caller busy: chunk 2's commit pass
     runs anyway and only the hand-off waits."""
@@ -432,7 +418,7 @@ def test_a_busy_caller_does_not_hold_up_the_commit_pass_in_latency_emit(models, 
 
     from talkstream.stream import engine as engine_mod
 
-    dit, vae = models
+    dit, vae = stream_models
     commits = []
     three = threading.Event()
     orig = engine_mod.commit_chunk
