@@ -8,7 +8,7 @@
 R=${R:-runs/distill}
 g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -q H200 && echo h200 || echo h100)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-timeout 110 python3 benchmarks/livetalk_speed.py --device cuda --compile yes \
+timeout 150 python3 benchmarks/livetalk_speed.py --device cuda --compile yes --ttff-repeats 4 \
   --out "$R/livetalk_speed_512_deferred_commit_$g.json"
 echo "livetalk_speed exit $?"
 # the embedded avatar's shards stay out of a slim tree: the pipeline's unpacked copies stand in (copied only now:
