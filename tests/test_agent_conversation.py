@@ -212,3 +212,64 @@ def test_audio_native_model_answers_speech_with_speech(avatar, asr):
     speech = [f for f in rec.frames() if f.speech]
     assert speech[0].caption == "speaks calmly" and all(np.abs(f.audio).max() > 0 for f in speech[:3])
     assert rec.states()[:4] == ["idle", "listening", "thinking", "speaking"]
+
+
+def test_the_reply_is_prepared_in_the_closing_silence_and_shown_only_when_the_turn_ends(avatar, asr):
+    question = np.concatenate([np.zeros(4000, np.float32), spoken("How are you today?")])
+
+    async def run():
+        app = chat_app(REPLY)
+        with serve_in_thread(app) as url:
+            conv = Conversation(avatar, asr, OpenAIChatLLM(url), EspeakTTS(), image=_reference())
+            await conv.start()
+            rec = Recorder(conv)
+            await say(conv, question)
+            await rec.until(lambda: any(f.speech for f in rec.frames()), conv, 240)
+            await conv.close()
+            await rec.task
+            return rec, conv, app.state.requests
+
+    rec, conv, requests = asyncio.run(run())
+    p = conv.preemptive  # (a pause between words may have started one that the next word dropped)
+    assert p["released"] == 1 and p["dropped"] == p["prepared"] - 1, p
+    turn = conv.turns[0]
+    assert turn.preempted and turn.asr_done < turn.tts_first
+    assert turn.tts_first >= turn.vad_end  # its speech went to the avatar only once the VAD had ended the turn
+    assert 1 <= len(requests) <= p["prepared"] and "how are you" in requests[-1]["messages"][-1]["content"].lower()
+    events = rec.events()
+    thinking = next(k for k, e in enumerate(events) if e.type == "state" and e.data["state"] == "thinking")
+    before = [e for e in events[:thinking] if e.type == "transcript"]  # nothing of the reply before the turn ended
+    assert all(e.data["role"] == "user" and not e.data["final"] for e in before), [e.message() for e in before]
+    assert [m["role"] for m in conv.history] == ["user", "assistant"]
+
+
+def test_speech_after_a_pause_drops_the_prepared_reply_and_the_whole_turn_is_answered(avatar, asr):
+    first, second = spoken("How are you"), spoken("on this sunny morning?")
+    first = first[: np.nonzero(np.abs(first) > 0.01)[0][-1] + 320]  # without espeak-ng's closing 0.33 s of silence
+    pause = np.zeros(int(0.35 * 16000), np.float32)  # longer than preemptive_silence (0.1 s), shorter than the turn's
+    # end (0.5 s)
+
+    async def run():
+        app = chat_app(REPLY)
+        with serve_in_thread(app) as url:
+            conv = Conversation(avatar, asr, OpenAIChatLLM(url), EspeakTTS(), image=_reference())
+            await conv.start()
+            rec = Recorder(conv)
+            await say(conv, np.concatenate([np.zeros(4000, np.float32), first, pause]))
+            prepared_in_pause = conv.preemptive["prepared"]
+            await say(conv, second)
+            await rec.until(lambda: any(f.speech for f in rec.frames()), conv, 240)
+            await conv.close()
+            await rec.task
+            return rec, conv, app.state.requests, prepared_in_pause
+
+    rec, conv, requests, prepared_in_pause = asyncio.run(run())
+    p = conv.preemptive
+    assert prepared_in_pause >= 1 and p["dropped"] >= 1 and p["released"] == 1, p
+    finals = [e.data["text"].lower() for e in rec.events("transcript") if e.data["role"] == "user" and e.data["final"]]
+    assert len(finals) == 1 and "morning" in finals[0], finals  # one turn, both parts of it
+    assert "morning" in requests[-1]["messages"][-1]["content"].lower()
+    assert [m["role"] for m in conv.history] == ["user", "assistant"]
+    assert "morning" in conv.history[0]["content"].lower()
+    assert len({f.reply for f in rec.frames() if f.speech}) == 1
+    assert rec.states().count("thinking") == 1

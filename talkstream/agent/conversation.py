@@ -11,7 +11,10 @@ States: ``idle`` -> ``listening`` (the user speaks; partial transcripts) -> ``th
 the model) -> ``speaking`` (reply frames carry speech) -> ``idle``. The reply is streamed: the model's text is cut
 into sentences, each synthesised and queued to the avatar as soon as it is complete. Barge-in: speech onset while the
 avatar talks (or thinks) cancels the reply, drops its queued speech and frames, and mutes its audio already in flight;
-a ``clear`` event tells the player to drop what it has scheduled. Failures of a stage become ``error`` events (the
+a ``clear`` event tells the player to drop what it has scheduled. Preemptive reply: once the user has been silent for
+``preemptive_silence`` (shorter than the VAD's end-of-turn silence) the reply is prepared (transcript, the model's
+first sentence, its speech) and held; the VAD's end of the turn releases it, speech before that drops it unseen.
+Failures of a stage become ``error`` events (the
 model down or slow: a spoken apology; a synthesis failure: the text reply still shows) and the session goes on.
 Queues are bounded: a reader that falls behind loses video images first (their audio is kept).
 """
@@ -33,7 +36,7 @@ from .audio import SAMPLE_RATE, AudioFormatError, check_rate, to_16k
 from .avatar_loop import AvatarLoop, MediaFrame
 from .llm import SYSTEM_PROMPT, LLMError, sentences
 from .tts import TTSError
-from .vad import SileroVAD, TurnSegmenter, VADConfig
+from .vad import WINDOW, SileroVAD, TurnSegmenter, VADConfig
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ConversationConfig:
     max_reply_chars: int = 400  # a reply is cut after this much text
     max_reply_sentences: int = 3  # or after this many sentences (small models ignore "one or two sentences")
     max_queue: int = 200  # items waiting for the reader; beyond it video images are dropped (audio kept)
+    preemptive_silence: float | None = 0.1  # seconds of silence in a turn before its reply is prepared (None: off)
     vad: VADConfig = field(default_factory=VADConfig)
 
 
@@ -69,10 +73,11 @@ class TurnTimes:
     first_sentence: float | None = None
     tts_first: float | None = None  # first reply audio synthesised and queued to the avatar
     first_frame: float | None = None  # first frame carrying reply speech left the engine
+    preempted: bool = False  # prepared during the closing silence: stages done before the VAD's end count 0
 
     def breakdown(self) -> dict:
         def d(a, b):
-            return None if a is None or b is None else round(b - a, 3)
+            return None if a is None or b is None else round(max(0.0, b - a), 3)
 
         return dict(
             vad_s=d(self.speech_end, self.vad_end),
@@ -84,6 +89,16 @@ class TurnTimes:
             reply_audio_s=d(self.speech_end, self.tts_first),
             reply_frame_s=d(self.speech_end, self.first_frame),
         )
+
+
+@dataclass
+class _Preemptive:
+    """A reply prepared for the speech up to ``end`` (a sample index), held until the VAD ends the turn there."""
+
+    end: int
+    task: asyncio.Task
+    gate: asyncio.Event
+    turn: TurnTimes
 
 
 class Conversation:
@@ -118,6 +133,8 @@ class Conversation:
         self._wake = asyncio.Event()
         self._reply_task: asyncio.Task | None = None
         self._partial_task: asyncio.Task | None = None
+        self._pre: _Preemptive | None = None
+        self.preemptive = dict(prepared=0, released=0, dropped=0)  # replies prepared in a closing silence
         self._reply_ids = itertools.count()
         self._reply = -1  # the reply being spoken (or prepared)
         self._turn: TurnTimes | None = None
@@ -231,8 +248,9 @@ class Conversation:
                 turn = TurnTimes(speech_end=now - lag, vad_end=now)
                 if ev.cut:
                     self._event("notice", code="utterance_cut", message="over the turn limit: answering so far")
-                self._end_of_turn(ev.audio, turn)
+                self._end_of_turn(ev.audio, turn, ev.sample)
         if self.segmenter.speaking:
+            self._preempt(now)
             self._since_partial += len(a)
             if (
                 not self.audio_native
@@ -253,7 +271,6 @@ class Conversation:
             raise ValueError("this conversation's model takes audio only")
         self._user_started()
         now = time.perf_counter()
-        self._event("transcript", role="user", text=text, final=True)
         self._start_reply(self._reply_text(text, TurnTimes(speech_end=now, vad_end=now, asr_done=now)))
 
     def _user_started(self) -> None:
@@ -269,6 +286,7 @@ class Conversation:
         self._set_state("idle")
 
     def _interrupt(self) -> None:
+        self._pre = None
         if self._reply_task is not None and not self._reply_task.done():
             self._reply_task.cancel()
         self.loop_avatar.interrupt(self._reply)
@@ -285,8 +303,37 @@ class Conversation:
             if text and self.state == "listening":
                 self._event("transcript", role="user", text=text, final=False)
 
-    def _end_of_turn(self, audio: np.ndarray, turn: TurnTimes) -> None:
+    def _preempt(self, now: float) -> None:
+        """While the user speaks: after ``preemptive_silence`` of silence, prepare the reply to the speech so far;
+        drop a prepared one as soon as speech resumes."""
+        s, pre = self.segmenter, self._pre
+        if pre is not None and pre.end != s.last_speech:  # the user spoke again: that reply answers too little
+            self._pre = None
+            pre.task.cancel()
+            self.preemptive["dropped"] += 1
+        wait = self.cfg.preemptive_silence
+        if self.audio_native or wait is None or self._pre is not None or s.run * WINDOW < wait * SAMPLE_RATE:
+            return
+        speech = s.speech_so_far()
+        if not len(speech):
+            return
+        turn = TurnTimes(speech_end=now - (s.received - s.last_speech) / SAMPLE_RATE, preempted=True)
+        gate = asyncio.Event()
+        self._start_reply(self._transcribe_then_reply(speech, turn, gate))
+        self._pre = _Preemptive(s.last_speech, self._reply_task, gate, turn)
+        self.preemptive["prepared"] += 1
+
+    def _end_of_turn(self, audio: np.ndarray, turn: TurnTimes, end: int | None = None) -> None:
         self._set_state("thinking")
+        pre, self._pre = self._pre, None
+        if pre is not None:
+            if pre.end == end and not pre.task.done():  # prepared for exactly this speech: release it
+                pre.turn.vad_end = turn.vad_end
+                pre.gate.set()
+                self.preemptive["released"] += 1
+                return
+            pre.task.cancel()
+            self.preemptive["dropped"] += 1
         if self.audio_native:
             self._start_reply(self._reply_audio(audio, turn))
         else:
@@ -308,35 +355,50 @@ class Conversation:
                 self._set_state("idle")
 
     # -- the reply ----------------------------------------------------------------------------------
-    async def _transcribe_then_reply(self, audio: np.ndarray, turn: TurnTimes) -> None:
+    async def _transcribe_then_reply(
+        self, audio: np.ndarray, turn: TurnTimes, gate: asyncio.Event | None = None
+    ) -> None:
+        """``gate``: a preemptive reply, which shows nothing until the turn's end opens it."""
         async with self._asr_lock:
             text = await asyncio.to_thread(self.asr.transcribe, audio)
         turn.asr_done = time.perf_counter()
         if not text:
+            if gate is not None:
+                await gate.wait()
             self._event("notice", code="empty_utterance", message="heard no words in that; still listening")
             self._set_state("idle")
             return
-        self._event("transcript", role="user", text=text, final=True)
-        await self._reply_text(text, turn)
+        await self._reply_text(text, turn, gate)
 
     def _messages(self) -> list[dict]:
         del self.history[: -2 * self.cfg.history_turns], self.turns[:-100]  # per-session memory stays bounded
         return [{"role": "system", "content": self.cfg.system_prompt}, *self.history]
 
     async def _speak(self, tts, text: str, caption: str, turn: TurnTimes) -> None:
-        audio = await asyncio.to_thread(tts.synthesize, text)
+        self._say(await asyncio.to_thread(tts.synthesize, text), caption, turn)
+
+    def _say(self, audio: np.ndarray, caption: str, turn: TurnTimes) -> None:
         if turn.tts_first is None and len(audio):
-            turn.tts_first = time.perf_counter()
+            turn.tts_first = time.perf_counter()  # queued to the avatar (a preemptive reply's: once released)
         self.loop_avatar.say(audio, caption, self._reply)
 
-    async def _reply_text(self, text: str, turn: TurnTimes) -> None:
+    async def _confirm(self, text: str, turn: TurnTimes, gate: asyncio.Event | None) -> None:
+        """The user's turn becomes part of the conversation (its transcript shown, the history extended): at once, or
+        for a preemptive reply when the turn's end opens its gate."""
+        if gate is not None:
+            await gate.wait()
         self._turn = turn
         self.turns.append(turn)
         self.history.append({"role": "user", "content": text})
+        self._event("transcript", role="user", text=text, final=True)
+
+    async def _reply_text(self, text: str, turn: TurnTimes, gate: asyncio.Event | None = None) -> None:
         said: list[str] = []
+        messages = [*self._messages(), {"role": "user", "content": text}]
+        confirmation = asyncio.ensure_future(self._confirm(text, turn, gate))  # (at once without a gate)
 
         async def tokens():
-            stream = self.llm.stream(self._messages())
+            stream = self.llm.stream(messages)
             try:
                 async for piece in stream:
                     if turn.llm_first is None:
@@ -354,15 +416,21 @@ class Conversation:
                     continue
                 if turn.first_sentence is None:
                     turn.first_sentence = time.perf_counter()
+                try:
+                    audio, failed = await asyncio.to_thread(self.tts.synthesize, clean), None
+                except TTSError as e:
+                    audio, failed = None, e
+                await confirmation
                 said.append(clean)
                 self._event("transcript", role="assistant", text=" ".join(said), final=False, action=action)
-                try:
-                    await self._speak(self.tts, clean, caption_for(action), turn)
-                except TTSError as e:
-                    self._event("error", code="tts", message=str(e))
+                if failed is not None:
+                    self._event("error", code="tts", message=str(failed))
+                else:
+                    self._say(audio, caption_for(action), turn)
                 if sum(len(s) for s in said) >= self.cfg.max_reply_chars or len(said) >= self.cfg.max_reply_sentences:
                     break
         except LLMError as e:
+            await confirmation
             self._event("error", code="llm", message=str(e))
             said.append(self.cfg.apology)
             self._event("transcript", role="assistant", text=" ".join(said), final=False, action=None)
@@ -374,8 +442,12 @@ class Conversation:
                     break
                 except TTSError as e2:
                     self._event("error", code="tts", message=str(e2))
-        finally:  # cut short (or cancelled by a barge-in): the model stops generating
+        except BaseException:  # cancelled: a barge-in, or speech resuming before the turn ended
+            confirmation.cancel()
+            raise
+        finally:  # cut short or cancelled: the model stops generating
             await cut.aclose()
+        await confirmation
         reply = " ".join(said)
         self._event("transcript", role="assistant", text=reply, final=True)
         self.history.append({"role": "assistant", "content": reply})

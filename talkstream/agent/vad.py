@@ -110,6 +110,13 @@ class TurnSegmenter:
         self.utterance_len = 0
         self.onset = self.last_speech = 0
 
+    def speech_so_far(self) -> np.ndarray:
+        """While speaking: the utterance up to its last speech window, as an end of the turn now would hand it."""
+        if not self.speaking or not self.utterance:
+            return np.zeros(0, np.float32)
+        audio = np.concatenate(self.utterance)
+        return audio[: max(0, len(audio) - (self.received - self.last_speech))]
+
     def push(self, audio: np.ndarray) -> list[VADEvent]:
         audio = np.asarray(audio, np.float32)
         start = self.received - len(self.vad.pending)  # sample index of the first window this push completes

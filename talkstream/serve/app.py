@@ -63,6 +63,7 @@ class ServeConfig:
     batch: bool | None = None  # sessions' chunks in one forward pass; None: where it measured faster (start-up)
     headroom: float = 0.75  # share of real time the avatars may take (the rest: ASR, LLM, voice, encoding)
     avatar_nice: int = 0  # > 0: the avatars' threads this much nicer than ASR / LLM / voice (AvatarLoop's ``nice``)
+    preemptive_silence: float | None = 0.1  # seconds of silence before a reply is prepared (None: at the turn's end)
     security: SecurityConfig = field(default_factory=SecurityConfig)  # token, rate and picture limits
     upload_bytes: int = 8_000_000
     jpeg_quality: int = 80
@@ -166,6 +167,9 @@ class Models:
             self._tts[voice] = make_tts(voice)
         return self._tts[voice]
 
+    def conversation_config(self) -> ConversationConfig:
+        return ConversationConfig(preemptive_silence=self.cfg.preemptive_silence)
+
     def avatar_loop(self, image: np.ndarray) -> AvatarLoop:
         """A session's avatar stream, as the server runs it (shared batcher, the avatar's thread priority)."""
         return AvatarLoop(self.avatar, image, batcher=self.batcher, nice=self.cfg.avatar_nice)
@@ -231,7 +235,7 @@ class Session:
         tts = None if m.asr is None else m.tts(h.voice)
         self.rate = h.sample_rate
         loop = m.avatar_loop(image)
-        self.conv = Conversation(loop, m.asr, m.llm, tts, cfg=ConversationConfig(), fallback_tts=m.fallback_tts)
+        self.conv = Conversation(loop, m.asr, m.llm, tts, cfg=m.conversation_config(), fallback_tts=m.fallback_tts)
         await self.conv.start()
         self.sender = asyncio.create_task(self._send_loop())
         await self.send_json(

@@ -28,6 +28,7 @@ async def _run(models, turns: int, progress: bool, reply_timeout: float) -> dict
         models.asr,
         models.llm,
         None if models.asr is None else models.tts(None),
+        cfg=models.conversation_config(),
         fallback_tts=models.fallback_tts,
     )
     await conv.start()
@@ -76,6 +77,7 @@ async def _run(models, turns: int, progress: bool, reply_timeout: float) -> dict
         errors=[e for e in events if e["type"] == "error"],
         frames=frames,
         speech_frames=speech_frames,
+        preemptive=dict(conv.preemptive),
         engine_fps=round(frames / elapsed, 2),
         seconds=round(elapsed, 1),
     )
@@ -99,6 +101,7 @@ def run_bench(cfg, turns: int = 3, progress: bool = True, reply_timeout: float =
         decoder=cfg.decoder,
         speed=models.speed,
         avatar_nice=cfg.avatar_nice,
+        preemptive_silence=cfg.preemptive_silence,
         avatar_decode="sync" if cfg.device == "cpu" else "latency",  # AvatarLoop's decode="auto"
         stream_options={k: list(v) if isinstance(v, tuple) else v for k, v in stream_options(cfg).items()},
         stream_config=str(models.avatar.cfg),

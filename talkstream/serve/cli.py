@@ -38,6 +38,13 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="run the avatar's threads this much nicer than speech recognition, the LLM and the voice (default 0)",
     )
+    p.add_argument(
+        "--preemptive-silence",
+        type=float,
+        default=0.1,
+        help="seconds of the user's silence after which the reply is prepared, shown only if the turn then ends "
+        "(0: prepare it at the turn's end; default 0.1)",
+    )
 
 
 def _config(args):
@@ -45,6 +52,8 @@ def _config(args):
 
     if args.image and not Path(args.image).is_file():
         raise ValueError(f"--image {args.image}: no such file")
+    if args.preemptive_silence < 0:
+        raise ValueError(f"--preemptive-silence {args.preemptive_silence}: must be >= 0 seconds")
     opts = {"steps": args.steps} if args.steps else {}
     return ServeConfig(
         weights=args.weights,
@@ -60,6 +69,7 @@ def _config(args):
         voice=args.voice,
         speed=args.speed,
         avatar_nice=args.avatar_nice,
+        preemptive_silence=args.preemptive_silence or None,
         max_sessions=getattr(args, "max_sessions", 1),
         batch={"on": True, "off": False}.get(getattr(args, "batch", "auto")),
         stream_options=opts,
