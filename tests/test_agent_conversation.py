@@ -119,7 +119,9 @@ def test_spoken_turn_reply_and_barge_in(avatar, asr):
     print(f"barge-in: onset -> clear {1000 * (clear.at - onset_wall):.0f} ms")
     assert clear.at - onset_wall <= 0.2, clear.at - onset_wall
     after = [x for t, x in rec.items if isinstance(x, MediaFrame) and t > clear_at]
-    assert after and all(not f.speech and not np.abs(f.audio).any() for f in after)
+    # silent after the clear, up to the answer to the interruption itself (a newer reply, which may come quickly: it
+    # is prepared during the interruption's closing silence)
+    assert after and all(not f.speech and not np.abs(f.audio).any() for f in after if f.reply <= reply_id)
     assert "listening" in states[states.index("speaking") :]
     idx = [f.index for f in rec.frames()]
     assert idx == sorted(idx) and len(set(idx)) == len(idx)  # video keeps flowing forward
