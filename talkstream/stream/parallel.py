@@ -875,6 +875,10 @@ def init_pipeline(cfg: TPPConfig | None = None, device: str = "cpu", timeout_s: 
             raise PipelineError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} GPUs")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+    # the launcher may end this process (a peer failed) while it still connects: report why from the start
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    setup = ControlChannel(int(os.environ.get("RANK", "0")), world_env, "setup", cfg, ["setting up"] * world_env)
+    _report_termination(setup)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -896,17 +900,22 @@ def init_pipeline(cfg: TPPConfig | None = None, device: str = "cpu", timeout_s: 
     for w in works:
         w.wait()
     heartbeat = Heartbeat(rank, cfg.heartbeat_s)
-    roles = ["setting up"] * world
-    setup = ControlChannel(rank, world, "setup", cfg, roles)
-    _report_termination(setup)
     return PipelineProcess(rank, world, device, sink_group, heartbeat, setup)
+
+
+def _say_line(line: str) -> None:
+    """One line to stderr in one write: the ranks share the launcher's pipe, and print's separate write of the newline
+    lets two ranks' lines run together."""
+    import sys
+
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode(errors="replace"))
 
 
 def _report_termination(channel: ControlChannel) -> None:
     """When the launcher ends this process (torchrun sends SIGTERM to every rank once one has failed, possibly before
     this one reached a wait that would have read why), print the failing rank's posted message first."""
     import signal
-    import sys
 
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return
@@ -914,7 +923,7 @@ def _report_termination(channel: ControlChannel) -> None:
     def handler(signum, frame) -> None:
         posted = channel.posted()
         why = f"the pipeline stopped: {posted}" if posted else "stopped by its launcher (SIGTERM)"
-        print(f"talkstream: error: {why}", file=sys.stderr, flush=True)
+        _say_line(f"talkstream: error: {why}")
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
@@ -929,12 +938,12 @@ def stop_on_failure(fn: Callable[[], int | None], prefix: str = "talkstream") ->
     try:
         return fn() or 0
     except PipelineError as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr, flush=True)
+        _say_line(f"{prefix}: error: {e}")
     except BaseException as e:  # noqa: BLE001 - every failure ends the process the same way
         if os.environ.get("TALKSTREAM_TRACEBACK"):
             traceback.print_exc()
         rank = os.environ.get("RANK", "?")
-        print(f"{prefix}: error: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        _say_line(f"{prefix}: error: rank {rank} failed: {type(e).__name__}: {e}")
     sys.stdout.flush()
     os._exit(1)
 
