@@ -216,22 +216,30 @@ def test_audio_native_model_answers_speech_with_speech(avatar, asr):
     assert rec.states()[:4] == ["idle", "listening", "thinking", "speaking"]
 
 
-def test_the_reply_is_prepared_in_the_closing_silence_and_shown_only_when_the_turn_ends(avatar, asr):
-    question = np.concatenate([np.zeros(4000, np.float32), spoken("How are you today?")])
+def _ask(avatar, asr, *pieces: np.ndarray) -> tuple[Recorder, Conversation, list[dict], list[int]]:
+    """Speak ``pieces`` in real time, one after another, then wait for the reply's first speech frame. Returns the
+    recording, the conversation, the model's requests and the count of prepared replies after each piece."""
 
     async def run():
         app = chat_app(REPLY)
         with serve_in_thread(app) as url:
             conv = Conversation(avatar, asr, OpenAIChatLLM(url), EspeakTTS(), image=_reference())
             await conv.start()
-            rec = Recorder(conv)
-            await say(conv, question)
+            rec, prepared = Recorder(conv), []
+            for piece in pieces:
+                await say(conv, piece)
+                prepared.append(conv.preemptive["prepared"])
             await rec.until(lambda: any(f.speech for f in rec.frames()), conv, 240)
             await conv.close()
             await rec.task
-            return rec, conv, app.state.requests
+            return rec, conv, app.state.requests, prepared
 
-    rec, conv, requests = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_the_reply_is_prepared_in_the_closing_silence_and_shown_only_when_the_turn_ends(avatar, asr):
+    question = np.concatenate([np.zeros(4000, np.float32), spoken("How are you today?")])
+    rec, conv, requests, _ = _ask(avatar, asr, question)
     p = conv.preemptive  # (a pause between words may have started one that the next word dropped)
     assert p["released"] == 1 and p["dropped"] == p["prepared"] - 1, p
     turn = conv.turns[0]
@@ -250,22 +258,9 @@ def test_speech_after_a_pause_drops_the_prepared_reply_and_the_whole_turn_is_ans
     first = first[: np.nonzero(np.abs(first) > 0.01)[0][-1] + 320]  # without espeak-ng's closing 0.33 s of silence
     pause = np.zeros(int(0.35 * 16000), np.float32)  # longer than preemptive_silence (0.1 s), shorter than the turn's
     # end (0.5 s)
-
-    async def run():
-        app = chat_app(REPLY)
-        with serve_in_thread(app) as url:
-            conv = Conversation(avatar, asr, OpenAIChatLLM(url), EspeakTTS(), image=_reference())
-            await conv.start()
-            rec = Recorder(conv)
-            await say(conv, np.concatenate([np.zeros(4000, np.float32), first, pause]))
-            prepared_in_pause = conv.preemptive["prepared"]
-            await say(conv, second)
-            await rec.until(lambda: any(f.speech for f in rec.frames()), conv, 240)
-            await conv.close()
-            await rec.task
-            return rec, conv, app.state.requests, prepared_in_pause
-
-    rec, conv, requests, prepared_in_pause = asyncio.run(run())
+    opening = np.concatenate([np.zeros(4000, np.float32), first, pause])
+    rec, conv, requests, prepared = _ask(avatar, asr, opening, second)
+    prepared_in_pause = prepared[0]
     p = conv.preemptive
     assert prepared_in_pause >= 1 and p["dropped"] >= 1 and p["released"] == 1, p
     finals = [e.data["text"].lower() for e in rec.events("transcript") if e.data["role"] == "user" and e.data["final"]]

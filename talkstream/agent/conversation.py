@@ -323,7 +323,7 @@ class Conversation:
         self._pre = _Preemptive(s.last_speech, self._reply_task, gate, turn)
         self.preemptive["prepared"] += 1
 
-    def _end_of_turn(self, audio: np.ndarray, turn: TurnTimes, end: int | None = None) -> None:
+    def _end_of_turn(self, audio: np.ndarray, turn: TurnTimes, end: int) -> None:
         self._set_state("thinking")
         pre, self._pre = self._pre, None
         if pre is not None:
