@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -166,8 +167,12 @@ def batch_bench(args) -> None:
     from talkstream.stream.avatar import BUNDLED_REFERENCE, Avatar, load_reference
 
     sizes = [int(x) for x in args.sizes.split(",")]
-    if not 1 <= args.max_batch <= 64 or not 1 <= args.rounds <= 20:
-        raise SystemExit("serve_load: error: --max-batch must be 1-64 and --rounds 1-20")
+    if not 1 <= args.max_batch <= 256 or not 1 <= args.rounds <= 20:
+        raise SystemExit("serve_load: error: --max-batch must be 1-256 and --rounds 1-20")
+    try:
+        points = None if args.points is None else [int(x) for x in args.points.split(",")]
+    except ValueError:
+        raise SystemExit(f"serve_load: error: --points takes comma-separated integers, not {args.points!r}") from None
     res = dict(
         benchmark="serve_batch",
         what="seconds per round of n sessions' chunks (denoised + decoded; 0.48 s of video each), each session in "
@@ -187,7 +192,8 @@ def batch_bench(args) -> None:
             load_reference(BUNDLED_REFERENCE, size),
             max_sessions=args.max_batch,
             rounds=args.rounds,
-            measure_all=True,
+            measure_all=not args.until_over,
+            points=points,
             progress=lambda m, size=size: print(f"{size}px {m}", flush=True),
         )
         video = cap.chunk_video_s
@@ -203,6 +209,8 @@ def batch_bench(args) -> None:
         row["server_would_batch"] = cap.batch
         row["memory_per_session_mb"] = cap.memory_per_session_mb
         res["sizes"].append(row)
+        if args.out:  # each size as it ends (a run cut short keeps the sizes it finished)
+            Path(args.out).write_text(json.dumps(res, indent=1))
     res["load_average_after"] = os.getloadavg()
     report(res, args.out, show={k: v for k, v in res.items() if k != "machine"})
 
@@ -243,6 +251,10 @@ def main() -> None:
     ap.add_argument("--batch-bench", action="store_true", help="time batched against separate chunks (no server)")
     ap.add_argument("--sizes", default="64,256", help="--batch-bench: video sizes")
     ap.add_argument("--max-batch", type=int, default=4, help="--batch-bench: most sessions a round")
+    ap.add_argument("--points", help="--batch-bench: time only these session counts (comma-separated); default every n")
+    ap.add_argument(
+        "--until-over", action="store_true", help="--batch-bench: stop each way at its first round over the budget"
+    )
     ap.add_argument("--rounds", type=int, default=4, help="--batch-bench: timed rounds per point (median)")
     ap.add_argument("--out", help="JSON path (a PNG plot is written next to it)")
     args = ap.parse_args()

@@ -100,3 +100,18 @@ def test_capacity_is_plain_data():
     cap = Capacity(2, True, True, 0.48, 0.75, {"separate": {1: 0.2}}, 12.5)
     d = cap.as_dict()
     assert d["sessions"] == 2 and d["round_s"]["separate"][1] == 0.2 and d["how"] == "measured at start-up"
+
+
+def test_calibration_times_only_the_points_asked_and_stops_each_way_at_its_first_miss(avatar, ref):
+    cap = calibrate(avatar, ref, max_sessions=4, rounds=1, points=[1, 3, 4])
+    for way in cap.round_s.values():
+        assert set(way) <= {1, 3, 4} and 1 in way
+    budget = cap.headroom * cap.chunk_video_s
+    for way in cap.round_s.values():  # a way is timed past a point only while every earlier point fitted
+        ns = sorted(way)
+        assert all(way[n] <= budget for n in ns[:-1])
+    over = calibrate(avatar, ref, max_sessions=4, rounds=1, headroom=1e-9, points=[2, 4])
+    assert over.sessions == 1 and not over.real_time
+    assert all(list(w) == [2] for w in over.round_s.values())  # nothing fitted at 2: 4 is never timed
+    with pytest.raises(ValueError, match="no point"):
+        calibrate(avatar, ref, max_sessions=2, points=[5])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -108,13 +109,18 @@ def calibrate(
     batch: bool | None = None,
     progress=None,
     measure_all: bool = False,
+    points: Sequence[int] | None = None,
 ) -> Capacity:
     """Time rounds of 1, 2, ... sessions' chunks on ``avatar`` at its size (``image``: a reference frame) until a
     round no longer fits ``headroom`` x a chunk's video time; ``batch``: None measures both ways, True / False only
-    that way; ``measure_all``: every n up to ``max_sessions`` both ways (a benchmark, not a start-up). Warm-up chunks
-    (until the cache's window is full) are not timed."""
+    that way; ``measure_all``: every n up to ``max_sessions`` both ways (a benchmark, not a start-up); ``points``:
+    time rounds only at these n (e.g. 1, 2, 4, 8, ... where a GPU holds many; every n gets its session either way).
+    Warm-up chunks (until the cache's window is full) are not timed."""
     if not 0 < headroom <= 1 or max_sessions < 1 or rounds < 1:
         raise ValueError("need 0 < headroom <= 1, max_sessions >= 1, rounds >= 1")
+    timed = set(range(1, max_sessions + 1)) if points is None else {n for n in points if 1 <= n <= max_sessions}
+    if not timed:
+        raise ValueError(f"no point to time in 1..{max_sessions}: {points}")
     cfg = avatar.cfg
     video_s = cfg.chunk * 4 / FPS
     budget = headroom * video_s
@@ -123,11 +129,12 @@ def calibrate(
     text, mask = avatar.encode_prompt("listens attentively")
     ways = ("separate", "batched") if batch is None else (("batched",) if batch else ("separate",))
     round_s: dict[str, dict[int, float]] = {w: {} for w in ways}
-    fits = dict.fromkeys(ways, 0)  # the largest n that fitted, each way
+    fits = dict.fromkeys(ways, 0)  # the largest timed n that fitted, each way
+    alive = dict.fromkeys(ways, True)  # no timed n has failed this way yet
     engines, decoders = [], []
     warm = 1 + -(-cfg.window // cfg.chunk)  # chunks until the window is full (steady state, as batches need)
     memory = 0.0
-    for n in range(1, max_sessions + 1):
+    for n in range(1, max(timed) + 1):
         e, d = avatar.start_engine(image, text, mask), ChunkDecoder(avatar.decoder)
         for _ in range(warm):
             d(e.next_chunk(audio).latents)
@@ -135,8 +142,10 @@ def calibrate(
         decoders.append(d)
         if n == 1:
             memory = session_memory_bound_mb(e, d.cache, avatar.size)
+        if n not in timed:
+            continue
         for w in ways:
-            if fits[w] < n - 1 and not measure_all:  # this way no longer fits
+            if not alive[w] and not measure_all:  # this way no longer fits
                 continue
             if n == 1 and w == "batched" and 1 in round_s.get("separate", {}):
                 s = round_s["separate"][1]  # one session: nothing to batch
@@ -145,9 +154,11 @@ def calibrate(
             round_s[w][n] = round(s, 4)
             if progress is not None:
                 progress(f"capacity: {n} session(s) {w}: {s:.3f} s a round (budget {budget:.3f} s)")
-            if s <= budget and fits[w] == n - 1:
+            if s <= budget and alive[w]:
                 fits[w] = n
-        if max(fits.values()) < n and not measure_all:
+            else:
+                alive[w] = False
+        if not any(alive.values()) and not measure_all:
             break
     best = max(fits.values())
     faster = "batched" in ways and fits["batched"] == best >= 2

@@ -37,7 +37,11 @@ def main() -> None:
 
     Avatar.encode_prompt = encode_prompt
     root, out = Path(__file__).resolve().parents[2], sys.argv[3]
-    sys.argv = ["serve_load.py", "--batch-bench", "--device", "cuda", "--sizes", "256,512", "--max-batch", "32"]
+    # (batching keeps a round near-flat on a GPU: counts doubling up to 256 find the edge in a few minutes; each way
+    # stops at its first round over the budget)
+    points = "1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256"
+    sys.argv = ["serve_load.py", "--batch-bench", "--device", "cuda", "--sizes", "256,512", "--max-batch", "256"]
+    sys.argv += ["--points", points, "--until-over"]
     sys.argv += ["--out", out]
     runpy.run_path(str(root / "benchmarks" / "serve_load.py"), run_name="__main__")
 
