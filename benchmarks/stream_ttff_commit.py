@@ -102,7 +102,7 @@ def main() -> None:
     for i in range(-a.discard, a.runs):
         for emit in a.emit:
             for defer in (False, True) if i % 2 == 0 else (True, False):
-                avatar.cfg = replace(base, emit=emit, defer_commit=defer)
+                avatar.cfg = replace(base, emit=emit, defer_commit="all" if defer else "off")
                 r = one_run(avatar, feats, a.chunks)
                 if i >= 0:
                     runs.setdefault(f"{emit}_{'deferred' if defer else 'before'}", []).append(r)

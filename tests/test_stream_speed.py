@@ -410,6 +410,50 @@ def test_the_commit_pass_runs_after_the_chunk_is_handed_to_the_decoder_with_the_
     torch.testing.assert_close(eng.next_chunk(audio).latents, ref_eng.next_chunk(audio).latents, atol=0, rtol=0)
 
 
+def test_defer_commit_first_decodes_only_the_first_chunk_before_its_commit_pass_with_the_same_frames(
+    stream_models, monkeypatch
+):
+    """defer_commit="first" (what "auto" means on CUDA with the overlapped emit): the first chunk goes to the decoder
+    before its commit pass (the time to the first frame), every later chunk is committed first (the order before);
+    the frames are those of denoise -> commit -> decode. "auto" resolves per device and emit mode."""
+    from talkstream.stream import engine as engine_mod
+    from talkstream.stream.engine import defer_mode
+
+    assert defer_mode("auto", "cuda:0", "overlapped") == "first"
+    assert defer_mode("auto", "cuda", "latency") == defer_mode("auto", "cpu", "overlapped") == "all"
+    assert defer_mode("off", "cuda", "overlapped") == "off"
+    with pytest.raises(ValueError, match="defer_commit"):
+        StreamConfig(defer_commit=True)
+    dit, vae = stream_models
+    kw = dict(sampler="few_step", timesteps=(1000, 500), chunk=2, window=4, first_chunk=1, cache_mode="commit")
+    cfg = StreamConfig(**kw, defer_commit="first")
+    feed_audio = np.random.default_rng(3).standard_normal((600, A)).astype(np.float32)
+    feed = AudioFeed(0, 0)
+    feed.push(feed_audio)
+    _, want = _reference_frames(dit, vae, cfg, lambda first, k: feed.windows(first, k), 4)
+    events = []
+    orig_decode, orig_commit = ChunkDecoder.__call__, engine_mod.commit_chunk
+
+    def spy_decode(self, z):
+        events.append("decode")
+        return orig_decode(self, z)
+
+    def spy_commit(*a, **kw):
+        events.append("commit")
+        return orig_commit(*a, **kw)
+
+    monkeypatch.setattr(ChunkDecoder, "__call__", spy_decode)
+    monkeypatch.setattr(engine_mod, "commit_chunk", spy_commit)
+    eng = StreamEngine(dit, vae, cfg, async_decode=False)
+    eng.start(_ref())
+    feed = AudioFeed(0, 0)
+    feed.push(feed_audio)
+    got = list(eng.frames(lambda first, k: feed.windows(first, k), n_chunks=4))
+    assert events == ["decode", "commit"] + ["commit", "decode"] * 3
+    assert [i for i, _ in got] == [i for i, _ in want]
+    assert all((a[1] == b[1]).all() for a, b in zip(want, got))
+
+
 def test_a_busy_caller_does_not_hold_up_the_commit_pass_in_latency_emit(stream_models, monkeypatch):
     """emit="latency", cache_mode="commit": while the caller is still busy with chunk 0's frames, the producer
     denoises chunk 1 (handed at once), then chunk 2, whose hand-off finds the caller busy: chunk 2's commit pass

@@ -45,6 +45,7 @@ FEATURE_RATE = 50  # Whisper encoder frames per second
 ANCHORS = ("reference", "anchor_heavy", "rolling_sink", "memory_bank")
 START_FROM = ("reference", "previous")  # what a chunk starts from under reference_init < 1
 EMIT = ("overlapped", "latency")  # when a chunk's frames leave the engine (StreamConfig.emit)
+DEFER_COMMIT = ("auto", "all", "first", "off")  # which chunks are decoded before their commit pass
 ENDED = object()  # StreamEngine._audio: the audio source has ended
 
 
@@ -79,9 +80,11 @@ class StreamConfig:
     # leave after that denoising (the first chunk's at once): most frames a second when audio is all there (files);
     # "latency": each chunk is decoded as soon as it is denoised and its frames leave before the next chunk is asked
     # for: a live stream, whose next chunk's audio has not arrived yet, shows every frame one chunk sooner
-    # cache_mode "commit": a chunk goes to the decoder before its commit pass (frames one pass sooner, same frames);
-    # False: after it (the order before, kept to measure the difference)
-    defer_commit: bool = True
+    # cache_mode "commit": which chunks go to the decoder before their commit pass (frames one pass sooner, same
+    # frames): "all", "first" (the first chunk only: the time to the first frame), "off" (after it: the order before,
+    # kept to measure the difference); "auto": "first" on CUDA with the overlapped emit (where deferring every chunk
+    # cost the plain runner 19% of its rate: docs/real-weights.md), "all" elsewhere
+    defer_commit: str = "auto"
     # CPU: the decode worker (and the OpenMP workers it starts) runs this much nicer than the denoiser; same frames.
     # Off: on 2 cores it did not raise the live stream's rate and doubled a chunk's decode time (docs/speed.md)
     decode_nice: int = 0
@@ -98,6 +101,8 @@ class StreamConfig:
             raise ValueError(f"refine_sigma must be in (0, 1), got {self.refine_sigma}")
         if not 0 < self.reference_init <= 1:
             raise ValueError(f"reference_init must be in (0, 1], got {self.reference_init}")
+        if self.defer_commit not in DEFER_COMMIT:
+            raise ValueError(f"unknown defer_commit {self.defer_commit!r}; choose one of {DEFER_COMMIT}")
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose one of {CACHE_MODES}")
         if self.runner not in RUNNERS:
@@ -180,6 +185,16 @@ class AudioFeed:
         if drop:
             self.buf, self.offset = self.buf[drop:], self.offset + drop
         return out
+
+
+def defer_mode(mode: str, device: str, emit: str) -> str:
+    """``StreamConfig.defer_commit`` with "auto" resolved: "first" on CUDA with the overlapped emit (there a later
+    chunk's frames leave after the next chunk's denoising either way, and deferring every chunk cost the plain runner
+    throughput), "all" elsewhere (a CPU shares its cores between the pass and the decode; the latency emit shows each
+    chunk one pass sooner)."""
+    if mode == "auto":
+        return "first" if device.startswith("cuda") and emit == "overlapped" else "all"
+    return mode
 
 
 class ChunkDecoder:
@@ -387,7 +402,7 @@ class StreamEngine:
             self._update_anchors(z)
             chunk.denoise_s += time.perf_counter() - t1
 
-        hand = self.hand if c.defer_commit else None
+        hand = self.hand if self._defers(chunk.index) else None
         later = False
         if hand is not None:
             chunk.handed = True
@@ -396,6 +411,10 @@ class StreamEngine:
         if not later:
             self.finish_chunk()
         return chunk
+
+    def _defers(self, index: int) -> bool:
+        mode = defer_mode(self.cfg.defer_commit, self.device, self.cfg.emit)
+        return mode == "all" or (mode == "first" and index == 0)
 
     @torch.no_grad()
     def finish_chunk(self) -> None:
