@@ -2,13 +2,14 @@
 with the tiny Wan decoder (TAEHV), and the Wan VAE's decode cost per frame beside them.
 
 The model is the LiveTalk student's layout (``omniavatar1.3b``: OmniAvatar-1.3B, 33 input channels, packed wav2vec2
-audio) with random weights of the real shapes; LiveTalk's inference settings: 512x512, chunks of 3 latent frames,
-4 steps [1000, 936, 832, 624] (few-step sampler, fresh noise between steps), Anchor-Heavy Identity Sinks (the stream's
+audio) with random weights of the real shapes; LiveTalk's inference settings: 512x512, chunks of 3 latent frames, 4
+steps [1000, 936, 832, 624] (few-step sampler, fresh noise between steps), Anchor-Heavy Identity Sinks (the stream's
 first 9 latent frames) + 3 window frames + the chunk = 15 attended latent frames, the clean chunk committed to the
 cache by one more pass at t = 0, umT5 text of 512 tokens, bf16. The stream runs through ``StreamEngine`` (decode on
-its own thread and CUDA stream, overlapping the chunk's commit pass and the next chunk's denoising; the engine's default on CUDA decodes the first
-chunk before its commit pass and commits every later chunk first, ``StreamConfig(defer_commit="auto")``; the variants
-"every chunk decoded before its commit pass" and "commit pass before the decode" measure ``"all"`` and ``"off"``). TTFF: from
+its own thread and CUDA stream, overlapping the chunk's commit pass and the next chunk's denoising; the engine's
+default on CUDA decodes the first chunk before its commit pass and commits every later chunk first,
+``StreamConfig(defer_commit="auto")``; the variants "every chunk decoded before its commit pass" and "commit pass
+before the decode" measure ``"all"`` and ``"off"``). TTFF: from
 ``start()`` to the first decoded frame; FPS: video frames per second over the second half of the stream (the
 model's own rate is 16 fps).
 
