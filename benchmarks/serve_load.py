@@ -240,7 +240,7 @@ def plot(res: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sessions", default="1,2,3", help="comma-separated concurrent session counts (at most 16)")
+    ap.add_argument("--sessions", default="1,2,3", help="comma-separated concurrent session counts (at most 64)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level (at most 120)")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--size", type=int, default=64)
@@ -262,8 +262,8 @@ def main() -> None:
         batch_bench(args)
         return
     levels = [int(x) for x in args.sessions.split(",")]
-    if not levels or max(levels) > 16 or min(levels) < 1 or not 0 < args.seconds <= 120:
-        raise SystemExit("serve_load: error: --sessions must be 1-16 each and --seconds in (0, 120]")
+    if not levels or max(levels) > 64 or min(levels) < 1 or not 0 < args.seconds <= 120:
+        raise SystemExit("serve_load: error: --sessions must be 1-64 each and --seconds in (0, 120]")
 
     import torch
 

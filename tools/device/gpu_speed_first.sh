@@ -18,8 +18,8 @@ CONV=${CONV:-data/carry_init/conv_inputs.npz}
 [ -f "$CONV" ] && timeout 60 python3 benchmarks/conversation_avatar.py --inputs "$CONV" --device cuda --speed quality \
   --trials 3 --out "$R/conversation_avatar_256_quality_$g.json"
 echo "conversation_avatar exit $?"
-# (the GPU machine has no MiniLM package: the calibration's caption comes embedded, serve_batch_gpu.py embed)
-timeout 100 python3 tools/device/serve_batch_gpu.py run "${PROMPT:-data/carry_init/prompt_listens.pt}" \
+# (the GPU machine has no MiniLM package: the calibration's caption comes embedded, serve_gpu.py embed)
+timeout 100 python3 tools/device/serve_gpu.py batch "${CAPTIONS:-data/carry_init/captions.pt}" \
   "$R/serve_batch_$g.json"
 echo "serve_load exit $?"
 [ -n "${LADDER:-}" ] && timeout "$LADDER" python3 benchmarks/gpu_stream_speedups.py --compile \
