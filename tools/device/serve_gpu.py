@@ -4,7 +4,7 @@ here beforehand and read from a file there; everything else is the benchmark as 
 
     python tools/device/serve_gpu.py embed data/carry_init/captions.pt                  # here (MiniLM)
     python tools/device/serve_gpu.py batch data/carry_init/captions.pt OUT.json         # there: batched vs separate
-    python tools/device/serve_gpu.py load data/carry_init/captions.pt -- SERVE_LOAD_ARGS  # there: the server's load test
+    python tools/device/serve_gpu.py load data/carry_init/captions.pt -- ARGS   # there: the server load test
 
 ``batch`` is ``benchmarks/serve_load.py --batch-bench`` at 256 and 512 on CUDA (session counts doubling up to 256,
 each way stopped at its first round over the budget); ``load`` runs ``benchmarks/serve_load.py`` with the arguments
