@@ -6,6 +6,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 
@@ -286,3 +288,33 @@ def test_distill_wait_hands_back_the_newest_export_within_a_calls_limits(tmp_pat
     assert "handed back" not in wait()  # nothing newer
     (run / "latest.txt").write_text("ckpt_000020\n")
     assert "handed back: dmd_sf4 (ckpt_000020)" in wait()
+
+
+def test_serve_gpu_embeds_every_caption_the_server_uses_and_names_a_missing_one(tmp_path, monkeypatch):
+    """tools/device/serve_gpu.py stands in for MiniLM on a GPU machine: its caption list covers every state's and
+    action's caption and the calibration's; an embedded caption comes back as saved, any other stops the run."""
+    import importlib.util
+
+    import torch
+
+    from talkstream.agent.actions import ACTION_CAPTIONS, STATE_CAPTIONS
+    from talkstream.stream.avatar import Avatar
+
+    spec = importlib.util.spec_from_file_location("serve_gpu", ROOT / "tools" / "device" / "serve_gpu.py")
+    serve_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_gpu)
+    caps = serve_gpu.captions()
+    assert {*STATE_CAPTIONS.values(), *ACTION_CAPTIONS.values(), "listens attentively"} <= set(caps)
+    saved = {
+        c: dict(text=torch.full((1, 3, 4), float(i)), mask=torch.ones(1, 3, dtype=torch.bool))
+        for i, c in enumerate(caps)
+    }
+    torch.save(saved, tmp_path / "captions.pt")
+    monkeypatch.setattr(Avatar, "encode_prompt", Avatar.encode_prompt)  # restored after the test
+    serve_gpu.use_embedded(str(tmp_path / "captions.pt"))
+    avatar = object.__new__(Avatar)
+    text, mask = avatar.encode_prompt(STATE_CAPTIONS["listening"])
+    assert torch.equal(text, saved[STATE_CAPTIONS["listening"]]["text"]) and mask.all()
+    assert avatar.encode_prompt("") == (None, None)
+    with pytest.raises(SystemExit, match="dances wildly"):
+        avatar.encode_prompt("dances wildly")
