@@ -374,6 +374,44 @@ def test_prepared_runner_streams_the_layout_as_the_plain_passes():
     assert (runs["prepared"][0][:, :, 0] - ref[:, :, 0]).abs().max() < 1e-5
 
 
+def test_graphed_first_chunk_holds_the_first_frame_in_every_stream(monkeypatch):
+    """runner="graphs" with the layout's clean first frame: the first chunk's graph (recorded by the first stream
+    with the frame held) replays it for the next stream too; the chunks that fill the sinks run eagerly (a CPU
+    stand-in replays each pass over the buffers it was recorded with, as a CUDA graph does)."""
+    from dataclasses import replace
+
+    from talkstream.models.vae import TinyDecoder
+    from talkstream.stream.engine import StreamConfig, StreamEngine
+    from talkstream.stream.runner import ChunkRunner
+    from tests.test_stream_speed import _RecordedPass
+
+    monkeypatch.setattr(ChunkRunner, "_record", lambda self: (g := _RecordedPass(self), g.out))
+    m = _tiny()
+    dec = TinyDecoder(TinyDecoderConfig(latent_dim=16, channels=8)).eval()
+    cfg = StreamConfig(
+        chunk=3,
+        window=3,
+        sampler="few_step",
+        timesteps=(1000, 936, 832, 624),
+        timestep_shift=1.0,
+        anchor="anchor_heavy",
+        anchor_copies=9,
+    )
+    ref, text = torch.randn(1, 16, 1, 8, 8), torch.randn(1, 7, m.cfg.text_dim)
+    audio = torch.randn(3, 4, m.cfg.audio_dim)
+    plain = StreamEngine(m, dec, cfg)
+    plain.start(ref, text)
+    want = [plain.next_chunk(audio).latents for _ in range(6)]  # 3 chunks fill the 9 sinks, then the window
+    eng = StreamEngine(m, dec, replace(cfg, runner="prepared"))
+    eng.runner = ChunkRunner(m, graphs=True)
+    for _ in range(2):
+        eng.start(ref, text)
+        got = [eng.next_chunk(audio).latents for _ in range(6)]
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(want, got))
+        assert (got[0][:, :, 0] - ref[:, :, 0]).abs().max() < 1e-5
+    assert eng.runner.captures == 2 and eng.runner.replays > 0  # the first chunk's graph and the full window's
+
+
 def _hf_to_wan_umt5(sd: dict) -> dict:
     out = {"token_embedding.weight": sd["shared.weight"], "norm.weight": sd["encoder.final_layer_norm.weight"]}
     names = {

@@ -9,6 +9,7 @@ from talkstream.stream.accel import cpu_has_bf16, set_threads, stream_dtype
 from talkstream.stream.chunk import denoise_chunk
 from talkstream.stream.engine import AudioFeed, ChunkDecoder, StreamConfig, StreamEngine, StreamStats
 from talkstream.stream.pacing import PacingStats, paced, percentiles, prefetch
+from talkstream.stream.runner import ChunkRunner
 
 A = 384
 
@@ -239,6 +240,57 @@ def test_the_prepared_runner_streams_what_the_plain_passes_stream(stream_models,
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
     with pytest.raises(ValueError, match="runner"):
         StreamConfig(runner="turbo")
+
+
+class _RecordedPass:
+    """Stands in for a CUDA graph on a CPU: replays the pass over the buffers it was recorded with (a graph reads and
+    writes fixed addresses, whatever the runner holds at replay time)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.state = {n: getattr(runner, n) for n in (*ChunkRunner._STATE[:-2], "first_frame")}
+        self.out = runner._pass()
+
+    def replay(self):
+        r = self.runner
+        now = {n: getattr(r, n) for n in self.state}
+        r.__dict__.update(self.state)
+        try:
+            self.out.copy_(r._pass())
+        finally:
+            r.__dict__.update(now)
+
+
+@pytest.mark.parametrize("anchor", ["reference", "anchor_heavy"])
+@pytest.mark.parametrize("cache_mode", ["commit", "timestep_forcing"])
+def test_graphed_shapes_first_chunk_and_full_window_are_kept_across_streams(
+    stream_models, monkeypatch, anchor, cache_mode
+):
+    """runner="graphs": the first chunk (sinks only) and the full window have the same shapes in every stream; each
+    gets one graph, recorded by the first stream and replayed by the next (a restart keeps the runner), over its own
+    buffers. Replayed as recorded, three streams give the plain passes' frames and caches."""
+    monkeypatch.setattr(ChunkRunner, "_record", lambda self: (g := _RecordedPass(self), g.out))
+    dit, vae = stream_models
+    cfg = StreamConfig(chunk=2, window=4, sampler="few_step", timesteps=(1000, 500), anchor=anchor, first_chunk=1)
+    cfg = StreamConfig(**{**cfg.__dict__, "cache_mode": cache_mode})
+    plain, frames_plain, *_ = _stream(dit, vae, cfg, 5)
+    eng = StreamEngine(dit, vae, StreamConfig(**{**cfg.__dict__, "runner": "prepared"}))
+    eng.runner = ChunkRunner(dit, graphs=True)  # (the engine graphs on CUDA only)
+    feed_audio = np.random.default_rng(3).standard_normal((400, A)).astype(np.float32)
+    captures = []
+    for _ in range(3):
+        eng.start(_ref())
+        feed = AudioFeed(0, 0)
+        feed.push(feed_audio)
+        frames = list(eng.frames(feed.windows, n_chunks=5))
+        captures.append(eng.runner.captures)
+        a = np.stack([f for _, f in frames_plain]).astype(int)
+        b = np.stack([f for _, f in frames]).astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+        for layer in (0, len(dit.blocks) - 1):
+            torch.testing.assert_close(eng.cache.k[layer], plain.cache.k[layer], atol=1e-5, rtol=1e-5)
+    assert captures == [2, 2, 2]  # the first chunk's graph and the full window's, recorded once
+    assert eng.runner.replays > 0 and len(eng.runner._states) == 2
 
 
 def _emit_stream(dit, vae, emit, n_chunks=4, audio_for=None, async_decode=True):

@@ -10,8 +10,10 @@ each pass overwrites in place with the chunk's own (rotated) keys and values. Th
 
 ``graphs=True`` (CUDA): once the cache's window is full every chunk has the same shapes, so the pass, with its
 inputs, buffers and outputs at fixed addresses, is captured once as a CUDA graph and replayed for every denoising
-step and commit pass (only the timestep and the input differ): one launch instead of thousands of kernels. Chunks
-before the window is full run eagerly.
+step and commit pass (only the timestep and the input differ): one launch instead of thousands of kernels. A
+stream's first chunk has the same shapes in every stream too, so it gets a graph of its own, captured by the first
+stream (a warm-up) and replayed by every later one: the first frame waits for graph replays, not for launches. The
+chunks in between (the window or the sinks filling) run eagerly.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ RUNNERS = ("plain", "prepared", "graphs")
 
 
 class ChunkRunner:
+    _STATE = ("q_rope", "ctx_rope", "keys", "vals", "out_k", "out_v", "static", "grid", "n_prev", "k", "_graph", "_out")
+    MAX_GRAPHS = 4  # graphed shapes kept (the first chunk's and the steady one's per stream layout); oldest go first
+
     def __init__(self, model, graphs: bool = False) -> None:
         self.model, self.graphs = model, graphs
-        self._key = None
+        self._states: dict[tuple, dict] = {}  # graphed shape -> its buffers, static inputs and graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self.replays = self.captures = 0
 
@@ -55,9 +60,19 @@ class ChunkRunner:
         dev = next(m.parameters()).device
         text = m.embed_text(context)
         audio_emb = m.embed_audio(audio, k)
-        steady = self.graphs and cache.n_context == cache.window and cache.window > 0
-        key = (tuple(shape), n_prev, None if text is None else text.shape, None if audio is None else audio.shape)
-        if not (steady and key == self._key):  # new buffers (and, in steady state, a new graph)
+        # the shapes every stream repeats: its first chunk and the full window (steady state)
+        fixed = cache.window > 0 and (cache.next_frame == 0 or cache.n_context == cache.window)
+        graphed = self.graphs and fixed
+        key = (
+            tuple(shape),
+            n_prev,
+            cache.next_frame == 0,  # (a layout that holds the first latent frame clean treats it apart)
+            None if text is None else text.shape,
+            None if audio is None else audio.shape,
+        )
+        if graphed and key in self._states:  # this shape's buffers and graph, as captured (same addresses)
+            self.__dict__.update(self._states[key])
+        else:  # new buffers (and, for a graphed shape, a new graph at its first pass)
             cos, sin = rope_cos_sin(torch.arange(n_prev + k, device=dev), grid.h, grid.w, m.cfg.head_dim)
             self.q_rope = (cos[n_prev * S :], sin[n_prev * S :])
             self.ctx_rope = (cos[: n_prev * S], sin[: n_prev * S])
@@ -78,8 +93,9 @@ class ChunkRunner:
                 ref=None if cache.ref_tokens is None else torch.empty_like(cache.ref_tokens),
                 reference=None if cache.reference is None else torch.empty_like(cache.reference),
             )
-            self._key, self._graph = (key if steady else None), None
+            self._graph, self._out = None, None
             self.grid, self.n_prev, self.k = grid, n_prev, k
+        self._current = key if graphed else None
         st = self.static
         for name, value in (
             ("text", text),
@@ -96,7 +112,7 @@ class ChunkRunner:
             if ck is not None:
                 self.keys[layer][:, : n_prev * S].copy_(apply_rope(ck.flatten(1, 2), *self.ctx_rope))
                 self.vals[layer][:, : n_prev * S].copy_(cv.flatten(1, 2))
-        self.steady, self.first_frame = steady, cache.next_frame
+        self.graphed, self.first_frame = graphed, cache.next_frame
 
     def _attend(self, layer: int, q, k, v):
         self.out_k[layer].copy_(k)
@@ -117,16 +133,24 @@ class ChunkRunner:
         return m.unpatchify(out, grid)
 
     def _capture(self) -> None:
+        self._graph, self._out = self._record()
+        self.captures += 1
+        while len(self._states) >= self.MAX_GRAPHS:
+            self._states.pop(next(iter(self._states)))
+        self._states[self._current] = {name: getattr(self, name) for name in self._STATE}
+
+    def _record(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The pass captured as a CUDA graph over the current buffers, and its output tensor."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, autotuning)
             for _ in range(2):
                 self._pass()
         torch.cuda.current_stream().wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):  # the decode thread runs meanwhile
-            self._out = self._pass()
-        self.captures += 1
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the decode thread runs meanwhile
+            out = self._pass()
+        return graph, out
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t, cache: KVCache, commit: bool = False) -> torch.Tensor:
@@ -135,7 +159,7 @@ class ChunkRunner:
         m, st = self.model, self.static
         st["x"].copy_(x)
         st["t"].copy_(m._timesteps(t, x.shape[0], x.shape[2], x.device))
-        if self.steady:
+        if self.graphed:
             if self._graph is None:
                 self._capture()
             self._graph.replay()
