@@ -102,7 +102,13 @@ def test_soak_streams_live_speech_paced_and_records_each_minute(weights, tmp_pat
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = tmp_path / "soak.json"
-    res = soak(0.1, out, weights=str(weights), steps=1, progress=False)
+    seen = []
+    from talkstream.stream.avatar import Avatar
+
+    orig = Avatar.from_pretrained
+    monkeypatch.setattr(Avatar, "from_pretrained", lambda *a, **k: seen.append(orig(*a, **k)) or seen[-1])
+    res = soak(0.1, out, weights=str(weights), steps=1, progress=False, size=64)
+    assert seen[0].size == 64 and res["config"]["size"] == 64  # the stream's size, as asked
     s, rows = res["summary"], res["per_minute"]
     assert json.loads(out.read_text())["summary"] == s and out.with_suffix(".png").is_file()
     assert res["config"]["emit"] == "latency" and res["config"]["pace_delay_s"] == 1.0

@@ -182,6 +182,7 @@ def _soak(args) -> None:
         pace_delay=args.pace_delay,
         emit=args.emit,
         decode_nice=args.decode_nice,
+        size=args.size,
     )
 
 

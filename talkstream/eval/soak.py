@@ -105,6 +105,7 @@ def soak(
     progress: bool = True,
     emit: str = "latency",
     decode_nice: int | None = None,
+    size: int = 256,
 ) -> dict:
     """Stream ``minutes`` of live speech at real-time pacing; write the per-minute record to ``out`` (+ .png)."""
     from PIL import Image
@@ -126,6 +127,7 @@ def soak(
         cache_mode=cache_mode,
         first_chunk=1,
         decoder="tiny",  # the soak measures the fastest path (its record says so); the VAE decoder is not real time
+        size=size,
         emit=emit,
         **({} if decode_nice is None else {"decode_nice": decode_nice}),
     )
@@ -211,6 +213,7 @@ def soak(
             pace_delay_s=pace_delay,
             decoder="tiny",
             first_chunk=1,
+            size=size,
             emit=emit,
             decode_nice=avatar.cfg.decode_nice,
             torch_threads=torch.get_num_threads(),
