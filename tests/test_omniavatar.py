@@ -341,29 +341,27 @@ def test_published_pipeline_end_to_end_on_cpu_at_a_tiny_size(tmp_path):
     assert res["frames"] == 17 and res["model_fps"] == 16 and round(video.fps) == 16 and len(video.frames) == 17
 
 
+def _livetalk_stream_parts():
+    """The tiny layout under LiveTalk's streaming settings, a tiny decoder, and one chunk's inputs."""
+    from talkstream.models.vae import TinyDecoder
+    from talkstream.stream.published import LIVETALK_STREAM
+
+    m = _tiny()
+    dec = TinyDecoder(TinyDecoderConfig(latent_dim=16, channels=8)).eval()
+    ref, text = torch.randn(1, 16, 1, 8, 8), torch.randn(1, 7, m.cfg.text_dim)
+    return m, dec, LIVETALK_STREAM, ref, text, torch.randn(3, 4, m.cfg.audio_dim)
+
+
 def test_prepared_runner_streams_the_layout_as_the_plain_passes():
     """stream.runner's prepared context (rotated once per chunk) takes the OmniAvatar conditioning through
     WanDiT.chunk_input / chunk_velocity: the same latents as forward_chunk, the first frame held, sinks filled."""
     from dataclasses import replace
 
-    from talkstream.models.vae import TinyDecoder
     from talkstream.stream.engine import StreamConfig, StreamEngine
 
     if "runner" not in StreamConfig.__dataclass_fields__:
         pytest.skip("this engine has no runner option")
-    m = _tiny()
-    dec = TinyDecoder(TinyDecoderConfig(latent_dim=16, channels=8)).eval()
-    cfg = StreamConfig(
-        chunk=3,
-        window=3,
-        sampler="few_step",
-        timesteps=(1000, 936, 832, 624),
-        timestep_shift=1.0,
-        anchor="anchor_heavy",
-        anchor_copies=9,
-    )
-    ref, text = torch.randn(1, 16, 1, 8, 8), torch.randn(1, 7, m.cfg.text_dim)
-    audio = torch.randn(3, 4, m.cfg.audio_dim)
+    m, dec, cfg, ref, text, audio = _livetalk_stream_parts()
     runs = {}
     for runner in ("plain", "prepared"):
         eng = StreamEngine(m, dec, replace(cfg, runner=runner))
@@ -380,25 +378,12 @@ def test_graphed_first_chunk_holds_the_first_frame_in_every_stream(monkeypatch):
     stand-in replays each pass over the buffers it was recorded with, as a CUDA graph does)."""
     from dataclasses import replace
 
-    from talkstream.models.vae import TinyDecoder
-    from talkstream.stream.engine import StreamConfig, StreamEngine
+    from talkstream.stream.engine import StreamEngine
     from talkstream.stream.runner import ChunkRunner
     from tests.test_stream_speed import _RecordedPass
 
     monkeypatch.setattr(ChunkRunner, "_record", lambda self: (g := _RecordedPass(self), g.out))
-    m = _tiny()
-    dec = TinyDecoder(TinyDecoderConfig(latent_dim=16, channels=8)).eval()
-    cfg = StreamConfig(
-        chunk=3,
-        window=3,
-        sampler="few_step",
-        timesteps=(1000, 936, 832, 624),
-        timestep_shift=1.0,
-        anchor="anchor_heavy",
-        anchor_copies=9,
-    )
-    ref, text = torch.randn(1, 16, 1, 8, 8), torch.randn(1, 7, m.cfg.text_dim)
-    audio = torch.randn(3, 4, m.cfg.audio_dim)
+    m, dec, cfg, ref, text, audio = _livetalk_stream_parts()
     plain = StreamEngine(m, dec, cfg)
     plain.start(ref, text)
     want = [plain.next_chunk(audio).latents for _ in range(6)]  # 3 chunks fill the 9 sinks, then the window
