@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from ..agent.actions import STATE_CAPTIONS
 from ..agent.avatar_loop import AvatarLoop, MediaFrame
 from ..agent.conversation import Conversation, ConversationConfig, Event
 from ..media import MediaError
@@ -106,7 +107,7 @@ class Models:
             cfg.weights, device=cfg.device, decoder=cfg.decoder, size=cfg.size, **stream_options(cfg)
         )
         self.avatar.whisper  # noqa: B018 (load the audio encoder now, not in the first session)
-        self.avatar.encode_prompt("speaks calmly")  # and the text encoder
+        self.avatar.encode_prompt(STATE_CAPTIONS["speaking"])  # and the text encoder
         self.images: dict[str, np.ndarray] = {"reference": load_reference(cfg.image or REFERENCE, cfg.size)}
         self.images.update(self._world_faces(cfg.size))
         self.uploads: OrderedDict[str, np.ndarray] = OrderedDict()

@@ -29,6 +29,7 @@ from ..agent.conversation import ConversationConfig
 from ..stream.engine import FPS, ChunkDecoder
 
 AUDIO_BYTES_PER_FRAME = 640 * 4  # float32 samples of one frame's 40 ms
+CALIBRATION_CAPTION = "listens attentively"  # what the calibration's sessions are captioned with
 
 
 @dataclass
@@ -126,7 +127,7 @@ def calibrate(
     budget = headroom * video_s
     dit = avatar.dit
     audio = torch.zeros(cfg.chunk, dit.cfg.audio_tokens_per_frame, dit.cfg.audio_dim)
-    text, mask = avatar.encode_prompt("listens attentively")
+    text, mask = avatar.encode_prompt(CALIBRATION_CAPTION)
     ways = ("separate", "batched") if batch is None else (("batched",) if batch else ("separate",))
     round_s: dict[str, dict[int, float]] = {w: {} for w in ways}
     fits = dict.fromkeys(ways, 0)  # the largest timed n that fitted, each way

@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def captions() -> list[str]:
-    """Every caption the server encodes: the states', the actions', the start-up's and the calibration's."""
+    """Every caption the server encodes: the states' (the start-up's is the speaking one), the actions' and the
+    calibration's."""
     from talkstream.agent.actions import ACTION_CAPTIONS, STATE_CAPTIONS
+    from talkstream.serve.capacity import CALIBRATION_CAPTION
 
-    return sorted({*STATE_CAPTIONS.values(), *ACTION_CAPTIONS.values(), "speaks calmly", "listens attentively"})
+    return sorted({*STATE_CAPTIONS.values(), *ACTION_CAPTIONS.values(), CALIBRATION_CAPTION})
 
 
 def embed(path: str) -> None:
