@@ -20,9 +20,9 @@ from talkstream.models.dit import WanDiT
 from talkstream.models.vae import CausalVAE
 from talkstream.train.config import TrainConfig
 from talkstream.train.data import make_pack
-from talkstream.train.distill import nfe_per_second, pair_levels, student_sampling
+from talkstream.train.distill import DMDTrainer, nfe_per_second, pair_levels, student_sampling
 from talkstream.train.dmd import dmd_gradient, dmd_loss, guided_x0, score_sigmas, take_window
-from talkstream.train.ode_pairs import load_pairs
+from talkstream.train.ode_pairs import condition_bank, load_pairs
 from talkstream.train.rollout import rollout
 from talkstream.train.stages import run_stage
 
@@ -353,6 +353,33 @@ def test_each_stage_runs_a_few_cpu_steps(world):
     assert len(frames) == 13 and frames[0].shape == (64, 64, 3)
 
 
+def test_critic_warms_up_on_the_initial_generators_rollouts_before_its_first_update(world):
+    d, pack = world
+    cfg = TrainConfig(**_cfg(d, pack, "dmd", out=str(d / "dmd_warm"), critic_warmup=3, steps=1, critic_ratio=1))
+    bank = condition_bank(cfg, "cpu", lambda *a: None)
+    trainer = DMDTrainer(cfg, bank, "cpu", log=lambda *a: None)
+    student = [p.detach().clone() for p in trainer.student.parameters()]
+    critic = [p.detach().clone() for p in trainer.critic.parameters()]
+    losses = trainer.warm_critic(d / "dmd_warm" / "warm.jsonl")
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert all(torch.equal(a, b) for a, b in zip(student, trainer.student.parameters()))  # the generator waits
+    assert any(not torch.equal(a, b) for a, b in zip(critic, trainer.critic.parameters()))
+    assert trainer.step == 0
+    trainer.train()  # the warm-up runs once, at the start of a run that has made no generator update
+    log = [json.loads(x) for x in (d / "dmd_warm" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("critic_warmup") for r in log] == [1, 2, 3, None] and log[-1]["step"] == 1
+
+
+def test_ship_rule_lets_a_tagged_variant_compete_with_its_step_count(tmp_path):
+    for seed in range(4):
+        _suite_json(tmp_path, "dmd_lt4", seed, 0.0300)
+        _suite_json(tmp_path, "dmd_lt4e", seed, 0.0290)
+        _suite_json(tmp_path, "dmd_lt2w", seed, 0.0330)
+        _suite_json(tmp_path, "ode_init", seed, 0.0200)  # not a DMD run: never chosen
+    r = _rule(tmp_path)
+    assert r["chosen"] == {"4": "dmd_lt4e", "2": "dmd_lt2w"} and r["ship"] == "dmd_lt4e"
+
+
 def test_dmd_runs_under_torchrun_on_two_cpu_processes(world):
     d, pack = world
     cfg = _cfg(d, pack, "dmd", out=str(d / "dmd_ddp"), steps=2, critic_ratio=1)
@@ -468,7 +495,8 @@ def test_the_gpu_pipeline_rehearses_on_cpu_and_resumes_on_a_fresh_machine(world,
         PAIRS="3",
         PAIRS_SETS="ode_substeps=1 batch=2",
         ODE_SETS="steps=2 batch=2",
-        DMD_RUNS="lt2",
+        DMD_RUNS="lt2w",  # LiveTalk settings, 2 steps, a tag: a variant with its own overrides
+        SETS_lt2w="critic_warmup=2",
         DMD_BATCH="1",
         DMD_SETS="steps=2 critic_ratio=1 rollout_latents=6 score_window=3 cache_window=3",
         ODE_SEEDS="",  # (the suite's path is the DMD students'; one suite fewer)
@@ -480,60 +508,62 @@ def test_the_gpu_pipeline_rehearses_on_cpu_and_resumes_on_a_fresh_machine(world,
     out = _pipeline(a, env, "wait", "200")
     assert "DONE" in out
     stages = (a / "runs" / "distill" / "stages.txt").read_text()
-    for line in ("ode_pairs (ode_pairs) exit 0", "ode_init (ode_init) exit 0", "dmd_lt2 (distill_livetalk) exit 0"):
+    for line in ("ode_pairs (ode_pairs) exit 0", "ode_init (ode_init) exit 0", "dmd_lt2w (distill_livetalk) exit 0"):
         assert line in stages, stages
-    assert "suite dmd_lt2 seed 0 exit 0" in stages and "suite ode_init" not in stages
+    assert "suite dmd_lt2w seed 0 exit 0" in stages and "suite ode_init" not in stages
     ship = json.loads((a / "runs" / "distill" / "ship.json").read_text())
-    assert ship["hand_back"] == "dmd_lt2" and "c6 stays" in ship["why"]  # (random tiny models meet no bound)
-    with tarfile.open(a / "out" / "small_dmd_lt2.tar") as t:
+    assert ship["hand_back"] == "dmd_lt2w" and "c6 stays" in ship["why"]  # (random tiny models meet no bound)
+    with tarfile.open(a / "out" / "small_dmd_lt2w.tar") as t:
         assert {"./student.safetensors", "./log.jsonl", "./metrics.json"} <= set(t.getnames())
     assert tarfile.open(a / "out" / "logs.tar").getnames()
-    lt2 = load_checkpoint(a / "runs" / "dmd_lt2" / "student.safetensors")
+    lt2 = load_checkpoint(a / "runs" / "dmd_lt2w" / "student.safetensors")
     assert sampling_of(lt2)["timesteps"] == [1000.0, 500.0]
     assert (
-        json.loads((a / "runs" / "dmd_lt2" / "config.json").read_text())["init"] == "runs/ode_init/student.safetensors"
+        json.loads((a / "runs" / "dmd_lt2w" / "config.json").read_text())["init"] == "runs/ode_init/student.safetensors"
     )
     # every run exported its newest weights while it trained (what `wait` hands back)
-    latest = (a / "runs" / "dmd_lt2" / "latest.txt").read_text().strip()
-    export = load_checkpoint(a / "runs" / "dmd_lt2" / latest / "student.safetensors")
+    latest = (a / "runs" / "dmd_lt2w" / "latest.txt").read_text().strip()
+    export = load_checkpoint(a / "runs" / "dmd_lt2w" / latest / "student.safetensors")
     assert latest == "ckpt_000002" and export.checkpoint_info["step"] == 2 and sampling_of(export) == sampling_of(lt2)
+    log = [json.loads(x) for x in (a / "runs" / "dmd_lt2w" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("critic_warmup") for r in log[:2]] == [1, 2] and log[2]["step"] == 1  # the variant's own setting
 
-    # the machine is taken back while dmd_lt2 runs: pretend it had not finished, and collect as the calls would
+    # the machine is taken back while dmd_lt2w runs: pretend it had not finished, and collect as the calls would
     (a / "runs" / "distill" / "DONE").unlink()
-    (a / "runs" / "dmd_lt2" / "metrics.json").unlink()
-    os.utime(a / "runs" / "ode_init" / "metrics.json", (1e9, 1e9))  # older than dmd_lt2's export
+    (a / "runs" / "dmd_lt2w" / "metrics.json").unlink()
+    os.utime(a / "runs" / "ode_init" / "metrics.json", (1e9, 1e9))  # older than dmd_lt2w's export
     handed = tmp_path / "handed"
     said = []
     for call in (1, 2, 3):
         shutil.rmtree(a / "out")
         said.append(_pipeline(a, env, "wait", "0"))
         shutil.copytree(a / "out", handed / str(call))
-    assert "handed back: dmd_lt2 (ckpt_000002)" in said[0] and "handed back: ode_init (final)" in said[1]
+    assert "handed back: dmd_lt2w (ckpt_000002)" in said[0] and "handed back: ode_init (final)" in said[1]
     assert not list((handed / "3").glob("ckpt_*")) and "handed back" not in said[2]  # nothing newer to send
     parts = sorted(p.name for p in (handed / "1").glob("ckpt_*")) + sorted(
         p.name for p in (handed / "2").glob("ckpt_*")
     )
-    assert parts == ["ckpt_dmd_lt2.tgz.part00", "ckpt_ode_init.tgz.part00"]
+    assert parts == ["ckpt_dmd_lt2w.tgz.part00", "ckpt_ode_init.tgz.part00"]
     here = _machine(tmp_path, "here")
     for call in ("1", "2"):
         assert "data/resume/" in _pipeline(here, env, "keep", str(handed / call))
-    with tarfile.open(here / "data" / "resume" / "dmd_lt2.tgz") as t:
+    with tarfile.open(here / "data" / "resume" / "dmd_lt2w.tgz") as t:
         names = set(t.getnames())
-    assert {"dmd_lt2/latest.txt", "dmd_lt2/ckpt_000002/student.safetensors", "dmd_lt2/log.jsonl"} <= names
+    assert {"dmd_lt2w/latest.txt", "dmd_lt2w/ckpt_000002/student.safetensors", "dmd_lt2w/log.jsonl"} <= names
     assert not any("state.pt" in n or "ckpt_000001" in n for n in names)
 
     # a fresh machine: the finished ODE init and the unfinished DMD run come back; no pairs, no ODE init again
     b = _machine(tmp_path, "b")
     (b / "data").symlink_to(here / "data")
-    env_b = dict(env, PATH=f"{b / 'bin'}:{os.environ['PATH']}", RESUME="ode_init dmd_lt2", DMD_S="500")
-    for name in ("ode_init", "dmd_lt2"):
+    env_b = dict(env, PATH=f"{b / 'bin'}:{os.environ['PATH']}", RESUME="ode_init dmd_lt2w", DMD_S="500")
+    for name in ("ode_init", "dmd_lt2w"):
         _pipeline(b, env_b, "resume", f"data/resume/{name}.tgz")
-    assert (b / "runs" / "ode_init" / "metrics.json").exists() and (b / "runs" / "dmd_lt2.carried").is_dir()
+    assert (b / "runs" / "ode_init" / "metrics.json").exists() and (b / "runs" / "dmd_lt2w.carried").is_dir()
     _pipeline(b, env_b, "run")
     stages = (b / "runs" / "distill" / "stages.txt").read_text()
     assert "ode_pairs" not in stages and "ode_init (ode_init)" not in stages
-    carried = "runs/dmd_lt2.carried/ckpt_000002/student.safetensors"
-    trained = json.loads((a / "runs" / "dmd_lt2" / "log.jsonl").read_text().splitlines()[-1])["seconds"]
-    assert f"dmd_lt2 resumes from {carried} for {max(60, int(500 - trained))} s" in stages
-    assert "dmd_lt2 (distill_livetalk) exit 0" in stages and "suite dmd_lt2 seed 0 exit 0" in stages
-    assert json.loads((b / "runs" / "dmd_lt2" / "config.json").read_text())["init"] == carried
+    carried = "runs/dmd_lt2w.carried/ckpt_000002/student.safetensors"
+    trained = json.loads((a / "runs" / "dmd_lt2w" / "log.jsonl").read_text().splitlines()[-1])["seconds"]
+    assert f"dmd_lt2w resumes from {carried} for {max(60, int(500 - trained))} s" in stages
+    assert "dmd_lt2w (distill_livetalk) exit 0" in stages and "suite dmd_lt2w seed 0 exit 0" in stages
+    assert json.loads((b / "runs" / "dmd_lt2w" / "config.json").read_text())["init"] == carried

@@ -80,6 +80,7 @@ class TrainConfig:
     anchor: str = "anchor_heavy"  # ... and anchor mode (the sinks: reference copies) the student streams with
     anchor_copies: int = 3
     critic_ratio: int = 5  # dmd: critic updates per generator update
+    critic_warmup: int = 0  # dmd: critic updates on the initial generator's rollouts before its first update
     lr_critic: float = 2e-5
     betas: list = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas (DMD: [0, 0.999])
     score_sigma_min: float = 0.02  # dmd: the score's noise levels, drawn uniformly, warped by timestep_shift,

@@ -343,7 +343,7 @@ class DMDTrainer:
     def _lr(self, base: float) -> float:
         return base * min(1.0, (self.step + 1) / max(1, self.cfg.warmup))
 
-    def critic_update(self, salt: int) -> dict:
+    def critic_update(self, salt: int, lr: float | None = None) -> dict:
         c = self.cfg
         b = self._batch()
         exit_step = self._exit_step(salt)
@@ -359,7 +359,7 @@ class DMDTrainer:
         average_gradients(self.critic, self.world)
         gn = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), c.grad_clip)
         for g in self.opt_c.param_groups:
-            g["lr"] = self._lr(c.lr_critic)
+            g["lr"] = self._lr(c.lr_critic) if lr is None else lr
         self.opt_c.step()
         return dict(critic_loss=float(loss.detach()), critic_grad_norm=float(gn))
 
@@ -408,6 +408,20 @@ class DMDTrainer:
             grad_norm=float(gn),
         )
 
+    def warm_critic(self, log_file: Path) -> list[float]:
+        """``critic_warmup`` critic updates on the initial generator's rollouts, before its first update: the critic
+        starts as the teacher, and a generator that follows it from the first update follows the teacher's score of
+        its own samples, not the fake score (its lr ramps over ``warmup`` of these updates, then stays)."""
+        c = self.cfg
+        losses = []
+        for k in tqdm(range(c.critic_warmup), desc="critic warm-up", disable=self.rank != 0, mininterval=5):
+            r = self.critic_update(100_000 + k, lr=c.lr_critic * min(1.0, (k + 1) / max(1, c.warmup)))
+            losses.append(r["critic_loss"])
+            if self.rank == 0 and ((k + 1) % (c.log_every * c.critic_ratio) == 0 or k + 1 == c.critic_warmup):
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(dict(step=0, critic_warmup=k + 1, **r)) + "\n")
+        return losses
+
     # -- loop -------------------------------------------------------------------------------------------------
     def _elapsed(self, t0: float) -> float:
         e = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
@@ -427,6 +441,8 @@ class DMDTrainer:
                     f"time budget {c.time_budget:.0f}s: {before:.0f}s spent before the first step, {budget:.0f}s left"
                 )
         log_file = self.out / "log.jsonl"
+        if self.step == 0 and c.critic_warmup:
+            self.warm_critic(log_file)
         bar = tqdm(total=c.steps, initial=self.step, desc="dmd", disable=self.rank != 0, mininterval=5)
         last: dict = {}
         while self.step < c.steps:

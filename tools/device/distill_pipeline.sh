@@ -26,7 +26,8 @@
 # its time budget (ODE_S / DMD_S less the seconds its log shows; the optimiser's moments start afresh).
 #
 # Settings: DMD_S (each DMD run's time budget, s; 400), ODE_S (ODE init, s; 540), PAIRS (1536), DMD_RUNS
-# ("sf4 lt4 sf2 lt2"; "": ODE init alone), DMD_BATCH (rollouts per update; 8), ODE_SEEDS (the ODE-init student's
+# ("sf4 lt4 sf2 lt2"; "": ODE init alone; a name is settings + steps + an optional tag, e.g. lt4e, whose own
+# overrides are SETS_lt4e="KEY=VALUE ..."), DMD_BATCH (rollouts per update; 8), ODE_SEEDS (the ODE-init student's
 # suites' noise seeds; "0 1"; "": none), DMD_SEEDS ("0 1 2 3"), FROM_DMD=1 (pairs and ODE init are on the machine
 # already), SUITE_PAR (suites at once; 6).
 # For a rehearsal elsewhere (tests/test_distill.py runs start -> run -> wait and a resume on a CPU with tiny models):
@@ -210,7 +211,8 @@ run)
   for r in $runs; do
     [ -f "runs/dmd_$r/metrics.json" ] && { log "dmd_$r: carried whole"; continue; }
     config=distill_sf; [ "${r:0:2}" = lt ] && config=distill_livetalk
-    steps=(); [ "${r:2}" = 2 ] && steps=("student_timesteps=[1000, 500]")
+    steps=(); [ "${r:2:1}" = 2 ] && steps=("student_timesteps=[1000, 500]")
+    own="SETS_$r"  # a variant's own overrides: DMD_RUNS="lt4 lt4e" SETS_lt4e="lr=1e-5 lr_critic=1e-5"
     init=runs/ode_init/student.safetensors budget=${DMD_S:-400}
     if resuming "dmd_$r"; then
       init=$(carried_student "dmd_$r") budget=$(budget_left "dmd_$r" "$budget")
@@ -218,7 +220,7 @@ run)
     fi
     # shellcheck disable=SC2086
     train $config "runs/dmd_$r" init="$init" time_budget="$budget" batch="${DMD_BATCH:-8}" "${steps[@]}" \
-      ${DMD_SETS:-} &
+      ${DMD_SETS:-} ${!own:-} &
   done
   wait
   for name in ode_init $(for r in $runs; do echo "dmd_$r"; done); do

@@ -3,7 +3,8 @@
 Bounds (issue 25): the 4-step student from pure noise: mouth error <= 0.0296 (1.05x the teacher's 0.0282); the
 2-step: <= 0.0325 (1.15x); both: sync offset 0 on >= 15 of 16 clip draws, identity NN >= 95%, head motion >= 2.4
 degrees, no flagged (black / blank / frozen) clip. Per step count the settings (Self-Forcing or LiveTalk) with the
-lower mean mouth error among those with identity >= 95% and no flagged clip stand for it.
+lower mean mouth error among those with identity >= 95% and no flagged clip stand for it (a variant, e.g.
+dmd_lt4e, competes with the others of its step count).
 Ship: of the students that meet their bounds, the one with the lower mouth error (a tie: fewer steps). If neither
 does, of those no worse than the shipped default on every count (c6 at 8 steps from sigma 0.9: mouth error
 0.0346, head motion 1.39 degrees, offset 0 on >= 15/16, identity >= 95%, no flagged clip) the one with the lower
@@ -21,7 +22,17 @@ from pathlib import Path
 
 BOUNDS = {4: 0.0296, 2: 0.0325}
 C6 = dict(mouth_error=0.0346, head_motion=1.39)  # suites_s17_captions_h200.json, the shipped default
-RUNS = {4: ("dmd_sf4", "dmd_lt4"), 2: ("dmd_sf2", "dmd_lt2")}
+RUN = re.compile(r"dmd_(sf|lt)([24])\w*$")  # settings, steps, an optional tag (a variant: dmd_lt4e)
+
+
+def runs_by_steps(names) -> dict[int, list[str]]:
+    """The DMD runs among ``names`` by their step count."""
+    out: dict[int, list[str]] = {}
+    for n in sorted(names):
+        m = RUN.match(n)
+        if m:
+            out.setdefault(int(m.group(2)), []).append(n)
+    return out
 
 
 def summarise(d: Path) -> dict:
@@ -66,7 +77,7 @@ def main() -> None:
             f"identity {r['identity_nn']:.2f} head {r['head_motion']:.2f} flagged {r['flagged_clips']}"
         )
     chosen = {}
-    for steps, names in RUNS.items():
+    for steps, names in runs_by_steps(rows).items():
         have = [n for n in names if n in rows and len(rows[n]["seeds"]) == a.seeds]
         sound = [n for n in have if rows[n]["identity_nn"] >= 0.95 and rows[n]["flagged_clips"] == 0]
         pool = sound or have
