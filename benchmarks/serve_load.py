@@ -130,10 +130,13 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
         with connect(url) as extra:  # the N+1th
             busy = json.loads(extra.recv(timeout=10))
         time.sleep(warmup)
+        batcher = models.batcher
+        before = len(batcher.batches) if batcher is not None else 0
         t0 = time.perf_counter()
         sessions_during = len(app.state.talkstream["sessions"])
         time.sleep(seconds)
         t1 = time.perf_counter()
+        batches = list(batcher.batches[before:]) if batcher is not None else []  # (bounded at 1,000: enough here)
         stop.set()
         for r in readers:
             r.ws.close()
@@ -155,6 +158,7 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
         interval_p99_ms_max=max(p["interval_p99_ms"] for p in per),
         frames_lost_total=sum(p["frames_lost"] for p in per),
         images_dropped_total=sum(p["images_dropped"] for p in per),
+        batch_sizes={str(k): batches.count(k) for k in sorted(set(batches))},  # passes run, by sessions in each
         per_session=per,
     )
 
@@ -221,7 +225,7 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = res["levels"]
+    levels = [lv for lv in res["levels"] if "per_session" in lv]
     ns = [lv["sessions"] for lv in levels]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     for lv in levels:
@@ -268,6 +272,7 @@ def main() -> None:
     import torch
 
     from talkstream.serve.app import Models, ServeConfig
+    from talkstream.serve.security import SecurityConfig
 
     # the LLM is never asked (nobody speaks): a closed local port keeps the local model from loading
     cfg = ServeConfig(
@@ -279,6 +284,8 @@ def main() -> None:
         speed=args.speed,
         batch={"on": True, "off": False}.get(args.batch),
         max_sessions=max(levels),
+        # every client of this test comes from 127.0.0.1: the per-address limit on new sessions covers all of them
+        security=SecurityConfig(connect_burst=2 * sum(levels) + 8, connects_per_min=60.0 * (2 * sum(levels) + 8)),
     )
     models = Models(cfg)
     res = dict(
@@ -301,7 +308,12 @@ def main() -> None:
     res["startup_capacity"] = cap.as_dict()  # what `talkstream serve` would admit here, measured as at its start-up
     print(f"start-up calibration: {cap.sessions} session(s), batched: {cap.batch}, rounds {cap.round_s}", flush=True)
     for n in levels:
-        lv = run_level(cfg, models, n, args.seconds, args.warmup)
+        try:
+            lv = run_level(cfg, models, n, args.seconds, args.warmup)
+        except Exception as e:  # (recorded; the next level starts a fresh server)
+            print(f"{n} sessions: failed: {type(e).__name__}: {e}", flush=True)
+            res["levels"].append(dict(sessions=n, error=f"{type(e).__name__}: {e}"))
+            continue
         print(
             f"{n} sessions: real-time {lv['real_time_sessions']}/{n}, min {lv['fps_min']} fps, "
             f"p99 interval <= {lv['interval_p99_ms_max']} ms, lost {lv['frames_lost_total']}, "
@@ -309,9 +321,11 @@ def main() -> None:
             flush=True,
         )
         res["levels"].append(lv)
+        if args.out:  # each level as it ends (a later level that fails loses only itself)
+            Path(args.out).write_text(json.dumps(res, indent=1))
     res["load_average_after"] = os.getloadavg()
     res["real_time_sessions_held"] = max(
-        [lv["sessions"] for lv in res["levels"] if lv["real_time_sessions"] == lv["sessions"]], default=0
+        [lv["sessions"] for lv in res["levels"] if lv.get("real_time_sessions") == lv["sessions"]], default=0
     )
     report(res, args.out, show={k: v for k, v in res.items() if k != "levels"})
     if args.out:

@@ -179,3 +179,32 @@ def test_two_conversations_avatar_loops_share_one_batcher(tiny_weights):
     for f in frames:
         assert len(f) >= 40 and f == list(range(len(f)))
     assert 2 in batcher.batches and batcher.attached == 0
+
+
+def test_paced_sessions_that_share_a_batcher_ask_for_their_chunks_together(tiny_weights):
+    """Two paced sessions started 0.2 s apart (of a 0.48-s chunk period): each paced from its own start, they would
+    ask for their chunks 0.2 s apart, and a batcher that gathers for 50 ms would run every chunk alone; on the
+    batcher's common grid their chunks run in batches of two."""
+    import time
+
+    pytest.importorskip("ctranslate2")
+    from talkstream.agent.avatar_loop import AvatarLoop
+    from talkstream.stream.avatar import BUNDLED_REFERENCE, Avatar
+
+    avatar = Avatar.from_pretrained(tiny_weights, size=32, sampler="few_step", timesteps=(1000, 500), window=2)
+    avatar.whisper, avatar.encode_prompt("warm")  # noqa: B018 (the encoders load before the clocks start)
+    batcher = ChunkBatcher(max_batch=2, gather_s=0.05)
+    frames: list[list[int]] = [[], []]
+    loops = [AvatarLoop(avatar, BUNDLED_REFERENCE, lead=0.1, batcher=batcher) for _ in range(2)]
+    loops[0].start(lambda f: frames[0].append(f.index))
+    time.sleep(0.2)
+    loops[1].start(lambda f: frames[1].append(f.index))
+    deadline = time.perf_counter() + 60
+    while min(len(f) for f in frames) < 100 and time.perf_counter() < deadline:  # 4 s of video each
+        time.sleep(0.05)
+    for loop in loops:
+        loop.close()
+    assert all(loop.error is None for loop in loops)
+    assert (loops[1].started_at - loops[0].started_at) % 0.48 == pytest.approx(0.0, abs=1e-6)
+    steady = batcher.batches[4:]  # (the second session's first chunks catch up with its clock)
+    assert len(steady) >= 4 and steady.count(2) >= 0.75 * len(steady), batcher.batches

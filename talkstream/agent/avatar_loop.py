@@ -209,7 +209,10 @@ class AvatarLoop:
     def _frames(self, engine, avatar: Avatar) -> None:
         feed, ws = avatar.audio_feed(), avatar.whisper.stream()
         hop = ws.enc.hop_samples
-        self.started_at = time.perf_counter()
+        now = time.perf_counter()
+        # sessions that share a batcher keep one pacing grid: their chunks are asked for together and batched
+        period = avatar.cfg.chunk * 4 / FPS
+        self.started_at = now if self.batcher is None else self.batcher.pace_origin(now, period)
         current = [self._state_caption]
 
         def audio_for(first: int, k: int):

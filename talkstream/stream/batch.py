@@ -18,6 +18,7 @@ and runs them together. Whether a batch is faster than separate passes depends o
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -161,10 +162,11 @@ class ChunkBatcher:
     ``next_chunk`` through the batcher; a request waits at most ``gather_s`` for the other attached engines' requests,
     then the waiting requests run together (``max_batch`` at most, in groups that share ``batch_key``)."""
 
-    def __init__(self, max_batch: int = 4, gather_s: float = 0.02) -> None:
+    def __init__(self, max_batch: int = 4, gather_s: float = 0.05) -> None:
         if max_batch < 1 or gather_s < 0:
             raise ValueError("max_batch must be >= 1 and gather_s >= 0")
         self.max_batch, self.gather_s = max_batch, gather_s
+        self._epoch: float | None = None  # the first paced stream's start (pace_origin)
         self._cond = threading.Condition()
         self._waiting: list[_Request] = []
         self._attached: dict[int, StreamEngine] = {}
@@ -182,6 +184,19 @@ class ChunkBatcher:
             self._attached.pop(id(engine), None)
             self._cond.notify_all()
         vars(engine).pop("next_chunk", None)  # the class's method again
+
+    def pace_origin(self, now: float, period_s: float) -> float:
+        """The wall-clock time a new paced stream counts its video from: the first stream's start moved on by whole
+        chunk periods (``period_s``: a chunk's video seconds) to at most ``now``. Streams paced from it ask for
+        their chunks at the same instants and share passes; each paced from its own start would ask at its own phase
+        of the period, and the batcher would run their chunks one or two at a time (a round of n sessions then takes
+        ~n passes). A stream starts up to one period behind its clock and catches up in its first chunks."""
+        if period_s <= 0:
+            raise ValueError(f"period_s must be > 0, got {period_s}")
+        with self._cond:
+            if self._epoch is None:
+                self._epoch = now
+            return self._epoch + math.floor((now - self._epoch) / period_s) * period_s
 
     @property
     def attached(self) -> int:
