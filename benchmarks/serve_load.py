@@ -304,7 +304,9 @@ def main() -> None:
     )
     from talkstream.serve.capacity import calibrate
 
-    cap = calibrate(models.avatar, models.images["reference"], headroom=cfg.headroom, batch=cfg.batch)
+    cap = calibrate(
+        models.avatar, models.images["reference"], headroom=cfg.headroom, batch=cfg.batch, verify_s=cfg.verify_s
+    )
     res["startup_capacity"] = cap.as_dict()  # what `talkstream serve` would admit here, measured as at its start-up
     print(f"start-up calibration: {cap.sessions} session(s), batched: {cap.batch}, rounds {cap.round_s}", flush=True)
     for n in levels:

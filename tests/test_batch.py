@@ -182,9 +182,9 @@ def test_two_conversations_avatar_loops_share_one_batcher(tiny_weights):
 
 
 def test_paced_sessions_that_share_a_batcher_ask_for_their_chunks_together(tiny_weights):
-    """Two paced sessions started 0.2 s apart (of a 0.48-s chunk period): each paced from its own start, they would
-    ask for their chunks 0.2 s apart, and a batcher that gathers for 50 ms would run every chunk alone; on the
-    batcher's common grid their chunks run in batches of two."""
+    """Two paced sessions started 0.2 s apart (the tiny model's chunk period is 0.32 s): each paced from its own
+    start, they would ask for their chunks 0.2 s apart, and a batcher that gathers for 50 ms would run every chunk
+    alone; on the batcher's common grid their chunks run in batches of two."""
     import time
 
     pytest.importorskip("ctranslate2")
@@ -205,6 +205,46 @@ def test_paced_sessions_that_share_a_batcher_ask_for_their_chunks_together(tiny_
     for loop in loops:
         loop.close()
     assert all(loop.error is None for loop in loops)
-    assert (loops[1].started_at - loops[0].started_at) % 0.48 == pytest.approx(0.0, abs=1e-6)
+    period = avatar.cfg.chunk * 4 / 25
+    phase = (loops[1].started_at - loops[0].started_at) % period
+    assert min(phase, period - phase) == pytest.approx(0.0, abs=1e-6)
     steady = batcher.batches[4:]  # (the second session's first chunks catch up with its clock)
     assert len(steady) >= 4 and steady.count(2) >= 0.75 * len(steady), batcher.batches
+
+
+def test_a_request_that_waited_through_a_batch_gathers_anew_when_it_ends(tiny_weights):
+    """A request that waits while a batch runs (here: the batcher held busy by hand) is joined by a stream that asks
+    just after that batch ends, instead of running alone at once because its own gathering time ran out meanwhile."""
+    import threading
+    import time
+
+    from talkstream.stream.avatar import BUNDLED_REFERENCE, Avatar
+
+    avatar = Avatar.from_pretrained(tiny_weights, size=32, sampler="few_step", timesteps=(1000, 500), window=2)
+    engines = [avatar.start_engine(BUNDLED_REFERENCE) for _ in range(3)]
+    dit = engines[0].dit
+    batcher = ChunkBatcher(max_batch=3, gather_s=0.4)
+    for e in engines:
+        batcher.attach(e)
+    audio = torch.zeros(engines[0].chunk_size, dit.cfg.audio_tokens_per_frame, dit.cfg.audio_dim)
+    for e in engines:  # the first chunks of all three, batched (the caches then hold the same frames)
+        threading.Thread(target=e.next_chunk, args=(audio,)).start()
+    deadline = time.perf_counter() + 30
+    while sum(batcher.batches) < 3 and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert batcher.batches == [3]
+    with batcher._cond:
+        batcher._running = True  # another batch runs
+    a = threading.Thread(target=engines[0].next_chunk, args=(audio,))
+    a.start()
+    time.sleep(0.6)  # longer than its gathering time
+    with batcher._cond:
+        batcher._running = False
+        batcher._cond.notify_all()
+    time.sleep(0.1)
+    b = threading.Thread(target=engines[1].next_chunk, args=(audio,))
+    b.start()
+    a.join(30), b.join(30)
+    for e in engines:
+        batcher.detach(e)
+    assert batcher.batches == [3, 2]

@@ -63,6 +63,7 @@ class ServeConfig:
     max_sessions: int | None = None  # None: what this machine holds in real time, measured when the models load
     batch: bool | None = None  # sessions' chunks in one forward pass; None: where it measured faster (start-up)
     headroom: float = 0.75  # share of real time the avatars may take (the rest: ASR, LLM, voice, encoding)
+    verify_s: float = 3.0  # start-up: the admitted count run as live sessions this long, lowered until real time
     avatar_nice: int = 0  # > 0: the avatars' threads this much nicer than ASR / LLM / voice (AvatarLoop's ``nice``)
     preemptive_silence: float | None = 0.1  # seconds of silence before a reply is prepared (None: at the turn's end)
     security: SecurityConfig = field(default_factory=SecurityConfig)  # token, rate and picture limits
@@ -145,7 +146,9 @@ class Models:
 
         ref = self.images["reference"]
         if cfg.max_sessions is None:
-            cap = calibrate(self.avatar, ref, headroom=cfg.headroom, batch=cfg.batch, progress=log.info)
+            cap = calibrate(
+                self.avatar, ref, headroom=cfg.headroom, batch=cfg.batch, progress=log.info, verify_s=cfg.verify_s
+            )
             log.info("capacity: %d real-time session(s), batched: %s (%s)", cap.sessions, cap.batch, cap.round_s)
             if not cap.real_time:
                 log.warning("one session is slower than real time on this machine (%s)", cap.round_s)

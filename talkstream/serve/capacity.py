@@ -42,6 +42,7 @@ class Capacity:
     round_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "separate"/"batched" -> n -> s per round
     memory_per_session_mb: float = 0.0
     how: str = "measured at start-up"
+    verified_fps: dict[int, float] = field(default_factory=dict)  # n -> the slowest of n live sessions' frames/s
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +74,58 @@ def session_memory_bound_mb(engine, decoder_cache: dict, size: int, cfg: Convers
     dec = sum(t.numel() * t.element_size() for t in decoder_cache.values() if isinstance(t, torch.Tensor))
     queue = cfg.max_queue * size * size * 3 + 4 * cfg.max_queue * AUDIO_BYTES_PER_FRAME
     return (cache + dec + queue) / 2**20
+
+
+REAL_TIME = 0.95  # a session is real time at >= 95% of 25 frames/s (as benchmarks/serve_load.py counts it)
+
+
+def verify_sessions(avatar, image, n: int, batch: bool, seconds: float = 3.0, start_timeout: float = 120.0) -> dict:
+    """Run ``n`` sessions' avatars as the server runs them (``AvatarLoop``: paced, fed silence through the audio
+    encoder, decoded, frames handed out; one ``ChunkBatcher`` when ``batch``) and count each one's frames over
+    ``seconds`` once all have started. Lock-step rounds (``calibrate``) time the denoising and decoding alone; what a
+    session also does in its own thread (audio features, the decode hand-off, its frames) competes with the others
+    for the interpreter and the device, which only running them shows."""
+    from ..agent.avatar_loop import AvatarLoop
+    from ..stream.batch import ChunkBatcher
+
+    if n < 1 or seconds <= 0:
+        raise ValueError("need n >= 1 and seconds > 0")
+    batcher = ChunkBatcher(max_batch=n) if batch and n >= 2 else None
+    counts = [0] * n
+    loops = [AvatarLoop(avatar, image, batcher=batcher) for _ in range(n)]
+
+    def counter(i: int):
+        def on_frame(_frame) -> None:
+            counts[i] += 1
+
+        return on_frame
+
+    try:
+        for i, loop in enumerate(loops):
+            loop.start(counter(i))
+        deadline = time.perf_counter() + start_timeout
+        warm = 2 * avatar.cfg.chunk * 4  # two chunks' frames each: past the first chunks' extra work
+        while min(counts) < warm and time.perf_counter() < deadline:
+            if any(loop.error is not None for loop in loops):
+                break
+            time.sleep(0.02)
+        t0, c0 = time.perf_counter(), list(counts)
+        time.sleep(seconds)
+        t1, c1 = time.perf_counter(), list(counts)
+    finally:
+        for loop in loops:
+            loop.close()
+    errors = [repr(loop.error) for loop in loops if loop.error is not None]
+    if errors:
+        raise RuntimeError(f"a calibration session failed: {errors[0]}")
+    fps = [(b - a) / (t1 - t0) for a, b in zip(c0, c1)]
+    return dict(sessions=n, batch=batcher is not None, fps=[round(f, 2) for f in fps], min_fps=round(min(fps), 2))
+
+
+def fewer_sessions(n: int, min_fps: float) -> int:
+    """The next count to try after ``n`` live sessions reached only ``min_fps`` each: the share of real time they got,
+    scaled down, and at least one fewer."""
+    return max(1, min(n - 1, int(n * min_fps / FPS)))
 
 
 def _round_time(engines, decoders, audio, batched: bool, rounds: int) -> float:
@@ -111,12 +164,15 @@ def calibrate(
     progress=None,
     measure_all: bool = False,
     points: Sequence[int] | None = None,
+    verify_s: float = 0.0,
 ) -> Capacity:
     """Time rounds of 1, 2, ... sessions' chunks on ``avatar`` at its size (``image``: a reference frame) until a
     round no longer fits ``headroom`` x a chunk's video time; ``batch``: None measures both ways, True / False only
     that way; ``measure_all``: every n up to ``max_sessions`` both ways (a benchmark, not a start-up); ``points``:
     time rounds only at these n (e.g. 1, 2, 4, 8, ... where a GPU holds many; every n gets its session either way).
-    Warm-up chunks (until the cache's window is full) are not timed."""
+    Warm-up chunks (until the cache's window is full) are not timed. ``verify_s`` > 0: the count the rounds admit
+    (when it is 2 or more) is then run as live sessions for that many seconds (``verify_sessions``), and lowered
+    until they all stream in real time (on a GPU the rounds alone overstated it: docs/serve.md)."""
     if not 0 < headroom <= 1 or max_sessions < 1 or rounds < 1:
         raise ValueError("need 0 < headroom <= 1, max_sessions >= 1, rounds >= 1")
     timed = set(range(1, max_sessions + 1)) if points is None else {n for n in points if 1 <= n <= max_sessions}
@@ -165,14 +221,26 @@ def calibrate(
     faster = "batched" in ways and fits["batched"] == best >= 2
     if faster and "separate" in ways and fits["separate"] == best:
         faster = round_s["batched"][best] < round_s["separate"][best]
+    del engines, decoders
+    sessions, verified = max(1, best), {}
+    while verify_s > 0 and sessions >= 2:
+        v = verify_sessions(avatar, image, sessions, bool(faster), verify_s)
+        verified[sessions] = v["min_fps"]
+        if progress is not None:
+            progress(f"capacity: {sessions} live session(s): {v['fps']} frames/s")
+        if v["min_fps"] >= REAL_TIME * FPS:
+            break
+        sessions = fewer_sessions(sessions, v["min_fps"])
     return Capacity(
-        sessions=max(1, best),
-        batch=bool(faster),
+        sessions=sessions,
+        batch=bool(faster) and sessions >= 2,
         real_time=best >= 1,
         chunk_video_s=video_s,
         headroom=headroom,
         round_s=round_s,
         memory_per_session_mb=round(memory, 1),
+        how="measured at start-up" + (" (rounds, then live sessions)" if verified else ""),
+        verified_fps=verified,
     )
 
 
@@ -193,4 +261,13 @@ def memory_ok(cap: Capacity, margin: float = 2.0, floor_mb: float = 256.0) -> tu
     return avail >= margin * cap.memory_per_session_mb + floor_mb, round(avail, 1)
 
 
-__all__ = ["Capacity", "available_memory_mb", "calibrate", "given", "memory_ok", "session_memory_bound_mb"]
+__all__ = [
+    "Capacity",
+    "available_memory_mb",
+    "calibrate",
+    "fewer_sessions",
+    "given",
+    "memory_ok",
+    "session_memory_bound_mb",
+    "verify_sessions",
+]

@@ -160,7 +160,10 @@ class _Request:
 class ChunkBatcher:
     """Batches the chunks of engines that run in their own threads. ``attach(engine)`` routes the engine's
     ``next_chunk`` through the batcher; a request waits at most ``gather_s`` for the other attached engines' requests,
-    then the waiting requests run together (``max_batch`` at most, in groups that share ``batch_key``)."""
+    then the waiting requests run together (``max_batch`` at most, in groups that share ``batch_key``). A request
+    that came while another batch ran gathers for ``gather_s`` again once it ends: that batch's streams come back
+    for their next chunks then, and a late request that ran alone right after every batch would cost every stream a
+    second pass a round (measured on an H100 before: 16 sessions in passes of 15 and 1, alternately)."""
 
     def __init__(self, max_batch: int = 4, gather_s: float = 0.05) -> None:
         if max_batch < 1 or gather_s < 0:
@@ -210,8 +213,9 @@ class ChunkBatcher:
             self._cond.notify_all()
             deadline = time.perf_counter() + self.gather_s
             while not req.done.is_set():
-                if self._running:  # woken when it ends
+                if self._running:  # woken when it ends, then it gathers anew (the class's docstring)
                     self._cond.wait(0.05)
+                    deadline = max(deadline, time.perf_counter() + self.gather_s)
                     continue
                 ready = len(self._waiting) >= min(self.max_batch, max(1, len(self._attached)))
                 left = deadline - time.perf_counter()
