@@ -9,6 +9,8 @@
 #   bash tools/device/serve_load_gpu.sh prep            # here: .srv/1-4, data/carry_init/captions.pt; prints the calls
 #   bash tools/device/serve_load_gpu.sh install         # there (last call): wheels -> /tmp/site, espeak-ng -> /tmp/espeak
 #   bash tools/device/serve_load_gpu.sh run OUT         # there: the load test at 256x256 and 512x512 -> OUT/*.json
+#     (S256 / S512: the session counts, "2,3,4,6,8" / "2,3,4"; T256 / T512: each size's time limit, 240 / 150 s;
+#     the JSON is written after every level, and the start-up calibration runs its count as live sessions)
 #
 # The calls (one machine; each within 30 s of the last: a machine idle for 30 s is given back):
 #   1  carry data/keep data/carry_init   distill_pipeline.sh unpack (VAE, causal model)
@@ -72,11 +74,11 @@ run)
   . tools/device/serve_load_gpu_env.sh
   for d in data/init data/keep; do cp -n "$d"/*.safetensors* talkstream/weights/ 2>/dev/null || true; done
   g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -q H200 && echo h200 || echo h100)
-  timeout "${T256:-300}" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
-    --size 256 --sessions "${S256:-1,8,16,24}" --batch on --seconds 10 --out "$out/serve_load_256_$g.json" ||
+  timeout "${T256:-240}" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
+    --size 256 --sessions "${S256:-2,3,4,6,8}" --batch on --seconds 10 --out "$out/serve_load_256_$g.json" ||
     echo "serve_load 256 exit $?"
-  timeout "${T512:-180}" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
-    --size 512 --sessions "${S512:-1,2,4}" --batch on --seconds 10 --out "$out/serve_load_512_$g.json" ||
+  timeout "${T512:-150}" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
+    --size 512 --sessions "${S512:-2,3,4}" --batch on --seconds 10 --out "$out/serve_load_512_$g.json" ||
     echo "serve_load 512 exit $?" ;;
 *)
   sed -n '2,17p' "$0"; exit 2 ;;
