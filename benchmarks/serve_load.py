@@ -137,6 +137,7 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
         time.sleep(seconds)
         t1 = time.perf_counter()
         batches = list(batcher.batches[before:]) if batcher is not None else []  # (bounded at 1,000: enough here)
+        pass_s = list(batcher.pass_s[before:]) if batcher is not None else []
         stop.set()
         for r in readers:
             r.ws.close()
@@ -159,6 +160,13 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
         frames_lost_total=sum(p["frames_lost"] for p in per),
         images_dropped_total=sum(p["images_dropped"] for p in per),
         batch_sizes={str(k): batches.count(k) for k in sorted(set(batches))},  # passes run, by sessions in each
+        # each size's median pass (s) and the share of the level the batcher spent in passes: the rest of a round
+        # is what the sessions do beside the pass
+        pass_s_median={
+            str(k): round(float(np.median([p for b, p in zip(batches, pass_s) if b == k])), 4)
+            for k in sorted(set(batches))
+        },
+        batcher_busy=round(sum(pass_s) / max(t1 - t0, 1e-9), 3),
         per_session=per,
     )
 

@@ -248,3 +248,4 @@ def test_a_request_that_waited_through_a_batch_gathers_anew_when_it_ends(tiny_we
     for e in engines:
         batcher.detach(e)
     assert batcher.batches == [3, 2]
+    assert len(batcher.pass_s) == 2 and all(p > 0 for p in batcher.pass_s)  # each pass's seconds beside its size

@@ -175,6 +175,7 @@ class ChunkBatcher:
         self._attached: dict[int, StreamEngine] = {}
         self._running = False
         self.batches: list[int] = []  # the size of every batch run (bounded: the last 1,000)
+        self.pass_s: list[float] = []  # ... and its wall seconds (the engines' chunk call, as the thread saw it)
 
     def attach(self, engine: StreamEngine) -> None:
         """Route ``engine.next_chunk`` (as its ``frames`` calls it) through this batcher until ``detach``."""
@@ -233,6 +234,7 @@ class ChunkBatcher:
                 r.engine.finish_chunk()  # (its key counts the frames its cache holds)
                 groups.setdefault(batch_key(r.engine), []).append(r)
             for key, group in groups.items():
+                t = time.perf_counter()
                 try:
                     if key is None:
                         chunks = [_own_chunk(r.engine, r.audio) for r in group]
@@ -244,6 +246,7 @@ class ChunkBatcher:
                     for r in group:
                         r.error = e
                 self.batches = (self.batches + [len(group)])[-1000:]
+                self.pass_s = (self.pass_s + [time.perf_counter() - t])[-1000:]
         finally:
             with self._cond:
                 self._running = False
