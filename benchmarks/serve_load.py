@@ -245,8 +245,8 @@ def plot(res: dict, path: str) -> None:
     b.axhline(1000 / FPS, ls="--", c="gray", label="40 ms")
     b.set(xlabel="concurrent sessions", ylabel="p99 inter-frame interval (ms)", xticks=ns)
     b.legend()
-    path = f"{res['steps']} Euler steps" if res.get("steps") else f"the {res.get('speed', 'default')} path"
-    fig.suptitle(f"talkstream serve on loopback: {res['size']}x{res['size']}, {path}, {res['device']}")
+    how = f"{res['steps']} Euler steps" if res.get("steps") else f"the {res.get('speed', 'default')} path"
+    fig.suptitle(f"talkstream serve on loopback: {res['size']}x{res['size']}, {how}, {res['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
