@@ -145,3 +145,18 @@ def test_calibration_times_only_the_points_asked_and_stops_each_way_at_its_first
     assert all(list(w) == [2] for w in over.round_s.values())  # nothing fitted at 2: 4 is never timed
     with pytest.raises(ValueError, match="no point"):
         calibrate(avatar, ref, max_sessions=2, points=[5])
+
+
+def test_the_load_tests_plot_lands_where_it_is_asked_and_skips_failed_levels(tmp_path, monkeypatch):
+    import json
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # (a plot written anywhere but its path would land here)
+    plot = runpy.run_path(str(root / "benchmarks" / "serve_load.py"))["plot"]
+    res = json.loads((root / "benchmarks" / "results" / "serve_load_512_h100.json").read_text())
+    res["levels"].append(dict(sessions=8, error="RuntimeError: sessions did not start within 180 s"))
+    (tmp_path / "out").mkdir()
+    plot(res, str(tmp_path / "out" / "load.png"))
+    assert [p.name for p in tmp_path.rglob("*.png")] == ["load.png"]
