@@ -93,6 +93,8 @@ class Reader:
         return any(m["type"] == "ready" for m in self.messages) and bool(self.frames)
 
     def stats(self, t0: float, t1: float) -> dict:
+        from talkstream.serve.capacity import REAL_TIME  # (the server's own measure of a real-time session)
+
         fr = [f for f in self.frames if t0 <= f[0] <= t1]
         idx = np.array([f[1] for f in fr])
         t = np.array([f[0] for f in fr])
@@ -101,7 +103,7 @@ class Reader:
         return dict(
             frames=len(fr),
             fps=round(fps, 2),
-            real_time=fps >= 0.95 * FPS,
+            real_time=fps >= REAL_TIME * FPS,
             frames_lost=int(np.sum(np.diff(idx) - 1)) if len(idx) > 1 else 0,
             images_dropped=int(sum(f[2] == 0 for f in fr)),
             interval_p50_ms=round(float(np.percentile(gaps, 50)) * 1000, 1),

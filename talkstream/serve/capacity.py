@@ -94,27 +94,23 @@ def verify_sessions(avatar, image, n: int, batch: bool, seconds: float = 3.0, st
     if n < 1 or seconds <= 0:
         raise ValueError("need n >= 1 and seconds > 0")
     batcher = ChunkBatcher(max_batch=n) if batch and n >= 2 else None
-    counts = [0] * n
     loops = [AvatarLoop(avatar, image, batcher=batcher) for _ in range(n)]
 
-    def counter(i: int):
-        def on_frame(_frame) -> None:
-            counts[i] += 1
-
-        return on_frame
+    def counts() -> list[int]:
+        return [loop.frames_out for loop in loops]
 
     try:
-        for i, loop in enumerate(loops):
-            loop.start(counter(i))
+        for loop in loops:
+            loop.start(lambda _frame: None)  # (each loop counts the frames it hands out)
         deadline = time.perf_counter() + start_timeout
         warm = 2 * avatar.cfg.chunk * 4  # two chunks' frames each: past the first chunks' extra work
-        while min(counts) < warm and time.perf_counter() < deadline:
+        while min(counts()) < warm and time.perf_counter() < deadline:
             if any(loop.error is not None for loop in loops):
                 break
             time.sleep(0.02)
-        t0, c0 = time.perf_counter(), list(counts)
+        t0, c0 = time.perf_counter(), counts()
         time.sleep(seconds)
-        t1, c1 = time.perf_counter(), list(counts)
+        t1, c1 = time.perf_counter(), counts()
     finally:
         for loop in loops:
             loop.close()

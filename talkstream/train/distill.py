@@ -340,8 +340,10 @@ class DMDTrainer:
         """One exit step for all chunks of a rollout and for all ranks (Self-Forcing broadcasts rank 0's)."""
         return random.Random(self.cfg.seed * 1_000_003 + self.step * 101 + salt).randrange(len(self.sigmas) - 1)
 
-    def _lr(self, base: float) -> float:
-        return base * min(1.0, (self.step + 1) / max(1, self.cfg.warmup))
+    def _lr(self, base: float, step: int | None = None) -> float:
+        """``base`` ramped over ``warmup`` updates (the generator's count, or ``step``)."""
+        step = self.step if step is None else step
+        return base * min(1.0, (step + 1) / max(1, self.cfg.warmup))
 
     def critic_update(self, salt: int, lr: float | None = None) -> dict:
         c = self.cfg
@@ -415,7 +417,7 @@ class DMDTrainer:
         c = self.cfg
         losses = []
         for k in tqdm(range(c.critic_warmup), desc="critic warm-up", disable=self.rank != 0, mininterval=5):
-            r = self.critic_update(100_000 + k, lr=c.lr_critic * min(1.0, (k + 1) / max(1, c.warmup)))
+            r = self.critic_update(100_000 + k, lr=self._lr(c.lr_critic, k))
             losses.append(r["critic_loss"])
             if self.rank == 0 and ((k + 1) % (c.log_every * c.critic_ratio) == 0 or k + 1 == c.critic_warmup):
                 with open(log_file, "a") as f:
