@@ -26,6 +26,8 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -92,25 +94,90 @@ class Reader:
     def ready(self) -> bool:
         return any(m["type"] == "ready" for m in self.messages) and bool(self.frames)
 
-    def stats(self, t0: float, t1: float) -> dict:
-        from talkstream.serve.capacity import REAL_TIME  # (the server's own measure of a real-time session)
 
-        fr = [f for f in self.frames if t0 <= f[0] <= t1]
-        idx = np.array([f[1] for f in fr])
-        t = np.array([f[0] for f in fr])
-        gaps = np.diff(t) if len(t) > 1 else np.zeros(1)
-        fps = len(fr) / (t1 - t0)
-        return dict(
-            frames=len(fr),
-            fps=round(fps, 2),
-            real_time=fps >= REAL_TIME * FPS,
-            frames_lost=int(np.sum(np.diff(idx) - 1)) if len(idx) > 1 else 0,
-            images_dropped=int(sum(f[2] == 0 for f in fr)),
-            interval_p50_ms=round(float(np.percentile(gaps, 50)) * 1000, 1),
-            interval_p99_ms=round(float(np.percentile(gaps, 99)) * 1000, 1),
-            interval_max_ms=round(float(gaps.max()) * 1000, 1),
-            errors=[m for m in self.messages if m["type"] == "error"],
-        )
+def clients_main(url: str, n: int) -> None:
+    """``--clients``: ``n`` readers of ``url`` in this process, driven over stdin / stdout by ``Clients``."""
+    stop = threading.Event()
+    readers = [Reader(url, stop) for _ in range(n)]
+    print("connected", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "ready":
+            print(json.dumps(all(r.ready() for r in readers)), flush=True)
+        elif line.strip() == "close":
+            stop.set()
+            for r in readers:
+                r.ws.close()
+                r.thread.join(5)
+            print(json.dumps([dict(frames=r.frames, messages=r.messages) for r in readers]), flush=True)
+            return
+
+
+class Clients:
+    """``n`` sessions' readers in a process of their own (``--clients``): their websocket work (receiving, parsing
+    every frame) does not share the server's interpreter, as remote clients would not. Their arrival times are
+    ``time.perf_counter`` there, the same monotonic clock as here."""
+
+    def __init__(self, url: str, n: int, timeout: float = 120.0) -> None:
+        here = os.path.abspath(__file__)
+        cmd = [sys.executable, here, "--clients", url, "--sessions", str(n)]
+        root = os.path.dirname(os.path.dirname(here))  # (talkstream importable there as here)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.timeout = timeout
+        if self._line() != "connected":
+            raise RuntimeError("the client process did not connect its sessions")
+
+    def _line(self) -> str:
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(self.timeout)
+        if not box or not box[0]:
+            self.proc.kill()
+            raise RuntimeError(f"the client process stopped answering (exit {self.proc.poll()})")
+        return box[0].strip()
+
+    def _ask(self, what: str) -> str:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def ready(self) -> bool:
+        return json.loads(self._ask("ready"))
+
+    def close(self) -> list[dict]:
+        """Close every session; each one's frames [(time, index, JPEG bytes)] and messages."""
+        try:
+            return json.loads(self._ask("close"))
+        finally:
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def session_stats(frames: list, messages: list, t0: float, t1: float) -> dict:
+    """One session's frames received within [t0, t1]: frames per second, lost, images dropped, intervals."""
+    from talkstream.serve.capacity import REAL_TIME  # (the server's own measure of a real-time session)
+
+    fr = [f for f in frames if t0 <= f[0] <= t1]
+    idx = np.array([f[1] for f in fr])
+    t = np.array([f[0] for f in fr])
+    gaps = np.diff(t) if len(t) > 1 else np.zeros(1)
+    fps = len(fr) / (t1 - t0)
+    return dict(
+        frames=len(fr),
+        fps=round(fps, 2),
+        real_time=fps >= REAL_TIME * FPS,
+        frames_lost=int(np.sum(np.diff(idx) - 1)) if len(idx) > 1 else 0,
+        images_dropped=int(sum(f[2] == 0 for f in fr)),
+        interval_p50_ms=round(float(np.percentile(gaps, 50)) * 1000, 1),
+        interval_p99_ms=round(float(np.percentile(gaps, 99)) * 1000, 1),
+        interval_max_ms=round(float(gaps.max()) * 1000, 1),
+        errors=[m for m in messages if m["type"] == "error"],
+    )
 
 
 def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
@@ -119,36 +186,34 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
     from talkstream.serve.app import build_app
 
     app = build_app(dataclasses.replace(cfg, max_sessions=n), models)
-    stop = threading.Event()
     with _serving(app) as url:
-        readers = [Reader(url, stop) for _ in range(n)]
-        deadline = time.perf_counter() + 180
-        while not all(r.ready() for r in readers):
-            if time.perf_counter() > deadline:
-                raise RuntimeError("sessions did not start within 180 s")
-            time.sleep(0.05)
-        from websockets.sync.client import connect
+        clients = Clients(url, n)
+        try:
+            deadline = time.perf_counter() + 180
+            while not clients.ready():
+                if time.perf_counter() > deadline:
+                    raise RuntimeError("sessions did not start within 180 s")
+                time.sleep(0.05)
+            from websockets.sync.client import connect
 
-        with connect(url) as extra:  # the N+1th
-            busy = json.loads(extra.recv(timeout=10))
-        time.sleep(warmup)
-        batcher = models.batcher
-        before = len(batcher.batches) if batcher is not None else 0
-        t0 = time.perf_counter()
-        sessions_during = len(app.state.talkstream["sessions"])
-        time.sleep(seconds)
-        t1 = time.perf_counter()
-        batches = list(batcher.batches[before:]) if batcher is not None else []  # (bounded at 1,000: enough here)
-        pass_s = list(batcher.pass_s[before:]) if batcher is not None else []
-        stop.set()
-        for r in readers:
-            r.ws.close()
-            r.thread.join(5)
+            with connect(url) as extra:  # the N+1th
+                busy = json.loads(extra.recv(timeout=10))
+            time.sleep(warmup)
+            batcher = models.batcher
+            before = len(batcher.batches) if batcher is not None else 0
+            t0 = time.perf_counter()
+            sessions_during = len(app.state.talkstream["sessions"])
+            time.sleep(seconds)
+            t1 = time.perf_counter()
+            batches = list(batcher.batches[before:]) if batcher is not None else []  # (bounded at 1,000: enough)
+            pass_s = list(batcher.pass_s[before:]) if batcher is not None else []
+        finally:
+            received = clients.close()
         freed = time.perf_counter()
         while app.state.talkstream["sessions"] and time.perf_counter() - freed < 10:
             time.sleep(0.01)
         freed_s = time.perf_counter() - freed
-        per = [r.stats(t0, t1) for r in readers]
+        per = [session_stats(r["frames"], r["messages"], t0, t1) for r in received]
     return dict(
         sessions=n,
         seconds=round(t1 - t0, 2),
@@ -169,6 +234,7 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
             for k in sorted(set(batches))
         },
         batcher_busy=round(sum(pass_s) / max(t1 - t0, 1e-9), 3),
+        runner=None if batcher is None or batcher.runner is None else "graphs",
         per_session=per,
     )
 
@@ -272,7 +338,11 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=4, help="--batch-bench: timed rounds per point (median)")
     ap.add_argument("--out", help="JSON path (a PNG plot is written next to it)")
+    ap.add_argument("--clients", metavar="URL", help=argparse.SUPPRESS)  # the readers' own process (Clients)
     args = ap.parse_args()
+    if args.clients:
+        clients_main(args.clients, int(args.sessions))
+        return
     if args.batch_bench:
         batch_bench(args)
         return

@@ -5,8 +5,9 @@ import threading
 import pytest
 import torch
 
-from talkstream.stream.batch import ChunkBatcher, batch_key, next_chunks
+from talkstream.stream.batch import ChunkBatcher, batch_key, batch_runner, batch_sizes, next_chunks
 from talkstream.stream.engine import StreamConfig, StreamEngine
+from talkstream.stream.runner import ChunkRunner
 
 CONFIGS = {
     "few_step_commit": dict(sampler="few_step", timesteps=(1000, 750, 500), reference_init=0.9),
@@ -58,6 +59,71 @@ def test_batched_chunks_equal_separate_streams(stream_models, name):
             torch.testing.assert_close(b.cache.k[layer], a.cache.k[layer], rtol=0, atol=1e-5)
             torch.testing.assert_close(b.cache.v[layer], a.cache.v[layer], rtol=0, atol=1e-5)
             assert b.cache.k[layer].shape[0] == 1
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("name", ["few_step_commit", "few_step_forcing"])
+def test_batches_through_a_shared_runner_equal_separate_streams(stream_models, monkeypatch, name, graphs):
+    """A runner shared by the batches (``batch_runner``: CUDA graphs on a GPU; here the prepared passes, and the
+    graphs stood in for by a replay of the recorded pass): three streams padded to a batch of 4, then two, then one
+    alone, each chunk the one the stream makes by itself; the padding rows are dropped, and one graph per padded
+    size and shape serves every batch of that size."""
+    from tests.test_stream_speed import _RecordedPass
+
+    monkeypatch.setattr(ChunkRunner, "_record", lambda self: (g := _RecordedPass(self), g.out))
+    dit, _ = stream_models
+    cfg = StreamConfig(chunk=2, window=4, **CONFIGS[name])
+    alone, together = _engines(stream_models, cfg, 3), _engines(stream_models, cfg, 3)
+    runner = ChunkRunner(dit, graphs=graphs, max_graphs=8, every_shape=True)  # as batch_runner makes it
+    plan = [3, 3, 3, 2, 3, 1]  # streams in each round: the first of them (a late one waits)
+    done = [0, 0, 0]
+    for n in plan:
+        want = [alone[i].next_chunk(_audio(dit, alone[i], done[i], i)) for i in range(n)]
+        got = next_chunks(together[:n], [_audio(dit, together[i], done[i], i) for i in range(n)], runner, (1, 4))
+        for w, g in zip(want, got):
+            assert (w.index, w.first_frame) == (g.index, g.first_frame)
+            torch.testing.assert_close(g.latents, w.latents, rtol=0, atol=1e-5)
+        for i in range(n):
+            done[i] += 1
+    for a, b in zip(alone, together):
+        assert a.cache.frame_ids == b.cache.frame_ids
+        for layer in range(a.cache.num_layers):
+            torch.testing.assert_close(b.cache.k[layer], a.cache.k[layer], rtol=0, atol=1e-5)
+            assert b.cache.k[layer].shape[0] == 1
+    if graphs:  # batches of 3 and 2 (padded to 4) at each filling level (0, 2, 4 = full) and 1 alone, full
+        shapes = sorted((key[0][0], key[1]) for key in runner._states)
+        assert shapes == [(1, 5), (4, 1), (4, 3), (4, 5)] and runner.captures == 4 and runner.replays > 0
+    else:
+        assert runner.captures == 0 and not runner._states
+    assert batch_sizes(4) == (1, 2, 3, 4) and batch_sizes(10) == (1, 2, 3, 4, 6, 8, 10)
+    assert batch_runner(dit, "cpu", 4) is None  # the CPU keeps its plain passes
+    with pytest.raises(ValueError, match="max_batch"):
+        batch_sizes(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (tools/device/serve_load_gpu.sh)")
+def test_graphed_batches_on_a_gpu_equal_separate_streams(stream_models):
+    """The real thing on a GPU: ``batch_runner``'s CUDA graphs, batches padded to ``batch_sizes``, fp32."""
+    dit, vae = (m.to("cuda") for m in stream_models)
+    cfg = StreamConfig(chunk=2, window=4, **CONFIGS["few_step_commit"])
+
+    def engines(n):
+        out = []
+        for i in range(n):
+            e = StreamEngine(dit, vae, StreamConfig(**{**cfg.__dict__, "seed": i}), device="cuda")
+            ref, text, mask = _inputs(dit, i, tokens=2 + 2 * i)
+            e.start(ref, text.cuda(), mask.cuda())
+            out.append(e)
+        return out
+
+    alone, together = engines(3), engines(3)
+    runner = batch_runner(dit, "cuda", 4)
+    for c, n in enumerate([3, 3, 3, 3, 2, 1]):
+        want = [alone[i].next_chunk(_audio(dit, alone[i], c, i)) for i in range(n)]
+        got = next_chunks(together[:n], [_audio(dit, together[i], c, i) for i in range(n)], runner, batch_sizes(4))
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g.latents, w.latents, rtol=1e-4, atol=1e-4)
+    assert runner.captures >= 2 and runner.replays > 0
 
 
 def test_streams_at_different_fill_fall_back_to_one_by_one(stream_models):

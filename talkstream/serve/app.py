@@ -29,7 +29,7 @@ from ..agent.actions import STATE_CAPTIONS
 from ..agent.avatar_loop import AvatarLoop, MediaFrame
 from ..agent.conversation import Conversation, ConversationConfig, Event
 from ..media import MediaError
-from ..stream.batch import ChunkBatcher
+from ..stream.batch import ChunkBatcher, batch_runner
 from ..stream.engine import FPS
 from . import protocol as P
 from .capacity import Capacity, memory_ok
@@ -137,7 +137,14 @@ class Models:
                 self.llm = LlamaCppLLM()
             self.tts(cfg.voice)
         self.capacity = self._capacity(cfg)
-        self.batcher = ChunkBatcher(max_batch=self.capacity.sessions) if self.capacity.batch else None
+        self.batcher = (
+            ChunkBatcher(
+                max_batch=self.capacity.sessions,
+                runner=batch_runner(self.avatar.dit, cfg.device, self.capacity.sessions),
+            )
+            if self.capacity.batch
+            else None
+        )
         self.load_s = time.perf_counter() - t
 
     def _capacity(self, cfg: ServeConfig) -> Capacity:

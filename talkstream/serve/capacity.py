@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..agent.conversation import ConversationConfig
+from ..stream.batch import BATCH_SIZES, ChunkBatcher, batch_runner, next_chunks
 from ..stream.engine import FPS, ChunkDecoder
 
 AUDIO_BYTES_PER_FRAME = 640 * 4  # float32 samples of one frame's 40 ms
@@ -82,18 +83,19 @@ def session_memory_bound_mb(engine, decoder_cache: dict, size: int, cfg: Convers
 REAL_TIME = 0.95  # a session is real time at >= 95% of 25 frames/s (as benchmarks/serve_load.py counts it)
 
 
-def verify_sessions(avatar, image, n: int, batch: bool, seconds: float = 3.0, start_timeout: float = 120.0) -> dict:
+def verify_sessions(
+    avatar, image, n: int, batch: bool, seconds: float = 3.0, start_timeout: float = 120.0, runner=None
+) -> dict:
     """Run ``n`` sessions' avatars as the server runs them (``AvatarLoop``: paced, fed silence through the audio
     encoder, decoded, frames handed out; one ``ChunkBatcher`` when ``batch``) and count each one's frames over
     ``seconds`` once all have started. Lock-step rounds (``calibrate``) time the denoising and decoding alone; what a
     session also does in its own thread (audio features, the decode hand-off, its frames) competes with the others
     for the interpreter and the device, which only running them shows."""
     from ..agent.avatar_loop import AvatarLoop
-    from ..stream.batch import ChunkBatcher
 
     if n < 1 or seconds <= 0:
         raise ValueError("need n >= 1 and seconds > 0")
-    batcher = ChunkBatcher(max_batch=n) if batch and n >= 2 else None
+    batcher = ChunkBatcher(max_batch=n, runner=runner) if batch and n >= 2 else None
     loops = [AvatarLoop(avatar, image, batcher=batcher) for _ in range(n)]
 
     def counts() -> list[int]:
@@ -127,10 +129,9 @@ def fewer_sessions(n: int, min_fps: float) -> int:
     return max(1, min(n - 1, int(n * min_fps / FPS)))
 
 
-def _round_time(engines, decoders, audio, batched: bool, rounds: int) -> float:
-    """Median wall seconds for every engine to make (and decode) one chunk: batched in one pass, or each in its own
-    thread at the same time, as the server's sessions run."""
-    from ..stream.batch import next_chunks
+def _round_time(engines, decoders, audio, batched: bool, rounds: int, runner=None) -> float:
+    """Median wall seconds for every engine to make (and decode) one chunk: batched in one pass (through ``runner``,
+    as the server's batches run), or each in its own thread at the same time, as the server's sessions run."""
 
     def one(i: int) -> None:
         with torch.no_grad():
@@ -142,7 +143,7 @@ def _round_time(engines, decoders, audio, batched: bool, rounds: int) -> float:
             t = time.perf_counter()
             if batched:
                 with torch.no_grad():
-                    chunks = next_chunks(engines, [audio] * len(engines))
+                    chunks = next_chunks(engines, [audio] * len(engines), runner)
                     for d, c in zip(decoders, chunks):
                         d(c.latents)
             else:
@@ -156,7 +157,7 @@ def _round_time(engines, decoders, audio, batched: bool, rounds: int) -> float:
 def calibrate(
     avatar,
     image,
-    max_sessions: int = 8,
+    max_sessions: int | None = None,
     headroom: float = 0.75,
     rounds: int = 3,
     batch: bool | None = None,
@@ -171,7 +172,14 @@ def calibrate(
     time rounds only at these n (e.g. 1, 2, 4, 8, ... where a GPU holds many; every n gets its session either way).
     Warm-up chunks (until the cache's window is full) are not timed. ``verify_s`` > 0: the count the rounds admit
     (when it is 2 or more) is then run as live sessions for that many seconds (``verify_sessions``), and lowered
-    until they all stream in real time (on a GPU the rounds alone overstated it: docs/serve.md)."""
+    until they all stream in real time (on a GPU the rounds alone overstated it: docs/serve.md). ``max_sessions``
+    None: 8 on a CPU (every n timed); on a GPU 64, timed at the batch sizes a graphed batch is padded to
+    (``stream.batch.BATCH_SIZES``) unless ``points`` says otherwise."""
+    if max_sessions is None:
+        gpu = str(avatar.device).startswith("cuda")
+        max_sessions = 64 if gpu else 8
+        if gpu and points is None:
+            points = BATCH_SIZES
     if not 0 < headroom <= 1 or max_sessions < 1 or rounds < 1:
         raise ValueError("need 0 < headroom <= 1, max_sessions >= 1, rounds >= 1")
     timed = set(range(1, max_sessions + 1)) if points is None else {n for n in points if 1 <= n <= max_sessions}
@@ -188,6 +196,7 @@ def calibrate(
     fits = dict.fromkeys(ways, 0)  # the largest timed n that fitted, each way
     alive = dict.fromkeys(ways, True)  # no timed n has failed this way yet
     engines, decoders = [], []
+    runner = batch_runner(dit, avatar.device, max(timed)) if "batched" in ways else None
     warm = 1 + -(-cfg.window // cfg.chunk)  # chunks until the window is full (steady state, as batches need)
     memory = 0.0
     for n in range(1, max(timed) + 1):
@@ -206,7 +215,7 @@ def calibrate(
             if n == 1 and w == "batched" and 1 in round_s.get("separate", {}):
                 s = round_s["separate"][1]  # one session: nothing to batch
             else:
-                s = _round_time(engines, decoders, audio, w == "batched", rounds)
+                s = _round_time(engines, decoders, audio, w == "batched", rounds, runner if w == "batched" else None)
             round_s[w][n] = round(s, 4)
             if progress is not None:
                 progress(f"capacity: {n} session(s) {w}: {s:.3f} s a round (budget {budget:.3f} s)")
@@ -223,7 +232,7 @@ def calibrate(
     del engines, decoders
     sessions, verified = max(1, best), {}
     while verify_s > 0 and sessions >= 2:
-        v = verify_sessions(avatar, image, sessions, bool(faster), verify_s)
+        v = verify_sessions(avatar, image, sessions, bool(faster), verify_s, runner=runner)
         verified[sessions] = v["min_fps"]
         if progress is not None:
             progress(f"capacity: {sessions} live session(s): {v['fps']} frames/s")

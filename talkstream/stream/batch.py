@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.kv_cache import KVCache
-from .chunk import denoise_chunk
+from .chunk import denoise_chunk, uses_runner
 from .engine import Chunk, StreamEngine
+from .runner import ChunkRunner
 
 
 def batch_key(engine: StreamEngine) -> tuple | None:
@@ -75,17 +76,26 @@ def stack_caches(caches: list[KVCache]) -> KVCache:
     )
 
 
-def _stack_text(engines: list[StreamEngine]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+TEXT_STEP = 16  # a graphed batch's captions are padded to a multiple of this many tokens (and always masked)
+
+
+def _stack_text(
+    engines: list[StreamEngine], step: int | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The engines' captions on the batch dimension, padded to the longest (``step``: to a multiple of it, with a
+    mask even where nothing is padded, so that a graphed batch keeps its shapes whatever its captions are)."""
     if engines[0].text is None:
         return None, None
     L = max(e.text.shape[1] for e in engines)
+    if step:
+        L = -(-L // step) * step
     texts, masks = [], []
     for e in engines:
         t = e.text
         m = e.text_mask if e.text_mask is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
         texts.append(torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])))
         masks.append(torch.nn.functional.pad(m.bool(), (0, L - m.shape[1])))
-    if all(e.text_mask is None for e in engines) and all(e.text.shape[1] == L for e in engines):
+    if not step and all(e.text_mask is None for e in engines) and all(e.text.shape[1] == L for e in engines):
         return torch.cat(texts), None
     return torch.cat(texts), torch.cat(masks)
 
@@ -95,28 +105,71 @@ def _own_chunk(engine: StreamEngine, audio: torch.Tensor | None) -> Chunk:
     return type(engine).next_chunk(engine, audio)
 
 
+BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # what a graphed runner's batches are padded to
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The padded batch sizes for batches of at most ``max_batch`` streams: ``BATCH_SIZES`` below it, then itself."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return tuple(s for s in BATCH_SIZES if s < max_batch) + (max_batch,)
+
+
+def batch_runner(dit, device: str, max_batch: int) -> ChunkRunner | None:
+    """The runner several streams' batched chunks share on ``device``: on CUDA their passes are replayed as CUDA
+    graphs, one per padded batch size (``batch_sizes``), instead of launched kernel by kernel; elsewhere None (the
+    plain passes, as measured on the CPU). Every shape is graphed: the window's filling levels recur with every
+    session that joins."""
+    if not str(device).startswith("cuda") or not ChunkRunner.supports(dit):
+        return None
+    return ChunkRunner(dit, graphs=True, max_graphs=4 * len(batch_sizes(max_batch)) + 4, every_shape=True)
+
+
 @torch.no_grad()
-def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) -> list[Chunk]:
+def next_chunks(
+    engines: list[StreamEngine],
+    audios: list[torch.Tensor | None],
+    runner: ChunkRunner | None = None,
+    sizes: tuple[int, ...] | None = None,
+) -> list[Chunk]:
     """Each engine's next chunk (``StreamEngine.next_chunk(audio)``), denoised in one batch. The engines must share
-    ``batch_key``; a single engine, or engines that do not, run one by one."""
+    ``batch_key``; engines that do not run one by one. ``runner``: one shared by the batches (``batch_runner``;
+    not with audio guidance), through which even a single engine's chunk runs; with a graphed runner the batch is
+    padded to the smallest of ``sizes`` that holds it (copies of its last stream, whose results are dropped) and
+    its captions to a multiple of ``TEXT_STEP`` tokens, so that a few graphs serve every batch."""
     if len(engines) != len(audios):
         raise ValueError(f"{len(engines)} engines and {len(audios)} audio windows")
     for e in engines:  # a commit pass an engine deferred (StreamEngine.hand) enters its cache first
         e.finish_chunk()
     keys = {batch_key(e) for e in engines}
-    if len(engines) == 1 or len(keys) != 1 or None in keys or len({id(e) for e in engines}) != len(engines):
+    shared = runner is not None and uses_runner(runner, audios[0], engines[0].cfg.audio_guidance)
+    if (
+        (len(engines) == 1 and not shared)
+        or len(keys) != 1
+        or None in keys
+        or len({id(e) for e in engines}) != len(engines)
+    ):
         return [_own_chunk(e, a) for e, a in zip(engines, audios)]
     if (audios[0] is None) != all(a is None for a in audios) or any(a is None for a in audios[1:]) != (
         audios[0] is None
     ):
         return [_own_chunk(e, a) for e, a in zip(engines, audios)]
+    n, graphed = len(engines), shared and runner.graphs
+    pad = next((s for s in sorted(sizes) if s >= n), n) - n if graphed and sizes else 0
     e0 = engines[0]
     k, dev, c = e0.chunk_size, e0.device, e0.cfg
     noise = torch.cat([e.start_noise() for e in engines])  # StreamEngine.next_chunk's draws, per engine in its order
     a = None if audios[0] is None else [x[None].to(dev, e0.dtype) for x in audios]
-    text, mask = _stack_text(engines)
+    text, mask = _stack_text(engines, TEXT_STEP if graphed else None)
+    gens = [e.gen for e in engines]
     t0 = time.perf_counter()
-    cache = stack_caches([e.cache for e in engines])
+    cache = stack_caches([e.cache for e in engines] + [engines[-1].cache] * pad)
+    if pad:  # the padding rows: the last stream again, with noise of their own generator (dropped afterwards)
+        noise = torch.cat([noise] + [noise[-1:]] * pad)
+        a = None if a is None else a + [a[-1]] * pad
+        text = None if text is None else torch.cat([text] + [text[-1:]] * pad)
+        mask = None if mask is None else torch.cat([mask] + [mask[-1:]] * pad)
+        gens = gens + [torch.Generator(device=e0.gen.device).manual_seed(0) for _ in range(pad)]
     z = denoise_chunk(
         e0.dit,
         cache,
@@ -125,10 +178,11 @@ def next_chunks(engines: list[StreamEngine], audios: list[torch.Tensor | None]) 
         text,
         None if a is None else torch.cat(a),
         mask,
-        generator=[e.gen for e in engines],
+        generator=gens,
         sampler=c.sampler,
         audio_guidance=c.audio_guidance,
         cache_mode=c.cache_mode,
+        runner=runner if shared else None,
     )
     out = []
     for i, e in enumerate(engines):
@@ -165,10 +219,13 @@ class ChunkBatcher:
     for their next chunks then, and a late request that ran alone right after every batch would cost every stream a
     second pass a round (measured on an H100 before: 16 sessions in passes of 15 and 1, alternately)."""
 
-    def __init__(self, max_batch: int = 4, gather_s: float = 0.05) -> None:
+    def __init__(self, max_batch: int = 4, gather_s: float = 0.05, runner: ChunkRunner | None = None) -> None:
+        """``runner``: the one every batch runs through (``batch_runner``: CUDA graphs, batches padded to
+        ``batch_sizes(max_batch)``); None: plain passes."""
         if max_batch < 1 or gather_s < 0:
             raise ValueError("max_batch must be >= 1 and gather_s >= 0")
-        self.max_batch, self.gather_s = max_batch, gather_s
+        self.max_batch, self.gather_s, self.runner = max_batch, gather_s, runner
+        self.sizes = batch_sizes(max_batch)
         self._epoch: float | None = None  # the first paced stream's start (pace_origin)
         self._cond = threading.Condition()
         self._waiting: list[_Request] = []
@@ -239,7 +296,9 @@ class ChunkBatcher:
                     if key is None:
                         chunks = [_own_chunk(r.engine, r.audio) for r in group]
                     else:
-                        chunks = next_chunks([r.engine for r in group], [r.audio for r in group])
+                        chunks = next_chunks(
+                            [r.engine for r in group], [r.audio for r in group], self.runner, self.sizes
+                        )
                     for r, c in zip(group, chunks):
                         r.chunk = c
                 except BaseException as e:  # every request of the group learns of the failure
@@ -269,4 +328,4 @@ class ChunkBatcher:
         return req.chunk
 
 
-__all__ = ["ChunkBatcher", "batch_key", "next_chunks", "stack_caches"]
+__all__ = ["BATCH_SIZES", "ChunkBatcher", "batch_key", "batch_runner", "batch_sizes", "next_chunks", "stack_caches"]

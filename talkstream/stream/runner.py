@@ -31,8 +31,13 @@ class ChunkRunner:
     _STATE = ("q_rope", "ctx_rope", "keys", "vals", "out_k", "out_v", "static", "grid", "n_prev", "k", "_graph", "_out")
     MAX_GRAPHS = 4  # graphed shapes kept (the first chunk's and the steady one's per stream layout); oldest go first
 
-    def __init__(self, model, graphs: bool = False) -> None:
-        self.model, self.graphs = model, graphs
+    def __init__(self, model, graphs: bool = False, max_graphs: int = MAX_GRAPHS, every_shape: bool = False) -> None:
+        """``max_graphs``: graphed shapes kept; ``every_shape``: the chunks while the window fills get graphs too (a
+        runner shared by batched sessions: sessions join at any time, and each filling level's shape recurs with
+        every new session)."""
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.model, self.graphs, self.max_graphs, self.every_shape = model, graphs, max_graphs, every_shape
         self._states: dict[tuple, dict] = {}  # graphed shape -> its buffers, static inputs and graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self.replays = self.captures = 0
@@ -61,7 +66,7 @@ class ChunkRunner:
         text = m.embed_text(context)
         audio_emb = m.embed_audio(audio, k)
         # the shapes every stream repeats: its first chunk and the full window (steady state)
-        fixed = cache.window > 0 and (cache.next_frame == 0 or cache.n_context == cache.window)
+        fixed = cache.window > 0 and (self.every_shape or cache.next_frame == 0 or cache.n_context == cache.window)
         graphed = self.graphs and fixed
         key = (
             tuple(shape),
@@ -135,7 +140,7 @@ class ChunkRunner:
     def _capture(self) -> None:
         self._graph, self._out = self._record()
         self.captures += 1
-        while len(self._states) >= self.MAX_GRAPHS:
+        while len(self._states) >= self.max_graphs:
             self._states.pop(next(iter(self._states)))
         self._states[self._current] = {name: getattr(self, name) for name in self._STATE}
 

