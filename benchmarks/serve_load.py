@@ -1,6 +1,7 @@
 """``talkstream serve`` under load: N concurrent WebSocket sessions on loopback, each with its own avatar stream.
 
-For each N the server is started with ``max_sessions=N`` on 127.0.0.1, N clients say hello and read for ``--seconds``
+For each N the server is started with ``max_sessions=N`` on 127.0.0.1, N clients (in a process of their own, as remote
+clients would not share the server's interpreter) say hello and read for ``--seconds``
 (the avatar idles and listens: the engine runs all the time, paced at real time), and one more client must be told
 ``busy``. Per session: frames received, frames per second, frames lost (gaps in the frame index) and video images
 dropped for a slow reader (frames that arrive without their JPEG), the p50 / p99 interval between frames. A session is

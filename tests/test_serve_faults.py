@@ -500,3 +500,29 @@ def test_the_client_past_capacity_or_memory_is_told_busy_and_why(serve, monkeypa
         assert not a.of("error")
     finally:
         a.close()
+
+
+def test_the_load_tests_clients_read_from_a_process_of_their_own(serve):
+    """benchmarks/serve_load.py's ``Clients``: N sessions opened, read and closed by a child process; the frames it
+    hands back are the server's, in order, and the server frees the sessions when it closes them."""
+    import os
+    import runpy
+    from pathlib import Path
+
+    load = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"))
+    url, app = serve()
+    clients = load["Clients"](url.replace("http", "ws") + "/ws", 2)
+    try:
+        assert clients.proc.pid != os.getpid()
+        wait_for(lambda: len(sessions_of(app)) == 2 and clients.ready(), 120, "two sessions streaming")
+        time.sleep(1.0)
+    finally:
+        received = clients.close()
+    assert clients.proc.returncode == 0 and len(received) == 2
+    for r in received:
+        idx = [f[1] for f in r["frames"]]
+        assert len(idx) >= 10 and idx == sorted(idx) and all(f[2] > 0 for f in r["frames"])
+        assert any(m["type"] == "ready" for m in r["messages"])
+        stats = load["session_stats"](r["frames"], r["messages"], r["frames"][0][0], r["frames"][-1][0])
+        assert stats["frames_lost"] == 0 and stats["frames"] == len(idx)
+    wait_for(lambda: not sessions_of(app), 10, "the sessions freed")

@@ -8,7 +8,8 @@ largest ``n`` whose round fits in ``headroom`` x 0.48 s (the rest of the time is
 language model, the voice and the picture encoding, which share the same device on a CPU); batching is used when it
 measured faster than separate threads at that ``n``. The server then runs that many sessions live for a few seconds
 (``verify_sessions``: paced, batched as it batches them, each in its own thread) and lowers the count until all of
-them stream in real time: on a GPU the rounds alone admitted 8 sessions at 256x256 that got 14.4 frames/s each.
+them stream in real time: on a GPU with eager passes the rounds alone once admitted 8 sessions at 256x256 that got
+14.4 frames/s each.
 A machine that cannot hold even one session in real time still serves one (the page shows its frame rate) and says
 so. Beyond the capacity a new client is told ``busy``.
 
