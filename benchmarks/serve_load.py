@@ -29,12 +29,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from talkstream.agent.audio import float_to_pcm16
 from talkstream.machine import describe, report
 from talkstream.serve import protocol as P
 
@@ -48,7 +50,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serving(app):
+def _serving(app, path: str = "/ws", scheme: str = "ws"):
     import uvicorn
 
     port = _free_port()
@@ -61,23 +63,60 @@ def _serving(app):
             raise RuntimeError("the server did not start")
         time.sleep(0.05)
     try:
-        yield f"ws://127.0.0.1:{port}/ws"
+        yield f"{scheme}://127.0.0.1:{port}{path}"
     finally:
         server.should_exit = True
         thread.join(30)
 
 
-class Reader:
-    """One session: hello, then every frame's arrival time, index and JPEG size."""
+QUESTION = "Hello there, how are you doing today?"
+REPLY = "[smile] I am doing well, thank you for asking. It is a lovely day to talk."
+PACKET_S = 0.04  # the talking clients' microphone packets (40 ms of PCM16, sent at real time)
+VOICED = 0.01  # a frame's audio (or the question's sample) louder than this is speech
 
-    def __init__(self, url: str, stop: threading.Event) -> None:
+
+def chat_standin(reply: str = REPLY):
+    """An OpenAI-compatible ``/v1/chat/completions`` streaming ``reply`` word by word at once: the talking load test's
+    language model, so that its turns cost the server's speech recognition, voice and avatar, not a model's wait."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def completions(request):
+        await request.json()
+
+        async def events():
+            for i, word in enumerate(reply.split(" ")):
+                yield sse({"choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}}]})
+            yield sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+
+
+class Reader:
+    """One session: hello, then every frame's arrival time, index, JPEG size and whether it carries voiced audio.
+    ``talk`` (utterance samples at 16 kHz, period s, offset s): a microphone that sends silence in real time and the
+    utterance every ``period`` seconds from ``offset`` after the session is ready; ``said`` holds the time each
+    utterance's last voiced sample left."""
+
+    def __init__(self, url: str, stop: threading.Event, talk: tuple | None = None) -> None:
         from websockets.sync.client import connect
 
         self.ws = connect(url, max_size=2**22, legacy=True)
-        self.stop, self.messages, self.frames = stop, [], []
-        self.ws.send(json.dumps({"type": "hello", "version": 1, "voice": "espeak"}))
+        self.stop, self.messages, self.frames, self.said = stop, [], [], []
+        self.ws.send(json.dumps({"type": "hello", "version": 1, "voice": "espeak", "sample_rate": 16000}))
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+        self.talk = talk
+        if talk is not None:
+            self.mic = threading.Thread(target=self._speak, daemon=True)
+            self.mic.start()
 
     def _read(self) -> None:
         with contextlib.suppress(Exception):
@@ -87,19 +126,53 @@ class Reader:
                 except TimeoutError:
                     continue
                 if isinstance(msg, str):
-                    self.messages.append(json.loads(msg))
+                    self.messages.append({**json.loads(msg), "_t": time.perf_counter()})
                 else:
-                    index, _, jpeg, _ = P.decode_frame(msg)
-                    self.frames.append((time.perf_counter(), index, len(jpeg)))
+                    index, pts, jpeg, pcm = P.decode_frame(msg)
+                    voiced = bool(len(pcm)) and float(np.abs(pcm).max()) > VOICED
+                    self.frames.append((time.perf_counter(), index, len(jpeg), voiced, pts))
+
+    def _speak(self) -> None:
+        utterance, period, offset = self.talk
+        n = int(round(PACKET_S * 16000))
+        loud = np.flatnonzero(np.abs(utterance) > VOICED)
+        last_voiced = int(loud[-1]) if len(loud) else len(utterance) - 1  # (the question's trailing quiet after it)
+        silence = np.zeros(n, np.float32)
+        while not self.stop.is_set() and not self.ready():
+            time.sleep(0.02)
+        start = time.perf_counter()
+        next_say, pos, k = start + offset, None, 0
+        with contextlib.suppress(Exception):
+            while not self.stop.is_set():
+                now = time.perf_counter()
+                if pos is None and now >= next_say:
+                    pos, next_say = 0, next_say + period
+                if pos is not None:
+                    piece = utterance[pos : pos + n]
+                    if pos <= last_voiced < pos + n:
+                        self.said.append(now)  # the packet with the last voiced sample leaves now
+                    pos += n
+                    if pos >= len(utterance):
+                        pos = None
+                    piece = np.pad(piece, (0, n - len(piece)))
+                else:
+                    piece = silence
+                self.ws.send(float_to_pcm16(piece))
+                k += 1
+                time.sleep(max(0.0, start + k * PACKET_S - time.perf_counter()))
 
     def ready(self) -> bool:
         return any(m["type"] == "ready" for m in self.messages) and bool(self.frames)
 
 
-def clients_main(url: str, n: int) -> None:
-    """``--clients``: ``n`` readers of ``url`` in this process, driven over stdin / stdout by ``Clients``."""
+def clients_main(url: str, n: int, talk_audio: str | None = None, period: float = 0.0) -> None:
+    """``--clients``: ``n`` readers of ``url`` in this process, driven over stdin / stdout by ``Clients``; with
+    ``talk_audio`` (a .npy utterance) each one talks every ``period`` seconds, the sessions' turns staggered."""
     stop = threading.Event()
-    readers = [Reader(url, stop) for _ in range(n)]
+    utterance = None if talk_audio is None else np.load(talk_audio).astype(np.float32)
+    readers = [
+        Reader(url, stop, None if utterance is None else (utterance, period, 1.0 + period * i / n)) for i in range(n)
+    ]
     print("connected", flush=True)
     for line in sys.stdin:
         if line.strip() == "ready":
@@ -109,7 +182,7 @@ def clients_main(url: str, n: int) -> None:
             for r in readers:
                 r.ws.close()
                 r.thread.join(5)
-            print(json.dumps([dict(frames=r.frames, messages=r.messages) for r in readers]), flush=True)
+            print(json.dumps([dict(frames=r.frames, messages=r.messages, said=r.said) for r in readers]), flush=True)
             return
 
 
@@ -118,9 +191,13 @@ class Clients:
     every frame) does not share the server's interpreter, as remote clients would not. Their arrival times are
     ``time.perf_counter`` there, the same monotonic clock as here."""
 
-    def __init__(self, url: str, n: int, timeout: float = 120.0) -> None:
+    def __init__(
+        self, url: str, n: int, timeout: float = 120.0, talk_audio: str | None = None, period: float = 0.0
+    ) -> None:
         here = os.path.abspath(__file__)
         cmd = [sys.executable, here, "--clients", url, "--sessions", str(n)]
+        if talk_audio is not None:
+            cmd += ["--talk-audio", talk_audio, "--talk", str(period)]
         root = os.path.dirname(os.path.dirname(here))  # (talkstream importable there as here)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -159,8 +236,11 @@ class Clients:
                 self.proc.kill()
 
 
-def session_stats(frames: list, messages: list, t0: float, t1: float) -> dict:
-    """One session's frames received within [t0, t1]: frames per second, lost, images dropped, intervals."""
+def session_stats(frames: list, messages: list, t0: float, t1: float, said: list | None = None) -> dict:
+    """One session's frames received within [t0, t1]: frames per second, lost, images dropped, intervals, the
+    playout delay a player needs for them; with
+    ``said`` (the times the client's utterances ended), each turn's reply time: from the utterance's end to the
+    first frame of the next voiced run (the avatar's reply reaching the client; None: none within the window)."""
     from talkstream.serve.capacity import REAL_TIME  # (the server's own measure of a real-time session)
 
     fr = [f for f in frames if t0 <= f[0] <= t1]
@@ -168,9 +248,14 @@ def session_stats(frames: list, messages: list, t0: float, t1: float) -> dict:
     t = np.array([f[0] for f in fr])
     gaps = np.diff(t) if len(t) > 1 else np.zeros(1)
     fps = len(fr) / (t1 - t0)
+    # the buffer a player needs to show every frame of the window on time, having started at the session's first
+    # frame: frame i is due at first arrival + (pts_i - first pts) + the buffer
+    lag = [f[0] - f[4] for f in fr if len(f) > 4]
+    start = next((f[0] - f[4] for f in frames if len(f) > 4), None)
     return dict(
         frames=len(fr),
         fps=round(fps, 2),
+        playout_delay_s=None if not lag else round(max(0.0, max(lag) - start), 3),
         real_time=fps >= REAL_TIME * FPS,
         frames_lost=int(np.sum(np.diff(idx) - 1)) if len(idx) > 1 else 0,
         images_dropped=int(sum(f[2] == 0 for f in fr)),
@@ -178,17 +263,42 @@ def session_stats(frames: list, messages: list, t0: float, t1: float) -> dict:
         interval_p99_ms=round(float(np.percentile(gaps, 99)) * 1000, 1),
         interval_max_ms=round(float(gaps.max()) * 1000, 1),
         errors=[m for m in messages if m["type"] == "error"],
+        **({} if said is None else _turns(frames, messages, said, t0, t1)),
     )
 
 
-def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
+def _turns(frames: list, messages: list, said: list, t0: float, t1: float) -> dict:
+    """The turns that ended within [t0, t1]: each one's reply time at the client (its first voiced frame's arrival)
+    and as heard (when a player that started at the session's first frame shows it: at its timestamp, or on arrival
+    if that is later), and the server's own measure."""
+    replies, heard = [], []
+    start = next((f[0] - f[4] for f in frames if len(f) > 4), 0.0)
+    firsts = [f for i, f in enumerate(frames) if len(f) > 4 and f[3] and (i == 0 or not frames[i - 1][3])]
+    for te in (t for t in said if t0 <= t <= t1):
+        first = next((f for f in firsts if f[0] > te), None)
+        replies.append(None if first is None else round(first[0] - te, 3))
+        heard.append(None if first is None else round(max(first[0], start + first[4]) - te, 3))
+    server = [m.get("reply_frame_s") for m in messages if m["type"] == "latency" and t0 <= m.get("_t", 0) <= t1]
+    voiced = [f for f in frames if t0 <= f[0] <= t1 and len(f) > 3]
+    return dict(
+        turns=len(replies),
+        replied=sum(r is not None for r in replies),
+        reply_s=replies,
+        reply_heard_s=heard,
+        server_reply_frame_s=[x for x in server if x is not None],
+        voiced_share=round(sum(f[3] for f in voiced) / max(1, len(voiced)), 3),
+    )
+
+
+def run_level(cfg, models, n: int, seconds: float, warmup: float, talk: tuple | None = None) -> dict:
+    """``talk``: (utterance .npy path, period s): every session talks (``Reader``)."""
     import dataclasses
 
     from talkstream.serve.app import build_app
 
     app = build_app(dataclasses.replace(cfg, max_sessions=n), models)
     with _serving(app) as url:
-        clients = Clients(url, n)
+        clients = Clients(url, n, talk_audio=talk[0] if talk else None, period=talk[1] if talk else 0.0)
         try:
             deadline = time.perf_counter() + 180
             while not clients.ready():
@@ -214,7 +324,7 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
         while app.state.talkstream["sessions"] and time.perf_counter() - freed < 10:
             time.sleep(0.01)
         freed_s = time.perf_counter() - freed
-        per = [session_stats(r["frames"], r["messages"], t0, t1) for r in received]
+        per = [session_stats(r["frames"], r["messages"], t0, t1, r["said"] if talk else None) for r in received]
     return dict(
         sessions=n,
         seconds=round(t1 - t0, 2),
@@ -225,6 +335,7 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
         real_time_sessions=sum(p["real_time"] for p in per),
         fps_min=min(p["fps"] for p in per),
         interval_p99_ms_max=max(p["interval_p99_ms"] for p in per),
+        playout_delay_s_max=max((p["playout_delay_s"] for p in per if p["playout_delay_s"] is not None), default=None),
         frames_lost_total=sum(p["frames_lost"] for p in per),
         images_dropped_total=sum(p["images_dropped"] for p in per),
         batch_sizes={str(k): batches.count(k) for k in sorted(set(batches))},  # passes run, by sessions in each
@@ -236,7 +347,30 @@ def run_level(cfg, models, n: int, seconds: float, warmup: float) -> dict:
         },
         batcher_busy=round(sum(pass_s) / max(t1 - t0, 1e-9), 3),
         runner=None if batcher is None or batcher.runner is None else "graphs",
+        **(_talk_summary(per) if talk else {}),
         per_session=per,
+    )
+
+
+def _talk_summary(per: list[dict]) -> dict:
+    """A talking level's turns over all its sessions: how many were answered, reply times at the client."""
+    replies = [r for p in per for r in p["reply_s"] if r is not None]
+    heard = [r for p in per for r in p["reply_heard_s"] if r is not None]
+    server = [r for p in per for r in p["server_reply_frame_s"]]
+
+    def q(xs, p):
+        return None if not xs else round(float(np.percentile(xs, p)), 3)
+
+    return dict(
+        turns=sum(p["turns"] for p in per),
+        turns_replied=sum(p["replied"] for p in per),
+        reply_s_p50=q(replies, 50),
+        reply_s_p90=q(replies, 90),
+        reply_s_max=q(replies, 100),
+        reply_heard_s_p50=q(heard, 50),
+        reply_heard_s_p90=q(heard, 90),
+        server_reply_frame_s_p50=q(server, 50),
+        voiced_share_mean=round(float(np.mean([p["voiced_share"] for p in per])), 3),
     )
 
 
@@ -339,10 +473,17 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=4, help="--batch-bench: timed rounds per point (median)")
     ap.add_argument("--out", help="JSON path (a PNG plot is written next to it)")
+    ap.add_argument(
+        "--talk",
+        type=float,
+        default=0.0,
+        help="every session talks every this many seconds (espeak's question; a stand-in language model replies)",
+    )
     ap.add_argument("--clients", metavar="URL", help=argparse.SUPPRESS)  # the readers' own process (Clients)
+    ap.add_argument("--talk-audio", help=argparse.SUPPRESS)  # (the utterance, for the readers' process)
     args = ap.parse_args()
     if args.clients:
-        clients_main(args.clients, int(args.sessions))
+        clients_main(args.clients, int(args.sessions), args.talk_audio, args.talk)
         return
     if args.batch_bench:
         batch_bench(args)
@@ -356,64 +497,83 @@ def main() -> None:
     from talkstream.serve.app import Models, ServeConfig
     from talkstream.serve.security import SecurityConfig
 
-    # the LLM is never asked (nobody speaks): a closed local port keeps the local model from loading
-    cfg = ServeConfig(
-        size=args.size,
-        device=args.device,
-        voice="espeak",
-        llm_url="http://127.0.0.1:9/v1",
-        stream_options={"steps": args.steps} if args.steps else {},
-        speed=args.speed,
-        batch={"on": True, "off": False}.get(args.batch),
-        max_sessions=max(levels),
-        # every client of this test comes from 127.0.0.1: the per-address limit on new sessions covers all of them
-        security=SecurityConfig(connect_burst=2 * sum(levels) + 8, connects_per_min=60.0 * (2 * sum(levels) + 8)),
-    )
-    models = Models(cfg)
-    res = dict(
-        benchmark="serve_load",
-        size=args.size,
-        steps=args.steps,
-        speed=models.speed,
-        batch=models.capacity.batch,
-        stream_config=str(models.avatar.cfg),
-        device=args.device,
-        decoder=cfg.decoder,
-        torch_threads=torch.get_num_threads(),
-        machine=describe(),
-        load_average_before=os.getloadavg(),
-        levels=[],
-    )
-    from talkstream.serve.capacity import calibrate
+    with contextlib.ExitStack() as stack:
+        talk = None
+        if args.talk:  # a stand-in language model answers at once; the question is espeak's, made once here
+            if not 5 <= args.talk <= 60:
+                raise SystemExit("serve_load: error: --talk must be 5-60 s (a turn, its reply and a pause)")
+            from talkstream.agent.tts import EspeakTTS
 
-    cap = calibrate(
-        models.avatar, models.images["reference"], headroom=cfg.headroom, batch=cfg.batch, verify_s=cfg.verify_s
-    )
-    res["startup_capacity"] = cap.as_dict()  # what `talkstream serve` would admit here, measured as at its start-up
-    print(f"start-up calibration: {cap.sessions} session(s), batched: {cap.batch}, rounds {cap.round_s}", flush=True)
-    for n in levels:
-        try:
-            lv = run_level(cfg, models, n, args.seconds, args.warmup)
-        except Exception as e:  # (recorded; the next level starts a fresh server)
-            print(f"{n} sessions: failed: {type(e).__name__}: {e}", flush=True)
-            res["levels"].append(dict(sessions=n, error=f"{type(e).__name__}: {e}"))
-            continue
-        print(
-            f"{n} sessions: real-time {lv['real_time_sessions']}/{n}, min {lv['fps_min']} fps, "
-            f"p99 interval <= {lv['interval_p99_ms_max']} ms, lost {lv['frames_lost_total']}, "
-            f"N+1th: {lv['extra_client'].get('type')}, freed in {lv['freed_s']} s",
-            flush=True,
+            llm_url = stack.enter_context(_serving(chat_standin(), path="/v1", scheme="http"))
+            question = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "question.npy")
+            np.save(question, EspeakTTS().synthesize(QUESTION))
+            talk = (question, args.talk)
+        else:  # the LLM is never asked (nobody speaks): a closed local port keeps the local model from loading
+            llm_url = "http://127.0.0.1:9/v1"
+        cfg = ServeConfig(
+            size=args.size,
+            device=args.device,
+            voice="espeak",
+            llm_url=llm_url,
+            stream_options={"steps": args.steps} if args.steps else {},
+            speed=args.speed,
+            batch={"on": True, "off": False}.get(args.batch),
+            max_sessions=max(levels),
+            # every client of this test comes from 127.0.0.1: the per-address limit on new sessions covers all of them
+            security=SecurityConfig(connect_burst=2 * sum(levels) + 8, connects_per_min=60.0 * (2 * sum(levels) + 8)),
         )
-        res["levels"].append(lv)
-        if args.out:  # each level as it ends (a later level that fails loses only itself)
-            Path(args.out).write_text(json.dumps(res, indent=1))
-    res["load_average_after"] = os.getloadavg()
-    res["real_time_sessions_held"] = max(
-        [lv["sessions"] for lv in res["levels"] if lv.get("real_time_sessions") == lv["sessions"]], default=0
-    )
-    report(res, args.out, show={k: v for k, v in res.items() if k != "levels"})
-    if args.out:
-        plot(res, os.path.splitext(args.out)[0] + ".png")
+        models = Models(cfg)
+        res = dict(
+            benchmark="serve_load",
+            size=args.size,
+            steps=args.steps,
+            speed=models.speed,
+            batch=models.capacity.batch,
+            stream_config=str(models.avatar.cfg),
+            device=args.device,
+            decoder=cfg.decoder,
+            torch_threads=torch.get_num_threads(),
+            machine=describe(),
+            load_average_before=os.getloadavg(),
+            talk_every_s=args.talk or None,
+            question=QUESTION if talk else None,
+            levels=[],
+        )
+        from talkstream.serve.capacity import calibrate
+
+        cap = calibrate(
+            models.avatar, models.images["reference"], headroom=cfg.headroom, batch=cfg.batch, verify_s=cfg.verify_s
+        )
+        res["startup_capacity"] = cap.as_dict()  # what `talkstream serve` would admit here, measured at its start-up
+        print(f"start-up calibration: {cap.sessions} session(s), batched: {cap.batch}, {cap.round_s}", flush=True)
+        for n in levels:
+            try:
+                lv = run_level(cfg, models, n, args.seconds, args.warmup, talk)
+            except Exception as e:  # (recorded; the next level starts a fresh server)
+                print(f"{n} sessions: failed: {type(e).__name__}: {e}", flush=True)
+                res["levels"].append(dict(sessions=n, error=f"{type(e).__name__}: {e}"))
+                continue
+            print(
+                f"{n} sessions: real-time {lv['real_time_sessions']}/{n}, min {lv['fps_min']} fps, "
+                f"p99 interval <= {lv['interval_p99_ms_max']} ms, lost {lv['frames_lost_total']}, "
+                f"N+1th: {lv['extra_client'].get('type')}, freed in {lv['freed_s']} s"
+                + (
+                    f", {lv['turns_replied']}/{lv['turns']} replied, heard p50 {lv['reply_heard_s_p50']} s"
+                    if talk
+                    else ""
+                ),
+                flush=True,
+            )
+            res["levels"].append(lv)
+            if args.out:  # each level as it ends (a later level that fails loses only itself)
+                Path(args.out).write_text(json.dumps(res, indent=1))
+        res["load_average_after"] = os.getloadavg()
+        res["real_time_sessions_held"] = max(
+            [lv["sessions"] for lv in res["levels"] if lv.get("real_time_sessions") == lv["sessions"]], default=0
+        )
+        report(res, args.out, show={k: v for k, v in res.items() if k != "levels"})
+        if args.out:
+            plot(res, os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":

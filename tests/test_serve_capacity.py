@@ -160,3 +160,23 @@ def test_the_load_tests_plot_lands_where_it_is_asked_and_skips_failed_levels(tmp
     (tmp_path / "out").mkdir()
     plot(res, str(tmp_path / "out" / "load.png"))
     assert [p.name for p in tmp_path.rglob("*.png")] == ["load.png"]
+
+
+def test_the_load_tests_session_measures():
+    """serve_load's per-session numbers from arrival times: frames lost, the playout delay a player started at the
+    first frame needs, and a turn's reply time at the client and as heard."""
+    import runpy
+    from pathlib import Path
+
+    stats = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"))["session_stats"]
+    # 50 frames at 25 fps arriving a chunk (12) at a time, 0.1 s before their timestamps; frame 30 is missing
+    frames = [(10.0 + (i // 12) * 0.48 + 0.01 * (i % 12), i, 100, 20 <= i < 40, i / 25) for i in range(50) if i != 30]
+    s = stats(frames, [], 10.0, 12.0, said=[10.5])
+    assert s["frames_lost"] == 1 and s["frames"] == len([f for f in frames if f[0] <= 12.0])
+    assert s["playout_delay_s"] == 0.0  # nothing arrives later than the first frame's pace
+    assert s["turns"] == s["replied"] == 1
+    assert s["reply_s"] == [round(frames[20][0] - 10.5, 3)]  # frame 20 (the first voiced) arrived at 10.78
+    assert s["reply_heard_s"] == [round(10.0 + 20 / 25 - 10.5, 3)]  # ... and is shown at 10.8
+    late = [f if f[1] != 45 else (f[0] + 0.5, *f[1:]) for f in frames]  # one frame half a second late
+    assert stats(late, [], 10.0, 13.0)["playout_delay_s"] == round(late[44][0] - 45 / 25 - 10.0, 3)
+    assert "turns" not in stats(frames, [], 10.0, 12.0)  # (no talking, no turns)

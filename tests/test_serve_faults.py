@@ -526,3 +526,32 @@ def test_the_load_tests_clients_read_from_a_process_of_their_own(serve):
         stats = load["session_stats"](r["frames"], r["messages"], r["frames"][0][0], r["frames"][-1][0])
         assert stats["frames_lost"] == 0 and stats["frames"] == len(idx)
     wait_for(lambda: not sessions_of(app), 10, "the sessions freed")
+
+
+def test_the_load_tests_talking_clients_are_answered(serve, tmp_path):
+    """``Clients`` with ``talk``: the child's microphone sends silence in real time and espeak's question; the server
+    hears it (VAD, ASR), the stand-in model answers, and the reply's first voiced frame reaches the client: the turn
+    is counted with its reply time at the client, as heard, and the server's own measure."""
+    import runpy
+    from pathlib import Path
+
+    import numpy as np
+
+    from talkstream.agent.tts import EspeakTTS
+
+    load = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"))
+    question = tmp_path / "question.npy"
+    np.save(question, EspeakTTS().synthesize(load["QUESTION"]))
+    url, app = serve()
+    clients = load["Clients"](url.replace("http", "ws") + "/ws", 1, talk_audio=str(question), period=30.0)
+    try:
+        wait_for(lambda: clients.ready(), 120, "the session streaming")
+        time.sleep(9.0)  # 1 s, the question (~2 s), the turn's end, the reply's first chunks on 2 cores
+    finally:
+        (received,) = clients.close()
+    frames, said = received["frames"], received["said"]
+    assert len(said) == 1 and any(f[3] for f in frames if f[0] > said[0])  # one question, a voiced reply after it
+    stats = load["session_stats"](frames, received["messages"], frames[0][0], frames[-1][0], said)
+    assert stats["turns"] == stats["replied"] == 1 and 0 < stats["reply_s"][0] <= stats["reply_heard_s"][0] < 9
+    assert len(stats["server_reply_frame_s"]) == 1 and stats["voiced_share"] > 0
+    assert any(m["type"] == "transcript" and m.get("role") == "user" for m in received["messages"])
