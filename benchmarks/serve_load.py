@@ -70,7 +70,7 @@ def _serving(app, path: str = "/ws", scheme: str = "ws"):
 
 
 QUESTION = "Hello there, how are you doing today?"
-REPLY = "[smile] I am doing well, thank you for asking. It is a lovely day to talk."
+REPLY = "[smile] I am well, thank you."  # (short: a reply ends before the session's next question)
 PACKET_S = 0.04  # the talking clients' microphone packets (40 ms of PCM16, sent at real time)
 VOICED = 0.01  # a frame's audio (or the question's sample) louder than this is speech
 
@@ -286,6 +286,7 @@ def _turns(frames: list, messages: list, said: list, t0: float, t1: float) -> di
         reply_s=replies,
         reply_heard_s=heard,
         server_reply_frame_s=[x for x in server if x is not None],
+        interrupted=sum(m["type"] == "clear" for m in messages if t0 <= m.get("_t", 0) <= t1),  # (barge-ins)
         voiced_share=round(sum(f[3] for f in voiced) / max(1, len(voiced)), 3),
     )
 
@@ -364,6 +365,8 @@ def _talk_summary(per: list[dict]) -> dict:
     return dict(
         turns=sum(p["turns"] for p in per),
         turns_replied=sum(p["replied"] for p in per),
+        interrupted=sum(p["interrupted"] for p in per),
+        rate_limited=sum(e.get("code") == "rate_limited" for p in per for e in p["errors"]),
         reply_s_p50=q(replies, 50),
         reply_s_p90=q(replies, 90),
         reply_s_max=q(replies, 100),

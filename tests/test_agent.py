@@ -143,6 +143,30 @@ def test_whisper_transcribes_a_spoken_question(asr):
     assert asr.transcribe(np.zeros(16000, np.float32)) == ""
 
 
+def test_a_shared_recogniser_and_audio_encoder_serve_several_threads_at_once():
+    """``workers``: several sessions' threads call one recogniser / one audio encoder together; each gets its own
+    answer (the same as alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from talkstream.agent.asr import WhisperASR
+    from talkstream.models.encoders import WhisperFeatures
+    from talkstream.world.speech import synthesize
+
+    asr = WhisperASR(workers=2, threads=1)
+    questions = ["What is the weather like today?", "Where is the nearest station?"]
+    audio = [spoken(q) for q in questions]
+    with ThreadPoolExecutor(2) as pool:
+        texts = list(pool.map(asr.transcribe, audio))
+    assert "weather" in texts[0].lower() and "station" in texts[1].lower()
+    enc = WhisperFeatures(workers=2, threads=1)
+    speech = [synthesize(q).audio for q in questions]
+    want = [WhisperFeatures(threads=1).encode(a) for a in speech]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(enc.encode, speech))
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-4)
+
+
 @pytest.mark.parametrize("voice", ["espeak", "piper"])
 def test_voices_speak_at_16k(voice, asr):
     pytest.importorskip("piper") if voice == "piper" else None

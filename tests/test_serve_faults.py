@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import threading
 import time
@@ -485,6 +486,7 @@ def test_the_client_past_capacity_or_memory_is_told_busy_and_why(serve, monkeypa
         a.wait(lambda: a.of("ready") and a.frames, 120, "frames")
         info = httpx.get(url + "/api/info").json()
         assert info["max_sessions"] == 1 and info["capacity"]["memory_per_session_mb"] > 0
+        assert info["audio_workers"] == max(1, (os.cpu_count() or 2) // 4)
         with raw_client(url) as extra:
             busy = json.loads(extra.recv(timeout=10))
         assert busy["type"] == "busy" and busy["reason"] == "sessions" and busy["max_sessions"] == 1
@@ -505,7 +507,6 @@ def test_the_client_past_capacity_or_memory_is_told_busy_and_why(serve, monkeypa
 def test_the_load_tests_clients_read_from_a_process_of_their_own(serve):
     """benchmarks/serve_load.py's ``Clients``: N sessions opened, read and closed by a child process; the frames it
     hands back are the server's, in order, and the server frees the sessions when it closes them."""
-    import os
     import runpy
     from pathlib import Path
 

