@@ -482,6 +482,9 @@ def main() -> None:
         default=0.0,
         help="every session talks every this many seconds (espeak's question; a stand-in language model replies)",
     )
+    ap.add_argument(
+        "--no-calibrate", dest="calibrate", action="store_false", help="skip the start-up calibration's measurement"
+    )
     ap.add_argument("--clients", metavar="URL", help=argparse.SUPPRESS)  # the readers' own process (Clients)
     ap.add_argument("--talk-audio", help=argparse.SUPPRESS)  # (the utterance, for the readers' process)
     args = ap.parse_args()
@@ -522,8 +525,14 @@ def main() -> None:
             speed=args.speed,
             batch={"on": True, "off": False}.get(args.batch),
             max_sessions=max(levels),
-            # every client of this test comes from 127.0.0.1: the per-address limit on new sessions covers all of them
-            security=SecurityConfig(connect_burst=2 * sum(levels) + 8, connects_per_min=60.0 * (2 * sum(levels) + 8)),
+            # every client of this test comes from 127.0.0.1: the per-address limits (new sessions; messages, of which
+            # a talking client sends 25 a second) cover all of them
+            security=SecurityConfig(
+                connect_burst=2 * sum(levels) + 8,
+                connects_per_min=60.0 * (2 * sum(levels) + 8),
+                messages_per_s=200.0 + 50.0 * max(levels),
+                message_burst=1000 + 250 * max(levels),
+            ),
         )
         models = Models(cfg)
         res = dict(
@@ -539,16 +548,18 @@ def main() -> None:
             machine=describe(),
             load_average_before=os.getloadavg(),
             talk_every_s=args.talk or None,
+            messages_per_s_per_address=cfg.security.messages_per_s,
             question=QUESTION if talk else None,
             levels=[],
         )
-        from talkstream.serve.capacity import calibrate
+        if args.calibrate:  # what `talkstream serve` would admit here, measured as at its start-up
+            from talkstream.serve.capacity import calibrate
 
-        cap = calibrate(
-            models.avatar, models.images["reference"], headroom=cfg.headroom, batch=cfg.batch, verify_s=cfg.verify_s
-        )
-        res["startup_capacity"] = cap.as_dict()  # what `talkstream serve` would admit here, measured at its start-up
-        print(f"start-up calibration: {cap.sessions} session(s), batched: {cap.batch}, {cap.round_s}", flush=True)
+            cap = calibrate(
+                models.avatar, models.images["reference"], headroom=cfg.headroom, batch=cfg.batch, verify_s=cfg.verify_s
+            )
+            res["startup_capacity"] = cap.as_dict()
+            print(f"start-up calibration: {cap.sessions} session(s), batched: {cap.batch}, {cap.round_s}", flush=True)
         for n in levels:
             try:
                 lv = run_level(cfg, models, n, args.seconds, args.warmup, talk)

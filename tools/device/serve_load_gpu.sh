@@ -12,7 +12,7 @@
 #     (S256 / S512: the session counts, "4,8,16,24,32" / "2,4,6,8"; T256 / T512: each size's time limit, 420 / 300 s;
 #     the JSON is written after every level, and the start-up calibration runs its count as live sessions; first
 #     the batched CUDA graphs' test, tests/test_batch.py -k gpu, into OUT/test_batch_GPU.txt; TALK=8: every session
-#     talks every 8 s, 20 s a level, into serve_load_SIZE_talk_GPU.json)
+#     talks every 8 s, 20 s a level, into serve_load_SIZE_talk_GPU.json; NOCAL=1: without the calibration)
 #
 # The calls (one machine; each within 30 s of the last: a machine idle for 30 s is given back):
 #   1  carry data/keep data/carry_init   distill_pipeline.sh unpack (VAE, causal model)
@@ -94,7 +94,8 @@ run)
     if [ -n "${TALK:-}" ]; then how=(--talk "$TALK" --seconds 20); name=serve_load_${size}_talk_$g.json
     else how=(--seconds 10); name=serve_load_${size}_$g.json; fi
     timeout "$t" python3 tools/device/serve_gpu.py load data/carry_init/captions.pt -- --device cuda \
-      --size "$size" --sessions "$n" --batch on "${how[@]}" --out "$out/$name" || echo "serve_load $size exit $?"
+      --size "$size" --sessions "$n" --batch on "${how[@]}" ${NOCAL:+--no-calibrate} --out "$out/$name" ||
+      echo "serve_load $size exit $?"
   done ;;
 *)
   sed -n '2,23p' "$0"; exit 2 ;;
