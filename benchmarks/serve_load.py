@@ -441,7 +441,9 @@ def plot(res: dict, path: str) -> None:
 
     levels = [lv for lv in res["levels"] if "per_session" in lv]
     ns = [lv["sessions"] for lv in levels]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    talk = any("turns" in lv for lv in levels)
+    fig, axes = plt.subplots(1, 3 if talk else 2, figsize=(13 if talk else 9, 3.5))
+    a, b = axes[0], axes[1]
     for lv in levels:
         a.scatter([lv["sessions"]] * len(lv["per_session"]), [p["fps"] for p in lv["per_session"]], c="C0")
         b.scatter([lv["sessions"]] * len(lv["per_session"]), [p["interval_p99_ms"] for p in lv["per_session"]], c="C1")
@@ -451,8 +453,17 @@ def plot(res: dict, path: str) -> None:
     b.axhline(1000 / FPS, ls="--", c="gray", label="40 ms")
     b.set(xlabel="concurrent sessions", ylabel="p99 inter-frame interval (ms)", xticks=ns)
     b.legend()
+    if talk:  # each turn's reply as heard, and the turns left unanswered in the window
+        c = axes[2]
+        for lv in levels:
+            heard = [r for p in lv["per_session"] for r in p.get("reply_heard_s", []) if r is not None]
+            c.scatter([lv["sessions"]] * len(heard), heard, c="C2", s=12)
+            c.annotate(f"{lv['turns_replied']}/{lv['turns']}", (lv["sessions"], 0), ha="center", va="bottom")
+        c.set(xlabel="concurrent sessions", ylabel="reply heard after the question (s)", xticks=ns, ylim=(0, None))
+        c.set_title("replied / turns at the bottom", fontsize=9)
     how = f"{res['steps']} Euler steps" if res.get("steps") else f"the {res.get('speed', 'default')} path"
-    fig.suptitle(f"talkstream serve on loopback: {res['size']}x{res['size']}, {how}, {res['device']}")
+    talking = f", every session talking every {res['talk_every_s']:g} s" if res.get("talk_every_s") else ""
+    fig.suptitle(f"talkstream serve on loopback: {res['size']}x{res['size']}, {how}, {res['device']}{talking}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -315,3 +315,40 @@ def test_a_request_that_waited_through_a_batch_gathers_anew_when_it_ends(tiny_we
         batcher.detach(e)
     assert batcher.batches == [3, 2]
     assert len(batcher.pass_s) == 2 and all(p > 0 for p in batcher.pass_s)  # each pass's seconds beside its size
+
+
+def test_a_speaking_session_runs_one_chunk_further_ahead_on_the_common_grid(tiny_weights):
+    """Queued reply speech is paced too: its first chunk starts at once, and the stream then stays at most ``lead`` +
+    one chunk ahead of the wall clock, asking for its chunks when the silent sessions ask for theirs (before, the
+    whole reply was rendered as fast as the model went, in passes of its own)."""
+    import time
+
+    import numpy as np
+
+    pytest.importorskip("ctranslate2")
+    from talkstream.agent.avatar_loop import AvatarLoop
+    from talkstream.stream.avatar import BUNDLED_REFERENCE, Avatar
+
+    avatar = Avatar.from_pretrained(tiny_weights, size=32, sampler="few_step", timesteps=(1000, 500), window=2)
+    avatar.whisper, avatar.encode_prompt("warm")  # noqa: B018 (the encoders load before the clocks start)
+    period = avatar.cfg.chunk * 4 / 25
+    batcher = ChunkBatcher(max_batch=2, gather_s=0.05)
+    arrivals: list[list[tuple[float, int, bool]]] = [[], []]
+    loops = [AvatarLoop(avatar, BUNDLED_REFERENCE, lead=0.1, batcher=batcher) for _ in range(2)]
+    for i, loop in enumerate(loops):
+        loop.start(lambda f, i=i: arrivals[i].append((time.perf_counter(), f.index, f.reply >= 0)))
+    time.sleep(2.0)
+    said = time.perf_counter()
+    before = len(batcher.batches)
+    speech = 0.3 * np.sin(np.arange(16000 * 4) / 16000 * 2 * np.pi * 220).astype(np.float32)  # 4 s to say
+    loops[0].say(speech, "speaks", reply=1)
+    time.sleep(4.5)
+    for loop in loops:
+        loop.close()
+    assert all(loop.error is None for loop in loops)
+    spoken = [a for a in arrivals[0] if a[2]]
+    assert spoken and spoken[0][0] - said < 1.5  # the reply starts at once
+    ahead = [idx / 25 - (t - loops[0].started_at) for t, idx, _ in arrivals[0] if t > said]
+    assert max(ahead) <= 0.1 + 2 * period + 0.05  # lead + one chunk (+ the chunk a frame belongs to), not 4 s
+    during = batcher.batches[before + 3 :]  # (the reply's first chunks start off the grid)
+    assert len(during) >= 4 and during.count(2) >= 0.6 * len(during), batcher.batches[before:]

@@ -133,6 +133,10 @@ def test_serve_refuses_other_hosts_without_a_token():
     args = p.parse_args(["serve", "--host", "0.0.0.0"])
     with pytest.raises(SystemExit, match="--token"):
         args.func(args)
+    args = p.parse_args(["serve", "--audio-workers", "0"])
+    with pytest.raises(SystemExit, match="--audio-workers must be >= 1"):
+        args.func(args)
+    assert cli._config(p.parse_args(["serve", "--audio-workers", "3"])).audio_workers == 3
 
 
 def _png_header(width: int, height: int) -> bytes:

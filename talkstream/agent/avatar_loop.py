@@ -7,7 +7,11 @@ silence, the speaking caption (or the reply's action tag) on speech. Every frame
 of audio it was generated from and its timestamp (``pts = index / 25``), so a player keeps sound and lips in sync
 whatever rate the engine runs at. When the engine is faster than real time it is paced to stay at most ``lead``
 seconds ahead of the wall clock (frames made too far ahead would delay a reply); when slower, frames flow at the
-rate it gives. ``interrupt()`` (barge-in) drops queued speech and mutes what was already fed but not yet shown.
+rate it gives. Queued reply speech may run one chunk further ahead: its first chunk starts at once, and the rest
+follow at the pace of the wall clock, on the same grid as silence, so that a speaking session still shares its
+passes with the others on a batcher (rendered as fast as possible, one speaking session's chunks ran alone,
+pass after pass, and took a GPU's time from every other session: docs/serve.md). ``interrupt()`` (barge-in) drops
+queued speech and mutes what was already fed but not yet shown.
 """
 
 from __future__ import annotations
@@ -218,11 +222,12 @@ class AvatarLoop:
         def audio_for(first: int, k: int):
             first_frame = 0 if first == 0 else 1 + (first - 1) * 4
             with self._cond:  # pace: no more than `lead` seconds ahead of the wall clock (woken by speech)
-                while not self._closed and not self._queue:
+                while not self._closed:
+                    lead = self.lead + (period if self._queue else 0.0)  # (speech: one chunk more, same grid)
                     ahead = first_frame / FPS - (time.perf_counter() - self.started_at)
-                    if ahead <= self.lead:
+                    if ahead <= lead:
                         break
-                    self._cond.wait(min(ahead - self.lead, 0.1))
+                    self._cond.wait(min(ahead - lead, 0.1))
                 if self._closed:
                     raise StopIteration
             while not feed.ready(first, k):

@@ -72,6 +72,7 @@ def _config(args):
         preemptive_silence=args.preemptive_silence or None,
         max_sessions=getattr(args, "max_sessions", 1),
         batch={"on": True, "off": False}.get(getattr(args, "batch", "auto")),
+        audio_workers=getattr(args, "audio_workers", None),
         stream_options=opts,
     )
 
@@ -86,6 +87,8 @@ def _serve(args) -> None:
     check_device(args.device)
     if args.max_sessions is not None and args.max_sessions < 1:
         sys.exit(f"talkstream serve: error: --max-sessions must be >= 1, got {args.max_sessions}")
+    if args.audio_workers is not None and args.audio_workers < 1:
+        sys.exit(f"talkstream serve: error: --audio-workers must be >= 1, got {args.audio_workers}")
     try:
         token = load_token(args.token, args.token_file)
         check_bind(args.host, token)
@@ -125,6 +128,11 @@ def register(sub) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="denoise several sessions' chunks in one pass (auto: where it measured faster at start-up)",
+    )
+    s.add_argument(
+        "--audio-workers",
+        type=int,
+        help="speech recognitions / audio-feature encodings run at once, shared by the sessions (default: cores // 4)",
     )
     s.add_argument("--token", help="required from every client (needed for any --host other than 127.0.0.1)")
     s.add_argument("--token-file", help="read the token from this file (keeps it out of the process list)")
