@@ -480,8 +480,8 @@ def test_the_page_passes_its_token_on(serve, tmp_path):
 
 def test_the_client_past_capacity_or_memory_is_told_busy_and_why(serve, monkeypatch):
     """Admission: with the capacity at one conversation the second client is told busy (how many this server holds,
-    retry later) and closed; with too little free memory for a session's bound, a client is told that instead. The
-    first session streams on untouched."""
+    retry later) and closed; with too little free memory for a session's bound, a client is told that instead; while a
+    live session runs behind real time, a new one is refused for the load. The first session streams on untouched."""
     import talkstream.serve.app as app_module
 
     url, app = serve(max_sessions=1)
@@ -501,6 +501,22 @@ def test_the_client_past_capacity_or_memory_is_told_busy_and_why(serve, monkeypa
             low = json.loads(extra.recv(timeout=10))
         assert low["type"] == "busy" and low["reason"] == "memory" and "100 MB free" in low["message"]
         assert not sessions_of(app2) and len(sessions_of(app)) == 1
+        monkeypatch.undo()
+        # a live session running behind real time (here: its clock moved 10 s back): the next client is told so
+        (live,) = sessions_of(app).values()
+        loop = live.conv.loop_avatar
+        assert loop.behind_s() < 2.0  # (real time, settled or not)
+        url3, app3 = serve(max_sessions=4)
+        sessions_of(app3)["live"] = live  # (that server's one session: the same conversation)
+        loop.started_at -= 10.0
+        try:
+            assert 9.0 < live.behind_s() < 12.0 and httpx.get(url3 + "/api/info").json()["behind_s"] > 9.0
+            with raw_client(url3) as extra:
+                late = json.loads(extra.recv(timeout=10))
+        finally:
+            loop.started_at += 10.0
+            sessions_of(app3).pop("live")
+        assert late["type"] == "busy" and late["reason"] == "load" and "behind real time" in late["message"]
         n = len(a.frames)
         a.wait(lambda: len(a.frames) > n + 12, 60, "the admitted session's frames")
         assert not a.of("error")

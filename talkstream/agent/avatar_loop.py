@@ -149,6 +149,15 @@ class AvatarLoop:
         with self._cond:
             return any(q[1] == reply for q in self._queue) or bool((self._reply == reply).any())
 
+    def behind_s(self, settle_s: float = 5.0) -> float:
+        """Seconds this stream's frames are behind the wall clock (0 while ahead, not yet started, or within its first
+        ``settle_s``, while a new stream catches up with its clock). A stream leaves a chunk of frames at a time, so a
+        real-time one reads up to a chunk's seconds behind just before its next chunk."""
+        if self.started_at is None:
+            return 0.0
+        elapsed = time.perf_counter() - self.started_at
+        return 0.0 if elapsed < settle_s else max(0.0, elapsed - self.frames_out / FPS)
+
     def start(self, on_frame: Callable[[MediaFrame], None]) -> None:
         self._on_frame = on_frame
         self._thread = threading.Thread(target=self._run, daemon=True, name="avatar-loop")

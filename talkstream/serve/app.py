@@ -65,6 +65,9 @@ class ServeConfig:
     batch: bool | None = None  # sessions' chunks in one forward pass; None: where it measured faster (start-up)
     headroom: float = 0.75  # share of real time the avatars may take (the rest: ASR, LLM, voice, encoding)
     verify_s: float = 3.0  # start-up: the admitted count run as live sessions this long, lowered until real time
+    # a new session is refused while a live one's frames are this many seconds behind the wall clock (None: never):
+    # the start-up measures silent sessions, and sessions that all talk need more than that (docs/serve.md)
+    refuse_behind_s: float | None = 2.0
     audio_workers: int | None = None  # parallel speech recognitions / audio-feature encodings; None: cores // 4
     avatar_nice: int = 0  # > 0: the avatars' threads this much nicer than ASR / LLM / voice (AvatarLoop's ``nice``)
     preemptive_silence: float | None = 0.1  # seconds of silence before a reply is prepared (None: at the turn's end)
@@ -238,6 +241,10 @@ class Session:
     async def send_json(self, msg: dict) -> None:
         await self.ws.send_text(json.dumps(msg))
 
+    def behind_s(self) -> float:
+        """How far this session's video is behind the wall clock (``AvatarLoop.behind_s``; 0 before it starts)."""
+        return 0.0 if self.conv is None else self.conv.loop_avatar.behind_s()
+
     async def error(self, code: str, message: str, **extra) -> None:
         self.errors += 1
         await self.send_json({"type": "error", "code": code, "message": message, **extra})
@@ -367,6 +374,7 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
                 max_sessions=cap.sessions,
                 capacity=cap.as_dict(),
                 audio_workers=m.audio_workers,
+                behind_s=round(max((s.behind_s() for s in state["sessions"].values()), default=0.0), 2),
             )
         )
 
@@ -407,16 +415,24 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
         sessions = state["sessions"]
         cap = capacity()
         fits, avail = memory_ok(cap)
-        if len(sessions) >= cap.sessions or not fits:
-            msg = (
-                cap.busy_message()
-                if fits
-                else (
+        behind = max((s.behind_s() for s in sessions.values()), default=0.0)
+        late = cfg.refuse_behind_s is not None and behind > cfg.refuse_behind_s
+        if len(sessions) >= cap.sessions or not fits or late:
+            if len(sessions) >= cap.sessions:
+                reason, msg = "sessions", cap.busy_message()
+            elif not fits:
+                reason = "memory"
+                msg = (
                     f"the server is low on memory ({avail:.0f} MB free, a conversation needs up to "
                     f"{cap.memory_per_session_mb:.0f} MB); try again in a minute"
                 )
-            )
-            busy = dict(type="busy", message=msg, reason="sessions" if fits else "memory", retry_after_s=60)
+            else:
+                reason = "load"
+                msg = (
+                    f"the conversations here are running {behind:.1f} s behind real time; a new one would slow "
+                    "them further: try again in a minute"
+                )
+            busy = dict(type="busy", message=msg, reason=reason, retry_after_s=60)
             await ws.send_text(json.dumps({**busy, "sessions": len(sessions), "max_sessions": cap.sessions}))
             await ws.close(1013)
             return
