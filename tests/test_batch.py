@@ -352,3 +352,44 @@ def test_a_speaking_session_runs_one_chunk_further_ahead_on_the_common_grid(tiny
     assert max(ahead) <= 0.1 + 2 * period + 0.05  # lead + one chunk (+ the chunk a frame belongs to), not 4 s
     during = batcher.batches[before + 3 :]  # (the reply's first chunks start off the grid)
     assert len(during) >= 4 and during.count(2) >= 0.6 * len(during), batcher.batches[before:]
+
+
+def test_a_streams_clock_starts_at_its_first_frame(tiny_weights):
+    """A player starts its clock at the first frame it gets: the stream's clock moves there too (alone: exactly; on a
+    batcher: by whole chunk periods, keeping the common grid), so the stream does not run behind it and catch up
+    (every later frame would then wait that long in the player's buffer)."""
+    import time
+
+    pytest.importorskip("ctranslate2")
+    from talkstream.agent.avatar_loop import AvatarLoop
+    from talkstream.stream.avatar import BUNDLED_REFERENCE, Avatar
+
+    avatar = Avatar.from_pretrained(tiny_weights, size=32, sampler="few_step", timesteps=(1000, 500), window=2)
+    avatar.whisper, avatar.encode_prompt("warm")  # noqa: B018 (the encoders load before the clocks start)
+    period = avatar.cfg.chunk * 4 / 25
+    batcher = ChunkBatcher(max_batch=2, gather_s=0.05)
+    firsts: dict[int, float] = {}
+    loops = [AvatarLoop(avatar, BUNDLED_REFERENCE, lead=0.1, batcher=b) for b in (None, batcher, batcher)]
+    origins = []
+    for i, loop in enumerate(loops):
+        loop.start(lambda f, i=i: firsts.setdefault(i, time.perf_counter()))
+        time.sleep(0.05)
+        while loop.started_at is None:
+            time.sleep(0.005)
+        origins.append(loop.started_at)
+        time.sleep(0.4)
+    deadline = time.perf_counter() + 30
+    while len(firsts) < 3 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    for loop in loops:
+        loop.close()
+    assert all(loop.error is None for loop in loops) and len(firsts) == 3
+    assert abs(loops[0].started_at - firsts[0]) < 0.05  # alone: the clock starts at the first frame
+    for i in (1, 2):  # on the batcher: moved by whole periods, within a period of the first frame
+        moved = (loops[i].started_at - origins[i]) / period
+        assert moved == pytest.approx(round(moved), abs=1e-6)
+        assert 0 <= firsts[i] - loops[i].started_at < period + 0.05
+    phase = (loops[2].started_at - loops[1].started_at) % period
+    assert min(phase, period - phase) == pytest.approx(0.0, abs=1e-6)
+    assert max(loop.behind_s(settle_s=0) for loop in loops) < period + 0.1

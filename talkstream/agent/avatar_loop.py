@@ -16,6 +16,7 @@ queued speech and mutes what was already fed but not yet shown.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -149,6 +150,14 @@ class AvatarLoop:
         with self._cond:
             return any(q[1] == reply for q in self._queue) or bool((self._reply == reply).any())
 
+    def _restart_clock(self, period: float) -> None:
+        """At the first frame: the stream's clock moves on by the time that frame took (a player starts its clock
+        at the first frame it gets; left behind, the stream would catch up and every later frame, the replies'
+        too, would wait that long in the player's buffer). On a batcher by whole chunk periods, keeping the grid."""
+        late = time.perf_counter() - self.started_at
+        if late > 0:
+            self.started_at += late if self.batcher is None else math.floor(late / period) * period
+
     def behind_s(self, settle_s: float = 5.0) -> float:
         """Seconds this stream's frames are behind the wall clock (0 while ahead, not yet started, or within its first
         ``settle_s``, while a new stream catches up with its clock). A stream leaves a chunk of frames at a time, so a
@@ -271,6 +280,8 @@ class AvatarLoop:
                 self._offset += drop
             if len(a) < SAMPLES_PER_FRAME:
                 a = np.pad(a, (0, SAMPLES_PER_FRAME - len(a)))
+            if self.frames_out == 0:
+                self._restart_clock(period)
             self.frames_out += 1
             self._on_frame(MediaFrame(idx, idx / FPS, img, a, reply, caption, time.perf_counter()))
             if self._closed:
