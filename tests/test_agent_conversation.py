@@ -270,3 +270,36 @@ def test_speech_after_a_pause_drops_the_prepared_reply_and_the_whole_turn_is_ans
     assert "morning" in conv.history[0]["content"].lower()
     assert len({f.reply for f in rec.frames() if f.speech}) == 1
     assert rec.states().count("thinking") == 1
+
+
+def test_partial_transcripts_give_way_when_the_shared_recogniser_is_busy(avatar, asr):
+    """Partial transcripts re-transcribe the growing utterance; a recogniser shared with other conversations that has
+    every worker busy (``WhisperASR.busy``) gets only the turn's final transcription from this one."""
+    import threading
+
+    class Saturated:  # the shared recogniser as other sessions keep it: every worker busy
+        busy = True
+
+        def __init__(self, inner) -> None:
+            self.inner, self.calls = inner, 0
+
+        def transcribe(self, audio):
+            self.calls += 1
+            return self.inner.transcribe(audio)
+
+    question = np.concatenate([np.zeros(4000, np.float32), spoken("What is the weather like on this sunny morning?")])
+    assert len(question) > 2.5 * 16000  # long enough for partials every 0.8 s of speech
+    shared = Saturated(asr)
+    rec, conv, _, _ = _ask(avatar, shared, question)
+    transcripts = [e.data for e in rec.events("transcript") if e.data["role"] == "user"]
+    assert [t["final"] for t in transcripts] == [True] and "weather" in transcripts[0]["text"].lower()
+    assert shared.calls <= conv.preemptive["prepared"] + 1  # the turn's own transcriptions, no partials
+    # the real recogniser says when it is saturated: busy while its one worker transcribes, free again after
+    assert not asr.busy
+    seen = []
+    worker = threading.Thread(target=asr.transcribe, args=(question,))
+    worker.start()
+    while worker.is_alive():
+        seen.append(asr.busy)
+    worker.join()
+    assert any(seen) and not asr.busy

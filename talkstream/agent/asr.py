@@ -7,6 +7,7 @@ user speaks for partial transcripts (greedy decoding, no timestamps: ~0.1-0.3 s 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,8 +49,23 @@ class WhisperASR:
         self._model = fw.WhisperModel(
             path, device="cpu", compute_type=self.compute_type, cpu_threads=self.threads, num_workers=self.workers
         )
+        self._in_flight, self._count = 0, threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """Every worker is transcribing: a new call would wait (sessions that share it skip partial transcripts)."""
+        return self._in_flight >= self.workers
 
     def transcribe(self, audio: np.ndarray) -> str:
+        with self._count:
+            self._in_flight += 1
+        try:
+            return self._transcribe(audio)
+        finally:
+            with self._count:
+                self._in_flight -= 1
+
+    def _transcribe(self, audio: np.ndarray) -> str:
         audio = np.asarray(audio, np.float32)
         if len(audio) < SAMPLE_RATE // 10 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
             return ""

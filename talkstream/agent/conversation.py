@@ -295,7 +295,10 @@ class Conversation:
         self._event("clear", reply=self._reply, dropped_frames=dropped)
 
     async def _partial(self, utterance: np.ndarray) -> None:
-        if self._asr_lock.locked():
+        """A partial transcript of the speech so far (best effort): skipped while this conversation transcribes, or
+        while a recogniser shared with other conversations has every worker busy (the turns' final transcripts go
+        first: partials re-transcribe the growing utterance and were most of a talking turn's recognition)."""
+        if self._asr_lock.locked() or getattr(self.asr, "busy", False):
             return
         with contextlib.suppress(Exception):  # a partial transcript is best effort; the final one reports errors
             async with self._asr_lock:
