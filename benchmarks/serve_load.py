@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from talkstream.agent.audio import float_to_pcm16
+from talkstream.agent.audio import SAMPLE_RATE, float_to_pcm16
 from talkstream.machine import describe, report
 from talkstream.serve import protocol as P
 
@@ -110,7 +110,7 @@ class Reader:
 
         self.ws = connect(url, max_size=2**22, legacy=True)
         self.stop, self.messages, self.frames, self.said = stop, [], [], []
-        self.ws.send(json.dumps({"type": "hello", "version": 1, "voice": "espeak", "sample_rate": 16000}))
+        self.ws.send(json.dumps({"type": "hello", "version": 1, "voice": "espeak", "sample_rate": SAMPLE_RATE}))
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
         self.talk = talk
@@ -134,7 +134,7 @@ class Reader:
 
     def _speak(self) -> None:
         utterance, period, offset = self.talk
-        n = int(round(PACKET_S * 16000))
+        n = int(round(PACKET_S * SAMPLE_RATE))
         loud = np.flatnonzero(np.abs(utterance) > VOICED)
         last_voiced = int(loud[-1]) if len(loud) else len(utterance) - 1  # (the question's trailing quiet after it)
         silence = np.zeros(n, np.float32)
@@ -224,7 +224,8 @@ class Clients:
         return json.loads(self._ask("ready"))
 
     def close(self) -> list[dict]:
-        """Close every session; each one's frames [(time, index, JPEG bytes)] and messages."""
+        """Close every session; each one's frames [(time, index, JPEG bytes, voiced, pts)], messages (with their
+        arrival times) and the times its questions ended (``said``)."""
         try:
             return json.loads(self._ask("close"))
         finally:

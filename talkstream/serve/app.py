@@ -374,7 +374,7 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
                 max_sessions=cap.sessions,
                 capacity=cap.as_dict(),
                 audio_workers=m.audio_workers,
-                behind_s=round(max((s.behind_s() for s in state["sessions"].values()), default=0.0), 2),
+                behind_s=round(behind_s(), 2),
             )
         )
 
@@ -410,12 +410,16 @@ def build_app(cfg: ServeConfig, models: Models | None = None) -> Starlette:
 
         return given(cfg.max_sessions, m.capacity.batch, m.capacity.memory_per_session_mb)
 
+    def behind_s() -> float:
+        """How far the live session furthest behind the wall clock is (``Session.behind_s``)."""
+        return max((s.behind_s() for s in state["sessions"].values()), default=0.0)
+
     async def session(ws: WebSocket):
         await ws.accept()
         sessions = state["sessions"]
         cap = capacity()
         fits, avail = memory_ok(cap)
-        behind = max((s.behind_s() for s in sessions.values()), default=0.0)
+        behind = behind_s()
         late = cfg.refuse_behind_s is not None and behind > cfg.refuse_behind_s
         if len(sessions) >= cap.sessions or not fits or late:
             if len(sessions) >= cap.sessions:

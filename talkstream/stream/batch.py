@@ -256,7 +256,8 @@ class ChunkBatcher:
         chunk periods (``period_s``: a chunk's video seconds) to at most ``now``. Streams paced from it ask for
         their chunks at the same instants and share passes; each paced from its own start would ask at its own phase
         of the period, and the batcher would run their chunks one or two at a time (a round of n sessions then takes
-        ~n passes). A stream starts up to one period behind its clock and catches up in its first chunks."""
+        ~n passes). A stream starts up to one period behind its clock; at its first frame ``AvatarLoop`` moves the
+        clock on by whole periods, keeping the grid."""
         if period_s <= 0:
             raise ValueError(f"period_s must be > 0, got {period_s}")
         with self._cond:
